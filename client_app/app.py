@@ -1,0 +1,82 @@
+"""The ClientApp: local training and evaluation on this node's partition.
+
+A node learns its partition from ``context.node_config`` (``partition-id``, ``num-partitions``):
+Flower's simulation engine sets them, a real SuperNode gets them from ``--node-config``. Imports
+of torch and the data stack happen inside the handlers: in a deployment every message starts a
+fresh ClientApp process, and a light module import keeps the other message types cheap.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from task.config import RunConfig
+
+app = ClientApp()
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """This node's (partition id, number of partitions), validated."""
+    node = context.node_config
+    try:
+        partition_id, num_partitions = int(node["partition-id"]), int(node["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err.args[0]!r}: start the SuperNode with "
+            f"--node-config \"partition-id=<i> num-partitions=<n>\""
+        ) from None
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"node config partition-id={partition_id} is outside [0, {num_partitions})")
+    return partition_id, num_partitions
+
+
+def _local_setup(msg: Message, context: Context):
+    """Config, the local data partition and the received global model, ready to use."""
+    import torch
+
+    from task.data import load_federated_data
+    from task.models import build_model
+    from task.partition import client_indices
+    from task.train import pick_device
+
+    torch.set_num_threads(1)  # simulated clients share the machine's cores
+    config = RunConfig.from_run_config(context.run_config)
+    partition_id, num_partitions = node_partition(context)
+    data = load_federated_data(config.dataset, config.seed)
+    indices = client_indices(
+        data.train.labels.numpy(), partition_id, num_partitions, config.partitioning,
+        config.dirichlet_alpha, config.seed,
+    )
+    local = data.train.subset(indices)
+    model = build_model(config.model, local.in_channels, local.num_classes, local.image_size)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    return config, partition_id, local, model, pick_device()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on the local partition and send it back."""
+    from task.train import train as train_locally
+
+    config, partition_id, local, model, device = _local_setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    loss = train_locally(
+        model, local, epochs=config.local_epochs, batch_size=config.batch_size,
+        learning_rate=config.learning_rate, weight_decay=config.weight_decay, device=device,
+        seed=config.seed * 100_003 + server_round * 1_009 + partition_id,
+    )
+    metrics = MetricRecord({"train-loss": loss, "num-examples": len(local)})
+    arrays = ArrayRecord(model.cpu().state_dict())
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on the local partition."""
+    from task.train import evaluate as evaluate_locally
+
+    _, _, local, model, device = _local_setup(msg, context)
+    loss, accuracy = evaluate_locally(model, local, device)
+    metrics = MetricRecord({"eval-loss": loss, "eval-acc": accuracy, "num-examples": len(local)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

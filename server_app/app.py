@@ -1,0 +1,128 @@
+"""The ServerApp: validate the run config, build model and defense, run the rounds, write results.
+
+Per round the configured strategy (``server_app.defenses``) trains the clients and aggregates
+in ``aggregate_train``; after each round the harness evaluates the global model on the server's
+held-out test set, prints progress and appends the round (metrics and the defense's record) to
+``rounds.jsonl`` in the run's results folder.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from logging import ERROR, INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from task.config import ConfigError, RunConfig
+
+app = ServerApp()
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> int:
+    """Block until ``needed`` SuperNodes are connected; raise naming the shortfall."""
+    deadline = time.monotonic() + timeout
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= needed:
+            return connected
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"num-clients={needed} but only {connected} SuperNode(s) connected after "
+                f"{timeout:.0f} s. In simulation pass --federation-config \"num-supernodes={needed}\"; "
+                f"in a deployment start {needed} SuperNodes (or lower num-clients)."
+            )
+        time.sleep(1.0)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run one experiment as configured by ``context.run_config``."""
+    try:
+        config = RunConfig.from_run_config(context.run_config)
+    except ConfigError as err:
+        log(ERROR, "Invalid run config: %s", err)
+        sys.exit(f"Invalid run config: {err}")
+    run_experiment(grid, config)
+
+
+def run_experiment(grid: Grid, config: RunConfig) -> dict:
+    """The experiment harness; returns the summary it writes."""
+    import torch
+
+    from server_app.defenses import build_defense
+    from server_app.results import ResultsWriter, new_run_dir
+    from task.data import load_federated_data
+    from task.models import build_model, default_cam_layer
+    from task.train import evaluate, pick_device, state_to_numpy
+
+    torch.manual_seed(config.seed)
+    device = pick_device()
+    data = load_federated_data(config.dataset, config.seed)
+    test = data.test
+
+    def model_fn() -> torch.nn.Module:
+        return build_model(config.model, test.in_channels, test.num_classes, test.image_size)
+
+    global_model = model_fn()
+    probe_order = torch.randperm(len(test), generator=torch.Generator().manual_seed(config.seed))
+    probes = test.as_float(probe_order[: config.layercam_ae_probes])
+    strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model))
+
+    writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
+    writer.write_config(config.to_run_config())
+    log(INFO, "Results folder: %s", writer.path)
+    connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout)
+    log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
+        config.num_server_rounds, config.defense)
+
+    started = time.monotonic()
+    round_started = [started]
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = model_fn()
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        loss, accuracy = evaluate(model, test, device)
+        now = time.monotonic()
+        row = {"round": server_round, "accuracy": accuracy, "loss": loss,
+               "seconds": now - round_started[0], "elapsed": now - started}
+        record = strategy.last_record if server_round > 0 else None
+        if record is not None:
+            row["defense"] = record.to_json()
+            heatmaps = getattr(strategy, "last_heatmaps", None)
+            if heatmaps is not None:
+                writer.save_heatmap_grid(server_round, heatmaps, record.received, set(record.excluded))
+        writer.append_round(row)
+        round_started[0] = now
+        excluded = f", excluded {len(record.excluded)}" if record is not None else ""
+        print(f"[round {server_round}/{config.num_server_rounds}] elapsed {now - started:6.1f} s, "
+              f"accuracy {accuracy:.4f}, loss {loss:.4f}{excluded}", flush=True)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(global_model.state_dict()),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord({"local-epochs": config.local_epochs}),
+        evaluate_fn=evaluate_global,
+    )
+    final_state = {k: v.numpy() for k, v in result.arrays.items()}
+    writer.save_model(final_state)
+    final = writer.rounds[-1]
+    summary = {
+        "rounds": config.num_server_rounds,
+        "final_accuracy": final["accuracy"],
+        "final_loss": final["loss"],
+        "best_accuracy": max(r["accuracy"] for r in writer.rounds),
+        "total_seconds": time.monotonic() - started,
+        "defense": config.defense,
+        "attack": config.attack,
+        "results_dir": str(writer.path),
+    }
+    writer.write_summary(summary)
+    print(f"Done: final accuracy {summary['final_accuracy']:.4f} after "
+          f"{summary['total_seconds']:.1f} s; results in {writer.path}", flush=True)
+    return summary

@@ -1,0 +1,85 @@
+"""The results folder of one run: config.json, rounds.jsonl, summary.json, the final model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def new_run_dir(base: str | Path, defense: str, attack: str) -> Path:
+    """A fresh folder ``<base>/<UTC time>-<defense>-<attack>`` (suffixed if it exists)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    root = Path(base).expanduser().resolve()
+    path = root / f"{stamp}-{defense}-{attack}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = root / f"{stamp}-{defense}-{attack}-{suffix}"
+    path.mkdir(parents=True)
+    return path
+
+
+class ResultsWriter:
+    """Writes one run's results as it goes, so a crashed run keeps the rounds it finished."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rounds: list[dict[str, Any]] = []
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        _write_json(self.path / "config.json", config)
+
+    def append_round(self, row: dict[str, Any]) -> None:
+        self.rounds.append(row)
+        with open(self.path / "rounds.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _write_json(self.path / "summary.json", summary)
+
+    def save_model(self, state: dict[str, np.ndarray]) -> Path:
+        import torch
+
+        target = self.path / "model.pt"
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, target)
+        return target
+
+    def save_heatmap_grid(self, server_round: int, heatmaps: np.ndarray, node_ids: list[int],
+                          flagged: set[int]) -> Path:
+        """A PNG grid of one round's heat maps (first probe), flagged clients framed in red."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = min(8, len(node_ids))
+        rows = -(-len(node_ids) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, node_id, heatmap in zip(axes.flat, node_ids, heatmaps):
+            ax.imshow(heatmap, cmap="jet", vmin=0.0, vmax=1.0)
+            bad = node_id in flagged
+            ax.set_title(f"{node_id % 100000}{' flagged' if bad else ''}", fontsize=7,
+                         color="red" if bad else "black")
+            if bad:
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_color("red")
+                    spine.set_linewidth(2)
+        fig.suptitle(f"LayerCAM heat maps, round {server_round}")
+        fig.tight_layout()
+        target = self.path / f"heatmaps-round{server_round:03d}.png"
+        fig.savefig(target, dpi=100)
+        plt.close(fig)
+        return target
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,29 @@
+"""Sample-size-weighted averaging (FedAvg) of the kept models, LayerCAM-AE eq. (16)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from strategies.records import ClientUpload
+
+
+def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
+    """Average the uploads' arrays weighted by ``num_examples`` (D_l / S in eq. 16).
+
+    Float arrays keep their dtype (accumulated in float64); integer buffers such as BatchNorm's
+    ``num_batches_tracked`` are averaged and rounded back to their dtype. Never called with an
+    empty set: the caller keeps the previous global model instead.
+    """
+    if not uploads:
+        raise ValueError("cannot aggregate an empty set of models")
+    weights = np.array([u.num_examples for u in uploads], dtype=np.float64)
+    weights /= weights.sum()
+    out: dict[str, np.ndarray] = {}
+    for name, first in uploads[0].arrays.items():
+        total = np.zeros(first.shape, dtype=np.float64)
+        for weight, upload in zip(weights, uploads):
+            total += weight * upload.arrays[name]
+        out[name] = total.astype(first.dtype) if first.dtype.kind == "f" else np.rint(total).astype(first.dtype)
+    return out

@@ -1,0 +1,76 @@
+"""One record type for every defense: who uploaded, who was rejected, kept or excluded, and why.
+
+Flower's robust strategies don't say whom they dropped; ours all fill a ``RoundRecord`` so that
+detection metrics compare defenses like for like. Plain data only (JSON-serialisable via
+``to_json``); the harness writes it, strategies never do I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class ClientUpload:
+    """One accepted local model: its sender, parameters and claimed sample count."""
+
+    node_id: int
+    arrays: dict[str, np.ndarray]
+    num_examples: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Detection:
+    """What a defense decided this round.
+
+    ``kept`` are the node ids aggregated. ``scores`` are continuous suspicion scores (higher =
+    more suspicious) for ROC/AUC, where the method has them. ``details`` holds method-specific
+    values (thresholds, per-client flags, votes); ``timings`` seconds per step.
+    """
+
+    kept: list[int]
+    scores: dict[int, float] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    """The defense's full record of one round."""
+
+    round: int
+    defense: str
+    received: list[int]
+    rejected: dict[int, str]
+    kept: list[int]
+    excluded: list[int]
+    scores: dict[int, float] | None
+    details: dict[str, Any]
+    timings: dict[str, float]
+    aggregated: bool
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (node ids become strings as JSON object keys require)."""
+        out = asdict(self)
+        out["rejected"] = {str(k): v for k, v in self.rejected.items()}
+        if self.scores is not None:
+            out["scores"] = {str(k): float(v) for k, v in self.scores.items()}
+        out["details"] = _jsonable(self.details)
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return value
