@@ -56,7 +56,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     from server_app.results import ResultsWriter, new_run_dir
     from task.data import load_federated_data
     from task.models import build_model, default_cam_layer
-    from task.train import evaluate, pick_device, state_to_numpy
+    from task.train import evaluate, pick_device
 
     torch.manual_seed(config.seed)
     device = pick_device()

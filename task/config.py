@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 class RunConfig:
     """Every run-config key of the project, typed, with its default."""
 
-    num_server_rounds: int = 10
+    num_server_rounds: int = 12
     num_clients: int = 24
     num_attackers: int = 0
     dataset: str = "mnist-embedded"
@@ -60,10 +60,10 @@ class RunConfig:
     # LayerCAM-AE (paper section 4; equation numbers of the ACM TOPS version)
     layercam_ae_threshold: str = "two-sided"
     layercam_ae_beta: float = 1.0
-    layercam_ae_robust_z: float = 3.0
+    layercam_ae_robust_z: float = 2.5
     layercam_ae_window: int = 3
     layercam_ae_votes: int = 2
-    layercam_ae_probes: int = 1
+    layercam_ae_probes: int = 4
     layercam_ae_target_layer: str = ""
     layercam_ae_target_class: int = -1
     layercam_ae_hidden: int = 128

@@ -1,0 +1,193 @@
+"""Class-activation heat maps of K models at once: LayerCAM (eq. 9-10) and Grad-CAM.
+
+One pipeline, as in pytorch-grad-cam: activations A and gradients dy^c/dA of the target layer
+-> per-method combination -> ReLU -> min-max scale -> bilinear upsample to the probe size ->
+min-max scale. LayerCAM and Grad-CAM differ only in the combination:
+
+- LayerCAM (Jiang et al. 2021; LayerCAM-AE eq. 9-10): L = ReLU(sum_k ReLU(dy^c/dA_k) * A_k)
+- Grad-CAM (Selvaraju et al. 2017): L = ReLU(sum_k mean_ij(dy^c/dA_k) * A_k)
+
+The K models are one template module plus K stacked state dicts (parameters and buffers, each
+with a leading K axis): ``torch.func.functional_call`` runs the template with model k's tensors,
+so no model is deep-copied and every model is in eval mode with its own BatchNorm statistics.
+
+Gradients start at the target layer: a forward hook swaps the layer's output for a detached leaf
+(or adds a zero tensor whose gradient we take, under ``vmap``), and as no parameter requires
+grad, autograd records only the head after the target layer. Two engines compute the same maps:
+
+- ``loop``: a Python loop over models with ``torch.autograd.grad`` (fastest on a CPU);
+- ``vmap``: ``torch.func.vmap(torch.func.grad(...))`` over the stacked states, one batched
+  pass (convolutions become grouped ones; the natural way to fill a GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+CamCombine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def layercam_combine(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """LayerCAM, eq. (9)-(10) before the final ReLU: sum_k ReLU(grad_k) * A_k (channel dim -3)."""
+    return (torch.relu(gradients) * activations).sum(dim=-3)
+
+
+def gradcam_combine(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM before the final ReLU: sum_k mean_ij(grad_k) * A_k."""
+    weights = gradients.mean(dim=(-2, -1), keepdim=True)
+    return (weights * activations).sum(dim=-3)
+
+
+def stack_states(
+    states: Sequence[Mapping[str, np.ndarray | torch.Tensor]], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Stack K state dicts into one dict of tensors with a leading K axis (float32 for floats)."""
+    if not states:
+        raise ValueError("no models to stack")
+    out = {}
+    for name in states[0]:
+        tensors = [torch.as_tensor(np.asarray(s[name]) if not torch.is_tensor(s[name]) else s[name])
+                   for s in states]
+        stacked = torch.stack(tensors)
+        out[name] = (stacked.float() if stacked.is_floating_point() else stacked).to(device)
+    return out
+
+
+def min_max_scale(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale each map (last two dims) to [0, 1] as pytorch-grad-cam does: (x - min) / (eps + max)."""
+    flat = maps.flatten(-2)
+    flat = flat - flat.min(dim=-1, keepdim=True).values
+    flat = flat / (eps + flat.max(dim=-1, keepdim=True).values)
+    return flat.view_as(maps)
+
+
+def finish_maps(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ReLU, scale, upsample (bilinear) to ``size`` and scale again: (..., h, w) -> (..., H, W)."""
+    lead = cams.shape[:-2]
+    cams = min_max_scale(torch.relu(cams)).reshape(-1, 1, *cams.shape[-2:])
+    up = nn.functional.interpolate(cams, size=size, mode="bilinear", align_corners=False)
+    return min_max_scale(up.reshape(*lead, *size))
+
+
+def _activations_and_gradients_loop(
+    model: nn.Module, stacked: Mapping[str, torch.Tensor], probes: torch.Tensor, layer: str,
+    classes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    module = model.get_submodule(layer)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        leaf = output.detach().requires_grad_(True)
+        captured.append(leaf)
+        return leaf.clone()  # later in-place ops must not touch the captured activations
+
+    handle = module.register_forward_hook(hook)
+    num_models = next(iter(stacked.values())).shape[0]
+    activations, gradients = [], []
+    try:
+        with torch.enable_grad():
+            for k in range(num_models):
+                captured.clear()
+                logits = functional_call(model, {n: t[k] for n, t in stacked.items()}, (probes,))
+                score = logits.gather(1, classes[:, None]).sum()  # probes are independent in eval
+                (gradient,) = torch.autograd.grad(score, captured[0])
+                activations.append(captured[0].detach())
+                gradients.append(gradient)
+    finally:
+        handle.remove()
+    return torch.stack(activations), torch.stack(gradients)
+
+
+def _target_shape(model: nn.Module, state: Mapping[str, torch.Tensor], probes: torch.Tensor,
+                  layer: str) -> torch.Size:
+    shape: list[torch.Size] = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out: shape.append(out.shape)
+    )
+    try:
+        with torch.no_grad():
+            functional_call(model, dict(state), (probes,))
+    finally:
+        handle.remove()
+    return shape[0]
+
+
+def _activations_and_gradients_vmap(
+    model: nn.Module, stacked: Mapping[str, torch.Tensor], probes: torch.Tensor, layer: str,
+    classes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    module = model.get_submodule(layer)
+    shape = _target_shape(model, {n: t[0] for n, t in stacked.items()}, probes, layer)
+
+    def score(state: dict[str, torch.Tensor], zero: torch.Tensor):
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, output):
+            captured.append(output)
+            return output + zero  # d score / d zero = d score / d A
+
+        handle = module.register_forward_hook(hook)
+        try:
+            logits = functional_call(model, state, (probes,))
+        finally:
+            handle.remove()
+        return logits.gather(1, classes[:, None]).sum(), captured[0]
+
+    zero = torch.zeros(shape, device=probes.device)
+    gradients, activations = vmap(grad(score, argnums=1, has_aux=True), in_dims=(0, None))(
+        dict(stacked), zero
+    )
+    return activations, gradients
+
+
+def class_activation_maps(
+    model: nn.Module,
+    stacked: Mapping[str, torch.Tensor],
+    probes: torch.Tensor,
+    layer: str,
+    classes: torch.Tensor,
+    combine: CamCombine = layercam_combine,
+    engine: str = "auto",
+) -> torch.Tensor:
+    """Heat maps of K models for P probes: (K, P, H, W) in [0, 1].
+
+    ``model`` is the architecture template (its own weights are ignored); ``stacked`` holds
+    the K models' parameters and buffers (``stack_states``); ``probes`` is (P, C, H, W) on the
+    stacked tensors' device; ``classes`` (P,) the class c scored for each probe; ``layer`` the
+    dotted name of the target module. ``engine`` is ``loop``, ``vmap`` or ``auto`` (vmap on a
+    GPU, loop on a CPU, where the benchmark found the loop faster).
+    """
+    if engine == "auto":
+        engine = "vmap" if probes.device.type == "cuda" else "loop"
+    compute = {"loop": _activations_and_gradients_loop, "vmap": _activations_and_gradients_vmap}
+    if engine not in compute:
+        raise ValueError(f"unknown heat-map engine {engine!r}; choose loop, vmap or auto")
+    was_training = model.training
+    model.eval()
+    try:
+        activations, gradients = compute[engine](model, stacked, probes, layer, classes.long())
+    finally:
+        model.train(was_training)
+    if activations.dim() != 5:
+        raise ValueError(
+            f"target layer {layer!r} gives {tuple(activations.shape[1:])}-shaped outputs; a "
+            f"class-activation map needs a convolutional (P, C, h, w) feature map"
+        )
+    return finish_maps(combine(activations, gradients), tuple(probes.shape[-2:]))
+
+
+def layercam_heatmaps(model: nn.Module, stacked: Mapping[str, torch.Tensor], probes: torch.Tensor,
+                      layer: str, classes: torch.Tensor, engine: str = "auto") -> torch.Tensor:
+    """LayerCAM heat maps (eq. 9-10) of K models: (K, P, H, W). See ``class_activation_maps``."""
+    return class_activation_maps(model, stacked, probes, layer, classes, layercam_combine, engine)
+
+
+def gradcam_heatmaps(model: nn.Module, stacked: Mapping[str, torch.Tensor], probes: torch.Tensor,
+                     layer: str, classes: torch.Tensor, engine: str = "auto") -> torch.Tensor:
+    """Grad-CAM heat maps of K models: (K, P, H, W). See ``class_activation_maps``."""
+    return class_activation_maps(model, stacked, probes, layer, classes, gradcam_combine, engine)

@@ -1,0 +1,59 @@
+"""Builders shared by strategy tests: Flower reply messages and benign training rounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from strategies.aggregation import weighted_average
+from strategies.records import ClientUpload
+from task.data import load_federated_data
+from task.models import build_model
+from task.partition import client_indices
+from task.train import load_numpy_state, state_to_numpy, train
+
+
+def _act_as_serverapp() -> None:
+    """Messages carry the sender's task identity; outside a Flower run, set one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute in ("_run_id", "_node_id", "_task_id"):
+        if getattr(TaskIdentity, attribute) is None:
+            setattr(TaskIdentity, attribute, 1)
+
+
+def reply(node_id: int, arrays: dict[str, np.ndarray] | None, metrics: dict) -> Message:
+    """A training reply from ``node_id`` as the strategy receives it."""
+    _act_as_serverapp()
+    instruction = Message(RecordDict(), dst_node_id=node_id, message_type="train")
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return Message(content, reply_to=instruction)
+
+
+def benign_trajectory(rounds: int, num_clients: int, seed: int = 0):
+    """Per round: the global model and every client's honestly trained state (1 local epoch),
+    following clean FedAvg. Returns (list of global states, list of lists of states, sizes)."""
+    torch.manual_seed(seed)
+    data = load_federated_data("mnist-embedded", seed)
+    labels = data.train.labels.numpy()
+    locals_ = [data.train.subset(client_indices(labels, c, num_clients, "iid", 0.5, seed))
+               for c in range(num_clients)]
+    global_state = state_to_numpy(build_model("cnn", 1, 10, 28))
+    globals_, states = [], []
+    for t in range(rounds):
+        round_states = []
+        for c, local in enumerate(locals_):
+            model = build_model("cnn", 1, 10, 28)
+            load_numpy_state(model, global_state)
+            train(model, local, epochs=1, batch_size=64, learning_rate=1e-3, weight_decay=0.0,
+                  device=torch.device("cpu"), seed=seed * 997 + t * 31 + c)
+            round_states.append(state_to_numpy(model))
+        globals_.append(global_state)
+        states.append(round_states)
+        global_state = weighted_average(
+            [ClientUpload(c, s, float(len(locals_[c]))) for c, s in enumerate(round_states)]
+        )
+    return globals_, states, [len(l) for l in locals_], data

@@ -1,0 +1,38 @@
+"""The run config: pyproject defaults match the typed defaults; bad values name their key."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from task.config import ConfigError, RunConfig
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_declares_every_key_with_the_typed_default():
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RunConfig().to_run_config()
+    assert RunConfig.from_run_config(declared) == RunConfig()
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("dirichlet-alpha", -1.0, "dirichlet-alpha"),
+    ("model", "vgg", "model"),
+    ("dataset", "imagenet", "dataset"),
+    ("defense", "magic", "defense"),
+    ("num-clients", 1, "num-clients"),
+    ("num-server-rounds", "ten", "num-server-rounds"),
+    ("learning-rate", 0.0, "learning-rate"),
+    ("layercam-ae-threshold", "lower", "layercam-ae-threshold"),
+    ("layercam-ae-votes", 4, "layercam-ae-votes"),
+    ("num-attackers", 24, "num-attackers"),
+    ("no-such-key", 1, "no-such-key"),
+])
+def test_bad_value_raises_naming_the_key(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_run_config({key: value})
+
+
+def test_ints_given_as_whole_floats_are_accepted():
+    assert RunConfig.from_run_config({"num-server-rounds": 3.0}).num_server_rounds == 3

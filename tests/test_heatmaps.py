@@ -1,0 +1,68 @@
+"""Batched heat maps agree with pytorch-grad-cam (the independent oracle), model by model."""
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM, LayerCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from strategies.heatmaps import gradcam_heatmaps, layercam_heatmaps, stack_states
+from task.models import build_model
+
+
+def _models(name, channels, size, k=4):
+    torch.manual_seed(0)
+    models = []
+    for _ in range(k):
+        model = build_model(name, channels, 10, size)
+        for module in model.modules():  # distinct BatchNorm statistics per model
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 1.5)
+        models.append(model.eval())
+    return models
+
+
+def _oracle(cam_class, models, layer, probes, classes):
+    maps = []
+    for model in models:
+        with cam_class(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+            maps.append(cam(input_tensor=probes,
+                            targets=[ClassifierOutputTarget(int(c)) for c in classes]))
+    return np.stack(maps)
+
+
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+@pytest.mark.parametrize("name,channels,size,layer", [
+    ("cnn", 1, 28, "conv2"), ("resnet18", 3, 32, "layer4"),
+])
+@pytest.mark.parametrize("ours,cam_class", [(layercam_heatmaps, LayerCAM), (gradcam_heatmaps, GradCAM)])
+def test_matches_pytorch_grad_cam(engine, name, channels, size, layer, ours, cam_class):
+    models = _models(name, channels, size)
+    probes = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(1))
+    classes = torch.tensor([3, 7, 0])
+    template = build_model(name, channels, 10, size)
+    maps = ours(template, stack_states([m.state_dict() for m in models]), probes, layer, classes,
+                engine=engine)
+    expected = _oracle(cam_class, models, layer, probes, classes)
+    assert maps.shape == (4, 3, size, size)
+    np.testing.assert_allclose(maps.numpy(), expected, atol=1e-4)
+    assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
+
+
+def test_engines_agree_and_template_weights_are_ignored():
+    models = _models("cnn", 1, 28, k=6)
+    probes = torch.randn(2, 1, 28, 28)
+    stacked = stack_states([m.state_dict() for m in models])
+    classes = torch.tensor([1, 2])
+    a = layercam_heatmaps(build_model("cnn", 1, 10, 28), stacked, probes, "conv2", classes, "loop")
+    b = layercam_heatmaps(build_model("cnn", 1, 10, 28), stacked, probes, "conv2", classes, "vmap")
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    assert not torch.allclose(a[0], a[1])  # different models, different maps
+
+
+def test_non_convolutional_layer_is_refused():
+    models = _models("cnn", 1, 28, k=2)
+    with pytest.raises(ValueError, match="fc1"):
+        layercam_heatmaps(build_model("cnn", 1, 10, 28), stack_states([m.state_dict() for m in models]),
+                          torch.randn(1, 1, 28, 28), "fc1", torch.tensor([0]), "loop")

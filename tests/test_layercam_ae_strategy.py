@@ -1,0 +1,156 @@
+"""LayerCAM-AE as a Flower strategy: crafted attackers are excluded, both rules are scored on
+the same rounds, bad uploads are rejected, the empty set is never aggregated, and no decision
+depends on a client's ground-truth role."""
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from strategies.base import DetectingFedAvg
+from strategies.layercam_ae import LayerCamAe
+from task.models import build_model
+from task.train import evaluate, load_numpy_state
+from tests.helpers import benign_trajectory, reply
+
+ROUNDS, CLIENTS, ATTACKERS = 3, 24, 3
+ATTACKER_IDS = list(range(CLIENTS - ATTACKERS, CLIENTS))
+
+
+@pytest.fixture(scope="module")
+def trajectory():
+    return benign_trajectory(ROUNDS, CLIENTS)
+
+
+def craft(attack, global_state, own, benign, rng):
+    """3 of 24: identical scaled updates, independent noise, or sign-flipped updates."""
+    if attack == "scaled":
+        mean = {k: np.mean([b[k] - global_state[k] for b in benign], axis=0) for k in global_state}
+        return [{k: global_state[k] - 3.0 * mean[k] for k in global_state} for _ in own]
+    if attack == "noise":
+        return [{k: (s[k] + rng.normal(0, 0.05, s[k].shape)).astype(s[k].dtype) for k in s} for s in own]
+    return [{k: 2 * global_state[k] - s[k] for k in s} for s in own]  # sign-flip: w_g - delta
+
+
+def make_strategy(data, **overrides):
+    order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(model_fn=lambda: build_model("cnn", 1, 10, 28),
+                  probes=data.test.as_float(order[:4]), target_layer="conv2", seed=0)
+    return LayerCamAe(**{**kwargs, **overrides})
+
+
+def node(c):
+    return 100 + c
+
+
+def run_rounds(strategy, trajectory, attack, metric_extra=lambda c: {}):
+    globals_, states, sizes, data = trajectory
+    rng = np.random.default_rng(0)
+    aucs, excluded, result = {"upper": [], "two-sided": []}, [], None
+    for t in range(ROUNDS):
+        round_states = list(states[t])
+        for c, s in zip(ATTACKER_IDS, craft(attack, globals_[t], [states[t][c] for c in ATTACKER_IDS],
+                                          states[t][: CLIENTS - ATTACKERS], rng)):
+            round_states[c] = s
+        strategy.global_state = globals_[t]
+        replies = [reply(node(c), s, {"num-examples": sizes[c], "train-loss": 0.1, **metric_extra(c)})
+                   for c, s in enumerate(round_states)]
+        result, _ = strategy.aggregate_train(t + 1, replies)
+        record = strategy.last_record
+        truth = [c in ATTACKER_IDS for c in range(CLIENTS)]
+        d = record.details
+        aucs["upper"].append(roc_auc_score(truth, [d["upper_scores"][node(c)] for c in range(CLIENTS)]))
+        aucs["two-sided"].append(roc_auc_score(truth, [d["two_sided_scores"][node(c)] for c in range(CLIENTS)]))
+        excluded.append(set(record.excluded))
+    return aucs, excluded, result
+
+
+@pytest.mark.parametrize("attack", ["scaled", "noise", "sign-flip"])
+def test_default_rule_excludes_crafted_attackers_and_accuracy_holds(trajectory, attack, capsys):
+    globals_, states, sizes, data = trajectory
+    aucs, excluded, result = run_rounds(make_strategy(data), trajectory, attack)
+    attackers = {node(c) for c in ATTACKER_IDS}
+    assert excluded[-1] >= attackers, f"voting round must exclude all attackers: {excluded}"
+    assert all(len(e - attackers) <= 2 for e in excluded), f"too many benign excluded: {excluded}"
+    assert np.mean(aucs["two-sided"]) >= 0.9
+    model = build_model("cnn", 1, 10, 28)
+    load_numpy_state(model, {k: v.numpy() for k, v in result.items()})
+    _, accuracy = evaluate(model, data.test, torch.device("cpu"))
+    clean = build_model("cnn", 1, 10, 28)
+    from strategies.aggregation import weighted_average
+    from strategies.records import ClientUpload
+    load_numpy_state(clean, weighted_average(
+        [ClientUpload(c, s, float(sizes[c])) for c, s in enumerate(states[-1]) if c not in ATTACKER_IDS]))
+    _, clean_accuracy = evaluate(clean, data.test, torch.device("cpu"))
+    assert accuracy >= clean_accuracy - 0.02
+    with capsys.disabled():
+        print(f"\n[{attack}] AUC per round: paper's upper rule {np.round(aucs['upper'], 3).tolist()}, "
+              f"two-sided {np.round(aucs['two-sided'], 3).tolist()}; accuracy {accuracy:.4f} "
+              f"(clean {clean_accuracy:.4f})")
+
+
+def test_decisions_do_not_depend_on_ground_truth_role(trajectory):
+    globals_, states, sizes, data = trajectory
+    truthful = lambda c: {"role-attacker": float(c in ATTACKER_IDS)}
+    swapped = lambda c: {"role-attacker": float(c not in ATTACKER_IDS)}
+    _, excluded_a, result_a = run_rounds(make_strategy(data), trajectory, "noise", truthful)
+    _, excluded_b, result_b = run_rounds(make_strategy(data), trajectory, "noise", swapped)
+    assert excluded_a == excluded_b
+    assert all(np.array_equal(result_a[k].numpy(), result_b[k].numpy()) for k in result_a.keys())
+
+
+def test_strategies_package_imports_no_attack_or_harness_code():
+    for path in Path(__file__).resolve().parents[1].joinpath("strategies").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for item in ast.walk(tree):
+            names = ([a.name for a in item.names] if isinstance(item, ast.Import)
+                     else [item.module or ""] if isinstance(item, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.split(".")[0] in {"attacks", "server_app", "client_app"}, (path, name)
+
+
+def test_malformed_uploads_are_rejected_with_reasons_and_never_aggregated(trajectory):
+    globals_, states, sizes, data = trajectory
+    strategy = DetectingFedAvg()
+    strategy.global_state = globals_[1]
+    good = states[1][:3]
+    bad_nan = {k: v.copy() for k, v in good[0].items()}
+    bad_nan["fc2.bias"][0] = np.nan
+    bad_shape = {k: v for k, v in good[0].items()}
+    bad_shape["fc2.weight"] = np.zeros((3, 3), dtype=np.float32)
+    bad_dtype = {k: v.astype(np.float64) if k == "conv1.weight" else v for k, v in good[0].items()}
+    missing = {k: v for k, v in good[0].items() if k != "fc1.bias"}
+    huge = {k: v * 1e6 for k, v in good[0].items()}
+    replies = [reply(1, good[0], {"num-examples": 10}), reply(2, good[1], {"num-examples": 30}),
+               reply(3, bad_nan, {"num-examples": 10}), reply(4, bad_shape, {"num-examples": 10}),
+               reply(5, bad_dtype, {"num-examples": 10}), reply(6, missing, {"num-examples": 10}),
+               reply(7, huge, {"num-examples": 10}), reply(8, good[2], {"loss": 1.0}),
+               reply(9, None, {"num-examples": 10}), reply(10, good[2], {"num-examples": -5})]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    record = strategy.last_record
+    assert record.kept == [1, 2]
+    reasons = record.rejected
+    assert set(reasons) == {3, 4, 5, 6, 7, 8, 9, 10}
+    assert "NaN" in reasons[3] and "fc2.weight" in reasons[4] and "float64" in reasons[5]
+    assert "fc1.bias" in reasons[6] and "norm" in reasons[7] and "num-examples" in reasons[8]
+    assert "ArrayRecord" in reasons[9] and "positive" in reasons[10]
+    expected = (good[0]["fc2.bias"] * 10 + good[1]["fc2.bias"] * 30) / 40
+    np.testing.assert_allclose(arrays["fc2.bias"].numpy(), expected, rtol=1e-5)
+
+
+def test_everything_flagged_keeps_the_previous_global_model(trajectory):
+    globals_, states, sizes, data = trajectory
+
+    class RejectAll(DetectingFedAvg):
+        def detect(self, server_round, uploads):
+            from strategies.records import Detection
+            return Detection(kept=[])
+
+    strategy = RejectAll()
+    strategy.global_state = globals_[0]
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, states[0][0], {"num-examples": 5})])
+    assert arrays is None and metrics is None
+    assert not strategy.last_record.aggregated and "previous global model" in strategy.last_record.note
