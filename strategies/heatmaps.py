@@ -7,21 +7,25 @@ min-max scale. LayerCAM and Grad-CAM differ only in the combination:
 - LayerCAM (Jiang et al. 2021; LayerCAM-AE eq. 9-10): L = ReLU(sum_k ReLU(dy^c/dA_k) * A_k)
 - Grad-CAM (Selvaraju et al. 2017): L = ReLU(sum_k mean_ij(dy^c/dA_k) * A_k)
 
-The K models are one template module plus K stacked state dicts (parameters and buffers, each
-with a leading K axis): ``torch.func.functional_call`` runs the template with model k's tensors,
+The K models are one template module plus K state dicts (parameters and buffers, e.g. the
+uploads' numpy arrays): ``torch.func.functional_call`` runs the template with model k's tensors,
 so no model is deep-copied and every model is in eval mode with its own BatchNorm statistics.
 
 Gradients start at the target layer: a forward hook swaps the layer's output for a detached leaf
 (or adds a zero tensor whose gradient we take, under ``vmap``), and as no parameter requires
 grad, autograd records only the head after the target layer. Two engines compute the same maps:
 
-- ``loop``: a Python loop over models with ``torch.autograd.grad`` (fastest on a CPU);
-- ``vmap``: ``torch.func.vmap(torch.func.grad(...))`` over the stacked states, one batched
-  pass (convolutions become grouped ones; the natural way to fill a GPU).
+- ``loop``: a Python loop over models with ``torch.autograd.grad``; it reads each state in place
+  (zero-copy views of numpy arrays on a CPU), so it needs no memory beyond one model's
+  activations (fastest on a CPU for ResNet-sized models);
+- ``vmap``: ``torch.func.vmap(torch.func.grad(...))`` over the states stacked along a leading K
+  axis, one batched pass (convolutions become grouped ones; faster for small models and the
+  natural way to fill a GPU), at the cost of one stacked copy of the K models.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -49,13 +53,20 @@ def stack_states(
     """Stack K state dicts into one dict of tensors with a leading K axis (float32 for floats)."""
     if not states:
         raise ValueError("no models to stack")
+    tensors = [as_tensors(state) for state in states]  # zero-copy views; stacking copies once
     out = {}
-    for name in states[0]:
-        tensors = [torch.as_tensor(np.asarray(s[name]) if not torch.is_tensor(s[name]) else s[name])
-                   for s in states]
-        stacked = torch.stack(tensors)
+    for name in tensors[0]:
+        stacked = torch.stack([t[name] for t in tensors])
         out[name] = (stacked.float() if stacked.is_floating_point() else stacked).to(device)
     return out
+
+
+def as_tensors(state: Mapping[str, np.ndarray | torch.Tensor],
+               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """One model's state as tensors on ``device``, sharing memory with numpy arrays on a CPU."""
+    with warnings.catch_warnings():  # read-only buffers (Flower's arrays) are only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {n: torch.as_tensor(v).to(device) for n, v in state.items()}
 
 
 def min_max_scale(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -75,8 +86,8 @@ def finish_maps(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _activations_and_gradients_loop(
-    model: nn.Module, stacked: Mapping[str, torch.Tensor], probes: torch.Tensor, layer: str,
-    classes: torch.Tensor,
+    model: nn.Module, states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
+    probes: torch.Tensor, layer: str, classes: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     module = model.get_submodule(layer)
     captured: list[torch.Tensor] = []
@@ -87,13 +98,12 @@ def _activations_and_gradients_loop(
         return leaf.clone()  # later in-place ops must not touch the captured activations
 
     handle = module.register_forward_hook(hook)
-    num_models = next(iter(stacked.values())).shape[0]
     activations, gradients = [], []
     try:
         with torch.enable_grad():
-            for k in range(num_models):
+            for state in states:
                 captured.clear()
-                logits = functional_call(model, {n: t[k] for n, t in stacked.items()}, (probes,))
+                logits = functional_call(model, as_tensors(state, probes.device), (probes,))
                 score = logits.gather(1, classes[:, None]).sum()  # probes are independent in eval
                 (gradient,) = torch.autograd.grad(score, captured[0])
                 activations.append(captured[0].detach())
@@ -118,10 +128,11 @@ def _target_shape(model: nn.Module, state: Mapping[str, torch.Tensor], probes: t
 
 
 def _activations_and_gradients_vmap(
-    model: nn.Module, stacked: Mapping[str, torch.Tensor], probes: torch.Tensor, layer: str,
-    classes: torch.Tensor,
+    model: nn.Module, states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
+    probes: torch.Tensor, layer: str, classes: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     module = model.get_submodule(layer)
+    stacked = stack_states(states, probes.device)
     shape = _target_shape(model, {n: t[0] for n, t in stacked.items()}, probes, layer)
 
     def score(state: dict[str, torch.Tensor], zero: torch.Tensor):
@@ -147,7 +158,7 @@ def _activations_and_gradients_vmap(
 
 def class_activation_maps(
     model: nn.Module,
-    stacked: Mapping[str, torch.Tensor],
+    states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
     probes: torch.Tensor,
     layer: str,
     classes: torch.Tensor,
@@ -156,11 +167,11 @@ def class_activation_maps(
 ) -> torch.Tensor:
     """Heat maps of K models for P probes: (K, P, H, W) in [0, 1].
 
-    ``model`` is the architecture template (its own weights are ignored); ``stacked`` holds
-    the K models' parameters and buffers (``stack_states``); ``probes`` is (P, C, H, W) on the
-    stacked tensors' device; ``classes`` (P,) the class c scored for each probe; ``layer`` the
+    ``model`` is the architecture template (its own weights are ignored), on the probes'
+    device; ``states`` holds the K models' parameters and buffers (numpy arrays or tensors);
+    ``probes`` is (P, C, H, W); ``classes`` (P,) the class c scored for each probe; ``layer`` the
     dotted name of the target module. ``engine`` is ``loop``, ``vmap`` or ``auto`` (vmap on a
-    GPU, loop on a CPU, where the benchmark found the loop faster).
+    GPU, loop on a CPU).
     """
     if engine == "auto":
         engine = "vmap" if probes.device.type == "cuda" else "loop"
@@ -170,7 +181,7 @@ def class_activation_maps(
     was_training = model.training
     model.eval()
     try:
-        activations, gradients = compute[engine](model, stacked, probes, layer, classes.long())
+        activations, gradients = compute[engine](model, states, probes, layer, classes.long())
     finally:
         model.train(was_training)
     if activations.dim() != 5:
@@ -181,13 +192,16 @@ def class_activation_maps(
     return finish_maps(combine(activations, gradients), tuple(probes.shape[-2:]))
 
 
-def layercam_heatmaps(model: nn.Module, stacked: Mapping[str, torch.Tensor], probes: torch.Tensor,
-                      layer: str, classes: torch.Tensor, engine: str = "auto") -> torch.Tensor:
+States = Sequence[Mapping[str, np.ndarray | torch.Tensor]]
+
+
+def layercam_heatmaps(model: nn.Module, states: States, probes: torch.Tensor, layer: str,
+                      classes: torch.Tensor, engine: str = "auto") -> torch.Tensor:
     """LayerCAM heat maps (eq. 9-10) of K models: (K, P, H, W). See ``class_activation_maps``."""
-    return class_activation_maps(model, stacked, probes, layer, classes, layercam_combine, engine)
+    return class_activation_maps(model, states, probes, layer, classes, layercam_combine, engine)
 
 
-def gradcam_heatmaps(model: nn.Module, stacked: Mapping[str, torch.Tensor], probes: torch.Tensor,
-                     layer: str, classes: torch.Tensor, engine: str = "auto") -> torch.Tensor:
+def gradcam_heatmaps(model: nn.Module, states: States, probes: torch.Tensor, layer: str,
+                     classes: torch.Tensor, engine: str = "auto") -> torch.Tensor:
     """Grad-CAM heat maps of K models: (K, P, H, W). See ``class_activation_maps``."""
-    return class_activation_maps(model, stacked, probes, layer, classes, gradcam_combine, engine)
+    return class_activation_maps(model, states, probes, layer, classes, gradcam_combine, engine)

@@ -6,7 +6,7 @@ import torch
 from pytorch_grad_cam import GradCAM, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from strategies.heatmaps import gradcam_heatmaps, layercam_heatmaps, stack_states
+from strategies.heatmaps import gradcam_heatmaps, layercam_heatmaps
 from task.models import build_model
 
 
@@ -42,7 +42,7 @@ def test_matches_pytorch_grad_cam(engine, name, channels, size, layer, ours, cam
     probes = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(1))
     classes = torch.tensor([3, 7, 0])
     template = build_model(name, channels, 10, size)
-    maps = ours(template, stack_states([m.state_dict() for m in models]), probes, layer, classes,
+    maps = ours(template, [m.state_dict() for m in models], probes, layer, classes,
                 engine=engine)
     expected = _oracle(cam_class, models, layer, probes, classes)
     assert maps.shape == (4, 3, size, size)
@@ -53,10 +53,10 @@ def test_matches_pytorch_grad_cam(engine, name, channels, size, layer, ours, cam
 def test_engines_agree_and_template_weights_are_ignored():
     models = _models("cnn", 1, 28, k=6)
     probes = torch.randn(2, 1, 28, 28)
-    stacked = stack_states([m.state_dict() for m in models])
+    states = [m.state_dict() for m in models]
     classes = torch.tensor([1, 2])
-    a = layercam_heatmaps(build_model("cnn", 1, 10, 28), stacked, probes, "conv2", classes, "loop")
-    b = layercam_heatmaps(build_model("cnn", 1, 10, 28), stacked, probes, "conv2", classes, "vmap")
+    a = layercam_heatmaps(build_model("cnn", 1, 10, 28), states, probes, "conv2", classes, "loop")
+    b = layercam_heatmaps(build_model("cnn", 1, 10, 28), states, probes, "conv2", classes, "vmap")
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
     assert not torch.allclose(a[0], a[1])  # different models, different maps
 
@@ -64,5 +64,5 @@ def test_engines_agree_and_template_weights_are_ignored():
 def test_non_convolutional_layer_is_refused():
     models = _models("cnn", 1, 28, k=2)
     with pytest.raises(ValueError, match="fc1"):
-        layercam_heatmaps(build_model("cnn", 1, 10, 28), stack_states([m.state_dict() for m in models]),
+        layercam_heatmaps(build_model("cnn", 1, 10, 28), [m.state_dict() for m in models],
                           torch.randn(1, 1, 28, 28), "fc1", torch.tensor([0]), "loop")
