@@ -7,7 +7,7 @@ For each model and K, in one run:
 - ``ae``: the round's autoencoder (200 epochs) on the K maps, to give the whole detection time.
 Each measurement runs in a fresh process so its peak memory (RSS on a CPU, allocated memory on a
 GPU) is its own; "extra MB" is the peak over what the K input states already occupy. Times are
-the median of ``--repeats`` after one warm-up.
+the best of ``--repeats`` after one warm-up (the least disturbed run).
 
     python benchmarks/heatmap_speed.py                       # CPU: cnn and resnet18, K = 24..200
     python benchmarks/heatmap_speed.py --device cuda --models resnet50 --image-size 224 --k 24
@@ -20,7 +20,6 @@ import copy
 import json
 import multiprocessing as mp
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -106,7 +105,7 @@ def _measure(job):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return {"method": method, "model": model_name, "k": k, "seconds": statistics.median(times),
+    return {"method": method, "model": model_name, "k": k, "seconds": min(times),
             "peak_mb": _peak_memory_mb(device), "setup_mb": baseline_mb}
 
 
@@ -117,7 +116,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--image-size", type=int, default=0, help="0: the model's usual size")
     parser.add_argument("--probes", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--baseline-max-k", type=int, default=200,
                         help="skip the (slow) grad-cam baseline above this K")

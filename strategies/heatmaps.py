@@ -127,7 +127,23 @@ def _target_shape(model: nn.Module, state: Mapping[str, torch.Tensor], probes: t
     return shape[0]
 
 
+VMAP_CHUNK = 24
+"""Models per vmapped pass: bounds the stacked copy, and larger batches of grouped
+convolutions were slower per model on a CPU (benchmarks/heatmap_speed.py)."""
+
+
 def _activations_and_gradients_vmap(
+    model: nn.Module, states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
+    probes: torch.Tensor, layer: str, classes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    chunks = [
+        _activations_and_gradients_vmap_chunk(model, states[i : i + VMAP_CHUNK], probes, layer, classes)
+        for i in range(0, len(states), VMAP_CHUNK)
+    ]
+    return torch.cat([a for a, _ in chunks]), torch.cat([g for _, g in chunks])
+
+
+def _activations_and_gradients_vmap_chunk(
     model: nn.Module, states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
     probes: torch.Tensor, layer: str, classes: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,10 @@ def test_matches_pytorch_grad_cam(engine, name, channels, size, layer, ours, cam
     assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
 
 
-def test_engines_agree_and_template_weights_are_ignored():
+def test_engines_agree_and_template_weights_are_ignored(monkeypatch):
+    import strategies.heatmaps
+
+    monkeypatch.setattr(strategies.heatmaps, "VMAP_CHUNK", 4)  # 6 models: two vmapped chunks
     models = _models("cnn", 1, 28, k=6)
     probes = torch.randn(2, 1, 28, 28)
     states = [m.state_dict() for m in models]
@@ -59,6 +62,7 @@ def test_engines_agree_and_template_weights_are_ignored():
     b = layercam_heatmaps(build_model("cnn", 1, 10, 28), states, probes, "conv2", classes, "vmap")
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
     assert not torch.allclose(a[0], a[1])  # different models, different maps
+    assert not torch.allclose(a[4], a[5])
 
 
 def test_non_convolutional_layer_is_refused():
