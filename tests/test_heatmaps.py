@@ -70,3 +70,20 @@ def test_non_convolutional_layer_is_refused():
     with pytest.raises(ValueError, match="fc1"):
         layercam_heatmaps(build_model("cnn", 1, 10, 28), [m.state_dict() for m in models],
                           torch.randn(1, 1, 28, 28), "fc1", torch.tensor([0]), "loop")
+
+
+@pytest.mark.parametrize("name", ["resnet50", "regnety-800mf"])
+def test_deeper_models_give_agreeing_maps_with_both_engines(name):
+    from task.models import default_cam_layer
+
+    models = _models(name, 3, 32, k=2)
+    probes = torch.randn(1, 3, 32, 32)
+    layer, classes = default_cam_layer(name), torch.tensor([4])
+    states = [m.state_dict() for m in models]
+    template = build_model(name, 3, 10, 32)
+    a = layercam_heatmaps(template, states, probes, layer, classes, "loop")
+    b = layercam_heatmaps(template, states, probes, layer, classes, "vmap")
+    assert a.shape == (2, 1, 32, 32)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+    expected = _oracle(LayerCAM, models[:1], layer, probes, classes)
+    np.testing.assert_allclose(a[:1].numpy(), expected, atol=1e-4)

@@ -10,8 +10,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from strategies.aggregation import weighted_average
 from strategies.base import DetectingFedAvg
 from strategies.layercam_ae import LayerCamAe
+from strategies.records import ClientUpload, Detection
 from task.models import build_model
 from task.train import evaluate, load_numpy_state
 from tests.helpers import benign_trajectory, reply
@@ -80,8 +82,6 @@ def test_default_rule_excludes_crafted_attackers_and_accuracy_holds(trajectory, 
     load_numpy_state(model, {k: v.numpy() for k, v in result.items()})
     _, accuracy = evaluate(model, data.test, torch.device("cpu"))
     clean = build_model("cnn", 1, 10, 28)
-    from strategies.aggregation import weighted_average
-    from strategies.records import ClientUpload
     load_numpy_state(clean, weighted_average(
         [ClientUpload(c, s, float(sizes[c])) for c, s in enumerate(states[-1]) if c not in ATTACKER_IDS]))
     _, clean_accuracy = evaluate(clean, data.test, torch.device("cpu"))
@@ -146,7 +146,6 @@ def test_everything_flagged_keeps_the_previous_global_model(trajectory):
 
     class RejectAll(DetectingFedAvg):
         def detect(self, server_round, uploads):
-            from strategies.records import Detection
             return Detection(kept=[])
 
     strategy = RejectAll()
