@@ -14,7 +14,7 @@ from task.partition import client_indices
 from task.train import load_numpy_state, state_to_numpy, train
 
 
-def _act_as_serverapp() -> None:
+def act_as_serverapp() -> None:
     """Messages carry the sender's task identity; outside a Flower run, set one."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -25,7 +25,7 @@ def _act_as_serverapp() -> None:
 
 def reply(node_id: int, arrays: dict[str, np.ndarray] | None, metrics: dict) -> Message:
     """A training reply from ``node_id`` as the strategy receives it."""
-    _act_as_serverapp()
+    act_as_serverapp()
     instruction = Message(RecordDict(), dst_node_id=node_id, message_type="train")
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
