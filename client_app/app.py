@@ -1,7 +1,11 @@
-"""The ClientApp: local training and evaluation on this node's partition.
+"""The ClientApp: local training and evaluation on this node's partition; attackers attack.
 
 A node learns its partition from ``context.node_config`` (``partition-id``, ``num-partitions``):
-Flower's simulation engine sets them, a real SuperNode gets them from ``--node-config``. Imports
+Flower's simulation engine sets them, a real SuperNode gets them from ``--node-config``. Its role
+is ``role = "attacker"`` or ``"benign"`` in the node config; without one (simulation), the last
+``num-attackers`` partitions attack. An attacker trains honestly (on flipped labels for
+label-flip), then uploads what its attack crafts. Every reply reports ``attacker`` (1.0/0.0) as
+ground truth for the server's detection metrics; no defense reads it. Imports
 of torch and the data stack happen inside the handlers: in a deployment every message starts a
 fresh ClientApp process, and a light module import keeps the other message types cheap.
 """
@@ -31,6 +35,21 @@ def node_partition(context: Context) -> tuple[int, int]:
     return partition_id, num_partitions
 
 
+ROLES = ("benign", "attacker")
+
+
+def is_attacker(context: Context, num_attackers: int) -> bool:
+    """The node's role: ``role`` from the node config, else the last ``num_attackers``
+    partitions of a simulation."""
+    role = context.node_config.get("role")
+    if role is not None:
+        if role not in ROLES:
+            raise ValueError(f"node config role={role!r} is not one of {list(ROLES)}")
+        return role == "attacker"
+    partition_id, num_partitions = node_partition(context)
+    return partition_id >= num_partitions - num_attackers
+
+
 def _local_setup(msg: Message, context: Context):
     """Config, the local data partition and the received global model, ready to use."""
     import torch
@@ -56,18 +75,37 @@ def _local_setup(msg: Message, context: Context):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on the local partition and send it back."""
+    """Train the received global model on the local partition and send it back (attackers:
+    send what their attack crafts from it)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from attacks import AttackInput, build_attack
+    from task.train import state_to_numpy
     from task.train import train as train_locally
 
     config, partition_id, local, model, device = _local_setup(msg, context)
+    attacker = is_attacker(context, config.num_attackers)
+    attack = build_attack(config) if attacker else None
+    if attack is not None and attack.poisons_data:
+        flipped = attack.flip_labels(local.labels.numpy(), local.num_classes)
+        local = dataclasses.replace(local, labels=torch.from_numpy(flipped))
+    global_state = state_to_numpy(model)
     server_round = int(msg.content["config"]["server-round"])
+    seed = config.seed * 100_003 + server_round * 1_009 + partition_id
     loss = train_locally(
         model, local, epochs=config.local_epochs, batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay, device=device,
-        seed=config.seed * 100_003 + server_round * 1_009 + partition_id,
+        seed=seed,
     )
-    metrics = MetricRecord({"train-loss": loss, "num-examples": len(local)})
-    arrays = ArrayRecord(model.cpu().state_dict())
+    state = state_to_numpy(model.cpu())
+    if attack is not None:
+        state = attack.craft(AttackInput(global_state, state, np.random.default_rng(seed)))
+    metrics = MetricRecord({"train-loss": loss, "num-examples": len(local),
+                            "attacker": float(attacker)})
+    arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

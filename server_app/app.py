@@ -53,6 +53,8 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     import torch
 
     from server_app.defenses import build_defense
+    from server_app.metrics import detection_metrics, pooled_detection_metrics
+    from server_app.observed_grid import ObservedGrid
     from server_app.results import ResultsWriter, new_run_dir
     from task.data import load_federated_data
     from task.models import build_model, default_cam_layer
@@ -74,12 +76,14 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
     writer.write_config(config.to_run_config())
     log(INFO, "Results folder: %s", writer.path)
+    grid = ObservedGrid(grid)  # notes each reply's ground truth for the metrics below
     connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout)
     log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
         config.num_server_rounds, config.defense)
 
     started = time.monotonic()
     round_started = [started]
+    decisions = []  # (truth, excluded, scores) per round, for the run's pooled metrics
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = model_fn()
@@ -91,6 +95,11 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
         record = strategy.last_record if server_round > 0 else None
         if record is not None:
             row["defense"] = record.to_json()
+            truth = {n: grid.truth[n] for n in record.received if n in grid.truth}
+            if truth:
+                removed = set(record.excluded) | set(record.rejected)
+                row["detection"] = detection_metrics(truth, removed, record.scores)
+                decisions.append((truth, removed, record.scores))
             heatmaps = getattr(strategy, "last_heatmaps", None)
             if heatmaps is not None:
                 writer.save_heatmap_grid(server_round, heatmaps, record.received, set(record.excluded))
@@ -121,6 +130,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
         "defense": config.defense,
         "attack": config.attack,
         "results_dir": str(writer.path),
+        "detection": pooled_detection_metrics(decisions) if decisions else None,
     }
     writer.write_summary(summary)
     print(f"Done: final accuracy {summary['final_accuracy']:.4f} after "

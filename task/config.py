@@ -25,7 +25,7 @@ from task.partition import PARTITIONINGS
 DEFENSES = ("fedavg", "layercam-ae")
 """Defenses available in this version, by run-config name."""
 
-ATTACKS = ("none",)
+ATTACKS = ("none", "sign-flip", "gaussian", "uniform-noise", "label-flip")
 """Attacks available in this version, by run-config name."""
 
 LAYERCAM_AE_THRESHOLDS = ("upper", "two-sided")
@@ -57,6 +57,10 @@ class RunConfig:
     results_dir: str = "results"
     round_timeout: float = 600.0
     node_wait_timeout: float = 120.0
+    # attacks (run on the attacking clients)
+    sign_flip_scale: float = 1.0
+    gaussian_sigma: float = 0.1
+    uniform_noise_scale: float = 0.1
     # LayerCAM-AE (paper section 4; equation numbers of the ACM TOPS version)
     layercam_ae_threshold: str = "two-sided"
     layercam_ae_beta: float = 1.0
@@ -127,6 +131,9 @@ class RunConfig:
             ("node-wait-timeout", self.node_wait_timeout),
             ("layercam-ae-robust-z", self.layercam_ae_robust_z),
             ("layercam-ae-lr", self.layercam_ae_lr),
+            ("sign-flip-scale", self.sign_flip_scale),
+            ("gaussian-sigma", self.gaussian_sigma),
+            ("uniform-noise-scale", self.uniform_noise_scale),
         ):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")

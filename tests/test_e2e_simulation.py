@@ -23,9 +23,10 @@ def test_fedavg_run_writes_results_well_above_chance(simulation_link):
     assert rows[1]["defense"]["kept"] and not rows[1]["defense"]["excluded"]
 
 
-def test_layercam_ae_run_records_detection(simulation_link):
+def test_layercam_ae_run_with_an_attacker_records_detection(simulation_link):
     output, results = simulation_link.run(
-        "num-server-rounds=2 num-clients=5 defense='layercam-ae' local-epochs=1 "
+        "num-server-rounds=2 num-clients=5 num-attackers=1 attack='sign-flip' "
+        "defense='layercam-ae' local-epochs=1 "
         "layercam-ae-epochs=50 layercam-ae-save-heatmaps=true dirichlet-alpha=0.3 "
         "partitioning='dirichlet'",
         num_supernodes=5,
@@ -38,6 +39,12 @@ def test_layercam_ae_run_records_detection(simulation_link):
     assert set(record["timings"]) >= {"heatmaps", "autoencoder", "decision"}
     assert (run_dir / "heatmaps-round001.png").exists()
     assert rows[-1]["accuracy"] > 0.3
+    for row in rows[1:]:  # ground truth reached the metrics: one attacker among five
+        detection = row["detection"]
+        assert detection["tp"] + detection["fn"] == 1 and detection["fp"] + detection["tn"] == 4
+        assert detection["auc"] is not None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["detection"]["tp"] + summary["detection"]["fn"] == 2
 
 
 def test_bad_run_config_stops_with_the_key_named(simulation_link):

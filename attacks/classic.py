@@ -1,0 +1,67 @@
+"""Attacks that need only the attacker's own model: sign-flip, Gaussian noise, uniform noise,
+label-flip."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attacks.base import Attack, AttackInput, State, apply_update, update
+
+
+class SignFlip(Attack):
+    """Sign-flipping (Damaskinos et al., "Asynchronous Byzantine machine learning (the case of
+    SGD)", ICML 2018; FAA-DL section VI-A): upload w_g - scale * (w - w_g), the honest update
+    reversed and scaled (``scale`` = |epsilon| of FAA-DL)."""
+
+    name = "sign-flip"
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def craft(self, attack_input: AttackInput) -> State:
+        delta = update(attack_input.own_state, attack_input.global_state)
+        return apply_update(attack_input.global_state, {k: -self.scale * v for k, v in delta.items()},
+                            attack_input.own_state)
+
+
+class GaussianNoise(Attack):
+    """Gaussian noise (Fang, Cao, Jia, Gong, "Local model poisoning attacks to Byzantine-robust
+    federated learning", USENIX Security 2020; FAA-DL section VI-A): upload the honest model
+    plus i.i.d. N(0, sigma^2) noise on every weight."""
+
+    name = "gaussian"
+
+    def __init__(self, sigma: float = 0.1) -> None:
+        self.sigma = sigma
+
+    def craft(self, attack_input: AttackInput) -> State:
+        own = attack_input.own_state
+        return {k: (v + attack_input.rng.normal(0.0, self.sigma, v.shape)).astype(v.dtype)
+                if v.dtype.kind == "f" else v for k, v in own.items()}
+
+
+class UniformNoise(Attack):
+    """Scaled uniform noise added to a benign model, as the LayerCAM-AE authors' public code
+    generates its "malicious" models: w + scale * U(-1, 1) on every weight."""
+
+    name = "uniform-noise"
+
+    def __init__(self, scale: float = 0.1) -> None:
+        self.scale = scale
+
+    def craft(self, attack_input: AttackInput) -> State:
+        own = attack_input.own_state
+        return {k: (v + self.scale * attack_input.rng.uniform(-1.0, 1.0, v.shape)).astype(v.dtype)
+                if v.dtype.kind == "f" else v for k, v in own.items()}
+
+
+class LabelFlip(Attack):
+    """Label flipping, a data-poisoning attack (Tolpegin, Truex, Gursoy, Liu, "Data poisoning
+    attacks against federated learning systems", ESORICS 2020): train honestly on labels
+    y -> C - 1 - y and upload the result."""
+
+    name = "label-flip"
+    poisons_data = True
+
+    def flip_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
+        return num_classes - 1 - labels

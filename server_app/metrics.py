@@ -1,0 +1,56 @@
+"""Detection metrics against ground truth, computed with scikit-learn.
+
+Positive class = attacker. A client counts as detected when the defense excluded its upload
+(a rejected upload never entered the model either, so it counts as excluded). AUC uses the
+defense's continuous scores (higher = more suspicious), never the hard decisions; it is absent
+when the defense has no scores or only one class took part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
+
+
+def detection_metrics(
+    truth: Mapping[int, bool], excluded: Iterable[int], scores: Mapping[int, float] | None = None
+) -> dict[str, float | int | None]:
+    """Recall, precision, FPR, accuracy, F1 (and AUC from ``scores``) over the clients in ``truth``."""
+    nodes = sorted(truth)
+    y_true = np.array([bool(truth[n]) for n in nodes], dtype=int)
+    excluded = set(excluded)
+    y_pred = np.array([n in excluded for n in nodes], dtype=int)
+    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    out: dict[str, float | int | None] = {
+        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
+        "recall": float(recall_score(y_true, y_pred, zero_division=0.0)),
+        "precision": float(precision_score(y_true, y_pred, zero_division=0.0)),
+        "fpr": float(fp / (fp + tn)) if fp + tn else 0.0,
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1": float(f1_score(y_true, y_pred, zero_division=0.0)),
+        "auc": None,
+    }
+    if scores is not None and 0 < y_true.sum() < len(y_true) and all(n in scores for n in nodes):
+        out["auc"] = float(roc_auc_score(y_true, [scores[n] for n in nodes]))
+    return out
+
+
+def pooled_detection_metrics(rounds: Iterable[tuple[Mapping[int, bool], Iterable[int],
+                                                     Mapping[int, float] | None]]) -> dict:
+    """The same metrics over all (client, round) decisions of a run, pooled; AUC pools scores
+    only when every round has them."""
+    truth, excluded, scores, have_scores = {}, set(), {}, True
+    for i, (round_truth, round_excluded, round_scores) in enumerate(rounds):
+        for node, is_attacker in round_truth.items():
+            truth[(i, node)] = is_attacker
+        excluded |= {(i, n) for n in round_excluded}
+        if round_scores is None:
+            have_scores = False
+        else:
+            scores.update({(i, n): s for n, s in round_scores.items()})
+    keys = {key: j for j, key in enumerate(sorted(truth))}
+    return detection_metrics({keys[k]: v for k, v in truth.items()},
+                             [keys[k] for k in excluded if k in keys],
+                             {keys[k]: v for k, v in scores.items() if k in keys} if have_scores else None)
