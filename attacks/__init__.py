@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from attacks.base import Attack, AttackInput
 from attacks.classic import GaussianNoise, LabelFlip, SignFlip, UniformNoise
+from attacks.eavesdropping import Alie, Ipm, MinMax, MinSum
 from task.config import RunConfig
 
 
@@ -15,6 +16,10 @@ def build_attack(config: RunConfig) -> Attack:
         "gaussian": lambda: GaussianNoise(config.gaussian_sigma),
         "uniform-noise": lambda: UniformNoise(config.uniform_noise_scale),
         "label-flip": LabelFlip,
+        "alie": lambda: Alie(config.alie_z, config.num_clients, config.num_attackers),
+        "ipm": lambda: Ipm(config.ipm_epsilon),
+        "min-max": MinMax,
+        "min-sum": MinSum,
     }
     try:
         return builders[config.attack]()

@@ -4,7 +4,8 @@ A node learns its partition from ``context.node_config`` (``partition-id``, ``nu
 Flower's simulation engine sets them, a real SuperNode gets them from ``--node-config``. Its role
 is ``role = "attacker"`` or ``"benign"`` in the node config; without one (simulation), the last
 ``num-attackers`` partitions attack. An attacker trains honestly (on flipped labels for
-label-flip), then uploads what its attack crafts. Every reply reports ``attacker`` (1.0/0.0) as
+label-flip), then uploads what its attack crafts; attacks that need the round's benign uploads
+get them from the harness in a second ``train.attack`` message. Every reply reports ``attacker`` (1.0/0.0) as
 ground truth for the server's detection metrics; no defense reads it. Imports
 of torch and the data stack happen inside the handlers: in a deployment every message starts a
 fresh ClientApp process, and a light module import keeps the other message types cheap.
@@ -89,6 +90,10 @@ def train(msg: Message, context: Context) -> Message:
     config, partition_id, local, model, device = _local_setup(msg, context)
     attacker = is_attacker(context, config.num_attackers)
     attack = build_attack(config) if attacker else None
+    if attack is not None and attack.needs_benign_uploads:
+        # The harness will send this round's benign uploads in a "train.attack" message.
+        metrics = MetricRecord({"num-examples": len(local), "attacker": 1.0, "awaits-benign": 1.0})
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
     if attack is not None and attack.poisons_data:
         flipped = attack.flip_labels(local.labels.numpy(), local.num_classes)
         local = dataclasses.replace(local, labels=torch.from_numpy(flipped))
@@ -118,3 +123,29 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss, accuracy = evaluate_locally(model, local, device)
     metrics = MetricRecord({"eval-loss": loss, "eval-acc": accuracy, "num-examples": len(local)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.train("attack")
+def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
+    """Second message of an attacker's round: craft the upload from the benign uploads the
+    harness forwarded (``benign-<i>``) and the global model (``arrays``)."""
+    import numpy as np
+    import torch
+
+    from attacks import AttackInput, build_attack
+
+    torch.set_num_threads(1)
+    config = RunConfig.from_run_config(context.run_config)
+    partition_id, _ = node_partition(context)
+    settings = msg.content["config"]
+    server_round = int(settings["server-round"])
+    global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    benign = tuple({k: v.numpy() for k, v in msg.content[f"benign-{i}"].items()}
+                   for i in range(int(settings["num-benign"])))
+    seed = config.seed * 100_003 + server_round * 1_009 + partition_id
+    state = build_attack(config).craft(
+        AttackInput(global_state, global_state, np.random.default_rng(seed), benign)
+    )
+    metrics = MetricRecord({"num-examples": float(settings["claimed-num-examples"]), "attacker": 1.0})
+    arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

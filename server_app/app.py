@@ -54,7 +54,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
 
     from server_app.defenses import build_defense
     from server_app.metrics import detection_metrics, pooled_detection_metrics
-    from server_app.observed_grid import ObservedGrid
+    from server_app.eavesdrop import EavesdroppingGrid
     from server_app.results import ResultsWriter, new_run_dir
     from task.data import load_federated_data
     from task.models import build_model, default_cam_layer
@@ -76,7 +76,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
     writer.write_config(config.to_run_config())
     log(INFO, "Results folder: %s", writer.path)
-    grid = ObservedGrid(grid)  # notes each reply's ground truth for the metrics below
+    grid = EavesdroppingGrid(grid)  # ground truth for metrics; the eavesdropping channel
     connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout)
     log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
         config.num_server_rounds, config.defense)

@@ -25,7 +25,8 @@ from task.partition import PARTITIONINGS
 DEFENSES = ("fedavg", "layercam-ae")
 """Defenses available in this version, by run-config name."""
 
-ATTACKS = ("none", "sign-flip", "gaussian", "uniform-noise", "label-flip")
+ATTACKS = ("none", "sign-flip", "gaussian", "uniform-noise", "label-flip", "alie", "ipm",
+           "min-max", "min-sum")
 """Attacks available in this version, by run-config name."""
 
 LAYERCAM_AE_THRESHOLDS = ("upper", "two-sided")
@@ -61,6 +62,8 @@ class RunConfig:
     sign_flip_scale: float = 1.0
     gaussian_sigma: float = 0.1
     uniform_noise_scale: float = 0.1
+    alie_z: float = 0.0
+    ipm_epsilon: float = 0.5
     # LayerCAM-AE (paper section 4; equation numbers of the ACM TOPS version)
     layercam_ae_threshold: str = "two-sided"
     layercam_ae_beta: float = 1.0
@@ -134,6 +137,7 @@ class RunConfig:
             ("sign-flip-scale", self.sign_flip_scale),
             ("gaussian-sigma", self.gaussian_sigma),
             ("uniform-noise-scale", self.uniform_noise_scale),
+            ("ipm-epsilon", self.ipm_epsilon),
         ):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
@@ -141,6 +145,7 @@ class RunConfig:
             ("weight-decay", self.weight_decay),
             ("layercam-ae-beta", self.layercam_ae_beta),
             ("layercam-ae-weight-decay", self.layercam_ae_weight_decay),
+            ("alie-z", self.alie_z),
         ):
             if not value >= 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")

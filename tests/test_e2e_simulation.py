@@ -51,3 +51,16 @@ def test_bad_run_config_stops_with_the_key_named(simulation_link):
     output, results = simulation_link.run("dirichlet-alpha=-1.0", num_supernodes=2)
     assert "dirichlet-alpha" in output
     assert not results.exists() or not any(results.iterdir())
+
+
+def test_eavesdropping_attacker_gets_benign_uploads_and_is_aggregated(simulation_link):
+    output, results = simulation_link.run(
+        "num-server-rounds=1 num-clients=4 num-attackers=1 attack='min-max' defense='fedavg' "
+        "local-epochs=1", num_supernodes=4,
+    )
+    run_dir, rows = read_rounds(results)
+    assert (run_dir / "summary.json").exists(), output[-3000:]
+    record, detection = rows[1]["defense"], rows[1]["detection"]
+    assert len(record["received"]) == 4 and not record["rejected"]
+    assert detection["tp"] + detection["fn"] == 1  # the crafted reply replaced the placeholder
+    assert detection["fn"] == 1  # FedAvg keeps everyone

@@ -1,0 +1,84 @@
+"""The experiment harness's Grid: ground truth for metrics, and the eavesdropping channel.
+
+Wraps the Grid the ServerApp is given, passes every call through, and on training rounds:
+1. notes each reply's ground-truth ``attacker`` flag (for detection metrics only);
+2. simulates the threat model's eavesdropping: attackers whose attack needs the round's benign
+   uploads first answer with ``awaits-benign = 1``; the harness forwards them this round's
+   benign uploads and the global model in a second message (``train.attack``) and replaces
+   their first reply with the malicious model they return. An attacker that does not answer
+   is dropped from the round.
+This is the only place the server helps an attacker. It is part of the experiment, not of any
+strategy: every strategy receives the final replies through ``send_and_receive`` as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+ATTACK_MESSAGE = f"{MessageType.TRAIN}.attack"
+
+
+def _metric(reply: Message, key: str):
+    if not reply.has_content() or "metrics" not in reply.content.metric_records:
+        return None
+    return reply.content["metrics"].get(key)
+
+
+class EavesdroppingGrid:
+    """A pass-through ``Grid``; ``truth`` holds the last training round's {node id: attacker}."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.truth: dict[int, bool] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if not any(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            return replies
+        self.truth = {r.metadata.src_node_id: bool(_metric(r, "attacker")) for r in replies
+                      if isinstance(_metric(r, "attacker"), (int, float))}
+        waiting = [r for r in replies if _metric(r, "awaits-benign") == 1.0]
+        if not waiting:
+            return replies
+        benign = [r for r in replies if r.has_content() and _metric(r, "attacker") == 0.0
+                  and "arrays" in r.content.array_records]
+        crafted = self._eavesdrop(messages, waiting, benign, timeout)
+        waiting_ids = {r.metadata.src_node_id for r in waiting}
+        kept = [r for r in replies if r.metadata.src_node_id not in waiting_ids]
+        missing = waiting_ids - set(crafted)
+        if missing:
+            log(WARNING, "Attackers %s sent no crafted model; dropped from the round", sorted(missing))
+        return kept + list(crafted.values())
+
+    def _eavesdrop(self, messages: list[Message], waiting: list[Message], benign: list[Message],
+                   timeout: float | None) -> dict[int, Message]:
+        """Send each waiting attacker the benign uploads; return its crafted reply by node id."""
+        global_arrays = {m.metadata.dst_node_id: m.content["arrays"] for m in messages}
+        sizes = [float(_metric(r, "num-examples") or 0) for r in benign]
+        content = RecordDict({f"benign-{i}": r.content["arrays"] for i, r in enumerate(benign)})
+        content["config"] = ConfigRecord({
+            "server-round": messages[0].content["config"]["server-round"],
+            "num-benign": len(benign),
+            "claimed-num-examples": float(np.median(sizes)) if sizes else 1.0,
+        })
+        attack_messages = []
+        for reply in waiting:
+            node = reply.metadata.src_node_id
+            node_content = RecordDict(dict(content.items()))
+            node_content["arrays"] = global_arrays[node]
+            attack_messages.append(self._grid.create_message(
+                node_content, ATTACK_MESSAGE, node, messages[0].metadata.group_id))
+        answers = self._grid.send_and_receive(attack_messages, timeout=timeout)
+        return {a.metadata.src_node_id: a for a in answers if not a.has_error()}
