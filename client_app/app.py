@@ -74,6 +74,15 @@ def _local_setup(msg: Message, context: Context):
     return config, partition_id, local, model, pick_device()
 
 
+def _model_reply(msg: Message, state: dict, metrics: dict) -> Message:
+    """The reply carrying a model state (numpy arrays) and its metrics."""
+    import numpy as np
+    import torch
+
+    arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition and send it back (attackers:
@@ -108,10 +117,8 @@ def train(msg: Message, context: Context) -> Message:
     state = state_to_numpy(model.cpu())
     if attack is not None:
         state = attack.craft(AttackInput(global_state, state, np.random.default_rng(seed)))
-    metrics = MetricRecord({"train-loss": loss, "num-examples": len(local),
-                            "attacker": float(attacker)})
-    arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    metrics = {"train-loss": loss, "num-examples": len(local), "attacker": float(attacker)}
+    return _model_reply(msg, state, metrics)
 
 
 @app.evaluate()
@@ -146,6 +153,5 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     state = build_attack(config).craft(
         AttackInput(global_state, global_state, np.random.default_rng(seed), benign)
     )
-    metrics = MetricRecord({"num-examples": float(settings["claimed-num-examples"]), "attacker": 1.0})
-    arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    metrics = {"num-examples": float(settings["claimed-num-examples"]), "attacker": 1.0}
+    return _model_reply(msg, state, metrics)
