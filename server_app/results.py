@@ -64,7 +64,8 @@ class ResultsWriter:
         for ax, node_id, heatmap in zip(axes.flat, node_ids, heatmaps):
             ax.imshow(heatmap, cmap="jet", vmin=0.0, vmax=1.0)
             bad = node_id in flagged
-            ax.set_title(f"{node_id % 100000}{' flagged' if bad else ''}", fontsize=7,
+            # Flower node ids are up to 64-bit; the last digits tell the panels apart
+            ax.set_title(f"…{node_id % 100000}{' flagged' if bad else ''}", fontsize=7,
                          color="red" if bad else "black")
             if bad:
                 ax.axis("on")
