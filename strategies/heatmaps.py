@@ -136,8 +136,12 @@ def _activations_and_gradients_vmap(
     model: nn.Module, states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
     probes: torch.Tensor, layer: str, classes: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # The target layer's output shape is the same for every model: one probing forward.
+    zero = torch.zeros(_target_shape(model, as_tensors(states[0], probes.device), probes, layer),
+                       device=probes.device)
     chunks = [
-        _activations_and_gradients_vmap_chunk(model, states[i : i + VMAP_CHUNK], probes, layer, classes)
+        _activations_and_gradients_vmap_chunk(model, states[i : i + VMAP_CHUNK], probes, layer,
+                                              classes, zero)
         for i in range(0, len(states), VMAP_CHUNK)
     ]
     return torch.cat([a for a, _ in chunks]), torch.cat([g for _, g in chunks])
@@ -145,11 +149,10 @@ def _activations_and_gradients_vmap(
 
 def _activations_and_gradients_vmap_chunk(
     model: nn.Module, states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
-    probes: torch.Tensor, layer: str, classes: torch.Tensor,
+    probes: torch.Tensor, layer: str, classes: torch.Tensor, zero: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     module = model.get_submodule(layer)
     stacked = stack_states(states, probes.device)
-    shape = _target_shape(model, {n: t[0] for n, t in stacked.items()}, probes, layer)
 
     def score(state: dict[str, torch.Tensor], zero: torch.Tensor):
         captured: list[torch.Tensor] = []
@@ -165,7 +168,6 @@ def _activations_and_gradients_vmap_chunk(
             handle.remove()
         return logits.gather(1, classes[:, None]).sum(), captured[0]
 
-    zero = torch.zeros(shape, device=probes.device)
     gradients, activations = vmap(grad(score, argnums=1, has_aux=True), in_dims=(0, None))(
         dict(stacked), zero
     )
