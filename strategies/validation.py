@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from logging import WARNING
 
 import numpy as np
 from flwr.app import Message
+from flwr.common import log
 
 from strategies.records import ClientUpload
 
@@ -21,10 +23,10 @@ MAX_UPDATE_RATIO = 1e3
 
 
 def check_upload(
-    content, reference: Mapping[str, np.ndarray], weighted_by_key: str, max_update_ratio: float,
+    node_id: int, content, reference: Mapping[str, np.ndarray], weighted_by_key: str, max_update_ratio: float,
     reference_norm: float,
 ) -> tuple[ClientUpload | None, str]:
-    """Return (upload without node id set, "") or (None, reason)."""
+    """Return (the upload, "") or (None, reason)."""
     arrays_records = list(content.array_records.values())
     metric_records = list(content.metric_records.values())
     if len(arrays_records) != 1:
@@ -65,7 +67,7 @@ def check_upload(
             f"update norm {distance:.3g} exceeds {max_update_ratio:g} x (||global|| + 1) = "
             f"{max_update_ratio * (reference_norm + 1.0):.3g}"
         )
-    return ClientUpload(-1, arrays, float(num_examples), dict(metrics)), ""
+    return ClientUpload(node_id, arrays, float(num_examples), dict(metrics)), ""
 
 
 def screen_replies(
@@ -74,7 +76,8 @@ def screen_replies(
 ) -> tuple[list[ClientUpload], dict[int, str]]:
     """Split training replies into accepted uploads and ``{node_id: reason}`` rejections.
 
-    A node that replies twice keeps its first reply; the second is rejected.
+    A node that replies twice keeps its first reply (accepted or rejected); later ones are
+    ignored with a warning.
     """
     reference_norm = math.sqrt(
         sum(float(np.sum(v.astype(np.float64) ** 2)) for v in reference.values() if v.dtype.kind == "f")
@@ -87,16 +90,17 @@ def screen_replies(
         if msg.has_error():
             rejected[node_id] = f"client error: {msg.error.reason}"
             continue
-        if node_id in seen:
-            rejected[node_id] = "duplicate reply in one round"
+        if node_id in seen or node_id in rejected:
+            # One decision per node and round: a later reply must not mark an aggregated node
+            # as rejected (detection metrics would count it as removed).
+            log(WARNING, "Ignored a second reply from node %d in one round", node_id)
             continue
         upload, reason = check_upload(
-            msg.content, reference, weighted_by_key, max_update_ratio, reference_norm
+            node_id, msg.content, reference, weighted_by_key, max_update_ratio, reference_norm
         )
         if upload is None:
             rejected[node_id] = reason
             continue
-        upload.node_id = node_id
         seen.add(node_id)
         accepted.append(upload)
     return accepted, rejected

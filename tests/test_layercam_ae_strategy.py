@@ -153,3 +153,16 @@ def test_everything_flagged_keeps_the_previous_global_model(trajectory):
     arrays, metrics = strategy.aggregate_train(1, [reply(1, states[0][0], {"num-examples": 5})])
     assert arrays is None and metrics is None
     assert not strategy.last_record.aggregated and "previous global model" in strategy.last_record.note
+
+
+def test_a_second_reply_from_one_node_is_ignored(trajectory):
+    globals_, states, sizes, data = trajectory
+    strategy = DetectingFedAvg()
+    strategy.global_state = globals_[1]
+    arrays, _ = strategy.aggregate_train(2, [reply(1, states[1][0], {"num-examples": 10}),
+                                             reply(2, states[1][1], {"num-examples": 10}),
+                                             reply(1, states[1][2], {"num-examples": 10})])
+    record = strategy.last_record
+    assert record.kept == [1, 2] and not record.rejected and sorted(record.received) == [1, 2]
+    expected = (states[1][0]["fc2.bias"] + states[1][1]["fc2.bias"]) / 2
+    np.testing.assert_allclose(arrays["fc2.bias"].numpy(), expected, rtol=1e-5)
