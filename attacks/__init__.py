@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from torch import nn
+
+from attacks.adaptive_cam import AdaptiveCam
 from attacks.base import Attack, AttackInput
 from attacks.classic import GaussianNoise, LabelFlip, SignFlip, UniformNoise
 from attacks.eavesdropping import Alie, Ipm, MinMax, MinSum
+from attacks.gae import Gae
 from task.config import RunConfig
+from task.models import default_cam_layer
 
 
-def build_attack(config: RunConfig) -> Attack:
-    """The attack named by ``config.attack`` with its run-config parameters."""
+def build_attack(config: RunConfig, model: nn.Module | None = None) -> Attack:
+    """The attack named by ``config.attack`` with its run-config parameters. ``model`` (the
+    architecture, loaded with any weights) is needed by attacks with ``needs_local_probes``."""
+
+    def adaptive_cam() -> Attack:
+        if model is None:
+            raise ValueError("adaptive-cam needs the model architecture")
+        layer = config.layercam_ae_target_layer or default_cam_layer(config.model)
+        return AdaptiveCam(model, layer)
+
     builders = {
         "none": Attack,
         "sign-flip": lambda: SignFlip(config.sign_flip_scale),
@@ -20,6 +33,9 @@ def build_attack(config: RunConfig) -> Attack:
         "ipm": lambda: Ipm(config.ipm_epsilon),
         "min-max": MinMax,
         "min-sum": MinSum,
+        "gae": lambda: Gae(config.gae_graph_nodes, config.gae_edge_threshold, config.gae_epochs,
+                           config.gae_adversarial, config.gae_budget, config.gae_radius),
+        "adaptive-cam": adaptive_cam,
     }
     try:
         return builders[config.attack]()

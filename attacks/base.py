@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 State = dict[str, np.ndarray]
 
@@ -23,6 +24,10 @@ class AttackInput:
     own_state: State
     rng: np.random.Generator
     benign_states: tuple[State, ...] = ()
+    benign_weights: tuple[float, ...] = ()
+    """Claimed data sizes of ``benign_states`` (empty: equal weights)."""
+    probes: torch.Tensor | None = None
+    """A batch of the attacker's own images (N, C, H, W), for attacks that need them."""
 
 
 class Attack:
@@ -31,6 +36,7 @@ class Attack:
 
     name = "none"
     needs_benign_uploads = False
+    needs_local_probes = False
     poisons_data = False
 
     def flip_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:

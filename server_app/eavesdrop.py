@@ -71,6 +71,7 @@ class EavesdroppingGrid:
         content["config"] = ConfigRecord({
             "server-round": messages[0].content["config"]["server-round"],
             "num-benign": len(benign),
+            "benign-num-examples": sizes,
             "claimed-num-examples": float(np.median(sizes)) if sizes else 1.0,
         })
         attack_messages = []

@@ -22,11 +22,12 @@ from task.data import DATASETS
 from task.models import MODELS
 from task.partition import PARTITIONINGS
 
-DEFENSES = ("fedavg", "layercam-ae")
+DEFENSES = ("fedavg", "krum", "multi-krum", "bulyan", "median", "trimmed-mean", "geomed", "auror",
+            "gradcam-ae", "layercam-krum", "cosdefense", "layercam-ae")
 """Defenses available in this version, by run-config name."""
 
-ATTACKS = ("none", "sign-flip", "gaussian", "uniform-noise", "label-flip", "alie", "ipm",
-           "min-max", "min-sum")
+ATTACKS = ("none", "gae", "sign-flip", "gaussian", "uniform-noise", "label-flip", "alie", "ipm",
+           "min-max", "min-sum", "adaptive-cam")
 """Attacks available in this version, by run-config name."""
 
 LAYERCAM_AE_THRESHOLDS = ("upper", "two-sided")
@@ -43,7 +44,7 @@ class RunConfig:
 
     num_server_rounds: int = 12
     num_clients: int = 24
-    num_attackers: int = 0
+    num_attackers: int = 3
     dataset: str = "mnist-embedded"
     model: str = "cnn"
     partitioning: str = "iid"
@@ -54,7 +55,7 @@ class RunConfig:
     weight_decay: float = 0.0
     seed: int = 42
     defense: str = "layercam-ae"
-    attack: str = "none"
+    attack: str = "gae"
     results_dir: str = "results"
     round_timeout: float = 600.0
     node_wait_timeout: float = 120.0
@@ -64,6 +65,21 @@ class RunConfig:
     uniform_noise_scale: float = 0.1
     alie_z: float = 0.0
     ipm_epsilon: float = 0.5
+    # GAE (attacks/gae.py; SPEC section 10)
+    gae_graph_nodes: int = 2000
+    gae_edge_threshold: float = 0.5
+    gae_epochs: int = 20
+    gae_adversarial: bool = True
+    gae_budget: float = 0.5
+    gae_radius: float = 0.0
+    # baseline defenses (strategies/robust.py, auror.py, cosdefense.py, cam_baselines.py)
+    krum_f: int = 3
+    multi_krum_m: int = 0
+    trimmed_mean_beta: float = 0.2
+    auror_features: int = 100
+    auror_separation: float = 0.8
+    auror_tau: float = 0.5
+    cosdefense_margin: float = 1.0
     # LayerCAM-AE (paper section 4; equation numbers of the ACM TOPS version)
     layercam_ae_threshold: str = "two-sided"
     layercam_ae_beta: float = 1.0
@@ -124,6 +140,11 @@ class RunConfig:
             ("layercam-ae-probes", self.layercam_ae_probes, 1),
             ("layercam-ae-hidden", self.layercam_ae_hidden, 1),
             ("layercam-ae-epochs", self.layercam_ae_epochs, 1),
+            ("gae-graph-nodes", self.gae_graph_nodes, 2),
+            ("gae-epochs", self.gae_epochs, 0),
+            ("krum-f", self.krum_f, 0),
+            ("multi-krum-m", self.multi_krum_m, 0),
+            ("auror-features", self.auror_features, 1),
         ):
             if value < low:
                 raise ConfigError(f"{key} must be >= {low}, got {value}")
@@ -138,6 +159,7 @@ class RunConfig:
             ("gaussian-sigma", self.gaussian_sigma),
             ("uniform-noise-scale", self.uniform_noise_scale),
             ("ipm-epsilon", self.ipm_epsilon),
+            ("gae-budget", self.gae_budget),
         ):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
@@ -146,6 +168,8 @@ class RunConfig:
             ("layercam-ae-beta", self.layercam_ae_beta),
             ("layercam-ae-weight-decay", self.layercam_ae_weight_decay),
             ("alie-z", self.alie_z),
+            ("gae-radius", self.gae_radius),
+            ("cosdefense-margin", self.cosdefense_margin),
         ):
             if not value >= 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -160,6 +184,15 @@ class RunConfig:
                 f"layercam-ae-votes ({self.layercam_ae_votes}) must be <= layercam-ae-window "
                 f"({self.layercam_ae_window})"
             )
+        if not 0 <= self.trimmed_mean_beta < 0.5:
+            raise ConfigError(f"trimmed-mean-beta must be in [0, 0.5), got {self.trimmed_mean_beta}")
+        for key, value in (("auror-separation", self.auror_separation),
+                           ("auror-tau", self.auror_tau)):
+            if not 0 < value <= 1:
+                raise ConfigError(f"{key} must be in (0, 1], got {value}")
+        if not -1 <= self.gae_edge_threshold <= 1:
+            raise ConfigError(f"gae-edge-threshold must be a cosine in [-1, 1], got "
+                              f"{self.gae_edge_threshold}")
         if self.layercam_ae_target_class < -1:
             raise ConfigError("layercam-ae-target-class must be -1 (predicted class) or a class")
         if not self.results_dir:
