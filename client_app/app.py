@@ -132,6 +132,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+ADAPTIVE_PROBES = 16
+"""Own images an attacker with ``needs_local_probes`` computes heat maps on."""
+
+
 @app.train("attack")
 def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     """Second message of an attacker's round: craft the upload from the benign uploads the
@@ -144,14 +148,20 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     config = RunConfig.from_run_config(context.run_config)
     partition_id, _ = node_partition(context)
+    attack, probes = build_attack(config), None
+    if attack.needs_local_probes:
+        config, partition_id, local, model, _ = _local_setup(msg, context)
+        attack = build_attack(config, model)
+        probes = local.as_float(torch.arange(min(ADAPTIVE_PROBES, len(local))))
     settings = msg.content["config"]
     server_round = int(settings["server-round"])
     global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     benign = tuple({k: v.numpy() for k, v in msg.content[f"benign-{i}"].items()}
                    for i in range(int(settings["num-benign"])))
+    sizes = tuple(float(n) for n in settings.get("benign-num-examples", []))
     seed = config.seed * 100_003 + server_round * 1_009 + partition_id
-    state = build_attack(config).craft(
-        AttackInput(global_state, global_state, np.random.default_rng(seed), benign)
+    state = attack.craft(
+        AttackInput(global_state, global_state, np.random.default_rng(seed), benign, sizes, probes)
     )
     metrics = {"num-examples": float(settings["claimed-num-examples"]), "attacker": 1.0}
     return _model_reply(msg, state, metrics)

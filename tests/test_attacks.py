@@ -60,7 +60,7 @@ def test_label_flip_maps_each_class_to_its_mirror():
 
 @pytest.mark.parametrize("name", ATTACKS)
 def test_every_configured_attack_builds_by_name(name):
-    assert build_attack(RunConfig(attack=name)).name == name
+    assert build_attack(RunConfig(attack=name), build_model("cnn", 1, 10, 28)).name == name
 
 
 def _context(node_config, **run_config):

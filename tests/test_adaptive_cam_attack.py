@@ -1,0 +1,59 @@
+"""The adaptive attack keeps its LayerCAM heat maps and its distance within the benign spread
+while reversing the benign update, and is built with the architecture it attacks."""
+
+import numpy as np
+import pytest
+import torch
+
+from attacks import AttackInput, build_attack
+from task.params import flatten_updates
+from strategies.heatmaps import layercam_heatmaps
+from task.config import RunConfig
+from task.models import build_model
+from tests.helpers import benign_trajectory
+
+
+@pytest.fixture(scope="module")
+def trained_round():
+    globals_, states, sizes, data = benign_trajectory(rounds=2, num_clients=6, seed=3)
+    return globals_[1], tuple(states[1]), data
+
+
+def test_adaptive_cam_stays_within_the_benign_heat_map_and_distance_spread(trained_round):
+    global_state, benign, data = trained_round
+    model = build_model("cnn", 1, 10, 28)
+    attack = build_attack(RunConfig(attack="adaptive-cam"), model)
+    probes = data.train.as_float(torch.arange(16))
+    crafted = attack.craft(AttackInput(global_state, global_state, np.random.default_rng(0),
+                                       benign, probes=probes))
+
+    updates, _ = flatten_updates(benign, global_state)
+    mean = updates.mean(axis=0)
+    update, _ = flatten_updates((crafted,), global_state)
+    gamma = 1.0 - (update[0] @ mean) / (mean @ mean)
+    np.testing.assert_allclose(update[0], (1.0 - gamma) * mean, atol=1e-5)  # on the line
+    assert np.linalg.norm(update[0] - mean) <= np.linalg.norm(updates - mean, axis=1).max() * 1.001
+    assert gamma > 0  # it does move against the benign update
+
+    # independent check of the heat-map bound with the classes the benign mean predicts
+    mean_model = build_model("cnn", 1, 10, 28)
+    mean_model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in
+                                {**global_state, **_add(global_state, mean)}.items()})
+    classes = mean_model.eval()(probes).argmax(dim=1)
+    maps = layercam_heatmaps(model, list(benign) + [crafted], probes, "conv2", classes).flatten(1)
+    center = maps[:-1].mean(dim=0)
+    assert (maps[-1] - center).norm() <= (maps[:-1] - center).norm(dim=1).max() * 1.001
+
+
+def _add(global_state, vector):
+    out, offset = {}, 0
+    for k, v in global_state.items():
+        if v.dtype.kind == "f":
+            out[k] = (v + vector[offset:offset + v.size].reshape(v.shape)).astype(v.dtype)
+            offset += v.size
+    return out
+
+
+def test_adaptive_cam_needs_the_architecture():
+    with pytest.raises(ValueError, match="architecture"):
+        build_attack(RunConfig(attack="adaptive-cam"))
