@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -18,7 +19,8 @@ def build_defense(
 
     ``model_fn`` builds an untrained model of the run's architecture (heat-map defenses load
     each upload into it functionally); ``probes`` are server-held images; ``cam_layer`` is the
-    model's default class-activation-map layer.
+    model's default class-activation-map layer. The heat-map defenses (LayerCAM-AE, GradCAM-AE,
+    LayerCAM-Krum) share the ``layercam-ae-*`` keys; the Krum family shares ``krum-f``.
     """
     common = dict(
         fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.num_clients,
@@ -26,18 +28,43 @@ def build_defense(
     )
     if config.defense == "fedavg":
         return DetectingFedAvg(**common)
-    if config.defense == "layercam-ae":
-        from strategies.layercam_ae import LayerCamAe
+    if config.defense in ("krum", "multi-krum", "bulyan"):
+        from strategies.robust import RULES
 
-        return LayerCamAe(
-            model_fn=model_fn, probes=probes,
-            target_layer=config.layercam_ae_target_layer or cam_layer,
-            target_class=config.layercam_ae_target_class,
-            threshold=config.layercam_ae_threshold, beta=config.layercam_ae_beta,
-            robust_z=config.layercam_ae_robust_z, window=config.layercam_ae_window,
-            votes=config.layercam_ae_votes, hidden=config.layercam_ae_hidden,
-            epochs=config.layercam_ae_epochs, lr=config.layercam_ae_lr,
-            weight_decay=config.layercam_ae_weight_decay, engine=config.layercam_ae_engine,
-            keep_heatmaps=config.layercam_ae_save_heatmaps, seed=config.seed, **common,
-        )
-    raise ValueError(f"unknown defense {config.defense!r}")
+        extra = {"num_selected": config.multi_krum_m} if config.defense == "multi-krum" else {}
+        return RULES[config.defense](num_malicious=config.krum_f, **extra, **common)
+    if config.defense in ("median", "geomed"):
+        from strategies.robust import RULES
+
+        return RULES[config.defense](**common)
+    if config.defense == "trimmed-mean":
+        from strategies.robust import TrimmedMean
+
+        return TrimmedMean(beta=config.trimmed_mean_beta, **common)
+    if config.defense == "auror":
+        from strategies.auror import Auror
+
+        return Auror(num_features=config.auror_features, separation=config.auror_separation,
+                     tau=config.auror_tau, **common)
+    if config.defense == "cosdefense":
+        from strategies.cosdefense import CosDefense
+
+        return CosDefense(margin=config.cosdefense_margin, **common)
+    from strategies.cam_baselines import GradCamAe, LayerCamKrum
+    from strategies.layercam_ae import LayerCamAe
+
+    heatmap_defenses = {"layercam-ae": LayerCamAe, "gradcam-ae": GradCamAe,
+                        "layercam-krum": partial(LayerCamKrum, num_malicious=config.krum_f)}
+    if config.defense not in heatmap_defenses:
+        raise ValueError(f"unknown defense {config.defense!r}")
+    return heatmap_defenses[config.defense](
+        model_fn=model_fn, probes=probes,
+        target_layer=config.layercam_ae_target_layer or cam_layer,
+        target_class=config.layercam_ae_target_class,
+        threshold=config.layercam_ae_threshold, beta=config.layercam_ae_beta,
+        robust_z=config.layercam_ae_robust_z, window=config.layercam_ae_window,
+        votes=config.layercam_ae_votes, hidden=config.layercam_ae_hidden,
+        epochs=config.layercam_ae_epochs, lr=config.layercam_ae_lr,
+        weight_decay=config.layercam_ae_weight_decay, engine=config.layercam_ae_engine,
+        keep_heatmaps=config.layercam_ae_save_heatmaps, seed=config.seed, **common,
+    )

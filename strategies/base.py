@@ -1,8 +1,9 @@
 """FedAvg that screens uploads, asks a detection rule whom to keep, and records the round.
 
-Every defense of this package subclasses ``DetectingFedAvg`` and overrides ``detect`` only: the
-Flower glue (sampling, messages), reply screening, sample-weighted aggregation of the kept set
-and the ``RoundRecord`` are shared. Plain FedAvg is ``detect`` keeping everyone.
+Every defense of this package subclasses ``DetectingFedAvg`` and overrides ``detect`` (whom to
+keep) and, for robust aggregation rules, ``aggregate`` (how to combine them): the Flower glue
+(sampling, messages), reply screening and the ``RoundRecord`` are shared. Plain FedAvg is
+``detect`` keeping everyone and ``aggregate`` the sample-weighted mean.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class DetectingFedAvg(FedAvg):
         """Decide which uploads to aggregate. FedAvg keeps all."""
         return Detection(kept=[u.node_id for u in uploads])
 
+    def aggregate(self, kept: list[ClientUpload]) -> dict[str, np.ndarray]:
+        """The new global state from the kept uploads: their sample-weighted mean (FedAvg)."""
+        return weighted_average(kept)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -79,7 +84,7 @@ class DetectingFedAvg(FedAvg):
         start = time.perf_counter()
         if kept:
             arrays = ArrayRecord(
-                {k: Array(np.ascontiguousarray(v)) for k, v in weighted_average(kept).items()}
+                {k: Array(np.ascontiguousarray(v)) for k, v in self.aggregate(kept).items()}
             )
             metrics = _kept_metrics(kept)
         else:

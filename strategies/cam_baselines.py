@@ -1,0 +1,49 @@
+"""The LayerCAM-AE paper's heat-map baselines, built from LayerCAM-AE's own parts.
+
+- **GradCAM-AE**: Grad-CAM maps (Selvaraju et al., ICCV 2017: channel weights = spatially
+  averaged gradients) instead of LayerCAM's, into the same autoencoder, outlier rule and vote.
+- **LayerCAM-Krum**: LayerCAM maps scored by Krum (Blanchard et al., NeurIPS 2017) instead of
+  the autoencoder: the n - f maps with the lowest Krum scores are kept (Multi-Krum on heat maps).
+  Assumes at most f attackers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from strategies.heatmaps import gradcam_combine
+from strategies.layercam_ae import LayerCamAe
+from strategies.records import ClientUpload, Detection
+from strategies.robust_math import krum_scores, krum_select
+
+
+class GradCamAe(LayerCamAe):
+    """LayerCAM-AE with Grad-CAM heat maps."""
+
+    name = "gradcam-ae"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(combine=gradcam_combine, **kwargs)
+
+
+class LayerCamKrum(LayerCamAe):
+    """Multi-Krum over the uploads' LayerCAM heat maps (module docstring)."""
+
+    name = "layercam-krum"
+
+    def __init__(self, *, num_malicious: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_malicious = num_malicious
+
+    def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        maps = self.heatmaps(uploads, timings).flatten(1).double().cpu().numpy()
+        timings["heatmaps"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores = krum_scores(maps, self.num_malicious)
+        chosen = krum_select(maps, self.num_malicious, max(1, len(uploads) - self.num_malicious))
+        timings["decision"] = time.perf_counter() - start
+        return Detection(kept=[uploads[i].node_id for i in chosen],
+                         scores={u.node_id: float(s) for u, s in zip(uploads, scores)},
+                         details={"f": self.num_malicious, "engine": self.engine}, timings=timings)

@@ -1,0 +1,170 @@
+"""Flower's robust aggregation rules with per-client records: Krum, Multi-Krum, Bulyan,
+coordinate-wise Median, Trimmed mean, and the geometric median (GeoMed).
+
+Flower's own ``Krum``/``MultiKrum``/``Bulyan``/``FedMedian``/``FedTrimmedAvg`` aggregate
+without saying whom they dropped. These subclasses of ``DetectingFedAvg`` make the same
+decisions (Krum's selection is tested against ``flwr``'s ``select_multikrum``), reuse Flower's
+coordinate-wise kernels (``trim_mean``, ``aggregate_n_closest_weights``), and fill the shared
+``RoundRecord``: whom they excluded and each client's continuous score where the rule has one.
+All work on the updates w_i - w_g of the floating-point arrays; integer buffers (e.g. BatchNorm
+step counters) take the kept uploads' weighted mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+from strategies.aggregation import weighted_average
+from strategies.base import DetectingFedAvg
+from strategies.records import ClientUpload, Detection
+from strategies.robust_math import (bulyan_selection_size, geometric_median, krum_scores,
+                                    krum_select)
+from task.params import flatten_updates, unflatten
+
+
+class _UpdateRule(DetectingFedAvg):
+    """Shared glue: flatten the uploads' updates once per round."""
+
+    def updates(self, uploads: list[ClientUpload]) -> np.ndarray:
+        return flatten_updates([u.arrays for u in uploads], self.global_state)[0]
+
+    def from_update(self, vector: np.ndarray, kept: list[ClientUpload]) -> dict[str, np.ndarray]:
+        """w_g + vector for the float arrays; integer buffers from the kept uploads' mean."""
+        names = [k for k, v in self.global_state.items() if v.dtype.kind == "f"]
+        state = dict(unflatten(vector, names, self.global_state))
+        buffers = weighted_average(kept)
+        return {k: state[k] if k in names else buffers[k] for k in self.global_state}
+
+
+class MultiKrum(_UpdateRule):
+    """Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017): score each update by
+    the summed squared distances to its n - f - 2 nearest others and average the m
+    lowest-scoring uploads. Assumes at most f attackers and n > 2f + 2; m defaults to n - f.
+    The Krum score is the suspicion score."""
+
+    name = "multi-krum"
+
+    def __init__(self, *, num_malicious: int, num_selected: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_malicious, self.num_selected = num_malicious, num_selected
+
+    def selection_size(self, num_uploads: int) -> int:
+        return self.num_selected or max(1, num_uploads - self.num_malicious)
+
+    def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
+        vectors = self.updates(uploads)
+        chosen = krum_select(vectors, self.num_malicious, self.selection_size(len(uploads)))
+        scores = krum_scores(vectors, self.num_malicious)
+        return Detection(kept=[uploads[i].node_id for i in chosen],
+                         scores={u.node_id: float(s) for u, s in zip(uploads, scores)},
+                         details={"f": self.num_malicious})
+
+
+class Krum(MultiKrum):
+    """Krum (Blanchard et al., NeurIPS 2017): Multi-Krum with m = 1 -- the single most central
+    upload becomes the global model. Assumes at most f attackers and n > 2f + 2."""
+
+    name = "krum"
+
+    def __init__(self, *, num_malicious: int, **kwargs) -> None:
+        super().__init__(num_malicious=num_malicious, num_selected=1, **kwargs)
+
+
+class Bulyan(MultiKrum):
+    """Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018): Multi-Krum selects theta = n - 2f
+    uploads, then each coordinate averages the beta = n - 4f selected values closest to the
+    selection's coordinate-wise median (Flower's ``aggregate_n_closest_weights``). Assumes at
+    most f attackers and n >= 4f + 3; with fewer uploads the round keeps the previous model."""
+
+    name = "bulyan"
+
+    def selection_size(self, num_uploads: int) -> int:
+        return bulyan_selection_size(num_uploads, self.num_malicious)[0]
+
+    def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
+        if len(uploads) < 4 * self.num_malicious + 3:
+            return Detection(kept=[], details={
+                "f": self.num_malicious,
+                "skipped": f"Bulyan needs n >= 4f + 3 = {4 * self.num_malicious + 3} uploads",
+            })
+        return super().detect(server_round, uploads)
+
+    def aggregate(self, kept: list[ClientUpload]) -> dict[str, np.ndarray]:
+        beta = len(kept) - 2 * self.num_malicious  # kept = theta = n - 2f, so beta = n - 4f
+        selected = self.updates(kept)
+        (closest,) = aggregate_n_closest_weights([np.median(selected, axis=0)],
+                                                 [[v] for v in selected], beta)
+        return self.from_update(closest, kept)
+
+
+class _CoordinateRule(_UpdateRule):
+    """A rule that keeps every upload but combines them robustly; its score is each update's
+    distance to the robust aggregate (how far the rule pulled away from it)."""
+
+    def combine(self, vectors: np.ndarray, uploads: list[ClientUpload]) -> tuple[np.ndarray, dict]:
+        raise NotImplementedError
+
+    def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
+        vectors = self.updates(uploads)
+        self._aggregate, details = self.combine(vectors, uploads)
+        distances = np.linalg.norm(vectors - self._aggregate, axis=1)
+        return Detection(kept=[u.node_id for u in uploads],
+                         scores={u.node_id: float(d) for u, d in zip(uploads, distances)},
+                         details=details)
+
+    def aggregate(self, kept: list[ClientUpload]) -> dict[str, np.ndarray]:
+        return self.from_update(self._aggregate, kept)
+
+
+class Median(_CoordinateRule):
+    """Coordinate-wise median (Yin, Chen, Ramchandran, Bartlett, ICML 2018), as Flower's
+    ``FedMedian``. Tolerates fewer than half attackers per coordinate."""
+
+    name = "median"
+
+    def combine(self, vectors, uploads):
+        return np.median(vectors, axis=0), {}
+
+
+class TrimmedMean(_CoordinateRule):
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018) with Flower's ``trim_mean``: drop the
+    floor(beta n) largest and smallest values of each coordinate, average the rest. Assumes at
+    most beta n attackers."""
+
+    name = "trimmed-mean"
+
+    def __init__(self, *, beta: float = 0.2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= beta < 0.5:
+            raise ValueError(f"trimmed-mean beta must be in [0, 0.5), got {beta}")
+        self.beta = beta
+
+    def combine(self, vectors, uploads):
+        return trim_mean(vectors, self.beta), {"beta": self.beta,
+                                                "trimmed_per_side": int(self.beta * len(vectors))}
+
+
+class GeoMed(_CoordinateRule):
+    """Geometric median of the updates weighted by sample counts (Chen, Su, Xu, 2017; RFA's
+    smoothed Weiszfeld, Pillutla et al., IEEE TSP 2022). Breakdown point 1/2. Details record
+    each client's effective Weiszfeld weight."""
+
+    name = "geomed"
+
+    def combine(self, vectors, uploads):
+        weights = np.array([u.num_examples for u in uploads], dtype=np.float64)
+        median, iterations = geometric_median(vectors, weights)
+        effective = weights / np.maximum(1e-12, np.linalg.norm(vectors - median, axis=1))
+        return median, {"iterations": iterations,
+                        "weights": {u.node_id: float(w) for u, w in
+                                    zip(uploads, effective / effective.sum())}}
+
+
+RULES: dict[str, Callable[..., DetectingFedAvg]] = {
+    "krum": Krum, "multi-krum": MultiKrum, "bulyan": Bulyan, "median": Median,
+    "trimmed-mean": TrimmedMean, "geomed": GeoMed,
+}
