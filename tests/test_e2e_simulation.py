@@ -11,7 +11,8 @@ pytestmark = pytest.mark.e2e
 
 def test_fedavg_run_writes_results_well_above_chance(simulation_link):
     output, results = simulation_link.run(
-        "num-server-rounds=2 num-clients=4 defense='fedavg' local-epochs=1", num_supernodes=4
+        "num-server-rounds=2 num-clients=4 defense='fedavg' attack='none' num-attackers=0 "
+        "local-epochs=1", num_supernodes=4
     )
     run_dir, rows = read_rounds(results)
     assert (run_dir / "summary.json").exists(), output[-3000:]
@@ -53,9 +54,10 @@ def test_bad_run_config_stops_with_the_key_named(simulation_link):
     assert not results.exists() or not any(results.iterdir())
 
 
-def test_eavesdropping_attacker_gets_benign_uploads_and_is_aggregated(simulation_link):
+@pytest.mark.parametrize("attack", ["gae", "adaptive-cam"])
+def test_eavesdropping_attacker_gets_benign_uploads_and_is_aggregated(simulation_link, attack):
     output, results = simulation_link.run(
-        "num-server-rounds=1 num-clients=4 num-attackers=1 attack='min-max' defense='fedavg' "
+        f"num-server-rounds=1 num-clients=4 num-attackers=1 attack='{attack}' defense='fedavg' "
         "local-epochs=1", num_supernodes=4,
     )
     run_dir, rows = read_rounds(results)
@@ -64,3 +66,24 @@ def test_eavesdropping_attacker_gets_benign_uploads_and_is_aggregated(simulation
     assert len(record["received"]) == 4 and not record["rejected"]
     assert detection["tp"] + detection["fn"] == 1  # the crafted reply replaced the placeholder
     assert detection["fn"] == 1  # FedAvg keeps everyone
+
+
+BASELINES = ["krum", "multi-krum", "bulyan", "median", "trimmed-mean", "geomed", "auror",
+             "gradcam-ae", "layercam-krum", "cosdefense"]
+
+
+@pytest.mark.parametrize("defense", BASELINES)
+def test_baseline_defense_runs_and_records_whom_it_kept(simulation_link, defense):
+    output, results = simulation_link.run(
+        f"num-server-rounds=1 num-clients=7 num-attackers=1 attack='sign-flip' "
+        f"sign-flip-scale=4.0 defense='{defense}' krum-f=1 local-epochs=1 layercam-ae-epochs=50",
+        num_supernodes=7,
+    )
+    run_dir, rows = read_rounds(results)
+    assert (run_dir / "summary.json").exists(), output[-3000:]
+    record, detection = rows[1]["defense"], rows[1]["detection"]
+    assert record["defense"] == defense and record["aggregated"]
+    assert len(record["received"]) == 7 and sorted(record["kept"] + record["excluded"]) == sorted(
+        record["received"])
+    assert detection["tp"] + detection["fn"] == 1 and detection["auc"] is not None
+    assert rows[-1]["accuracy"] > 0.3
