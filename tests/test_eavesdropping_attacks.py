@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from attacks import AttackInput
-from attacks.eavesdropping import Alie, Ipm, MinMax, MinSum, alie_z, flatten_updates, squared_distances
+from attacks.eavesdropping import Alie, Ipm, MinMax, MinSum, alie_z
+from task.params import flatten_updates, squared_distances
 
 
 @pytest.fixture
