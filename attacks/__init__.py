@@ -13,6 +13,11 @@ from task.config import RunConfig
 from task.models import default_cam_layer
 
 
+def needs_local_probes(name: str) -> bool:
+    """Whether the attack named ``name`` computes on the attacker's own images and model."""
+    return name == AdaptiveCam.name
+
+
 def build_attack(config: RunConfig, model: nn.Module | None = None) -> Attack:
     """The attack named by ``config.attack`` with its run-config parameters. ``model`` (the
     architecture, loaded with any weights) is needed by attacks with ``needs_local_probes``."""
@@ -43,4 +48,4 @@ def build_attack(config: RunConfig, model: nn.Module | None = None) -> Attack:
         raise ValueError(f"unknown attack {config.attack!r}; choose one of {sorted(builders)}") from None
 
 
-__all__ = ["Attack", "AttackInput", "build_attack"]
+__all__ = ["Attack", "AttackInput", "build_attack", "needs_local_probes"]

@@ -33,7 +33,6 @@ class AdaptiveCam(Attack):
 
     name = "adaptive-cam"
     needs_benign_uploads = True
-    needs_local_probes = True
 
     def __init__(self, model: nn.Module, layer: str) -> None:
         self.model, self.layer = model.eval(), layer

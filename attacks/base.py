@@ -36,7 +36,6 @@ class Attack:
 
     name = "none"
     needs_benign_uploads = False
-    needs_local_probes = False
     poisons_data = False
 
     def flip_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:

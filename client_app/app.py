@@ -98,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
 
     config, partition_id, local, model, device = _local_setup(msg, context)
     attacker = is_attacker(context, config.num_attackers)
-    attack = build_attack(config) if attacker else None
+    attack = build_attack(config, model) if attacker else None
     if attack is not None and attack.needs_benign_uploads:
         # The harness will send this round's benign uploads in a "train.attack" message.
         metrics = MetricRecord({"num-examples": len(local), "attacker": 1.0, "awaits-benign": 1.0})
@@ -143,16 +143,18 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     import numpy as np
     import torch
 
-    from attacks import AttackInput, build_attack
+    from attacks import AttackInput, build_attack, needs_local_probes
 
     torch.set_num_threads(1)
     config = RunConfig.from_run_config(context.run_config)
     partition_id, _ = node_partition(context)
-    attack, probes = build_attack(config), None
-    if attack.needs_local_probes:
+    attack, probes = None, None
+    if needs_local_probes(config.attack):
         config, partition_id, local, model, _ = _local_setup(msg, context)
         attack = build_attack(config, model)
         probes = local.as_float(torch.arange(min(ADAPTIVE_PROBES, len(local))))
+    else:
+        attack = build_attack(config)
     settings = msg.content["config"]
     server_round = int(settings["server-round"])
     global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
