@@ -12,6 +12,7 @@ step counters) take the kept uploads' weighted mean.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 
 import numpy as np
@@ -105,8 +106,9 @@ class _CoordinateRule(_UpdateRule):
     """A rule that keeps every upload but combines them robustly; its score is each update's
     distance to the robust aggregate (how far the rule pulled away from it)."""
 
+    @abstractmethod
     def combine(self, vectors: np.ndarray, uploads: list[ClientUpload]) -> tuple[np.ndarray, dict]:
-        raise NotImplementedError
+        """The robust aggregate update of the (n, d) ``vectors`` and details to record."""
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         vectors = self.updates(uploads)
