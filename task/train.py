@@ -17,8 +17,9 @@ def pick_device() -> torch.device:
 
 
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's full state (parameters and buffers) as CPU numpy arrays."""
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    """A copy of the model's full state (parameters and buffers) as CPU numpy arrays; a copy,
+    so that training the model further leaves it unchanged."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def load_numpy_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:

@@ -47,3 +47,15 @@ def test_missing_node_config_is_named():
         node_partition(_context({"num-partitions": 2}))
     with pytest.raises(ValueError, match="outside"):
         node_partition(_context({"partition-id": 2, "num-partitions": 2}))
+
+
+def test_sign_flip_attacker_uploads_its_honest_update_reversed():
+    msg, sent = _instruction("train")
+    benign = train(msg, _context({"partition-id": 3, "num-partitions": 24})).content["arrays"]
+    context = _context({"partition-id": 3, "num-partitions": 24, "role": "attacker"})
+    context.run_config.update({"attack": "sign-flip", "num-attackers": 1})
+    flipped = train(msg, context).content["arrays"]
+    for key in sent.keys():
+        w, honest, upload = (r[key].numpy().astype(np.float64) for r in (sent, benign, flipped))
+        np.testing.assert_allclose(upload - w, -(honest - w), atol=1e-6)
+        assert np.abs(honest - w).max() > 0 or key.endswith("bias")
