@@ -51,14 +51,12 @@ def is_attacker(context: Context, num_attackers: int) -> bool:
     return partition_id >= num_partitions - num_attackers
 
 
-def _local_setup(msg: Message, context: Context):
-    """Config, the local data partition and the received global model, ready to use."""
+def _local_data(context: Context):
+    """Config, this node's partition id and its local data partition."""
     import torch
 
     from task.data import load_federated_data
-    from task.models import build_model
     from task.partition import client_indices
-    from task.train import pick_device
 
     torch.set_num_threads(1)  # simulated clients share the machine's cores
     config = RunConfig.from_run_config(context.run_config)
@@ -68,10 +66,23 @@ def _local_setup(msg: Message, context: Context):
         data.train.labels.numpy(), partition_id, num_partitions, config.partitioning,
         config.dirichlet_alpha, config.seed,
     )
-    local = data.train.subset(indices)
+    return config, partition_id, data.train.subset(indices)
+
+
+def _local_setup(msg: Message, context: Context):
+    """Config, the local data partition and the received global model, ready to use."""
+    from task.models import build_model
+    from task.train import pick_device
+
+    config, partition_id, local = _local_data(context)
     model = build_model(config.model, local.in_channels, local.num_classes, local.image_size)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
     return config, partition_id, local, model, pick_device()
+
+
+def training_seed(config: RunConfig, server_round: int, partition_id: int) -> int:
+    """The seed that shuffles this node's batches in ``server_round``."""
+    return config.seed * 100_003 + server_round * 1_009 + partition_id
 
 
 def _model_reply(msg: Message, state: dict, metrics: dict) -> Message:
@@ -108,7 +119,7 @@ def train(msg: Message, context: Context) -> Message:
         local = dataclasses.replace(local, labels=torch.from_numpy(flipped))
     global_state = state_to_numpy(model)
     server_round = int(msg.content["config"]["server-round"])
-    seed = config.seed * 100_003 + server_round * 1_009 + partition_id
+    seed = training_seed(config, server_round, partition_id)
     loss = train_locally(
         model, local, epochs=config.local_epochs, batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay, device=device,
@@ -161,9 +172,47 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     benign = tuple({k: v.numpy() for k, v in msg.content[f"benign-{i}"].items()}
                    for i in range(int(settings["num-benign"])))
     sizes = tuple(float(n) for n in settings.get("benign-num-examples", []))
-    seed = config.seed * 100_003 + server_round * 1_009 + partition_id
+    seed = training_seed(config, server_round, partition_id)
     state = attack.craft(
         AttackInput(global_state, global_state, np.random.default_rng(seed), benign, sizes, probes)
     )
     metrics = {"num-examples": float(settings["claimed-num-examples"]), "attacker": 1.0}
     return _model_reply(msg, state, metrics)
+
+
+@app.query("faa_dl_verify")
+def faa_dl_verify(msg: Message, context: Context) -> Message:
+    """FAA-DL's anomaly verification, client side (Algorithm 1, lines 6-9): answer with the
+    data this round's training used, its rows through the linear AONT and the last row
+    IPFE-encrypted under the received master public key, and the shuffling seed.
+
+    An attacker answers with its real data (the paper's attackers), or with
+    ``faa-dl-attacker-response = "forged-data"`` lies: it claims its labels shifted by one
+    class, which it did not train on.
+    """
+    import numpy as np
+    from flwr.app import Array, ConfigRecord
+
+    from attacks.classic import LabelFlip
+    from crypto.encrypted_images import encrypt_images
+    from crypto.ipfe import MasterPublicKey
+
+    config, partition_id, local = _local_data(context)
+    settings = msg.content["config"]
+    labels = local.labels.numpy()
+    attacker = is_attacker(context, config.num_attackers)
+    if attacker and config.attack == "label-flip":
+        labels = LabelFlip().flip_labels(labels, local.num_classes)  # what it trained on
+    if attacker and config.faa_dl_attacker_response == "forged-data":
+        labels = (labels + 1) % local.num_classes
+    encrypted = encrypt_images(local.images.numpy(), MasterPublicKey.from_bytes(settings["mpk"]),
+                               int(settings["aont-lambda"]))
+    content = RecordDict({
+        "data": ArrayRecord({"masked-rows": Array(encrypted.masked_rows),
+                             "labels": Array(np.ascontiguousarray(labels, dtype=np.int64))}),
+        "encrypted": ConfigRecord({
+            "ciphertexts": encrypted.ciphertexts,
+            "train-seed": training_seed(config, int(settings["server-round"]), partition_id),
+        }),
+    })
+    return Message(content, reply_to=msg)

@@ -10,16 +10,19 @@ from torch import nn
 
 from strategies.base import DetectingFedAvg
 from task.config import RunConfig
+from task.data import ImageData
 
 
 def build_defense(
-    config: RunConfig, model_fn: Callable[[], nn.Module], probes: torch.Tensor, cam_layer: str
+    config: RunConfig, model_fn: Callable[[], nn.Module], probes: torch.Tensor, cam_layer: str,
+    reference: ImageData | None = None,
 ) -> DetectingFedAvg:
     """The strategy named by ``config.defense``, sampling every connected client each round.
 
     ``model_fn`` builds an untrained model of the run's architecture (heat-map defenses load
     each upload into it functionally); ``probes`` are server-held images; ``cam_layer`` is the
-    model's default class-activation-map layer. The heat-map defenses (LayerCAM-AE, GradCAM-AE,
+    model's default class-activation-map layer; ``reference`` is server data of the run's
+    dataset (FAA-DL reads its shape, classes and standardisation). The heat-map defenses (LayerCAM-AE, GradCAM-AE,
     LayerCAM-Krum) share the ``layercam-ae-*`` keys; the Krum family shares ``krum-f``.
     """
     common = dict(
@@ -46,6 +49,17 @@ def build_defense(
 
         return Auror(num_features=config.auror_features, separation=config.auror_separation,
                      tau=config.auror_tau, **common)
+    if config.defense == "faa-dl":
+        from strategies.faa_dl import FaaDl
+        from strategies.faa_dl_verification import TrainingRecipe
+
+        if reference is None:
+            raise ValueError("faa-dl needs the server's reference data")
+        recipe = TrainingRecipe(config.local_epochs, config.batch_size, config.learning_rate,
+                                config.weight_decay)
+        return FaaDl(model_fn=model_fn, reference=reference, recipe=recipe, nu=config.faa_dl_nu,
+                     tolerance=config.faa_dl_tolerance, aont_lambda=config.faa_dl_aont_lambda,
+                     verification_timeout=config.round_timeout, **common)
     if config.defense == "cosdefense":
         from strategies.cosdefense import CosDefense
 

@@ -23,13 +23,14 @@ from task.models import MODELS
 from task.partition import PARTITIONINGS
 
 DEFENSES = ("fedavg", "krum", "multi-krum", "bulyan", "median", "trimmed-mean", "geomed", "auror",
-            "gradcam-ae", "layercam-krum", "cosdefense", "layercam-ae")
+            "faa-dl", "gradcam-ae", "layercam-krum", "cosdefense", "layercam-ae")
 """Defenses available in this version, by run-config name."""
 
 ATTACKS = ("none", "gae", "sign-flip", "gaussian", "uniform-noise", "label-flip", "alie", "ipm",
            "min-max", "min-sum", "adaptive-cam")
 """Attacks available in this version, by run-config name."""
 
+FAA_DL_ATTACKER_RESPONSES = ("true-data", "forged-data")
 LAYERCAM_AE_THRESHOLDS = ("upper", "two-sided")
 HEATMAP_ENGINES = ("auto", "loop", "vmap")
 
@@ -80,6 +81,11 @@ class RunConfig:
     auror_separation: float = 0.8
     auror_tau: float = 0.5
     cosdefense_margin: float = 1.0
+    # FAA-DL (strategies/faa_dl.py; paper section IV: OC-SVM nu, AONT lambda)
+    faa_dl_nu: float = 0.5
+    faa_dl_tolerance: float = 1e-3
+    faa_dl_aont_lambda: int = 2
+    faa_dl_attacker_response: str = "true-data"
     # LayerCAM-AE (paper section 4; equation numbers of the ACM TOPS version)
     layercam_ae_threshold: str = "two-sided"
     layercam_ae_beta: float = 1.0
@@ -127,6 +133,8 @@ class RunConfig:
         _choice("partitioning", self.partitioning, PARTITIONINGS)
         _choice("defense", self.defense, DEFENSES)
         _choice("attack", self.attack, ATTACKS)
+        _choice("faa-dl-attacker-response", self.faa_dl_attacker_response,
+                FAA_DL_ATTACKER_RESPONSES)
         _choice("layercam-ae-threshold", self.layercam_ae_threshold, LAYERCAM_AE_THRESHOLDS)
         _choice("layercam-ae-engine", self.layercam_ae_engine, HEATMAP_ENGINES)
         for key, value, low in (
@@ -160,6 +168,7 @@ class RunConfig:
             ("uniform-noise-scale", self.uniform_noise_scale),
             ("ipm-epsilon", self.ipm_epsilon),
             ("gae-budget", self.gae_budget),
+            ("faa-dl-tolerance", self.faa_dl_tolerance),
         ):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
@@ -193,6 +202,8 @@ class RunConfig:
         if not -1 <= self.gae_edge_threshold <= 1:
             raise ConfigError(f"gae-edge-threshold must be a cosine in [-1, 1], got "
                               f"{self.gae_edge_threshold}")
+        if not 0 < self.faa_dl_nu <= 1:
+            raise ConfigError(f"faa-dl-nu must be in (0, 1], got {self.faa_dl_nu}")
         if self.layercam_ae_target_class < -1:
             raise ConfigError("layercam-ae-target-class must be -1 (predicted class) or a class")
         if not self.results_dir:

@@ -1,0 +1,221 @@
+"""FAA-DL (Federated Anomaly Analytics-enhanced Distributed Learning; ``faa-dl.txt``) as a
+Flower strategy, Algorithm 2 step III:
+
+1. anomaly detection: a One-Class SVM (RBF, nu = 0.5) over the updates splits out suspects;
+2. anomaly verification (Algorithm 1), over Flower messages of type ``query.faa_dl_verify``:
+   per suspect the key authority runs a fresh IPFE ``setup``; the suspect gets the master
+   public key and answers with its training data, rows through the linear AONT and the last
+   row encrypted, plus its shuffling seed; the authority gives the server the function keys
+   for the coordinate vectors e_1..e_W, the server decrypts, trains the global model on the
+   data as the client claims to have trained, and compares with the upload;
+3. anomaly removal: verified anomalies are excluded, the rest are averaged (FedAvg).
+
+A suspect that does not answer, answers malformed data, or whose update cannot be reproduced
+within ``tolerance`` is a verified anomaly; a reproduced one is cleared. Nonlinear training
+needs the data itself, so the coordinate keys let the server read a suspect's data for that
+one verification: nothing of the clients that the OC-SVM does not flag, and nothing an
+eavesdropper on the channel can decrypt. In this package the key authority (the paper's
+trusted third party) lives in the ServerApp process; it keeps each master secret key only
+until the session's keys are derived.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import count
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from torch import nn
+
+from crypto import ipfe
+from crypto.aont import LAMBDA, aont_matrix
+from crypto.encrypted_images import EncryptedImages, decrypt_images, last_row_bound
+from strategies.base import DetectingFedAvg
+from strategies.faa_dl_verification import (
+    TrainingRecipe, ocsvm_suspects, recompute_update, relative_mismatch,
+)
+from strategies.records import ClientUpload, Detection
+from task.data import ImageData
+from task.params import flatten_updates
+
+VERIFY_MESSAGE = f"{MessageType.QUERY}.faa_dl_verify"
+
+
+class KeyAuthority:
+    """The trusted third party of Algorithm 1 (lines 1-3): one IPFE key pair per verification."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[int, tuple[int, ...]] = {}
+        self._ids = count()
+
+    def open_session(self, slots: int) -> tuple[int, ipfe.MasterPublicKey]:
+        """A fresh (mpk, msk); returns the session id and the mpk for the suspect."""
+        mpk, msk = ipfe.setup(slots)
+        session = next(self._ids)
+        self._sessions[session] = msk
+        return session, mpk
+
+    def coordinate_keys(self, session: int) -> list[int]:
+        """Function keys for y = e_1..e_n of a session, whose msk is then forgotten."""
+        msk = self._sessions.pop(session)
+        return [ipfe.derive_key(msk, [int(i == k) for i in range(len(msk))]) for k in range(len(msk))]
+
+
+@dataclass
+class Verdict:
+    """The outcome of one suspect's verification."""
+
+    verified: bool
+    reason: str
+    mismatch: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class FaaDl(DetectingFedAvg):
+    """FAA-DL: OC-SVM screening, IPFE-protected verification of suspects, FedAvg of the rest.
+
+    Parameters
+    ----------
+    model_fn : callable
+        Builds an untrained model of the run's architecture.
+    reference : ImageData
+        Server data with the run's image shape, classes and standardisation (only its
+        metadata is used).
+    recipe : TrainingRecipe
+        The clients' local training hyper-parameters, as the run config sets them.
+    nu : float (default: 0.5)
+        The OC-SVM's bound on the fraction of outliers (the paper's 0.5).
+    tolerance : float (default: 1e-3)
+        Largest ``||g' - g|| / ||g'||`` of a cleared suspect.
+    aont_lambda : int (default: 2)
+        lambda of the AONT matrix (equation 29).
+    verification_timeout : float (default: 600)
+        Seconds to wait for the suspects' verification replies.
+    """
+
+    name = "faa-dl"
+
+    def __init__(
+        self, *, model_fn: Callable[[], nn.Module], reference: ImageData, recipe: TrainingRecipe,
+        nu: float = 0.5, tolerance: float = 1e-3, aont_lambda: int = LAMBDA,
+        verification_timeout: float = 600.0, **fedavg_kwargs,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.model_fn = model_fn
+        self.reference = reference
+        self.recipe = recipe
+        self.nu = nu
+        self.tolerance = tolerance
+        self.aont_lambda = aont_lambda
+        self.verification_timeout = verification_timeout
+        self.authority = KeyAuthority()
+        self._grid: Grid | None = None
+        channels, height, width = reference.images.shape[1:]
+        aont_matrix(height, aont_lambda)  # raises if lambda makes it singular for this height
+        self._masked_shape = (channels, height - 1, width)
+        self._dlog = ipfe.SmallDiscreteLog(last_row_bound(height, aont_lambda))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Keep the Grid: verification talks to the suspects during aggregation."""
+        self._grid = grid
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
+        start = time.perf_counter()
+        updates, _ = flatten_updates([u.arrays for u in uploads], self.global_state)
+        is_suspect, scores = ocsvm_suspects(updates, self.nu)
+        suspects = [u for u, flagged in zip(uploads, is_suspect) if flagged]
+        timings = {"ocsvm": time.perf_counter() - start}
+        start = time.perf_counter()
+        verdicts = self.verify(server_round, suspects) if suspects else {}
+        timings["verification"] = time.perf_counter() - start
+        for step in ("round-trip", "decryption", "recomputation"):
+            timings[f"verification-{step}"] = sum(v.seconds.get(step, 0.0) for v in verdicts.values())
+        verified = sorted(n for n, v in verdicts.items() if v.verified)
+        return Detection(
+            kept=[u.node_id for u in uploads if u.node_id not in verified],
+            scores={u.node_id: float(s) for u, s in zip(uploads, scores)},
+            details={
+                "suspects": sorted(verdicts), "verified": verified,
+                "cleared": sorted(n for n, v in verdicts.items() if not v.verified),
+                "mismatch": {n: v.mismatch for n, v in verdicts.items() if v.mismatch is not None},
+                "reasons": {n: v.reason for n, v in verdicts.items()},
+                "seconds": {n: v.seconds for n, v in verdicts.items()},
+                "security-bits": ipfe.SECURITY_BITS,
+            },
+            timings=timings,
+        )
+
+    def verify(self, server_round: int, suspects: list[ClientUpload]) -> dict[int, Verdict]:
+        """Run Algorithm 1 with every suspect (their messages travel together)."""
+        if self._grid is None:
+            raise RuntimeError("verify called before configure_train")
+        width = self._masked_shape[-1]
+        sessions, messages = {}, []
+        for upload in suspects:
+            sessions[upload.node_id], mpk = self.authority.open_session(width)
+            content = RecordDict({"config": ConfigRecord({
+                "server-round": server_round, "mpk": mpk.to_bytes(), "aont-lambda": self.aont_lambda,
+            })})
+            messages.append(self._grid.create_message(
+                content, VERIFY_MESSAGE, upload.node_id, str(server_round)))
+        start = time.perf_counter()
+        replies = {}
+        for reply in self._grid.send_and_receive(messages, timeout=self.verification_timeout):
+            replies.setdefault(reply.metadata.src_node_id, reply)
+        round_trip = time.perf_counter() - start
+        verdicts = {}
+        for upload in suspects:
+            keys = self.authority.coordinate_keys(sessions[upload.node_id])
+            verdict = self.check(upload, replies.get(upload.node_id), keys)
+            verdict.seconds["round-trip"] = round_trip
+            verdicts[upload.node_id] = verdict
+        return verdicts
+
+    def check(self, upload: ClientUpload, reply: Message | None, keys: list[int]) -> Verdict:
+        """Verify one suspect's upload against its verification reply (lines 11-16)."""
+        if reply is None:
+            return Verdict(True, "no verification reply")
+        if reply.has_error():
+            return Verdict(True, f"verification failed on the client: {reply.error.reason}")
+        start = time.perf_counter()
+        try:
+            data, seed = self._decrypt(reply, keys)
+        except (KeyError, TypeError, ValueError) as err:
+            return Verdict(True, f"malformed verification reply: {err}")
+        seconds = {"decryption": time.perf_counter() - start}
+        if len(data) != upload.num_examples:
+            return Verdict(True, f"claimed {upload.num_examples:g} examples but sent {len(data)}",
+                           seconds=seconds)
+        start = time.perf_counter()
+        recomputed = recompute_update(self.model_fn, self.global_state, data, self.recipe, seed)
+        mismatch = relative_mismatch(recomputed, upload.arrays, self.global_state)
+        seconds["recomputation"] = time.perf_counter() - start
+        if mismatch > self.tolerance:
+            return Verdict(True, f"recomputed update differs by {mismatch:.3g} "
+                                 f"(tolerance {self.tolerance:g})", mismatch, seconds)
+        return Verdict(False, f"update reproduced (difference {mismatch:.3g})", mismatch, seconds)
+
+    def _decrypt(self, reply: Message, keys: list[int]) -> tuple[ImageData, int]:
+        """The suspect's training set and seed from its reply; ``ValueError`` if malformed."""
+        arrays, encrypted = reply.content["data"], reply.content["encrypted"]
+        rows, labels = arrays["masked-rows"].numpy(), arrays["labels"].numpy()
+        if rows.ndim != 4 or tuple(rows.shape[1:]) != self._masked_shape:
+            raise ValueError(f"masked rows of shape {tuple(rows.shape)}, expected "
+                             f"N x {' x '.join(map(str, self._masked_shape))}")
+        if labels.shape != (rows.shape[0],) or labels.dtype.kind not in "iu":
+            raise ValueError(f"labels of {labels.dtype} {tuple(labels.shape)} for {rows.shape[0]} images")
+        if labels.size and not (0 <= labels.min() and labels.max() < self.reference.num_classes):
+            raise ValueError(f"labels outside [0, {self.reference.num_classes})")
+        images = decrypt_images(
+            EncryptedImages(rows, bytes(encrypted["ciphertexts"])), keys, self.aont_lambda, self._dlog)
+        data = ImageData(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
+                         self.reference.num_classes, self.reference.mean, self.reference.std)
+        return data, int(encrypted["train-seed"])

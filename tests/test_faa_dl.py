@@ -1,0 +1,206 @@
+"""FAA-DL: IPFE and AONT against independent computations, and the verification protocol run
+through the real ClientApp handlers (an honest suspect is cleared, a poisoned one verified, a
+lying one caught, a broken reply recorded)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client_app.app import faa_dl_verify, train
+from crypto import ipfe
+from crypto.aont import aont_inverse, aont_matrix, aont_transform
+from crypto.encrypted_images import decrypt_images, encrypt_images
+from server_app.defenses import build_defense
+from strategies.faa_dl import VERIFY_MESSAGE, FaaDl
+from strategies.faa_dl_verification import ocsvm_suspects
+from strategies.validation import screen_replies
+from task.config import RunConfig
+from task.data import load_federated_data
+from task.models import build_model
+from tests.helpers import act_as_serverapp
+
+# --- inner-product functional encryption ---------------------------------------------------
+
+
+def test_ipfe_decrypts_inner_products_of_random_vectors():
+    rng = np.random.default_rng(0)
+    n = 6
+    mpk, msk = ipfe.setup(n)
+    dlog = ipfe.SmallDiscreteLog(bound=n * 50 * 20, table_size=97)  # forces giant steps
+    for _ in range(8):
+        x = rng.integers(-50, 51, n).tolist()
+        y = rng.integers(-20, 21, n).tolist()
+        ct = ipfe.Ciphertext.from_bytes(ipfe.encrypt(mpk, x).to_bytes())  # through the wire format
+        assert ipfe.decrypt(ct, y, ipfe.derive_key(msk, y), dlog) == int(np.dot(x, y))
+    x, y = [3, 1, 0, 0, 0, 0], [1, -3, 5, 0, 0, 0]  # <x, y> = 0: the identity element
+    assert ipfe.decrypt(ipfe.encrypt(mpk, x), y, ipfe.derive_key(msk, y), dlog) == 0
+
+
+def test_ipfe_keys_reveal_only_their_own_function():
+    mpk, msk = ipfe.setup(3)
+    dlog = ipfe.SmallDiscreteLog(bound=1000)
+    x, y, other = [7, 11, 13], [1, 2, 3], [3, 2, 1]
+    ct = ipfe.encrypt(mpk, x)
+    assert ipfe.encrypt(mpk, x).to_bytes() != ct.to_bytes()  # randomised
+    for k in range(3):
+        key = ipfe.derive_key(msk, [int(i == k) for i in range(3)])
+        assert ipfe.decrypt_coordinate(ct, k, key, dlog) == x[k]
+    with pytest.raises(ValueError, match="outside"):  # key for another y: a random element
+        ipfe.decrypt(ct, y, ipfe.derive_key(msk, other), dlog)
+    _, other_msk = ipfe.setup(3)  # a key of another setup does not decrypt either
+    with pytest.raises(ValueError, match="outside"):
+        ipfe.decrypt(ct, y, ipfe.derive_key(other_msk, y), dlog)
+
+
+def test_group_elements_and_ciphertexts_parse_strictly():
+    g = ipfe.generator_multiple(1)
+    assert ipfe.add([ipfe.multiply(g, ipfe.ORDER - 1), g]) is None  # (q - 1) G + G = O
+    assert ipfe.from_bytes(ipfe.to_bytes(None)) is None
+    with pytest.raises(ValueError):
+        ipfe.from_bytes(b"\x02" + b"\xff" * 32)  # x beyond the field: not on the curve
+    with pytest.raises(ValueError, match="multiple"):
+        ipfe.Ciphertext.from_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match="identity"):
+        ipfe.MasterPublicKey.from_bytes([ipfe.to_bytes(None)])
+
+
+# --- linear AONT ---------------------------------------------------------------------------
+
+
+def test_aont_matrix_is_equation_29_and_invertible():
+    assert aont_matrix(4).tolist() == [[1, 0, 0, 1], [0, 1, 0, 1], [0, 0, 1, 1], [1, 1, 1, 2]]
+    m = aont_matrix(28)
+    assert np.allclose(m @ np.linalg.inv(m.astype(float)), np.eye(28))
+    with pytest.raises(ValueError, match="singular"):
+        aont_matrix(3, lam=2)
+
+
+def test_aont_round_trips_images_exactly_and_rejects_foreign_rows():
+    x = np.random.default_rng(1).integers(0, 256, (5, 3, 28, 32)).astype(np.uint8)
+    u = aont_transform(x)
+    m = aont_matrix(28)
+    assert np.array_equal(u[2, 1], m @ x[2, 1].astype(np.int64))
+    assert np.array_equal(aont_inverse(u), x)
+    u[0, 0, -1, 0] += 1
+    with pytest.raises(ValueError, match="not the AONT"):
+        aont_inverse(u)
+
+
+def test_encrypted_images_round_trip_and_malformed_payloads_are_named():
+    images = np.random.default_rng(2).integers(0, 256, (3, 1, 28, 28)).astype(np.uint8)
+    mpk, msk = ipfe.setup(28)
+    keys = [ipfe.derive_key(msk, [int(i == k) for i in range(28)]) for k in range(28)]
+    encrypted = encrypt_images(images, mpk)
+    assert encrypted.masked_rows.shape == (3, 1, 27, 28)
+    assert np.array_equal(decrypt_images(encrypted, keys), images)
+    truncated = dataclasses.replace(encrypted, ciphertexts=encrypted.ciphertexts[:-33])
+    with pytest.raises(ValueError, match="ciphertexts"):
+        decrypt_images(truncated, keys)
+    with pytest.raises(ValueError, match="coordinate keys"):
+        decrypt_images(encrypted, keys[:-1])
+
+
+# --- OC-SVM screening ----------------------------------------------------------------------
+
+
+def test_ocsvm_flags_far_updates_and_at_most_about_nu_of_all():
+    rng = np.random.default_rng(3)
+    updates = np.vstack([rng.normal(0, 1, (18, 50)), rng.normal(0, 1, (2, 50)) + 30])
+    suspects, scores = ocsvm_suspects(updates, nu=0.5)
+    assert suspects[18:].all() and scores[18:].min() > scores[:18].max()
+    assert suspects.sum() <= 0.5 * 20 + 1
+
+
+# --- the verification protocol through the ClientApp handlers ------------------------------
+
+PARTITIONS = 60  # ~133 images per node keeps each recomputation short
+
+
+def _context(partition_id, role, **overrides):
+    run_config = {**RunConfig().to_run_config(), "local-epochs": 1, "attack": "sign-flip",
+                  "defense": "faa-dl",
+                  "num-attackers": 1, **overrides}
+    node_config = {"partition-id": partition_id, "num-partitions": PARTITIONS, "role": role}
+    return Context(run_id=1, node_id=partition_id + 1, node_config=node_config,
+                   state=RecordDict(), run_config=run_config)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    act_as_serverapp()
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, 10, 28)
+    config = RunConfig.from_run_config(_context(0, "benign").run_config)
+    test = load_federated_data(config.dataset, config.seed).test
+    strategy = build_defense(config, lambda: build_model("cnn", 1, 10, 28), test.as_float(
+        torch.arange(2)), "conv2", test)
+    assert isinstance(strategy, FaaDl)
+    from flwr.app import ArrayRecord
+
+    arrays = ArrayRecord(model.state_dict())
+    strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
+    return strategy, arrays
+
+
+def _upload(strategy, arrays, context):
+    instruction = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                          dst_node_id=context.node_id, message_type="train")
+    reply = train(instruction, context)
+    uploads, rejected = screen_replies([reply], strategy.global_state, "num-examples")
+    assert not rejected
+    return uploads[0]
+
+
+def _verify(strategy, upload, context):
+    session, mpk = strategy.authority.open_session(28)
+    request = Message(RecordDict({"config": ConfigRecord({
+        "server-round": 1, "mpk": mpk.to_bytes(), "aont-lambda": 2})}),
+        dst_node_id=context.node_id, message_type=VERIFY_MESSAGE)
+    reply = faa_dl_verify(request, context)
+    keys = strategy.authority.coordinate_keys(session)
+    return strategy.check(upload, reply, keys), reply, keys
+
+
+def test_honest_suspect_is_cleared_with_its_update_reproduced_exactly(setting):
+    strategy, arrays = setting
+    context = _context(4, "benign")
+    verdict, _, _ = _verify(strategy, _upload(strategy, arrays, context), context)
+    assert not verdict.verified, verdict.reason
+    assert verdict.mismatch == 0.0
+    assert verdict.seconds["decryption"] > 0 and verdict.seconds["recomputation"] > 0
+
+
+def test_poisoned_suspect_is_verified(setting):
+    strategy, arrays = setting
+    context = _context(5, "attacker")  # trains honestly, uploads the flipped update
+    verdict, _, _ = _verify(strategy, _upload(strategy, arrays, context), context)
+    assert verdict.verified and verdict.mismatch > 1.0, verdict.reason
+
+
+def test_lying_suspect_is_caught(setting):
+    strategy, arrays = setting
+    # An attacker that uploads its honest model (so nothing to hide) but answers
+    # verification with data it did not train on is caught just the same.
+    honest = _upload(strategy, arrays, _context(6, "benign"))
+    liar = _context(6, "attacker", **{"faa-dl-attacker-response": "forged-data"})
+    verdict, _, _ = _verify(strategy, honest, liar)
+    assert verdict.verified and verdict.mismatch > strategy.tolerance, verdict.reason
+
+
+def test_missing_or_malformed_replies_verify_the_suspect_and_name_the_fault(setting):
+    strategy, arrays = setting
+    context = _context(7, "benign")
+    upload = _upload(strategy, arrays, context)
+    assert strategy.check(upload, None, []).reason == "no verification reply"
+    _, reply, keys = _verify(strategy, upload, context)
+    reply.content["encrypted"]["ciphertexts"] = reply.content["encrypted"]["ciphertexts"][:-1]
+    verdict = strategy.check(upload, reply, keys)
+    assert verdict.verified and "malformed" in verdict.reason and "ciphertexts" in verdict.reason
+    del reply.content["data"]
+    assert "malformed" in strategy.check(upload, reply, keys).reason
+    claimed_more = dataclasses.replace(upload, num_examples=upload.num_examples + 1)
+    _, reply, keys = _verify(strategy, upload, context)
+    assert "examples" in strategy.check(claimed_more, reply, keys).reason
