@@ -87,3 +87,29 @@ def test_baseline_defense_runs_and_records_whom_it_kept(simulation_link, defense
         record["received"])
     assert detection["tp"] + detection["fn"] == 1 and detection["auc"] is not None
     assert rows[-1]["accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("attack, extra", [
+    ("gaussian", ""),
+    ("sign-flip", "faa-dl-attacker-response='forged-data'"),  # lies in verification
+    ("alie", ""),
+])
+def test_faa_dl_verifies_suspects_over_messages_and_never_removes_a_benign_client(
+        simulation_link, attack, extra):
+    output, results = simulation_link.run(
+        f"num-server-rounds=1 num-clients=6 num-attackers=2 attack='{attack}' defense='faa-dl' "
+        f"local-epochs=1 {extra}", num_supernodes=6,
+    )
+    run_dir, rows = read_rounds(results)
+    assert (run_dir / "summary.json").exists(), output[-3000:]
+    record, detection = rows[1]["defense"], rows[1]["detection"]
+    details = record["details"]
+    assert details["suspects"], "the OC-SVM (nu = 0.5) flags someone among six"
+    assert sorted(details["verified"] + details["cleared"]) == details["suspects"]
+    assert record["excluded"] == details["verified"]
+    assert detection["fp"] == 0  # a benign suspect's update is always reproduced
+    for node in details["cleared"]:  # cleared = reproduced, which no poisoned upload is
+        assert details["mismatch"][str(node)] <= 1e-3
+    if attack != "alie":  # far from the benign updates: the OC-SVM flags attackers
+        assert detection["tp"] >= 1, details
+    assert record["timings"]["verification-decryption"] > 0
