@@ -1,0 +1,104 @@
+"""Hosts for deployment tests: Linux network namespaces joined to a hub namespace by veth pairs.
+
+Each host gets its own namespace and a point-to-point link 10.<net>.<i>.0/24 to the hub (hub side
+.1, host side .2), so traffic between hosts and hub crosses real interfaces with real addresses
+and no bridging or forwarding (whatever the machine's firewall says about those). Needs root
+and iproute2.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+
+def netns_unavailable() -> str | None:
+    """Why namespaces can't be made here, or None."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2's ip"
+    probe = f"flprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], check=False)
+    return None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+class Lab:
+    """A hub namespace and hosts linked to it; ``close`` removes all of it."""
+
+    def __init__(self, net: int = 231) -> None:
+        self.tag = f"{os.getpid() % 100000}"
+        self.net = net
+        self.hub = f"flhub{self.tag}"
+        self.namespaces = [self.hub]
+        self.processes: list[subprocess.Popen] = []
+        self._links = 0
+        _ip("netns", "add", self.hub)
+        _ip("-n", self.hub, "link", "set", "lo", "up")
+
+    def add_host(self, name: str | None) -> tuple[str, str]:
+        """Link a new host namespace (or the root namespace, ``name=None``) to the hub; return
+        (hub address as the host sees it, host address)."""
+        i = self._links
+        self._links += 1
+        hub_end, host_end = f"fl{self.tag}h{i}", f"fl{self.tag}n{i}"
+        _ip("link", "add", hub_end, "type", "veth", "peer", "name", host_end)
+        _ip("link", "set", hub_end, "netns", self.hub)
+        hub_address, host_address = f"10.{self.net}.{i}.1", f"10.{self.net}.{i}.2"
+        _ip("-n", self.hub, "addr", "add", f"{hub_address}/24", "dev", hub_end)
+        _ip("-n", self.hub, "link", "set", hub_end, "up")
+        prefix: list[str] = []
+        if name is not None:
+            ns = f"fl{self.tag}{name}"
+            _ip("netns", "add", ns)
+            self.namespaces.append(ns)
+            _ip("link", "set", host_end, "netns", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            prefix = ["-n", ns]
+        _ip(*prefix, "addr", "add", f"{host_address}/24", "dev", host_end)
+        _ip(*prefix, "link", "set", host_end, "up")
+        return hub_address, host_address
+
+    def namespace(self, name: str) -> str:
+        return self.hub if name == "hub" else f"fl{self.tag}{name}"
+
+    def start(self, name: str, args: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
+        """Start ``args`` inside host ``name`` (``"hub"`` for the hub), output to ``log``."""
+        handle = open(log, "w")
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", self.namespace(name), *args], stdout=handle,
+            stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        for ns in self.namespaces:  # anything still running inside, e.g. orphaned app processes
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+            for pid in pids.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for ns in self.namespaces:  # deleting a namespace deletes its veth ends
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+        for i in range(self._links):  # a root-namespace end outlives nothing, but be sure
+            subprocess.run(["ip", "link", "del", f"fl{self.tag}n{i}"], check=False,
+                           capture_output=True)
