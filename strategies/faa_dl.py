@@ -136,7 +136,10 @@ class FaaDl(DetectingFedAvg):
         start = time.perf_counter()
         verdicts = self.verify(server_round, suspects) if suspects else {}
         timings["verification"] = time.perf_counter() - start
-        for step in ("round-trip", "decryption", "recomputation"):
+        # the suspects' requests travel together: one round trip; the server's steps add up
+        timings["verification-round-trip"] = max(
+            (v.seconds.get("round-trip", 0.0) for v in verdicts.values()), default=0.0)
+        for step in ("decryption", "recomputation"):
             timings[f"verification-{step}"] = sum(v.seconds.get(step, 0.0) for v in verdicts.values())
         verified = sorted(n for n, v in verdicts.items() if v.verified)
         return Detection(
