@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import faa_dl_verify, train
 from crypto import ipfe
@@ -138,8 +138,6 @@ def setting():
     strategy = build_defense(config, lambda: build_model("cnn", 1, 10, 28), test.as_float(
         torch.arange(2)), "conv2", test)
     assert isinstance(strategy, FaaDl)
-    from flwr.app import ArrayRecord
-
     arrays = ArrayRecord(model.state_dict())
     strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
     return strategy, arrays
