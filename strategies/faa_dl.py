@@ -190,13 +190,10 @@ class FaaDl(DetectingFedAvg):
             return Verdict(True, f"verification failed on the client: {reply.error.reason}")
         start = time.perf_counter()
         try:
-            data, seed = self._decrypt(reply, keys)
+            data, seed = self._decrypt(reply, keys, upload.num_examples)
         except (KeyError, TypeError, ValueError) as err:
             return Verdict(True, f"malformed verification reply: {err}")
         seconds = {"decryption": time.perf_counter() - start}
-        if len(data) != upload.num_examples:
-            return Verdict(True, f"claimed {upload.num_examples:g} examples but sent {len(data)}",
-                           seconds=seconds)
         start = time.perf_counter()
         recomputed = recompute_update(self.model_fn, self.global_state, data, self.recipe, seed)
         mismatch = relative_mismatch(recomputed, upload.arrays, self.global_state)
@@ -206,13 +203,18 @@ class FaaDl(DetectingFedAvg):
                                  f"(tolerance {self.tolerance:g})", mismatch, seconds)
         return Verdict(False, f"update reproduced (difference {mismatch:.3g})", mismatch, seconds)
 
-    def _decrypt(self, reply: Message, keys: list[int]) -> tuple[ImageData, int]:
-        """The suspect's training set and seed from its reply; ``ValueError`` if malformed."""
+    def _decrypt(self, reply: Message, keys: list[int], claimed: float) -> tuple[ImageData, int]:
+        """The suspect's training set and seed from its reply; ``ValueError`` if malformed or
+        if it holds another number of examples than the upload claimed (checked before any
+        decryption, so an oversized reply costs nothing)."""
         arrays, encrypted = reply.content["data"], reply.content["encrypted"]
         rows, labels = arrays["masked-rows"].numpy(), arrays["labels"].numpy()
         if rows.ndim != 4 or tuple(rows.shape[1:]) != self._masked_shape:
             raise ValueError(f"masked rows of shape {tuple(rows.shape)}, expected "
                              f"N x {' x '.join(map(str, self._masked_shape))}")
+        if rows.shape[0] != claimed:
+            raise ValueError(f"the upload claimed {claimed:g} examples but the reply holds "
+                             f"{rows.shape[0]}")
         if labels.shape != (rows.shape[0],) or labels.dtype.kind not in "iu":
             raise ValueError(f"labels of {labels.dtype} {tuple(labels.shape)} for {rows.shape[0]} images")
         if labels.size and not (0 <= labels.min() and labels.max() < self.reference.num_classes):
