@@ -18,6 +18,11 @@ def needs_local_probes(name: str) -> bool:
     return name == AdaptiveCam.name
 
 
+def poisons_data(name: str) -> bool:
+    """Whether the attack named ``name`` trains on poisoned data instead of crafting its upload."""
+    return name == LabelFlip.name
+
+
 def build_attack(config: RunConfig, model: nn.Module | None = None) -> Attack:
     """The attack named by ``config.attack`` with its run-config parameters. ``model`` (the
     architecture, loaded with any weights) is needed by attacks with ``needs_local_probes``."""
@@ -48,4 +53,4 @@ def build_attack(config: RunConfig, model: nn.Module | None = None) -> Attack:
         raise ValueError(f"unknown attack {config.attack!r}; choose one of {sorted(builders)}") from None
 
 
-__all__ = ["Attack", "AttackInput", "build_attack", "needs_local_probes"]
+__all__ = ["Attack", "AttackInput", "build_attack", "needs_local_probes", "poisons_data"]

@@ -85,6 +85,20 @@ def training_seed(config: RunConfig, server_round: int, partition_id: int) -> in
     return config.seed * 100_003 + server_round * 1_009 + partition_id
 
 
+def _training_data(local, config: RunConfig, attacker: bool):
+    """The partition as this node trains on it: a data-poisoning attacker's labels flipped."""
+    import dataclasses
+
+    import torch
+
+    from attacks import build_attack, poisons_data
+
+    if not (attacker and poisons_data(config.attack)):
+        return local
+    flipped = build_attack(config).flip_labels(local.labels.numpy(), local.num_classes)
+    return dataclasses.replace(local, labels=torch.from_numpy(flipped))
+
+
 def _model_reply(msg: Message, state: dict, metrics: dict) -> Message:
     """The reply carrying a model state (numpy arrays) and its metrics."""
     import numpy as np
@@ -98,10 +112,7 @@ def _model_reply(msg: Message, state: dict, metrics: dict) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition and send it back (attackers:
     send what their attack crafts from it)."""
-    import dataclasses
-
     import numpy as np
-    import torch
 
     from attacks import AttackInput, build_attack
     from task.train import state_to_numpy
@@ -114,9 +125,7 @@ def train(msg: Message, context: Context) -> Message:
         # The harness will send this round's benign uploads in a "train.attack" message.
         metrics = MetricRecord({"num-examples": len(local), "attacker": 1.0, "awaits-benign": 1.0})
         return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
-    if attack is not None and attack.poisons_data:
-        flipped = attack.flip_labels(local.labels.numpy(), local.num_classes)
-        local = dataclasses.replace(local, labels=torch.from_numpy(flipped))
+    local = _training_data(local, config, attacker)
     global_state = state_to_numpy(model)
     server_round = int(msg.content["config"]["server-round"])
     seed = training_seed(config, server_round, partition_id)
@@ -193,16 +202,14 @@ def faa_dl_verify(msg: Message, context: Context) -> Message:
     import numpy as np
     from flwr.app import Array, ConfigRecord
 
-    from attacks.classic import LabelFlip
     from crypto.encrypted_images import encrypt_images
     from crypto.ipfe import MasterPublicKey
 
     config, partition_id, local = _local_data(context)
     settings = msg.content["config"]
-    labels = local.labels.numpy()
     attacker = is_attacker(context, config.num_attackers)
-    if attacker and config.attack == "label-flip":
-        labels = LabelFlip().flip_labels(labels, local.num_classes)  # what it trained on
+    local = _training_data(local, config, attacker)  # what this round's training used
+    labels = local.labels.numpy()
     if attacker and config.faa_dl_attacker_response == "forged-data":
         labels = (labels + 1) % local.num_classes
     encrypted = encrypt_images(local.images.numpy(), MasterPublicKey.from_bytes(settings["mpk"]),

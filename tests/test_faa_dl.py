@@ -152,11 +152,17 @@ def _upload(strategy, arrays, context):
     return uploads[0]
 
 
-def _verify(strategy, upload, context):
+def _request(strategy, node_id):
+    """A verification request under a fresh session; returns it and the session."""
     session, mpk = strategy.authority.open_session(28)
     request = Message(RecordDict({"config": ConfigRecord({
         "server-round": 1, "mpk": mpk.to_bytes(), "aont-lambda": 2})}),
-        dst_node_id=context.node_id, message_type=VERIFY_MESSAGE)
+        dst_node_id=node_id, message_type=VERIFY_MESSAGE)
+    return request, session
+
+
+def _verify(strategy, upload, context):
+    request, session = _request(strategy, context.node_id)
     reply = faa_dl_verify(request, context)
     keys = strategy.authority.coordinate_keys(session)
     return strategy.check(upload, reply, keys), reply, keys
@@ -202,3 +208,16 @@ def test_missing_or_malformed_replies_verify_the_suspect_and_name_the_fault(sett
     claimed_more = dataclasses.replace(upload, num_examples=upload.num_examples + 1)
     _, reply, keys = _verify(strategy, upload, context)
     assert "examples" in strategy.check(claimed_more, reply, keys).reason
+
+
+def test_label_flip_client_is_reproduced_from_the_labels_it_trained_on(setting):
+    strategy, arrays = setting
+    # Data poisoning is outside FAA-DL's threat model: the client answers with the flipped
+    # labels it trained on, and its update is reproduced.
+    context = _context(8, "attacker", attack="label-flip")
+    verdict, reply, _ = _verify(strategy, _upload(strategy, arrays, context), context)
+    assert not verdict.verified and verdict.mismatch == 0.0, verdict.reason
+    benign = _context(8, "benign")
+    honest = faa_dl_verify(_request(strategy, benign.node_id)[0], benign)
+    honest_labels = honest.content["data"]["labels"].numpy()
+    assert np.array_equal(reply.content["data"]["labels"].numpy(), 9 - honest_labels)
