@@ -33,8 +33,8 @@ trap 'docker-compose logs --no-color > results/compose.log 2>&1 || true; docker-
 docker-compose up -d
 
 docker run --rm --network host -v "$PWD/deploy/certs:/certs:ro" "$PROJECT_IMAGE" bash -c '
-  export FLWR_HOME=/tmp/flwr && mkdir -p $FLWR_HOME
-  printf "[superlink]\ndefault = \"demo\"\n[superlink.demo]\naddress = \"127.0.0.1:8000\"\nroot-certificates = \"/certs/ca.crt\"\n" > $FLWR_HOME/config.toml
+  export FLWR_HOME=/tmp/flwr
+  /app/deploy/add-connection.sh demo 127.0.0.1:8000 /certs/ca.crt
   for _ in $(seq 60); do [ "$(flwr supernode list demo --format json 2>/dev/null | grep -c "\"online\"")" -ge 4 ] && break; sleep 3; done
   flwr supernode list demo
   flwr run /app demo --stream --run-config "num-server-rounds=2 num-clients=4 num-attackers=1 attack='"'"'sign-flip'"'"' sign-flip-scale=4.0 defense='"'"'layercam-ae'"'"' local-epochs=1 layercam-ae-epochs=50 '"${DEMO_RUN_CONFIG:-}"'"

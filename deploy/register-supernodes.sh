@@ -7,10 +7,8 @@ set -euo pipefail
 address=${1:?usage: register-supernodes.sh SUPERLINK_ADDRESS CA_CERT PUBLIC_KEY...}
 ca=${2:?CA certificate}
 shift 2
-export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
-mkdir -p "$FLWR_HOME"
-printf '[superlink]\ndefault = "federation"\n[superlink.federation]\naddress = "%s"\nroot-certificates = "%s"\n' \
-  "$address" "$(realpath "$ca")" > "$FLWR_HOME/config.toml"
+export FLWR_HOME=$(mktemp -d)  # a CLI config of its own, with just this connection
+"$(dirname "$0")/add-connection.sh" federation "$address" "$ca" > /dev/null
 for _ in $(seq 90); do
   flwr supernode list federation > /dev/null 2>&1 && break
   sleep 2

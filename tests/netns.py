@@ -99,6 +99,7 @@ class Lab:
                     pass
         for ns in self.namespaces:  # deleting a namespace deletes its veth ends
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
-        for i in range(self._links):  # a root-namespace end outlives nothing, but be sure
+        for i in range(self._links):  # a namespace dies only once its last process has gone:
+            # delete the root-namespace end now, so the next Lab can reuse the name
             subprocess.run(["ip", "link", "del", f"fl{self.tag}n{i}"], check=False,
                            capture_output=True)

@@ -67,9 +67,8 @@ def federation(tmp_path):
                                  "--disable-runtime-dependency-installation"],
                          tmp_path / "superlink.log", _env(tmp_path / "home-link"), tmp_path)
         cli_env = _env(tmp_path / "home-cli")
-        (tmp_path / "home-cli/config.toml").write_text(
-            f'[superlink]\ndefault = "lab"\n[superlink.lab]\naddress = "{cli_link}:8000"\n'
-            f'root-certificates = "{certs / "ca.crt"}"\n')
+        subprocess.run([ROOT / "deploy/add-connection.sh", "lab", f"{cli_link}:8000",
+                        certs / "ca.crt"], env=cli_env, check=True, capture_output=True)
         _wait_for(lambda: _cli(cli_env, "supernode", "list", "lab").returncode == 0, 60,
                   "the SuperLink over TLS")
         for name in [n for n, _ in NODES] + ["wrongca"]:  # the allowed list; "rogue" stays out
