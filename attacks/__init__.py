@@ -7,8 +7,9 @@ from torch import nn
 from attacks.adaptive_cam import AdaptiveCam
 from attacks.base import Attack, AttackInput
 from attacks.classic import GaussianNoise, LabelFlip, SignFlip, UniformNoise
+from attacks.controls import RadiusNoise, UndoUpdate
 from attacks.eavesdropping import Alie, Ipm, MinMax, MinSum
-from attacks.gae import Gae
+from attacks.gae import Gae, GaeSettings
 from task.config import RunConfig
 from task.models import default_cam_layer
 
@@ -43,8 +44,13 @@ def build_attack(config: RunConfig, model: nn.Module | None = None) -> Attack:
         "ipm": lambda: Ipm(config.ipm_epsilon),
         "min-max": MinMax,
         "min-sum": MinSum,
-        "gae": lambda: Gae(config.gae_graph_nodes, config.gae_edge_threshold, config.gae_epochs,
-                           config.gae_adversarial, config.gae_budget, config.gae_radius),
+        "gae": lambda: Gae(
+            config.gae_graph_nodes, config.gae_candidate_nodes, config.gae_edge_threshold,
+            config.gae_edge_ramp, config.gae_budget, config.gae_radius,
+            GaeSettings(config.gae_epochs, config.gae_adversarial, config.gae_adversarial_epochs,
+                        config.gae_perturbation, config.gae_learning_rate)),
+        "radius-noise": lambda: RadiusNoise(config.gae_radius),
+        "undo-update": lambda: UndoUpdate(config.gae_radius),
         "adaptive-cam": adaptive_cam,
     }
     try:

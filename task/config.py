@@ -27,7 +27,7 @@ DEFENSES = ("fedavg", "krum", "multi-krum", "bulyan", "median", "trimmed-mean", 
 """Defenses available in this version, by run-config name."""
 
 ATTACKS = ("none", "gae", "sign-flip", "gaussian", "uniform-noise", "label-flip", "alie", "ipm",
-           "min-max", "min-sum", "adaptive-cam")
+           "min-max", "min-sum", "adaptive-cam", "radius-noise", "undo-update")
 """Attacks available in this version, by run-config name."""
 
 FAA_DL_ATTACKER_RESPONSES = ("true-data", "forged-data")
@@ -66,11 +66,16 @@ class RunConfig:
     uniform_noise_scale: float = 0.1
     alie_z: float = 0.0
     ipm_epsilon: float = 0.5
-    # GAE (attacks/gae.py; SPEC section 10)
-    gae_graph_nodes: int = 2000
+    # GAE (attacks/gae.py) and its controls (attacks/controls.py, which share gae-radius)
+    gae_graph_nodes: int = 500
+    gae_candidate_nodes: int = 1000
     gae_edge_threshold: float = 0.5
-    gae_epochs: int = 20
+    gae_edge_ramp: float = 0.2
+    gae_epochs: int = 150
     gae_adversarial: bool = True
+    gae_adversarial_epochs: int = 20
+    gae_perturbation: float = 0.05
+    gae_learning_rate: float = 0.005
     gae_budget: float = 0.5
     gae_radius: float = 0.0
     # baseline defenses (strategies/robust.py, auror.py, cosdefense.py, cam_baselines.py)
@@ -149,7 +154,9 @@ class RunConfig:
             ("layercam-ae-hidden", self.layercam_ae_hidden, 1),
             ("layercam-ae-epochs", self.layercam_ae_epochs, 1),
             ("gae-graph-nodes", self.gae_graph_nodes, 2),
+            ("gae-candidate-nodes", self.gae_candidate_nodes, self.gae_graph_nodes),
             ("gae-epochs", self.gae_epochs, 0),
+            ("gae-adversarial-epochs", self.gae_adversarial_epochs, 0),
             ("krum-f", self.krum_f, 0),
             ("multi-krum-m", self.multi_krum_m, 0),
             ("auror-features", self.auror_features, 1),
@@ -168,6 +175,7 @@ class RunConfig:
             ("uniform-noise-scale", self.uniform_noise_scale),
             ("ipm-epsilon", self.ipm_epsilon),
             ("gae-budget", self.gae_budget),
+            ("gae-learning-rate", self.gae_learning_rate),
             ("faa-dl-tolerance", self.faa_dl_tolerance),
         ):
             if not value > 0:
@@ -202,6 +210,10 @@ class RunConfig:
         if not -1 <= self.gae_edge_threshold <= 1:
             raise ConfigError(f"gae-edge-threshold must be a cosine in [-1, 1], got "
                               f"{self.gae_edge_threshold}")
+        if not 0 <= self.gae_edge_ramp <= 1:
+            raise ConfigError(f"gae-edge-ramp must be in [0, 1], got {self.gae_edge_ramp}")
+        if not 0 < self.gae_perturbation <= 1:
+            raise ConfigError(f"gae-perturbation must be in (0, 1], got {self.gae_perturbation}")
         if not 0 < self.faa_dl_nu <= 1:
             raise ConfigError(f"faa-dl-nu must be in (0, 1], got {self.faa_dl_nu}")
         if self.layercam_ae_target_class < -1:
