@@ -6,7 +6,8 @@ is ``role = "attacker"`` or ``"benign"`` in the node config; without one (simula
 ``num-attackers`` partitions attack. An attacker trains honestly (on flipped labels for
 label-flip), then uploads what its attack crafts; attacks that need the round's benign uploads
 get them from the harness in a second ``train.attack`` message. Every reply reports ``attacker`` (1.0/0.0) as
-ground truth for the server's detection metrics; no defense reads it. Imports
+ground truth for the server's detection metrics; the harness takes it out of the reply before
+any defense sees it, and an attacker's final reply has the same fields as a benign one. Imports
 of torch and the data stack happen inside the handlers: in a deployment every message starts a
 fresh ClientApp process, and a light module import keeps the other message types cheap.
 """
@@ -185,7 +186,9 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     state = attack.craft(
         AttackInput(global_state, global_state, np.random.default_rng(seed), benign, sizes, probes)
     )
-    metrics = {"num-examples": float(settings["claimed-num-examples"]), "attacker": 1.0}
+    # The fields of a benign reply: the median benign data size and training loss of the round.
+    metrics = {"train-loss": float(settings["claimed-train-loss"]),
+               "num-examples": float(settings["claimed-num-examples"]), "attacker": 1.0}
     return _model_reply(msg, state, metrics)
 
 

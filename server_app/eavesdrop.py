@@ -1,12 +1,13 @@
 """The experiment harness's Grid: ground truth for metrics, and the eavesdropping channel.
 
 Wraps the Grid the ServerApp is given, passes every call through, and on training rounds:
-1. notes each reply's ground-truth ``attacker`` flag (for detection metrics only);
+1. takes each reply's ground-truth ``attacker`` flag out of the reply and keeps it in ``truth``
+   (for detection metrics only): no strategy can read it;
 2. simulates the threat model's eavesdropping: attackers whose attack needs the round's benign
    uploads first answer with ``awaits-benign = 1``; the harness forwards them this round's
-   benign uploads and the global model in a second message (``train.attack``) and replaces
-   their first reply with the malicious model they return. An attacker that does not answer
-   is dropped from the round.
+   benign uploads, their claimed data sizes and training losses, and the global model in a
+   second message (``train.attack``) and replaces their first reply with the malicious model
+   they return. An attacker that does not answer is dropped from the round.
 This is the only place the server helps an attacker. It is part of the experiment, not of any
 strategy: every strategy receives the final replies through ``send_and_receive`` as usual.
 """
@@ -22,12 +23,24 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 ATTACK_MESSAGE = f"{MessageType.TRAIN}.attack"
+HARNESS_KEYS = ("attacker", "awaits-benign")
+"""Metrics only the harness reads; taken out of every reply before a strategy sees it."""
 
 
 def _metric(reply: Message, key: str):
     if not reply.has_content() or "metrics" not in reply.content.metric_records:
         return None
     return reply.content["metrics"].get(key)
+
+
+def strip_ground_truth(reply: Message) -> Message:
+    """Remove the harness's keys from the reply's metrics, in place."""
+    if reply.has_content():
+        for record in reply.content.metric_records.values():
+            for key in HARNESS_KEYS:
+                if key in record:
+                    del record[key]
+    return reply
 
 
 class EavesdroppingGrid:
@@ -51,7 +64,7 @@ class EavesdroppingGrid:
                       if isinstance(_metric(r, "attacker"), (int, float))}
         waiting = [r for r in replies if _metric(r, "awaits-benign") == 1.0]
         if not waiting:
-            return replies
+            return [strip_ground_truth(r) for r in replies]
         benign = [r for r in replies if r.has_content() and _metric(r, "attacker") == 0.0
                   and "arrays" in r.content.array_records]
         crafted = self._eavesdrop(messages, waiting, benign, timeout)
@@ -60,19 +73,22 @@ class EavesdroppingGrid:
         missing = waiting_ids - set(crafted)
         if missing:
             log(WARNING, "Attackers %s sent no crafted model; dropped from the round", sorted(missing))
-        return kept + list(crafted.values())
+        return [strip_ground_truth(r) for r in kept + list(crafted.values())]
 
     def _eavesdrop(self, messages: list[Message], waiting: list[Message], benign: list[Message],
                    timeout: float | None) -> dict[int, Message]:
         """Send each waiting attacker the benign uploads; return its crafted reply by node id."""
         global_arrays = {m.metadata.dst_node_id: m.content["arrays"] for m in messages}
         sizes = [float(_metric(r, "num-examples") or 0) for r in benign]
+        losses = [float(_metric(r, "train-loss")) for r in benign
+                  if isinstance(_metric(r, "train-loss"), (int, float))]
         content = RecordDict({f"benign-{i}": r.content["arrays"] for i, r in enumerate(benign)})
         content["config"] = ConfigRecord({
             "server-round": messages[0].content["config"]["server-round"],
             "num-benign": len(benign),
             "benign-num-examples": sizes,
             "claimed-num-examples": float(np.median(sizes)) if sizes else 1.0,
+            "claimed-train-loss": float(np.median(losses)) if losses else 0.0,
         })
         attack_messages = []
         for reply in waiting:

@@ -48,7 +48,7 @@ def node(c):
     return 100 + c
 
 
-def run_rounds(strategy, trajectory, attack, metric_extra=lambda c: {}):
+def run_rounds(strategy, trajectory, attack):
     globals_, states, sizes, data = trajectory
     rng = np.random.default_rng(0)
     aucs, excluded, result = {"upper": [], "two-sided": []}, [], None
@@ -58,7 +58,7 @@ def run_rounds(strategy, trajectory, attack, metric_extra=lambda c: {}):
                                           states[t][: CLIENTS - ATTACKERS], rng)):
             round_states[c] = s
         strategy.global_state = globals_[t]
-        replies = [reply(node(c), s, {"num-examples": sizes[c], "train-loss": 0.1, **metric_extra(c)})
+        replies = [reply(node(c), s, {"num-examples": sizes[c], "train-loss": 0.1})
                    for c, s in enumerate(round_states)]
         result, _ = strategy.aggregate_train(t + 1, replies)
         record = strategy.last_record
@@ -90,16 +90,6 @@ def test_default_rule_excludes_crafted_attackers_and_accuracy_holds(trajectory, 
         print(f"\n[{attack}] AUC per round: paper's upper rule {np.round(aucs['upper'], 3).tolist()}, "
               f"two-sided {np.round(aucs['two-sided'], 3).tolist()}; accuracy {accuracy:.4f} "
               f"(clean {clean_accuracy:.4f})")
-
-
-def test_decisions_do_not_depend_on_ground_truth_role(trajectory):
-    globals_, states, sizes, data = trajectory
-    truthful = lambda c: {"role-attacker": float(c in ATTACKER_IDS)}
-    swapped = lambda c: {"role-attacker": float(c not in ATTACKER_IDS)}
-    _, excluded_a, result_a = run_rounds(make_strategy(data), trajectory, "noise", truthful)
-    _, excluded_b, result_b = run_rounds(make_strategy(data), trajectory, "noise", swapped)
-    assert excluded_a == excluded_b
-    assert all(np.array_equal(result_a[k].numpy(), result_b[k].numpy()) for k in result_a.keys())
 
 
 def test_strategies_package_imports_no_attack_or_harness_code():

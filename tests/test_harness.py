@@ -1,0 +1,95 @@
+"""The experiment harness's Grid between real ClientApp handlers and a strategy: ground truth
+reaches the metrics and nothing else, and an eavesdropping attacker's reply looks benign."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client_app.app import attack_with_eavesdropped_uploads, train
+from server_app.eavesdrop import ATTACK_MESSAGE, HARNESS_KEYS, EavesdroppingGrid
+from strategies.base import DetectingFedAvg
+from task.config import RunConfig
+from task.models import build_model
+from tests.helpers import act_as_serverapp
+
+NODES = {1: "benign", 2: "benign", 3: "benign", 4: "attacker"}
+
+
+class HandlerGrid:
+    """A Grid whose nodes run the real ClientApp handlers in-process."""
+
+    def __init__(self, attack: str) -> None:
+        run_config = {**RunConfig().to_run_config(), "local-epochs": 1, "num-clients": 4,
+                      "num-attackers": 1, "attack": attack}
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
+                          node_config={"partition-id": node - 1, "num-partitions": 24,
+                                       "role": role})
+            for node, role in NODES.items()}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        handler = {"train": train, ATTACK_MESSAGE: attack_with_eavesdropped_uploads}
+        return [handler[m.metadata.message_type](m, self.contexts[m.metadata.dst_node_id])
+                for m in messages]
+
+
+class SpyFedAvg(DetectingFedAvg):
+    """FedAvg that remembers every metric key its detection step could read."""
+
+    seen_keys: set[str] = set()
+
+    def detect(self, server_round, uploads):
+        for upload in uploads:
+            self.seen_keys |= set(upload.metrics)
+        return super().detect(server_round, uploads)
+
+
+@pytest.fixture(scope="module", params=["undo-update", "sign-flip"])
+def harness_round(request):
+    act_as_serverapp()
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
+    inner = HandlerGrid(request.param)
+    grid = EavesdroppingGrid(inner)
+    messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                        dst_node_id=node, message_type="train", group_id="1") for node in NODES]
+    replies = list(grid.send_and_receive(messages))
+    return request.param, grid, replies, arrays
+
+
+def test_ground_truth_reaches_the_harness_only(harness_round):
+    attack, grid, replies, arrays = harness_round
+    assert grid.truth == {1: False, 2: False, 3: False, 4: True}
+    for reply in replies:
+        for record in reply.content.metric_records.values():
+            assert not set(HARNESS_KEYS) & set(record), (attack, dict(record))
+    strategy = SpyFedAvg()
+    strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert strategy.seen_keys == {"train-loss", "num-examples"}
+    assert not set(HARNESS_KEYS) & set(metrics)
+
+
+def test_attacker_reply_has_the_fields_of_a_benign_reply(harness_round):
+    attack, _, replies, arrays = harness_round
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert sorted(by_node) == [1, 2, 3, 4]
+    benign_keys = {tuple(sorted(by_node[n].content["metrics"])) for n in (1, 2, 3)}
+    assert benign_keys == {tuple(sorted(by_node[4].content["metrics"]))}
+    assert set(by_node[4].content.array_records) == set(by_node[1].content.array_records)
+    attacker = by_node[4].content["arrays"]
+    assert not all(np.array_equal(attacker[k].numpy(), arrays[k].numpy()) for k in arrays.keys())
+    if attack == "undo-update":  # eavesdropping: claims the benign median size and loss
+        metrics = [by_node[n].content["metrics"] for n in (1, 2, 3)]
+        assert by_node[4].content["metrics"]["train-loss"] == pytest.approx(
+            np.median([m["train-loss"] for m in metrics]))
+        assert by_node[4].content["metrics"]["num-examples"] == pytest.approx(
+            np.median([m["num-examples"] for m in metrics]))
