@@ -19,7 +19,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from attacks.base import Attack, AttackInput, State
-from attacks.observed import ObservedRound, from_update, observe_round
+from attacks.observed import ObservedRound, observe_round
+from task.params import unflatten
 
 
 class _AtRadius(Attack, ABC):
@@ -42,7 +43,7 @@ class _AtRadius(Attack, ABC):
         norm = np.linalg.norm(direction)
         if norm == 0:
             raise ValueError(f"{self.name}: the direction is zero")
-        return from_update(direction * (radius / norm), observed.names, attack_input.global_state)
+        return unflatten(direction * (radius / norm), observed.names, attack_input.global_state)
 
 
 class RadiusNoise(_AtRadius):

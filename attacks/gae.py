@@ -81,7 +81,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import Attack, AttackInput, State
-from attacks.observed import ObservedRound, from_update, observe_round
+from attacks.observed import ObservedRound, observe_round
+from task.params import unflatten
 
 HIDDEN, LATENT = 32, 16
 KNAPSACK_UNITS = 10_000
@@ -432,7 +433,7 @@ class Gae(Attack):
         lap("eigendecompositions")
         update = self._update_from(observed, nodes, generated, report)
         lap("optimisation")
-        return from_update(update, observed.names, attack_input.global_state), report
+        return unflatten(update, observed.names, attack_input.global_state), report
 
     def _update_from(self, observed: ObservedRound, nodes: np.ndarray, generated: np.ndarray,
                      report: GaeReport) -> np.ndarray:

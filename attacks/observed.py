@@ -13,30 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from task.params import flat, float_names
+
 State = Mapping[str, np.ndarray]
-
-
-def float_names(global_state: State) -> list[str]:
-    """Names of the floating-point arrays: the coordinates an update moves (integer buffers such
-    as BatchNorm's ``num_batches_tracked`` are not updates)."""
-    return [k for k, v in global_state.items() if v.dtype.kind == "f"]
-
-
-def flat(state: State, names: Sequence[str]) -> np.ndarray:
-    """The named arrays of ``state`` as one float64 vector."""
-    return np.concatenate([np.asarray(state[k], dtype=np.float64).ravel() for k in names])
-
-
-def from_update(update: np.ndarray, names: Sequence[str], global_state: State) -> dict[str, np.ndarray]:
-    """The state w_g + ``update``, in the global model's shapes and dtypes; arrays that are not
-    updates keep their global values."""
-    out, offset = dict(global_state), 0
-    for k in names:
-        size = global_state[k].size
-        out[k] = (global_state[k] + update[offset : offset + size].reshape(global_state[k].shape)
-                  ).astype(global_state[k].dtype)
-        offset += size
-    return out
 
 
 @dataclass(frozen=True)

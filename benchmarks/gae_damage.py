@@ -53,7 +53,7 @@ def run_group(task: tuple[int, str, tuple[int, ...], int]) -> list[dict]:
 
     from attacks import AttackInput, build_attack
     from attacks.gae import Gae
-    from attacks.observed import flat, observe_round
+    from attacks.observed import observe_round
     from client_app.app import training_seed
     from strategies.aggregation import weighted_average
     from strategies.records import ClientUpload

@@ -9,12 +9,22 @@ import numpy as np
 State = Mapping[str, np.ndarray]
 
 
+def float_names(global_state: State) -> list[str]:
+    """Names of the floating-point arrays: the coordinates an update moves (integer buffers such
+    as BatchNorm's ``num_batches_tracked`` are not updates)."""
+    return [k for k, v in global_state.items() if v.dtype.kind == "f"]
+
+
+def flat(state: State, names: Sequence[str]) -> np.ndarray:
+    """The named arrays of ``state`` as one float64 vector."""
+    return np.concatenate([np.asarray(state[k], dtype=np.float64).ravel() for k in names])
+
+
 def flatten_updates(states: Sequence[State], global_state: State) -> tuple[np.ndarray, list[str]]:
     """(n, d) float64 matrix of the updates of the float arrays, and the array names in order."""
-    names = [k for k, v in global_state.items() if v.dtype.kind == "f"]
-    rows = [np.concatenate([(s[k].astype(np.float64) - global_state[k]).ravel() for k in names])
-            for s in states]
-    return np.stack(rows), names
+    names = float_names(global_state)
+    origin = flat(global_state, names)
+    return np.stack([flat(s, names) - origin for s in states]), names
 
 
 def unflatten(vector: np.ndarray, names: list[str], global_state: State) -> State:

@@ -12,7 +12,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-import torch
 from scipy.optimize import minimize
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics.pairwise import cosine_similarity
@@ -23,7 +22,8 @@ from attacks.gae import (Gae, GaeSettings, adversarial_structure, cosine_graph, 
                          graph_nodes,
                          laplacian, optimal_graph_update, roc_auc, select_benign, span_basis,
                          spectral_transfer, standardised)
-from attacks.observed import flat, float_names, observe_round
+from attacks.observed import observe_round
+from task.params import flat
 from task.config import ConfigError, RunConfig
 from tests.helpers import benign_trajectory
 
