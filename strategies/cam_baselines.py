@@ -38,7 +38,7 @@ class LayerCamKrum(LayerCamAe):
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        maps = self.heatmaps(uploads, timings).flatten(1).double().cpu().numpy()
+        maps = self.heatmaps(uploads).flatten(1).double().cpu().numpy()
         timings["heatmaps"] = time.perf_counter() - start
         start = time.perf_counter()
         scores = krum_scores(maps, self.num_malicious)

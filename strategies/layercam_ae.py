@@ -60,8 +60,9 @@ class LayerCamAe(DetectingFedAvg):
     hidden, epochs, lr, weight_decay
         Autoencoder: hidden size 128, 200 full-batch Adam epochs, lr 1e-3, weight decay 1e-5.
     engine : str (default: "auto")
-        Heat-map engine ``loop`` or ``vmap``; ``auto`` times both (after a warm-up call) in the
-        first round and keeps the faster.
+        Heat-map engine ``loop`` or ``vmap``; ``auto`` picks by device (vmap on a GPU, the loop
+        on a CPU), never by timing: both give the same maps to 1e-6, and a choice that depended
+        on the machine's load could flip a decision that sits near its cut.
     keep_heatmaps : bool (default: False)
         Keep the round's maps (first probe) in ``last_heatmaps`` for the harness to save.
     seed : int
@@ -114,7 +115,10 @@ class LayerCamAe(DetectingFedAvg):
         self.window = window
         self.votes = votes
         self.ae_params = dict(hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay)
-        self.engine = engine
+        if engine not in ("auto", "loop", "vmap"):
+            raise ValueError(f"engine must be 'auto', 'loop' or 'vmap', got {engine!r}")
+        self.engine = engine if engine != "auto" else (
+            "vmap" if self.device.type == "cuda" else "loop")
         self.keep_heatmaps = keep_heatmaps
         self.seed = seed
         self.combine = combine
@@ -137,32 +141,18 @@ class LayerCamAe(DetectingFedAvg):
                                      (self.probes,))
         return logits.argmax(dim=1)
 
-    def heatmaps(self, uploads: list[ClientUpload], timings: dict[str, float]) -> torch.Tensor:
-        """(K, P, H, W) maps of the uploads; picks the faster engine on first use if ``auto``."""
-        classes = self.probe_classes()
-        states = [u.arrays for u in uploads]
-        if self.engine == "auto":
-            elapsed = {}
-            for engine in ("loop", "vmap"):
-                for _ in range(2):  # the first call of an engine pays one-off set-up costs
-                    start = time.perf_counter()
-                    maps = class_activation_maps(self.template, states, self.probes,
-                                                 self.target_layer, classes, self.combine, engine)
-                    elapsed[engine] = time.perf_counter() - start
-            self.engine = min(elapsed, key=elapsed.get)
-            timings.update({f"engine-trial-{k}": v for k, v in elapsed.items()})
-            log(INFO, "Heat-map engine: %s (loop %.3f s, vmap %.3f s for %d models)",
-                self.engine, elapsed["loop"], elapsed["vmap"], len(uploads))
-            return maps
-        return class_activation_maps(self.template, states, self.probes, self.target_layer,
-                                     classes, self.combine, self.engine)
+    def heatmaps(self, uploads: list[ClientUpload]) -> torch.Tensor:
+        """(K, P, H, W) maps of the uploads with the configured engine."""
+        return class_activation_maps(self.template, [u.arrays for u in uploads], self.probes,
+                                     self.target_layer, self.probe_classes(), self.combine,
+                                     self.engine)
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}
         node_ids = [u.node_id for u in uploads]
 
         start = time.perf_counter()
-        maps = self.heatmaps(uploads, timings)
+        maps = self.heatmaps(uploads)
         timings["heatmaps"] = time.perf_counter() - start
 
         start = time.perf_counter()

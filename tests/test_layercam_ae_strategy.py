@@ -156,3 +156,12 @@ def test_a_second_reply_from_one_node_is_ignored(trajectory):
     assert record.kept == [1, 2] and not record.rejected and sorted(record.received) == [1, 2]
     expected = (states[1][0]["fc2.bias"] + states[1][1]["fc2.bias"]) / 2
     np.testing.assert_allclose(arrays["fc2.bias"].numpy(), expected, rtol=1e-5)
+
+
+def test_auto_engine_is_chosen_by_device_and_recorded(trajectory):
+    _, _, _, data = trajectory
+    strategy = make_strategy(data)
+    assert strategy.engine == ("vmap" if torch.cuda.is_available() else "loop")
+    assert make_strategy(data, engine="vmap").engine == "vmap"
+    with pytest.raises(ValueError, match="engine"):
+        make_strategy(data, engine="fastest")
