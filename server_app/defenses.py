@@ -79,6 +79,8 @@ def build_defense(
         robust_z=config.layercam_ae_robust_z, window=config.layercam_ae_window,
         votes=config.layercam_ae_votes, hidden=config.layercam_ae_hidden,
         epochs=config.layercam_ae_epochs, lr=config.layercam_ae_lr,
-        weight_decay=config.layercam_ae_weight_decay, engine=config.layercam_ae_engine,
+        weight_decay=config.layercam_ae_weight_decay, tolerance=config.layercam_ae_tolerance,
+        map_size=config.layercam_ae_map_size, threads=config.layercam_ae_threads,
+        engine=config.layercam_ae_engine,
         keep_heatmaps=config.layercam_ae_save_heatmaps, seed=config.seed, **common,
     )

@@ -77,8 +77,11 @@ def min_max_scale(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return flat.view_as(maps)
 
 
-def finish_maps(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """ReLU, scale, upsample (bilinear) to ``size`` and scale again: (..., h, w) -> (..., H, W)."""
+def finish_maps(cams: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """ReLU, scale, upsample (bilinear) to ``size`` and scale again: (..., h, w) -> (..., H, W).
+    ``size=None`` keeps the target layer's resolution (ReLU and scale only)."""
+    if size is None:
+        return min_max_scale(torch.relu(cams))
     lead = cams.shape[:-2]
     cams = min_max_scale(torch.relu(cams)).reshape(-1, 1, *cams.shape[-2:])
     up = nn.functional.interpolate(cams, size=size, mode="bilinear", align_corners=False)
@@ -182,8 +185,10 @@ def class_activation_maps(
     classes: torch.Tensor,
     combine: CamCombine = layercam_combine,
     engine: str = "auto",
+    upsample: bool = True,
 ) -> torch.Tensor:
-    """Heat maps of K models for P probes: (K, P, H, W) in [0, 1].
+    """Heat maps of K models for P probes: (K, P, H, W) in [0, 1] (``upsample=False``: at the
+    target layer's resolution h x w).
 
     ``model`` is the architecture template (its own weights are ignored), on the probes'
     device; ``states`` holds the K models' parameters and buffers (numpy arrays or tensors);
@@ -207,7 +212,8 @@ def class_activation_maps(
             f"target layer {layer!r} gives {tuple(activations.shape[1:])}-shaped outputs; a "
             f"class-activation map needs a convolutional (P, C, h, w) feature map"
         )
-    return finish_maps(combine(activations, gradients), tuple(probes.shape[-2:]))
+    return finish_maps(combine(activations, gradients),
+                       tuple(probes.shape[-2:]) if upsample else None)
 
 
 States = Sequence[Mapping[str, np.ndarray | torch.Tensor]]

@@ -27,7 +27,7 @@ from flwr.common import log
 from torch import nn
 from torch.func import functional_call
 
-from strategies.autoencoder import reconstruction_errors
+from strategies.autoencoder import reconstruction_errors, torch_threads
 from strategies.base import DetectingFedAvg
 from strategies.heatmaps import CamCombine, as_tensors, class_activation_maps, layercam_combine
 from strategies.records import ClientUpload, Detection
@@ -59,6 +59,15 @@ class LayerCamAe(DetectingFedAvg):
         Voting every xi = ``window`` rounds; malicious with >= epsilon = ``votes`` outlier rounds.
     hidden, epochs, lr, weight_decay
         Autoencoder: hidden size 128, 200 full-batch Adam epochs, lr 1e-3, weight decay 1e-5.
+    tolerance : float (default: 0.0)
+        Stop the AE once its loss has not improved by this relative amount for 10 epochs
+        (0: all ``epochs``, the paper's).
+    map_size : str (default: "probe")
+        ``"probe"``: maps upsampled to the probe size (the paper's); ``"native"``: at the target
+        layer's resolution, which holds the same information in far fewer values.
+    threads : int (default: 1)
+        CPU threads for detection (0: torch's setting); one suits these small dense problems
+        and keeps detection fast when other processes share the cores.
     engine : str (default: "auto")
         Heat-map engine ``loop`` or ``vmap``; ``auto`` picks by device (vmap on a GPU, the loop
         on a CPU), never by timing: both give the same maps to 1e-6, and a choice that depended
@@ -91,6 +100,9 @@ class LayerCamAe(DetectingFedAvg):
         epochs: int = 200,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
+        tolerance: float = 0.0,
+        map_size: str = "probe",
+        threads: int = 1,
         engine: str = "auto",
         keep_heatmaps: bool = False,
         seed: int = 0,
@@ -114,7 +126,12 @@ class LayerCamAe(DetectingFedAvg):
         self.robust_z = robust_z
         self.window = window
         self.votes = votes
-        self.ae_params = dict(hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay)
+        if map_size not in ("probe", "native"):
+            raise ValueError(f"map_size must be 'probe' or 'native', got {map_size!r}")
+        self.ae_params = dict(hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                              tolerance=tolerance)
+        self.map_size = map_size
+        self.threads = threads if self.device.type == "cpu" else 0
         if engine not in ("auto", "loop", "vmap"):
             raise ValueError(f"engine must be 'auto', 'loop' or 'vmap', got {engine!r}")
         self.engine = engine if engine != "auto" else (
@@ -145,21 +162,22 @@ class LayerCamAe(DetectingFedAvg):
         """(K, P, H, W) maps of the uploads with the configured engine."""
         return class_activation_maps(self.template, [u.arrays for u in uploads], self.probes,
                                      self.target_layer, self.probe_classes(), self.combine,
-                                     self.engine)
+                                     self.engine, upsample=self.map_size == "probe")
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}
         node_ids = [u.node_id for u in uploads]
 
-        start = time.perf_counter()
-        maps = self.heatmaps(uploads)
-        timings["heatmaps"] = time.perf_counter() - start
+        with torch_threads(self.threads):
+            start = time.perf_counter()
+            maps = self.heatmaps(uploads)
+            timings["heatmaps"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        errors = reconstruction_errors(
-            maps.flatten(1), seed=self.seed + server_round, **self.ae_params
-        ).cpu().numpy()
-        timings["autoencoder"] = time.perf_counter() - start
+            start = time.perf_counter()
+            errors, epochs = reconstruction_errors(
+                maps.flatten(1), seed=self.seed + server_round, **self.ae_params)
+            errors = errors.cpu().numpy()
+            timings["autoencoder"] = time.perf_counter() - start
 
         start = time.perf_counter()
         upper = upper_rule(errors, self.beta)
@@ -188,6 +206,7 @@ class LayerCamAe(DetectingFedAvg):
             "voting_round": voting,
             "votes": malicious,
             "engine": self.engine,
+            "ae_epochs": epochs,
         }
         return Detection(kept=kept, scores=dict(zip(node_ids, decision.scores.tolist())),
                          details=details, timings=timings)

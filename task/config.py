@@ -33,6 +33,7 @@ ATTACKS = ("none", "gae", "sign-flip", "gaussian", "uniform-noise", "label-flip"
 FAA_DL_ATTACKER_RESPONSES = ("true-data", "forged-data")
 LAYERCAM_AE_THRESHOLDS = ("upper", "two-sided")
 HEATMAP_ENGINES = ("auto", "loop", "vmap")
+HEATMAP_SIZES = ("probe", "native")
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,9 @@ class RunConfig:
     layercam_ae_epochs: int = 200
     layercam_ae_lr: float = 1e-3
     layercam_ae_weight_decay: float = 1e-5
+    layercam_ae_tolerance: float = 0.0
+    layercam_ae_map_size: str = "probe"
+    layercam_ae_threads: int = 1
     layercam_ae_engine: str = "auto"
     layercam_ae_save_heatmaps: bool = False
 
@@ -142,6 +146,7 @@ class RunConfig:
                 FAA_DL_ATTACKER_RESPONSES)
         _choice("layercam-ae-threshold", self.layercam_ae_threshold, LAYERCAM_AE_THRESHOLDS)
         _choice("layercam-ae-engine", self.layercam_ae_engine, HEATMAP_ENGINES)
+        _choice("layercam-ae-map-size", self.layercam_ae_map_size, HEATMAP_SIZES)
         for key, value, low in (
             ("num-server-rounds", self.num_server_rounds, 1),
             ("num-clients", self.num_clients, 2),
@@ -153,6 +158,7 @@ class RunConfig:
             ("layercam-ae-probes", self.layercam_ae_probes, 1),
             ("layercam-ae-hidden", self.layercam_ae_hidden, 1),
             ("layercam-ae-epochs", self.layercam_ae_epochs, 1),
+            ("layercam-ae-threads", self.layercam_ae_threads, 0),
             ("gae-graph-nodes", self.gae_graph_nodes, 2),
             ("gae-candidate-nodes", self.gae_candidate_nodes, self.gae_graph_nodes),
             ("gae-epochs", self.gae_epochs, 0),
@@ -184,6 +190,7 @@ class RunConfig:
             ("weight-decay", self.weight_decay),
             ("layercam-ae-beta", self.layercam_ae_beta),
             ("layercam-ae-weight-decay", self.layercam_ae_weight_decay),
+            ("layercam-ae-tolerance", self.layercam_ae_tolerance),
             ("alie-z", self.alie_z),
             ("gae-radius", self.gae_radius),
             ("cosdefense-margin", self.cosdefense_margin),

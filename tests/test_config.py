@@ -28,6 +28,9 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("layercam-ae-votes", 4, "layercam-ae-votes"),
     ("num-attackers", 24, "num-attackers"),
     ("no-such-key", 1, "no-such-key"),
+    ("layercam-ae-map-size", "huge", "layercam-ae-map-size"),
+    ("layercam-ae-tolerance", -0.1, "layercam-ae-tolerance"),
+    ("layercam-ae-threads", -1, "layercam-ae-threads"),
 ])
 def test_bad_value_raises_naming_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):

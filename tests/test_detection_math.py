@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from strategies.aggregation import weighted_average
-from strategies.autoencoder import reconstruction_errors
+from strategies.autoencoder import PATIENCE, reconstruction_errors, torch_threads
 from strategies.records import ClientUpload
 from strategies.thresholds import two_sided_rule, upper_rule
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
@@ -43,10 +43,10 @@ def test_autoencoder_scores_a_planted_outlier_highest():
     odd = torch.zeros(16, 16)
     odd[0:4, :] = 1.0
     maps[7] = odd
-    errors = reconstruction_errors(maps.flatten(1), hidden=32, epochs=200, seed=0)
+    errors, _ = reconstruction_errors(maps.flatten(1), hidden=32, epochs=200, seed=0)
     assert int(errors.argmax()) == 7
     assert not upper_rule(errors.numpy()).benign[7]
-    again = reconstruction_errors(maps.flatten(1), hidden=32, epochs=200, seed=0)
+    again, _ = reconstruction_errors(maps.flatten(1), hidden=32, epochs=200, seed=0)
     assert torch.equal(errors, again)  # seeded: reproducible
 
 
@@ -76,3 +76,29 @@ def test_weighted_average_is_eq_16_with_sample_weights():
     assert out["n"].dtype == a.arrays["n"].dtype and int(out["n"]) == 18  # rint(17.5)
     with pytest.raises(ValueError, match="empty"):
         weighted_average([])
+
+
+def test_early_stopping_stops_on_a_plateau_and_keeps_the_ranking():
+    generator = torch.Generator().manual_seed(1)
+    base = torch.zeros(16, 16)
+    base[4:12, 4:12] = 1.0
+    maps = (base + 0.05 * torch.rand(20, 16, 16, generator=generator)).clamp(0, 1)
+    maps[7] = 0.0
+    maps[7, 0:4, :] = 1.0
+    full, ran_full = reconstruction_errors(maps.flatten(1), hidden=32, epochs=2000, seed=0)
+    early, ran_early = reconstruction_errors(maps.flatten(1), hidden=32, epochs=2000, seed=0,
+                                             tolerance=1e-2)
+    assert ran_full == 2000 and PATIENCE <= ran_early < 2000
+    assert int(early.argmax()) == int(full.argmax()) == 7
+    again, ran_again = reconstruction_errors(maps.flatten(1), hidden=32, epochs=2000, seed=0,
+                                             tolerance=1e-2)
+    assert ran_again == ran_early and torch.equal(again, early)
+
+
+def test_torch_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):
+        assert torch.get_num_threads() == before

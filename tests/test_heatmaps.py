@@ -87,3 +87,22 @@ def test_deeper_models_give_agreeing_maps_with_both_engines(name):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
     expected = _oracle(LayerCAM, models[:1], layer, probes, classes)
     np.testing.assert_allclose(a[:1].numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_native_maps_are_the_probe_size_maps_before_upsampling(engine):
+    from strategies.heatmaps import class_activation_maps, finish_maps
+
+    models = _models("cnn", 1, 28, k=3)
+    states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+    probes = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    classes = torch.tensor([3, 7])
+    native = class_activation_maps(models[0], states, probes, "conv2", classes, engine=engine,
+                                   upsample=False)
+    full = class_activation_maps(models[0], states, probes, "conv2", classes, engine=engine)
+    assert native.shape == (3, 2, 8, 8) and full.shape == (3, 2, 28, 28)
+    assert native.min() >= 0 and native.max() <= 1
+    # upsampling the native maps the way finish_maps does gives the probe-size maps exactly
+    torch.testing.assert_close(finish_maps(native, (28, 28)), full, atol=1e-6, rtol=0)
+    oracle = _oracle(LayerCAM, models, "conv2", probes, classes)
+    np.testing.assert_allclose(finish_maps(native, (28, 28)).numpy(), oracle, atol=1e-5)

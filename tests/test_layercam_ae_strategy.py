@@ -165,3 +165,5 @@ def test_auto_engine_is_chosen_by_device_and_recorded(trajectory):
     assert make_strategy(data, engine="vmap").engine == "vmap"
     with pytest.raises(ValueError, match="engine"):
         make_strategy(data, engine="fastest")
+    with pytest.raises(ValueError, match="map_size"):
+        make_strategy(data, map_size="huge")

@@ -1,0 +1,222 @@
+"""LayerCAM-AE's detection cost per round (heat maps + autoencoder + decision), and what the
+cheaper autoencoder settings do to the scores.
+
+**Speed** (``--part speed``): for each model and K, ``LayerCamAe.detect`` on K uploads, in a
+fresh process per measurement (its peak RSS growth is its own), under two settings:
+- ``paper``: maps upsampled to the probe size, all 200 AE epochs, torch's default threads;
+- ``paper-1-thread``: the same on one thread;
+- ``fast``: maps at the target layer's resolution, early stopping (``--tolerance``), 1 thread.
+With ``--busy N``, N processes that keep a core busy run beside every measurement (a shared
+server). Times are the median of ``--repeats`` rounds after one warm-up round.
+
+**Scores** (``--part auc``): both settings score the same rounds of 24 clients (3 attackers of
+each attack, crafted by ``attacks/``) on the embedded MNIST; the ROC AUC of the two-sided and
+of the paper's score per round, and which clients each setting's rule flags.
+
+    python benchmarks/detection_speed.py                         # CPU: both parts
+    python benchmarks/detection_speed.py --part speed --busy 2
+    python benchmarks/detection_speed.py --part speed --device cuda --models resnet50 --k 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {"cnn": (1, 28), "resnet18": (3, 32), "resnet50": (3, 32)}
+SETTINGS = {
+    "paper": dict(map_size="probe", tolerance=0.0, threads=0),
+    "paper-1-thread": dict(map_size="probe", tolerance=0.0, threads=1),
+    "fast": dict(map_size="native", threads=1),
+}
+
+
+def _strategy(model_name: str, setting: str, tolerance: float, device: str, probes, seed=0):
+    from strategies.layercam_ae import LayerCamAe
+    from task.models import build_model, default_cam_layer
+
+    channels, size = SHAPES[model_name]
+    layer = default_cam_layer(model_name)
+    options = dict(SETTINGS[setting])
+    if setting == "fast":
+        options["tolerance"] = tolerance
+    import torch
+
+    return LayerCamAe(model_fn=lambda: build_model(model_name, channels, 10, size),
+                      probes=probes, target_layer=layer, seed=seed,
+                      device=torch.device(device), **options)
+
+
+def _burn() -> None:
+    """Keep one core busy (a shared server's other work)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).random((300, 300))
+    while True:
+        a = np.tanh(a @ a)
+
+
+def measure_speed(model_name, k, setting, tolerance, device, repeats, queue) -> None:
+    import numpy as np
+    import torch
+
+    from strategies.records import ClientUpload
+    from task.models import build_model
+    from task.train import state_to_numpy
+
+    channels, size = SHAPES[model_name]
+    torch.manual_seed(0)
+    global_state = state_to_numpy(build_model(model_name, channels, 10, size))
+    rng = np.random.default_rng(0)
+    uploads = [ClientUpload(i, {n: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
+                                if v.dtype.kind == "f" else v for n, v in global_state.items()},
+                            100.0) for i in range(k)]
+    probes = torch.rand(4, channels, size, size)
+    strategy = _strategy(model_name, setting, tolerance, device, probes)
+    strategy.global_state = global_state
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    strategy.detect(1, uploads)  # warm-up
+    rows = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        detection = strategy.detect(2 + r, uploads)
+        rows.append({**detection.timings, "total": time.perf_counter() - start,
+                     "epochs": detection.details["ae_epochs"]})
+    queue.put({key: statistics.median(row[key] for row in rows) for key in rows[0]}
+              | {"extra_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before})
+
+
+def speed(args) -> None:
+    context = mp.get_context("spawn")
+    burners = [context.Process(target=_burn, daemon=True) for _ in range(args.busy)]
+    for burner in burners:
+        burner.start()
+    load = f"{args.busy} busy process(es) beside it" if args.busy else "quiet"
+    print(f"\nDetection per round ({args.device}, {load}; median of {args.repeats}):\n")
+    print("| model | K | setting | heat maps s | AE s (epochs) | decision s | total s | "
+          "ms per client | extra MB |\n|---|---|---|---|---|---|---|---|---|")
+    try:
+        for model_name in args.models:
+            for k in args.k if model_name == "cnn" else args.k_large:
+                for setting in SETTINGS:
+                    queue = context.Queue()
+                    process = context.Process(target=measure_speed, args=(
+                        model_name, k, setting, args.tolerance, args.device, args.repeats, queue))
+                    process.start()
+                    row = queue.get()
+                    process.join()
+                    print(f"| {model_name} | {k} | {setting} | {row['heatmaps']:.3f} | "
+                          f"{row['autoencoder']:.3f} ({row['epochs']:.0f}) | {row['decision']:.4f} | "
+                          f"{row['total']:.3f} | {1000 * row['total'] / k:.2f} | "
+                          f"{row['extra_mb']:.0f} |", flush=True)
+    finally:
+        for burner in burners:
+            burner.terminate()
+
+
+def auc(args) -> None:
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from attacks import AttackInput, build_attack
+    from strategies.aggregation import weighted_average
+    from strategies.records import ClientUpload
+    from task.config import RunConfig
+    from task.data import load_federated_data
+    from task.models import build_model
+    from task.partition import client_indices
+    from task.train import load_numpy_state, state_to_numpy, train
+
+    torch.set_num_threads(2)
+    clients, attackers, seed = 24, 3, 0
+    data = load_federated_data("mnist-embedded", seed)
+    labels = data.train.labels.numpy()
+    parts = [data.train.subset(client_indices(labels, c, clients, "iid", 0.5, seed))
+             for c in range(clients)]
+    order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(seed))
+    probes = data.test.as_float(order[:4])
+    print(f"\nScores on the same rounds (24 clients, 3 attackers, embedded MNIST; AUC per round "
+          f"{args.rounds} rounds; flagged = attackers / benign the two-sided rule flags):\n")
+    print("| attack | setting | AUC two-sided | AUC paper's score | flagged attackers | "
+          "flagged benign | AE s |\n|---|---|---|---|---|---|---|")
+    torch.manual_seed(seed)
+    initial = state_to_numpy(build_model("cnn", 1, 10, 28))
+    model = build_model("cnn", 1, 10, 28)
+    for attack_name in args.attacks:
+        attack = build_attack(dataclasses.replace(RunConfig(), attack=attack_name,
+                                                  num_attackers=attackers), model)
+        strategies = {s: _strategy("cnn", s, args.tolerance, "cpu", probes, seed)
+                      for s in ("paper", "fast")}
+        results = {s: {"auc": [], "upper": [], "tp": 0, "fp": 0, "ae": []} for s in strategies}
+        global_state = initial
+        for server_round in range(1, args.rounds + 1):
+            states = []
+            for c in range(clients):
+                load_numpy_state(model, global_state)
+                train(model, parts[c], epochs=1, batch_size=64, learning_rate=1e-3,
+                      weight_decay=0.0, device=torch.device("cpu"), seed=server_round * 100 + c)
+                states.append(state_to_numpy(model))
+            benign = states[: clients - attackers]
+            rng = np.random.default_rng(server_round)
+            for c in range(clients - attackers, clients):
+                states[c] = attack.craft(AttackInput(
+                    global_state, states[c], rng, tuple(benign),
+                    tuple(float(len(parts[i])) for i in range(clients - attackers)),
+                    parts[c].as_float(torch.arange(16))))
+            uploads = [ClientUpload(c, s, float(len(parts[c]))) for c, s in enumerate(states)]
+            truth = [c >= clients - attackers for c in range(clients)]
+            for setting, strategy in strategies.items():
+                strategy.global_state = global_state
+                detection = strategy.detect(server_round, uploads)
+                details, record = detection.details, results[setting]
+                record["auc"].append(roc_auc_score(truth, [details["two_sided_scores"][c]
+                                                           for c in range(clients)]))
+                record["upper"].append(roc_auc_score(truth, [details["upper_scores"][c]
+                                                             for c in range(clients)]))
+                flagged = {c for c, o in details["outlier"].items() if o}
+                record["tp"] += sum(truth[c] for c in flagged)
+                record["fp"] += sum(not truth[c] for c in flagged)
+                record["ae"].append(detection.timings["autoencoder"])
+            global_state = weighted_average(uploads[: clients - attackers])
+        for setting, record in results.items():
+            print(f"| {attack_name} | {setting} | {' '.join(f'{a:.2f}' for a in record['auc'])} | "
+                  f"{' '.join(f'{a:.2f}' for a in record['upper'])} | "
+                  f"{record['tp']}/{attackers * args.rounds} | "
+                  f"{record['fp']}/{(clients - attackers) * args.rounds} | "
+                  f"{statistics.fmean(record['ae']):.3f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["speed", "auc", "both"], default="both")
+    parser.add_argument("--models", nargs="+", default=["cnn", "resnet18"], choices=sorted(SHAPES))
+    parser.add_argument("--k", type=int, nargs="+", default=[24, 100, 300, 1000])
+    parser.add_argument("--k-large", type=int, nargs="+", default=[24, 100],
+                        help="K for the ResNets")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--busy", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--attacks", nargs="+",
+                        default=["gae", "sign-flip", "alie", "ipm", "gaussian", "adaptive-cam"])
+    args = parser.parse_args()
+    if args.part in ("speed", "both"):
+        speed(args)
+    if args.part in ("auc", "both"):
+        auc(args)
+
+
+if __name__ == "__main__":
+    main()
