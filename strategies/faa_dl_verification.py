@@ -42,15 +42,15 @@ def ocsvm_suspects(updates: np.ndarray, nu: float = 0.5) -> tuple[np.ndarray, np
     libsvm's approximate solution depends on the order of the rows (with nu = 0.5 and six
     clients, which ones it flagged changed with the order in most random cases), and replies
     arrive in any order: the rows are fitted in a canonical order, to a tight tolerance. Rows
-    on the boundary (support vectors at the margin, score 0 up to rounding) are not outside
-    it: a suspect's score must exceed 1e-9 of the largest |score|, as the nu-property (at most
-    a fraction nu strictly outside) assumes."""
+    on the boundary (support vectors at the margin, score 0 up to the solver's precision) are
+    not outside it: a suspect's score must exceed 1e-6 of the largest |score|. On few clients
+    the exact solution often puts most of them on the boundary, and flags few or none."""
     if updates.shape[0] < 2:
         return np.zeros(updates.shape[0], dtype=bool), np.zeros(updates.shape[0])
     order = canonical_order(updates)
     svm = OneClassSVM(kernel="rbf", nu=nu, gamma="scale", tol=SOLVER_TOLERANCE).fit(updates[order])
     scores = -svm.decision_function(updates)
-    return scores > 1e-9 * np.abs(scores).max(), scores
+    return scores > 1e-6 * np.abs(scores).max(), scores
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,9 @@ def test_baseline_defense_runs_and_records_whom_it_kept(simulation_link, defense
     assert rows[-1]["accuracy"] > 0.3
 
 
+# Solved exactly, the OC-SVM at nu = 0.5 puts most of six clients on its boundary and may flag
+# none (the suspects an approximate solve reported depended on the order replies arrived in);
+# nu = 0.9 makes it flag most of them, so these runs test the verification over messages.
 @pytest.mark.parametrize("attack, extra", [
     ("gaussian", ""),
     ("sign-flip", "faa-dl-attacker-response='forged-data'"),  # lies in verification
@@ -98,13 +101,13 @@ def test_faa_dl_verifies_suspects_over_messages_and_never_removes_a_benign_clien
         simulation_link, attack, extra):
     output, results = simulation_link.run(
         f"num-server-rounds=1 num-clients=6 num-attackers=2 attack='{attack}' defense='faa-dl' "
-        f"local-epochs=1 {extra}", num_supernodes=6,
+        f"faa-dl-nu=0.9 local-epochs=1 {extra}", num_supernodes=6,
     )
     run_dir, rows = read_rounds(results)
     assert (run_dir / "summary.json").exists(), output[-3000:]
     record, detection = rows[1]["defense"], rows[1]["detection"]
     details = record["details"]
-    assert details["suspects"], "the OC-SVM (nu = 0.5) flags someone among six"
+    assert details["suspects"], "the OC-SVM (nu = 0.9) flags someone among six"
     assert sorted(details["verified"] + details["cleared"]) == details["suspects"]
     assert record["excluded"] == details["verified"]
     assert detection["fp"] == 0  # a benign suspect's update is always reproduced
