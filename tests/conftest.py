@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sessions import start_session
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -62,12 +64,12 @@ def simulation_link(tmp_path_factory):
     )
     link = SimulationLink(home, port)
     log = open(home / "superlink.log", "w")
-    proc = subprocess.Popen(
+    proc = start_session(
         [str(BIN / "flower-superlink"), "--insecure", "--simulation",
          "--disable-runtime-dependency-installation", "--port", str(port),
          "--fleet-api-address", f"127.0.0.1:{_free_port()}",
          "--database", str(home / "state.db")],
-        env=link.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home,
+        env=link.env(), stdout=log, stderr=subprocess.STDOUT, cwd=home,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

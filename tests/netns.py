@@ -14,6 +14,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+from tests.sessions import start_session
+
 
 def netns_unavailable() -> str | None:
     """Why namespaces can't be made here, or None."""
@@ -75,9 +77,9 @@ class Lab:
     def start(self, name: str, args: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
         """Start ``args`` inside host ``name`` (``"hub"`` for the hub), output to ``log``."""
         handle = open(log, "w")
-        process = subprocess.Popen(
+        process = start_session(
             ["ip", "netns", "exec", self.namespace(name), *args], stdout=handle,
-            stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+            stderr=subprocess.STDOUT, env=env, cwd=cwd)
         self.processes.append(process)
         return process
 
