@@ -73,11 +73,13 @@ second. The memory beyond the received models is a few vectors of the model's si
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from attacks.base import Attack, AttackInput, State
@@ -125,8 +127,11 @@ def graph_nodes(energy: np.ndarray, candidates: int, nodes: int,
     """Step 3's nodes: ``nodes`` coordinates drawn at random from the ``candidates`` with the
     largest ``energy`` (ties broken by index), sorted."""
     candidates = min(candidates, len(energy))
-    top = np.sort(np.argsort(-energy, kind="stable")[:candidates])
-    return np.sort(rng.choice(top, size=min(nodes, candidates), replace=False))
+    # the top ``candidates`` by a linear-time partition instead of sorting all D coordinates
+    kth = np.partition(energy, len(energy) - candidates)[len(energy) - candidates]
+    above = np.flatnonzero(energy > kth)
+    top = np.concatenate([above, np.flatnonzero(energy == kth)[: candidates - len(above)]])
+    return np.sort(rng.choice(np.sort(top), size=min(nodes, candidates), replace=False))
 
 
 def standardised(features: np.ndarray) -> np.ndarray:
@@ -174,24 +179,6 @@ def distinct_eigenvalues(eigenvalues: np.ndarray) -> int:
     return 1 + int(np.count_nonzero(np.diff(eigenvalues) > EIGENVALUE_TOLERANCE * scale))
 
 
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney, ties half)."""
-    positive, negative = scores[labels > 0], scores[labels == 0]
-    if len(positive) == 0 or len(negative) == 0:
-        return float("nan")
-    order = np.argsort(np.concatenate([positive, negative]), kind="stable")
-    ranks = np.empty(len(order))
-    ranks[order] = np.arange(1, len(order) + 1)
-    values = np.concatenate([positive, negative])[order]
-    # average ranks of ties
-    _, first, counts = np.unique(values, return_index=True, return_counts=True)
-    for start, count in zip(first, counts):
-        if count > 1:
-            ranks[order[start : start + count]] = start + (count + 1) / 2
-    return float((ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2)
-                 / (len(positive) * len(negative)))
-
-
 class _GcnEncoder(nn.Module):
     """Two GCN layers (Kipf & Welling) on a dense adjacency: at a density of about a tenth,
     ``DenseGCNConv``'s matrix products beat message passing over an edge list."""
@@ -226,14 +213,16 @@ ADVERSARIAL_STEP = 0.05
 """Length of one ascent step on Z, as a fraction of ||Z_fit||_F."""
 
 
-def _balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy over all off-diagonal pairs, edges and non-edges weighing half each
-    (torch-geometric's ``recon_loss`` balance, dense: exact and deterministic)."""
+def balanced_bce(target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss of logits against ``target``: binary cross-entropy over all off-diagonal pairs,
+    edges and non-edges weighing half each (torch-geometric's ``recon_loss`` balance, dense:
+    exact and deterministic). The weights are computed once, not per training step."""
     off_diagonal = 1.0 - torch.eye(len(target), dtype=target.dtype)
     edges = target.sum().clamp_min(1)
     weight = torch.where(target > 0, 0.5 / edges, 0.5 / (off_diagonal.sum() - edges).clamp_min(1))
-    return F.binary_cross_entropy_with_logits(logits, target, weight=weight * off_diagonal,
-                                              reduction="sum")
+    weight = weight * off_diagonal
+    return lambda logits: F.binary_cross_entropy_with_logits(logits, target, weight=weight,
+                                                             reduction="sum")
 
 
 def _mean_change(latent: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -242,8 +231,8 @@ def _mean_change(latent: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (change.sum() - change.diagonal().sum()) / (len(latent) * (len(latent) - 1))
 
 
-def adversarial_latent(fitted: torch.Tensor, target: torch.Tensor, budget: float,
-                       steps: int) -> torch.Tensor:
+def adversarial_latent(fitted: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor],
+                       budget: float, steps: int) -> torch.Tensor:
     """Ascend the reconstruction loss over the latent embedding Z from ``fitted`` (Z_fit):
     normalised gradient steps, each followed by the projection that shrinks Z - Z_fit until
     mean |A_hat - A_fit| <= ``budget`` (bisection along the segment). Ascent starts where the
@@ -254,7 +243,7 @@ def adversarial_latent(fitted: torch.Tensor, target: torch.Tensor, budget: float
     latent = fitted.clone()
     for _ in range(steps):
         latent.requires_grad_(True)
-        (gradient,) = torch.autograd.grad(_balanced_bce(latent @ latent.T, target), latent)
+        (gradient,) = torch.autograd.grad(loss(latent @ latent.T), latent)
         with torch.no_grad():
             latent = latent + step * gradient / gradient.norm().clamp_min(1e-300)
             if _mean_change(latent, reference) > budget:
@@ -278,23 +267,24 @@ def adversarial_structure(features: np.ndarray, adjacency: np.ndarray, settings:
         torch.manual_seed(seed)
         autoencoder = GAE(_GcnEncoder(features.shape[1])).double()
     x, target = torch.from_numpy(features), torch.from_numpy(adjacency)
+    loss = balanced_bce(target)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=settings.learning_rate)
     for _ in range(settings.epochs):
         optimizer.zero_grad()
         latent = autoencoder.encode(x, target)
-        _balanced_bce(autoencoder.decoder.forward_all(latent, sigmoid=False), target).backward()
+        loss(autoencoder.decoder.forward_all(latent, sigmoid=False)).backward()
         optimizer.step()
     with torch.no_grad():
         fitted_latent = autoencoder.encode(x, target)
     latent = fitted_latent
     if settings.adversarial:
-        latent = adversarial_latent(fitted_latent, target, settings.perturbation,
+        latent = adversarial_latent(fitted_latent, loss, settings.perturbation,
                                     settings.adversarial_epochs)
     with torch.no_grad():
         structure = torch.sigmoid(latent @ latent.T).numpy()
         fitted = torch.sigmoid(fitted_latent @ fitted_latent.T).numpy()
-        record = {"reconstruction-loss": float(_balanced_bce(latent @ latent.T, target)),
-                  "fitted-loss": float(_balanced_bce(fitted_latent @ fitted_latent.T, target)),
+        record = {"reconstruction-loss": float(loss(latent @ latent.T)),
+                  "fitted-loss": float(loss(fitted_latent @ fitted_latent.T)),
                   "mean-change": float(_mean_change(latent, torch.from_numpy(fitted)))}
     np.fill_diagonal(structure, 0.0)
     upper = np.triu_indices(len(adjacency), k=1)
@@ -303,8 +293,8 @@ def adversarial_structure(features: np.ndarray, adjacency: np.ndarray, settings:
     record.update({
         "edges-flipped": int(np.count_nonzero(decoded != edges)),
         "edges-flipped-vs-reconstruction": int(np.count_nonzero(decoded != fitted_edges)),
-        "auc": roc_auc(structure[upper], edges),
-        "reconstruction-auc": roc_auc(fitted[upper], edges),
+        "auc": roc_auc_score(edges, structure[upper]),
+        "reconstruction-auc": roc_auc_score(edges, fitted[upper]),
         "structure-std": float(structure[upper].std()),
     })
     return structure, record
@@ -417,8 +407,8 @@ class Gae(Attack):
         lap("observe")
         rng = attack_input.rng
         nodes = graph_nodes(observed.energy, self.candidate_nodes, self.graph_nodes, rng)
-        features = np.stack([observed.update_of(attack_input.benign_states[i])[nodes]
-                             for i in selected], axis=1)  # F: (M, I_sel)
+        features = observed.updates_at([attack_input.benign_states[i] for i in selected],
+                                       nodes)  # F: (M, I_sel)
         adjacency = cosine_graph(standardised(features), self.edge_threshold, self.edge_ramp)
         lap("graph")
         structure, report.structure = adversarial_structure(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from task.params import flat, float_names
+from task.params import flat, float_names, gather
 
 State = Mapping[str, np.ndarray]
 
@@ -24,8 +24,6 @@ class ObservedRound:
 
     names: list[str]
     global_vector: np.ndarray
-    weights: np.ndarray
-    """Claimed data sizes n_i of the benign uploads (equal when the harness sent none)."""
     mean_update: np.ndarray
     """u_bar = sum_i n_i u_i / sum_i n_i, the benign aggregate's update."""
     distances_to_mean: np.ndarray
@@ -39,6 +37,12 @@ class ObservedRound:
     def largest_benign_distance(self) -> float:
         """max_i ||w_i - w_g||: the default radius d_T of the distance constraint (eq. 8b)."""
         return float(self.update_norms.max())
+
+    def updates_at(self, states: Sequence[State], indices: np.ndarray) -> np.ndarray:
+        """(len(indices), len(states)): the states' updates at the sorted flat ``indices``,
+        reading only those coordinates."""
+        origin = self.global_vector[indices]
+        return np.stack([gather(s, self.names, indices) - origin for s in states], axis=1)
 
     def update_of(self, state: State) -> np.ndarray:
         """u = w - w_g of one state, as a float64 vector."""
@@ -67,5 +71,5 @@ def observe_round(global_state: State, benign_states: Sequence[State],
         norms.append(np.linalg.norm(update))
         update -= mean_update
         distances.append(np.linalg.norm(update))
-    return ObservedRound(names, global_vector, weights, mean_update, np.array(distances),
+    return ObservedRound(names, global_vector, mean_update, np.array(distances),
                          np.array(norms), energy)

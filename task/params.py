@@ -20,6 +20,19 @@ def flat(state: State, names: Sequence[str]) -> np.ndarray:
     return np.concatenate([np.asarray(state[k], dtype=np.float64).ravel() for k in names])
 
 
+def gather(state: State, names: Sequence[str], indices: np.ndarray) -> np.ndarray:
+    """``flat(state, names)[indices]`` (float64) without flattening the whole state: only the
+    arrays the sorted ``indices`` fall in are read."""
+    sizes = [state[k].size for k in names]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    where = np.searchsorted(offsets, indices, side="right") - 1
+    out = np.empty(len(indices))
+    for array in np.unique(where):
+        mask = where == array
+        out[mask] = np.asarray(state[names[array]]).ravel()[indices[mask] - offsets[array]]
+    return out
+
+
 def flatten_updates(states: Sequence[State], global_state: State) -> tuple[np.ndarray, list[str]]:
     """(n, d) float64 matrix of the updates of the float arrays, and the array names in order."""
     names = float_names(global_state)

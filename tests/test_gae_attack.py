@@ -13,17 +13,16 @@ import tracemalloc
 import numpy as np
 import pytest
 from scipy.optimize import minimize
-from sklearn.metrics import roc_auc_score
 from sklearn.metrics.pairwise import cosine_similarity
 
 from attacks import AttackInput, build_attack
 from attacks.controls import RadiusNoise, UndoUpdate
 from attacks.gae import (Gae, GaeSettings, adversarial_structure, cosine_graph, encoder_input,
                          graph_nodes,
-                         laplacian, optimal_graph_update, roc_auc, select_benign, span_basis,
+                         laplacian, optimal_graph_update, select_benign, span_basis,
                          spectral_transfer, standardised)
 from attacks.observed import observe_round
-from task.params import flat
+from task.params import flat, gather
 from task.config import ConfigError, RunConfig
 from tests.helpers import benign_trajectory
 
@@ -72,17 +71,21 @@ def test_laplacian_rows_sum_to_zero_and_are_psd():
     assert np.linalg.eigvalsh(lap).min() > -1e-9
 
 
-def test_roc_auc_matches_scikit_learn_with_ties():
-    rng = np.random.default_rng(2)
-    scores = rng.integers(0, 5, size=200).astype(float)
-    labels = rng.integers(0, 2, size=200)
-    assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-
-
 def test_graph_nodes_come_from_the_most_energetic_coordinates():
     energy = np.arange(100.0)
     nodes = graph_nodes(energy, 20, 10, np.random.default_rng(0))
     assert len(set(nodes)) == 10 and nodes.min() >= 80 and np.all(np.diff(nodes) > 0)
+    tied = np.array([3.0, 1.0, 3.0, 2.0, 3.0, 2.0])  # top 4: the three 3s, then the first 2
+    assert graph_nodes(tied, 4, 4, np.random.default_rng(0)).tolist() == [0, 2, 3, 4]
+
+
+def test_gather_reads_the_flat_coordinates():
+    rng = np.random.default_rng(5)
+    state = {"a": rng.normal(size=(3, 4)).astype(np.float32), "n": np.array(2),
+             "b": rng.normal(size=7), "c": rng.normal(size=(2, 2, 2)).astype(np.float32)}
+    names = ["a", "b", "c"]
+    indices = np.sort(rng.choice(27, size=11, replace=False))
+    np.testing.assert_array_equal(gather(state, names, indices), flat(state, names)[indices])
 
 
 def _cycle(n):
@@ -196,7 +199,7 @@ def test_adversarial_structure_is_a_controlled_perturbation_neither_a_nor_a_cons
     global_state, benign, sizes = mnist_round
     observed = observe_round(global_state, benign, sizes)
     nodes = graph_nodes(observed.energy, 1000, 500, np.random.default_rng(0))
-    features = np.stack([observed.update_of(s)[nodes] for s in benign], axis=1)
+    features = observed.updates_at(benign, nodes)
     adjacency = cosine_graph(standardised(features), 0.5, ramp=0.2)
     pairs = 500 * 499 // 2
     fitted, fitted_record = adversarial_structure(encoder_input(features), adjacency,
