@@ -40,6 +40,8 @@ SETTINGS = {
 
 
 def _strategy(model_name: str, setting: str, tolerance: float, device: str, probes, seed=0):
+    import torch
+
     from strategies.layercam_ae import LayerCamAe
     from task.models import build_model, default_cam_layer
 
@@ -48,8 +50,6 @@ def _strategy(model_name: str, setting: str, tolerance: float, device: str, prob
     options = dict(SETTINGS[setting])
     if setting == "fast":
         options["tolerance"] = tolerance
-    import torch
-
     return LayerCamAe(model_fn=lambda: build_model(model_name, channels, 10, size),
                       probes=probes, target_layer=layer, seed=seed,
                       device=torch.device(device), **options)

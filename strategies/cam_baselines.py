@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from strategies.autoencoder import torch_threads
 from strategies.heatmaps import gradcam_combine
 from strategies.layercam_ae import LayerCamAe
 from strategies.records import ClientUpload, Detection
@@ -38,7 +39,8 @@ class LayerCamKrum(LayerCamAe):
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        maps = self.heatmaps(uploads).flatten(1).double().cpu().numpy()
+        with torch_threads(self.threads):
+            maps = self.heatmaps(uploads).flatten(1).double().cpu().numpy()
         timings["heatmaps"] = time.perf_counter() - start
         start = time.perf_counter()
         scores = krum_scores(maps, self.num_malicious)

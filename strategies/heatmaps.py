@@ -177,6 +177,11 @@ def _activations_and_gradients_vmap_chunk(
     return activations, gradients
 
 
+def engine_for(device: torch.device) -> str:
+    """What ``auto`` means: vmap on a GPU, the loop on a CPU (by device, never by timing)."""
+    return "vmap" if device.type == "cuda" else "loop"
+
+
 def class_activation_maps(
     model: nn.Module,
     states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
@@ -197,7 +202,7 @@ def class_activation_maps(
     GPU, loop on a CPU).
     """
     if engine == "auto":
-        engine = "vmap" if probes.device.type == "cuda" else "loop"
+        engine = engine_for(probes.device)
     compute = {"loop": _activations_and_gradients_loop, "vmap": _activations_and_gradients_vmap}
     if engine not in compute:
         raise ValueError(f"unknown heat-map engine {engine!r}; choose loop, vmap or auto")

@@ -29,7 +29,8 @@ from torch.func import functional_call
 
 from strategies.autoencoder import reconstruction_errors, torch_threads
 from strategies.base import DetectingFedAvg
-from strategies.heatmaps import CamCombine, as_tensors, class_activation_maps, layercam_combine
+from strategies.heatmaps import (CamCombine, as_tensors, class_activation_maps, engine_for,
+                                 layercam_combine)
 from strategies.records import ClientUpload, Detection
 from strategies.thresholds import two_sided_rule, upper_rule
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
@@ -134,8 +135,7 @@ class LayerCamAe(DetectingFedAvg):
         self.threads = threads if self.device.type == "cpu" else 0
         if engine not in ("auto", "loop", "vmap"):
             raise ValueError(f"engine must be 'auto', 'loop' or 'vmap', got {engine!r}")
-        self.engine = engine if engine != "auto" else (
-            "vmap" if self.device.type == "cuda" else "loop")
+        self.engine = engine_for(self.device) if engine == "auto" else engine
         self.keep_heatmaps = keep_heatmaps
         self.seed = seed
         self.combine = combine
