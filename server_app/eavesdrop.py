@@ -65,8 +65,9 @@ class EavesdroppingGrid:
         waiting = [r for r in replies if _metric(r, "awaits-benign") == 1.0]
         if not waiting:
             return [strip_ground_truth(r) for r in replies]
-        benign = [r for r in replies if r.has_content() and _metric(r, "attacker") == 0.0
-                  and "arrays" in r.content.array_records]
+        benign = sorted((r for r in replies if r.has_content() and _metric(r, "attacker") == 0.0
+                         and "arrays" in r.content.array_records),
+                        key=lambda r: r.metadata.src_node_id)  # node order: crafts are reproducible
         crafted = self._eavesdrop(messages, waiting, benign, timeout)
         waiting_ids = {r.metadata.src_node_id for r in waiting}
         kept = [r for r in replies if r.metadata.src_node_id not in waiting_ids]

@@ -77,7 +77,9 @@ def screen_replies(
     """Split training replies into accepted uploads and ``{node_id: reason}`` rejections.
 
     A node that replies twice keeps its first reply (accepted or rejected); later ones are
-    ignored with a warning.
+    ignored with a warning. Uploads come back in node-id order, not arrival order, so that
+    sums over them (the aggregate, the autoencoder's loss) and the decisions that depend on
+    them are the same from run to run.
     """
     reference_norm = math.sqrt(
         sum(float(np.sum(v.astype(np.float64) ** 2)) for v in reference.values() if v.dtype.kind == "f")
@@ -103,4 +105,4 @@ def screen_replies(
             continue
         seen.add(node_id)
         accepted.append(upload)
-    return accepted, rejected
+    return sorted(accepted, key=lambda u: u.node_id), rejected
