@@ -75,7 +75,7 @@ def run(attack: str, rounds: int, num_clients: int, num_attackers: int, seed: in
     order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(seed))
     strategy = LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
                           probes=data.test.as_float(order[:probes]), target_layer="conv2",
-                          threshold=rule, robust_z=z, seed=seed)
+                          decision="voting", threshold=rule, robust_z=z, seed=seed)
     rng = np.random.default_rng(seed)
     rows = []
     for server_round in range(1, rounds + 1):

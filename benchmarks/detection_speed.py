@@ -184,7 +184,7 @@ def auc(args) -> None:
                                                            for c in range(clients)]))
                 record["upper"].append(roc_auc_score(truth, [details["upper_scores"][c]
                                                              for c in range(clients)]))
-                flagged = {c for c, o in details["outlier"].items() if o}
+                flagged = {u.node_id for u in uploads} - set(detection.kept)
                 record["tp"] += sum(truth[c] for c in flagged)
                 record["fp"] += sum(not truth[c] for c in flagged)
                 record["ae"].append(detection.timings["autoencoder"])

@@ -75,6 +75,8 @@ def build_defense(
         model_fn=model_fn, probes=probes,
         target_layer=config.layercam_ae_target_layer or cam_layer,
         target_class=config.layercam_ae_target_class,
+        decision=config.layercam_ae_decision, memory=config.layercam_ae_memory,
+        score_cap=config.layercam_ae_score_cap, scale_rounds=config.layercam_ae_scale_rounds,
         threshold=config.layercam_ae_threshold, beta=config.layercam_ae_beta,
         robust_z=config.layercam_ae_robust_z, window=config.layercam_ae_window,
         votes=config.layercam_ae_votes, hidden=config.layercam_ae_hidden,

@@ -9,10 +9,13 @@ Per round, in ``aggregate_train`` (what older Flower called ``aggregate_fit``):
    one batched pass (``strategies.heatmaps``). Several probes: their maps are concatenated into
    one vector per client, so the AE sees every probe's map.
 2. A fresh autoencoder on this round's maps; reconstruction errors R (eq. 11-12).
-3. Outliers: the paper's one-sided rule (``threshold="upper"``, eq. 13-15) or the robust
-   two-sided rule (``threshold="two-sided"``), see ``strategies.thresholds``.
-4. Voting every ``window`` rounds (eq. 16-17, ``strategies.voting``).
-5. FedAvg of the kept uploads (eq. 16); the previous global model if none is kept.
+3. The decision. Default (``decision="evidence"``): each client's signed robust scores of this
+   and past rounds, combined with forgetting (``strategies.evidence``), excluded while
+   |evidence| > ``robust_z``. The paper's (``decision="voting"``): per-round outliers by its
+   one-sided rule (``threshold="upper"``, eq. 13-15) or the robust two-sided rule
+   (``threshold="two-sided"``, ``strategies.thresholds``), and a vote every ``window`` rounds
+   (eq. 16-17, ``strategies.voting``). Both rules' scores are recorded every round.
+4. FedAvg of the kept uploads (eq. 16); the previous global model if none is kept.
 """
 
 from __future__ import annotations
@@ -29,10 +32,16 @@ from torch.func import functional_call
 
 from strategies.autoencoder import reconstruction_errors, torch_threads
 from strategies.base import DetectingFedAvg
-from strategies.heatmaps import (CamCombine, as_tensors, class_activation_maps, engine_for,
-                                 layercam_combine)
+from strategies.evidence import EvidenceLedger, SpreadHistory
+from strategies.heatmaps import (
+    CamCombine,
+    as_tensors,
+    class_activation_maps,
+    engine_for,
+    layercam_combine,
+)
 from strategies.records import ClientUpload, Detection
-from strategies.thresholds import two_sided_rule, upper_rule
+from strategies.thresholds import robust_z, two_sided_rule, upper_rule
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
 
 
@@ -49,13 +58,24 @@ class LayerCamAe(DetectingFedAvg):
         Dotted module name whose activations LayerCAM reads (default of the CNN: ``conv2``).
     target_class : int (default: -1)
         Class c scored; -1 takes the class the global model predicts for each probe.
+    decision : str (default: "evidence")
+        ``"evidence"``: exclude while the client's evidence over rounds exceeds ``robust_z``
+        (``strategies.evidence``); ``"voting"``: the paper's per-round rule plus voting.
+    memory : float (default: 0.8)
+        Forgetting factor of the evidence (0: this round's score alone).
+    score_cap : float (default: 4.0)
+        Each round's score enters the evidence clipped to +-score_cap.
+    scale_rounds : int (default: 5)
+        The evidence's scores use the robust spread pooled over this many rounds (1: this
+        round's MAD alone).
     threshold : str (default: "two-sided")
-        ``"upper"``: the paper's delta = mean + beta * std (eq. 13-14); ``"two-sided"``:
-        |R - median| / (1.4826 MAD) > robust_z.
+        Per-round rule of ``decision="voting"``: ``"upper"``, the paper's delta = mean + beta *
+        std (eq. 13-14); ``"two-sided"``, |R - median| / (1.4826 MAD) > robust_z.
     beta : float (default: 1.0)
         The paper's beta for ``"upper"``.
-    robust_z : float (default: 2.5)
-        Cut of the two-sided robust score (chosen by ``benchmarks/compare_rules.py``).
+    robust_z : float (default: 3.0)
+        Cut of the robust score (and of the evidence), chosen with
+        ``benchmarks/detection_matrix.py``.
     window, votes : int (default: 3, 2)
         Voting every xi = ``window`` rounds; malicious with >= epsilon = ``votes`` outlier rounds.
     hidden, epochs, lr, weight_decay
@@ -92,9 +112,13 @@ class LayerCamAe(DetectingFedAvg):
         probes: torch.Tensor,
         target_layer: str,
         target_class: int = -1,
+        decision: str = "evidence",
+        memory: float = 0.8,
+        score_cap: float = 4.0,
+        scale_rounds: int = 5,
         threshold: str = "two-sided",
         beta: float = 1.0,
-        robust_z: float = 2.5,
+        robust_z: float = 3.0,
         window: int = 3,
         votes: int = 2,
         hidden: int = 128,
@@ -114,6 +138,11 @@ class LayerCamAe(DetectingFedAvg):
         super().__init__(**kwargs)
         if threshold not in ("upper", "two-sided"):
             raise ValueError(f"threshold must be 'upper' or 'two-sided', got {threshold!r}")
+        if decision not in ("evidence", "voting"):
+            raise ValueError(f"decision must be 'evidence' or 'voting', got {decision!r}")
+        if decision == "evidence" and threshold != "two-sided":
+            raise ValueError("decision 'evidence' accumulates the two-sided robust score; "
+                             "the paper's 'upper' threshold needs decision 'voting'")
         if votes > window:
             raise ValueError(f"votes ({votes}) must be <= window ({window})")
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,15 +168,22 @@ class LayerCamAe(DetectingFedAvg):
         self.keep_heatmaps = keep_heatmaps
         self.seed = seed
         self.combine = combine
+        self.decision = decision
         self.history = OutlierHistory(window)
+        self.evidence = EvidenceLedger(memory, score_cap)
+        self.spreads = SpreadHistory(scale_rounds)
         self.last_heatmaps: np.ndarray | None = None
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> %s: layer %s, probes %d, rule %s (beta %.2f, z %.2f), vote %d of %d, "
-            "AE %s, engine %s, device %s", self.name, self.target_layer, len(self.probes),
-            self.threshold, self.beta, self.robust_z, self.votes, self.window, self.ae_params,
-            self.engine, self.device)
+        rule = (f"evidence (memory {self.evidence.memory:.2f}, cap {self.evidence.cap:.2f}, "
+                f"scale over {self.spreads.spreads.maxlen} rounds, z {self.robust_z:.2f})"
+                if self.decision == "evidence" else
+                f"{self.threshold} (beta {self.beta:.2f}, z {self.robust_z:.2f}), "
+                f"vote {self.votes} of {self.window}")
+        log(INFO, "\t└──> %s: layer %s, probes %d, decision %s, AE %s, engine %s, device %s",
+            self.name, self.target_layer, len(self.probes), rule, self.ae_params, self.engine,
+            self.device)
 
     def probe_classes(self) -> torch.Tensor:
         """Class c per probe: fixed, or what the current global model predicts (y^c, eq. 9)."""
@@ -180,10 +216,42 @@ class LayerCamAe(DetectingFedAvg):
             timings["autoencoder"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        kept, scores, rule_details = (
+            self.decide_by_evidence(node_ids, errors) if self.decision == "evidence"
+            else self.decide_by_vote(server_round, node_ids, errors))
+        timings["decision"] = time.perf_counter() - start
+
+        if self.keep_heatmaps:
+            self.last_heatmaps = maps[:, 0].cpu().numpy()
         upper = upper_rule(errors, self.beta)
-        two_sided = two_sided_rule(errors, self.robust_z)
-        decision = upper if self.threshold == "upper" else two_sided
-        outlier = {n: not b for n, b in zip(node_ids, decision.benign)}
+        details = {
+            "decision": self.decision,
+            "reconstruction_error": dict(zip(node_ids, errors.tolist())),
+            "delta": upper.threshold,
+            "upper_scores": dict(zip(node_ids, upper.scores.tolist())),
+            "two_sided_scores": dict(zip(node_ids, np.abs(robust_z(errors)).tolist())),
+            **rule_details,
+            "engine": self.engine,
+            "ae_epochs": epochs,
+        }
+        return Detection(kept=kept, scores=scores, details=details, timings=timings)
+
+    def decide_by_evidence(self, node_ids: list[int], errors: np.ndarray
+                           ) -> tuple[list[int], dict[int, float], dict]:
+        """Keep the clients whose evidence over rounds stays within +-robust_z."""
+        z = self.spreads.scores(errors)
+        evidence = self.evidence.update(dict(zip(node_ids, z.tolist())))
+        kept = [n for n in node_ids if abs(evidence[n]) <= self.robust_z]
+        return kept, {n: abs(e) for n, e in evidence.items()}, {
+            "evidence": evidence, "threshold": self.robust_z, "memory": self.evidence.memory,
+            "score_cap": self.evidence.cap, "z": dict(zip(node_ids, z.tolist()))}
+
+    def decide_by_vote(self, server_round: int, node_ids: list[int], errors: np.ndarray
+                       ) -> tuple[list[int], dict[int, float], dict]:
+        """The paper's decision: this round's outliers, and the vote every ``window`` rounds."""
+        rule = (upper_rule(errors, self.beta) if self.threshold == "upper"
+                else two_sided_rule(errors, self.robust_z))
+        outlier = {n: not b for n, b in zip(node_ids, rule.benign)}
         self.history.record(server_round, outlier)
         voting = is_voting_round(server_round, self.window)
         malicious = (
@@ -191,22 +259,6 @@ class LayerCamAe(DetectingFedAvg):
             if voting else {}
         )
         kept = [n for n in node_ids if (n not in malicious if voting else not outlier[n])]
-        timings["decision"] = time.perf_counter() - start
-
-        if self.keep_heatmaps:
-            self.last_heatmaps = maps[:, 0].cpu().numpy()
-        details = {
-            "rule": self.threshold,
-            "reconstruction_error": dict(zip(node_ids, errors.tolist())),
-            "delta": upper.threshold,
-            "upper_scores": dict(zip(node_ids, upper.scores.tolist())),
-            "two_sided_scores": dict(zip(node_ids, two_sided.scores.tolist())),
-            "threshold": decision.threshold,
-            "outlier": outlier,
-            "voting_round": voting,
-            "votes": malicious,
-            "engine": self.engine,
-            "ae_epochs": epochs,
-        }
-        return Detection(kept=kept, scores=dict(zip(node_ids, decision.scores.tolist())),
-                         details=details, timings=timings)
+        return kept, dict(zip(node_ids, rule.scores.tolist())), {
+            "rule": self.threshold, "threshold": rule.threshold, "outlier": outlier,
+            "voting_round": voting, "votes": malicious}

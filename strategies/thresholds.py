@@ -35,16 +35,21 @@ def upper_rule(errors: np.ndarray, beta: float = 1.0) -> OutlierDecision:
     return OutlierDecision(benign=errors <= delta, scores=errors, threshold=delta)
 
 
-def two_sided_rule(errors: np.ndarray, z: float = 2.5) -> OutlierDecision:
-    """Robust two-sided rule: benign iff |R_l - median(R)| <= z * 1.4826 * MAD(R).
+def robust_z(errors: np.ndarray) -> np.ndarray:
+    """Signed robust scores (R_l - median(R)) / (1.4826 * MAD(R)).
 
     When more than half the errors are identical (MAD = 0), the scale falls back to the mean
-    absolute deviation from the median, then to 1, so distinct values are still flagged.
+    absolute deviation from the median, then to 1, so distinct values are still told apart.
     """
     errors = np.asarray(errors, dtype=np.float64)
-    deviation = np.abs(errors - np.median(errors))
-    scale = MAD_TO_STD * float(np.median(deviation))
+    deviation = errors - np.median(errors)
+    scale = MAD_TO_STD * float(np.median(np.abs(deviation)))
     if scale <= 0:
-        scale = float(deviation.mean()) or 1.0
-    scores = deviation / scale
+        scale = float(np.abs(deviation).mean()) or 1.0
+    return deviation / scale
+
+
+def two_sided_rule(errors: np.ndarray, z: float = 3.0) -> OutlierDecision:
+    """Robust two-sided rule: benign iff |R_l - median(R)| <= z * 1.4826 * MAD(R)."""
+    scores = np.abs(robust_z(errors))
     return OutlierDecision(benign=scores <= z, scores=scores, threshold=float(z))

@@ -31,6 +31,7 @@ ATTACKS = ("none", "gae", "sign-flip", "gaussian", "uniform-noise", "label-flip"
 """Attacks available in this version, by run-config name."""
 
 FAA_DL_ATTACKER_RESPONSES = ("true-data", "forged-data")
+LAYERCAM_AE_DECISIONS = ("evidence", "voting")
 LAYERCAM_AE_THRESHOLDS = ("upper", "two-sided")
 HEATMAP_ENGINES = ("auto", "loop", "vmap")
 HEATMAP_SIZES = ("probe", "native")
@@ -93,9 +94,13 @@ class RunConfig:
     faa_dl_aont_lambda: int = 2
     faa_dl_attacker_response: str = "true-data"
     # LayerCAM-AE (paper section 4; equation numbers of the ACM TOPS version)
+    layercam_ae_decision: str = "evidence"
+    layercam_ae_memory: float = 0.8
+    layercam_ae_score_cap: float = 4.0
+    layercam_ae_scale_rounds: int = 5
     layercam_ae_threshold: str = "two-sided"
     layercam_ae_beta: float = 1.0
-    layercam_ae_robust_z: float = 2.5
+    layercam_ae_robust_z: float = 3.0
     layercam_ae_window: int = 3
     layercam_ae_votes: int = 2
     layercam_ae_probes: int = 4
@@ -144,6 +149,7 @@ class RunConfig:
         _choice("attack", self.attack, ATTACKS)
         _choice("faa-dl-attacker-response", self.faa_dl_attacker_response,
                 FAA_DL_ATTACKER_RESPONSES)
+        _choice("layercam-ae-decision", self.layercam_ae_decision, LAYERCAM_AE_DECISIONS)
         _choice("layercam-ae-threshold", self.layercam_ae_threshold, LAYERCAM_AE_THRESHOLDS)
         _choice("layercam-ae-engine", self.layercam_ae_engine, HEATMAP_ENGINES)
         _choice("layercam-ae-map-size", self.layercam_ae_map_size, HEATMAP_SIZES)
@@ -154,6 +160,7 @@ class RunConfig:
             ("local-epochs", self.local_epochs, 1),
             ("batch-size", self.batch_size, 1),
             ("layercam-ae-window", self.layercam_ae_window, 1),
+            ("layercam-ae-scale-rounds", self.layercam_ae_scale_rounds, 1),
             ("layercam-ae-votes", self.layercam_ae_votes, 1),
             ("layercam-ae-probes", self.layercam_ae_probes, 1),
             ("layercam-ae-hidden", self.layercam_ae_hidden, 1),
@@ -175,6 +182,7 @@ class RunConfig:
             ("round-timeout", self.round_timeout),
             ("node-wait-timeout", self.node_wait_timeout),
             ("layercam-ae-robust-z", self.layercam_ae_robust_z),
+            ("layercam-ae-score-cap", self.layercam_ae_score_cap),
             ("layercam-ae-lr", self.layercam_ae_lr),
             ("sign-flip-scale", self.sign_flip_scale),
             ("gaussian-sigma", self.gaussian_sigma),
@@ -207,6 +215,13 @@ class RunConfig:
             raise ConfigError(
                 f"layercam-ae-votes ({self.layercam_ae_votes}) must be <= layercam-ae-window "
                 f"({self.layercam_ae_window})"
+            )
+        if not 0 <= self.layercam_ae_memory < 1:
+            raise ConfigError(f"layercam-ae-memory must be in [0, 1), got {self.layercam_ae_memory}")
+        if self.layercam_ae_decision == "evidence" and self.layercam_ae_threshold != "two-sided":
+            raise ConfigError(
+                "layercam-ae-threshold='upper' (the paper's rule) needs "
+                "layercam-ae-decision='voting'; the evidence decision accumulates the two-sided score"
             )
         if not 0 <= self.trimmed_mean_beta < 0.5:
             raise ConfigError(f"trimmed-mean-beta must be in [0, 0.5), got {self.trimmed_mean_beta}")

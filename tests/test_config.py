@@ -31,6 +31,11 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("layercam-ae-map-size", "huge", "layercam-ae-map-size"),
     ("layercam-ae-tolerance", -0.1, "layercam-ae-tolerance"),
     ("layercam-ae-threads", -1, "layercam-ae-threads"),
+    ("layercam-ae-decision", "majority", "layercam-ae-decision"),
+    ("layercam-ae-memory", 1.0, "layercam-ae-memory"),
+    ("layercam-ae-memory", -0.1, "layercam-ae-memory"),
+    ("layercam-ae-memory", float("nan"), "layercam-ae-memory"),
+    ("layercam-ae-score-cap", 0.0, "layercam-ae-score-cap"),
 ])
 def test_bad_value_raises_naming_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -39,3 +44,11 @@ def test_bad_value_raises_naming_the_key(key, value, match):
 
 def test_ints_given_as_whole_floats_are_accepted():
     assert RunConfig.from_run_config({"num-server-rounds": 3.0}).num_server_rounds == 3
+
+
+def test_the_papers_upper_threshold_needs_the_voting_decision():
+    with pytest.raises(ConfigError, match="layercam-ae-decision='voting'"):
+        RunConfig.from_run_config({"layercam-ae-threshold": "upper"})
+    paper = RunConfig.from_run_config({"layercam-ae-threshold": "upper",
+                                       "layercam-ae-decision": "voting"})
+    assert paper.layercam_ae_threshold == "upper"

@@ -1,4 +1,7 @@
-"""Hand-made cases for the pure parts of LayerCAM-AE: AE scores, thresholds, voting, aggregation."""
+"""Hand-made cases for the pure parts of LayerCAM-AE: AE scores, thresholds, evidence over
+rounds, voting, aggregation."""
+
+import statistics
 
 import numpy as np
 import pytest
@@ -6,8 +9,9 @@ import torch
 
 from strategies.aggregation import weighted_average
 from strategies.autoencoder import PATIENCE, reconstruction_errors, torch_threads
+from strategies.evidence import EvidenceLedger, SpreadHistory
 from strategies.records import ClientUpload
-from strategies.thresholds import two_sided_rule, upper_rule
+from strategies.thresholds import robust_z, two_sided_rule, upper_rule
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
 
 
@@ -33,6 +37,96 @@ def test_two_sided_rule_flags_both_tails():
 def test_two_sided_rule_with_zero_mad_still_separates():
     decision = two_sided_rule(np.array([0.3, 0.3, 0.3, 0.3, 0.9]), z=3.0)
     assert decision.benign.tolist() == [True, True, True, True, False]
+
+
+def test_robust_z_is_signed_and_defined_for_ties_and_two_clients():
+    z = robust_z(np.array([0.01, 0.50, 0.51, 0.49, 0.52, 0.48, 0.50, 1.20]))
+    assert z[0] < -20 and z[-1] > 30 and z[1] == 0.0
+    assert robust_z(np.full(6, 0.7)).tolist() == [0.0] * 6  # all equal: nobody stands out
+    assert np.allclose(robust_z(np.array([1.0, 3.0])), [-1 / 1.4826, 1 / 1.4826])  # K = 2
+    assert robust_z(np.array([0.4])).tolist() == [0.0]
+
+
+def test_evidence_is_the_exponentially_weighted_stouffer_sum():
+    ledger = EvidenceLedger(memory=0.5)
+    assert ledger.update({1: -2.0, 2: 1.0}) == {1: -2.0, 2: 1.0}
+    second = ledger.update({1: -2.0})  # node 2 skipped the round: its evidence is kept
+    assert second[1] == pytest.approx((-2.0 * 0.5 - 2.0) / np.sqrt(1 + 0.25))
+    assert ledger.update({2: 0.0})[2] == pytest.approx(0.5 / np.sqrt(1.25))
+    assert EvidenceLedger(memory=0.0).update({1: 2.5}) == {1: 2.5}
+    clipped = EvidenceLedger(memory=0.5, cap=3.0)
+    assert clipped.update({1: -9.0}) == {1: -3.0}
+    assert clipped.update({1: 1.0})[1] == pytest.approx((-3.0 * 0.5 + 1.0) / np.sqrt(1.25))
+    with pytest.raises(ValueError, match="memory"):
+        EvidenceLedger(memory=1.0)
+
+
+def excluded_per_round(rounds: list[np.ndarray], memory=0.8, cut=3.0, cap=4.0, scale_rounds=5
+                       ) -> list[set[int]]:
+    """The default decision on a sequence of rounds' reconstruction errors."""
+    ledger, spreads, out = EvidenceLedger(memory, cap), SpreadHistory(scale_rounds), []
+    for errors in rounds:
+        evidence = ledger.update(dict(enumerate(spreads.scores(errors))))
+        out.append({n for n, e in evidence.items() if abs(e) > cut})
+    return out
+
+
+def benign_errors(rng: np.random.Generator, k: int = 24, spread: float = 0.05) -> np.ndarray:
+    """A round's benign reconstruction errors: k normal quantiles around 1, in random order."""
+    quantiles = statistics.NormalDist().inv_cdf
+    return 1.0 + spread * rng.permutation([quantiles((i + 0.5) / k) for i in range(k)])
+
+
+def test_a_tight_colluding_group_below_the_one_round_cut_is_excluded_from_round_three():
+    rng = np.random.default_rng(0)
+    rounds = []
+    for _ in range(6):  # 3 colluders the AE reconstructs better: at -2.5 sd, every round
+        errors = benign_errors(rng)
+        errors[21:] = 1.0 - 2.5 * 0.05 + rng.normal(0, 0.002, 3)
+        rounds.append(errors)
+    excluded = excluded_per_round(rounds)
+    # the colluders pull the median and MAD, so they score about -2 each round
+    assert excluded[:2] == [set(), set()] and all(e == {21, 22, 23} for e in excluded[2:]), excluded
+    # the one-round rule at the same cut never sees them
+    assert all(not (set(np.flatnonzero(np.abs(robust_z(r)) > 3.0)) & {21, 22, 23}) for r in rounds)
+
+
+def test_a_single_outlier_is_excluded_at_once_and_readmitted_once_it_behaves():
+    rng = np.random.default_rng(1)
+    rounds = [benign_errors(rng) for _ in range(5)]
+    rounds[0][5] = 1.0 + 8 * 0.05
+    excluded = excluded_per_round(rounds)
+    # the 8-sd round enters clipped to 4; then typical rounds: |E| = 4, 2.5, ... (memory 0.8)
+    assert excluded == [{5}, set(), set(), set(), set()], excluded
+    # unclipped, one wild round keeps it out for three: |E| = 8, 5.0, 3.6, 2.7
+    assert excluded_per_round(rounds, cap=np.inf) == [{5}, {5}, {5}, set(), set()]
+    assert excluded_per_round(rounds, memory=0.0) == [{5}, set(), set(), set(), set()]
+
+
+def test_without_attackers_at_most_one_percent_of_client_rounds_are_excluded():
+    """At K = 24 one round's MAD is noisy: one round's cut at 3 puts ~1.5% of benign scores
+    beyond it (t-like tails); the spread pooled over rounds brings it back to the normal's."""
+    rng = np.random.default_rng(2)
+    rounds = [rng.lognormal(0.0, 0.2, 24) for _ in range(100)]  # skewed, like the AE's errors
+    evidence = sum(map(len, excluded_per_round(rounds)))
+    one_round = sum(map(len, excluded_per_round(rounds, memory=0.0, scale_rounds=1)))
+    assert evidence <= 0.01 * 24 * 100 < one_round, (evidence, one_round)
+
+
+def test_the_pooled_spread_is_the_median_of_recent_relative_spreads():
+    spreads = SpreadHistory(rounds=2)
+    wide = np.array([8.0, 9.0, 10.0, 11.0, 12.0])  # median 10, MAD 1: relative spread 0.148
+    narrow = np.array([9.5, 9.75, 10.0, 10.25, 10.5])  # relative spread 0.037
+    np.testing.assert_allclose(spreads.scores(wide), robust_z(wide))
+    pooled = (0.14826 + 0.037065) / 2 * 10.0
+    np.testing.assert_allclose(spreads.scores(narrow), (narrow - 10.0) / pooled)
+    np.testing.assert_allclose(spreads.scores(narrow), robust_z(narrow))  # the wide round left
+    assert spreads.scores(np.zeros(4)).tolist() == [0.0] * 4
+
+
+def test_equal_errors_and_two_clients_exclude_nobody():
+    assert excluded_per_round([np.full(24, 0.3)] * 4) == [set()] * 4
+    assert excluded_per_round([np.array([0.2, 0.9])] * 4) == [set()] * 4
 
 
 def test_autoencoder_scores_a_planted_outlier_highest():

@@ -167,3 +167,39 @@ def test_auto_engine_is_chosen_by_device_and_recorded(trajectory):
         make_strategy(data, engine="fastest")
     with pytest.raises(ValueError, match="map_size"):
         make_strategy(data, map_size="huge")
+
+
+def test_decisions_and_the_aggregate_do_not_depend_on_the_order_replies_arrive_in(trajectory):
+    """Flower delivers replies in arrival order; the round must not change with it."""
+    globals_, states, sizes, data = trajectory
+    outcomes = []
+    for order in (list(range(CLIENTS)), list(reversed(range(CLIENTS))),
+                  np.random.default_rng(3).permutation(CLIENTS).tolist()):
+        strategy, rng, rounds = make_strategy(data), np.random.default_rng(0), []
+        for t in range(2):
+            round_states = list(states[t])
+            for c, s in zip(ATTACKER_IDS, craft("scaled", globals_[t], [states[t][c] for c in ATTACKER_IDS],
+                                              states[t][: CLIENTS - ATTACKERS], rng)):
+                round_states[c] = s
+            strategy.global_state = globals_[t]
+            replies = [reply(node(c), round_states[c], {"num-examples": sizes[c]}) for c in order]
+            arrays, _ = strategy.aggregate_train(t + 1, replies)
+            record = strategy.last_record
+            rounds.append((record.excluded, record.scores,
+                           {k: v.numpy().tobytes() for k, v in arrays.items()}))
+        outcomes.append(rounds)
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+
+
+def test_the_papers_rule_stays_selectable_and_both_scores_are_recorded(trajectory):
+    globals_, states, sizes, data = trajectory
+    paper = make_strategy(data, decision="voting", threshold="upper")
+    paper.global_state = globals_[0]
+    paper.aggregate_train(1, [reply(node(c), s, {"num-examples": sizes[c]})
+                              for c, s in enumerate(states[0])])
+    details = paper.last_record.details
+    assert details["decision"] == "voting" and details["rule"] == "upper"
+    assert paper.last_record.scores == details["upper_scores"]
+    assert len(details["two_sided_scores"]) == CLIENTS and "evidence" not in details
+    with pytest.raises(ValueError, match="voting"):
+        make_strategy(data, threshold="upper")
