@@ -1,0 +1,274 @@
+"""Detection matrix: defenses x attacks x attacker counts x partitionings x seeds.
+
+Every cell runs R rounds of 24 clients in-process, as ``flwr run`` runs them with default keys
+otherwise (the ServerApp's seeding, partitions, probes and strategy; the ClientApp's training
+seeds, attack inputs and claimed sizes), and prints one Markdown table: pooled detection
+recall, precision, FPR, F1 and AUC over all client-rounds, and the final accuracy next to the
+no-attack run of the same defense, seed and partitioning. The strategy's own ``detect`` and
+``aggregate`` decide each round; only Flower's messaging is absent (replies are summed in node
+order, not arrival order, which moves float32 results by an ulp). ``--flwr-check`` prints the
+``flwr run`` command that reproduces one cell. Round 1's benign training does not depend on
+the defense or the attack, so each worker does it once per seed and partitioning.
+``--oracle-rounds 1`` is a control: in the rounds listed, the attackers' uploads are dropped
+whatever the defense decides (what a perfect round would cost nothing for).
+
+    python benchmarks/detection_matrix.py --defenses layercam-ae --attacks gae sign-flip
+    python benchmarks/detection_matrix.py --set layercam-ae-decision=paper --out paper.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NUM_CLIENTS = 24
+ATTACKS = ("gae", "sign-flip", "alie", "ipm", "min-max", "min-sum", "gaussian", "adaptive-cam",
+           "radius-noise", "undo-update")
+ADAPTIVE_PROBES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    defense: str
+    attack: str
+    attackers: int
+    partitioning: str
+    seed: int
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in self.overrides)
+        return f"{self.defense}{' ' + extra if extra else ''}"
+
+
+def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = ()) -> list[dict]:
+    """Every cell of one (seed, partitioning), in order; round 1's benign training shared."""
+    import numpy as np
+    import torch
+
+    from attacks import AttackInput, build_attack
+    from client_app.app import training_seed
+    from server_app.defenses import build_defense
+    from server_app.metrics import detection_metrics, pooled_detection_metrics
+    from strategies.records import ClientUpload
+    from task.config import RunConfig
+    from task.data import load_federated_data
+    from task.models import build_model, default_cam_layer
+    from task.partition import client_indices
+    from task.train import evaluate, load_numpy_state, state_to_numpy, train
+
+    torch.set_num_threads(1)
+    seed, partitioning = cells[0].seed, cells[0].partitioning
+    base = RunConfig(num_clients=NUM_CLIENTS, partitioning=partitioning, seed=seed,
+                     num_server_rounds=rounds)
+    torch.manual_seed(seed)  # as the ServerApp: seed, data, model, probes
+    data = load_federated_data(base.dataset, seed)
+    test = data.test
+
+    def model_fn() -> torch.nn.Module:
+        return build_model(base.model, test.in_channels, test.num_classes, test.image_size)
+
+    initial = state_to_numpy(model_fn())
+    probe_order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+    probes = test.as_float(probe_order[: base.layercam_ae_probes])
+    labels = data.train.labels.numpy()
+    partitions = [data.train.subset(client_indices(labels, c, NUM_CLIENTS, partitioning,
+                                                   base.dirichlet_alpha, seed))
+                  for c in range(NUM_CLIENTS)]
+    model = model_fn()
+    first_round: dict[int, dict] = {}
+
+    def trained(config, global_state, server_round, client, local):
+        cacheable = server_round == 1 and local is partitions[client]
+        if cacheable and client in first_round:
+            return first_round[client]
+        load_numpy_state(model, global_state)
+        train(model, local, epochs=config.local_epochs, batch_size=config.batch_size,
+              learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+              device=torch.device("cpu"), seed=training_seed(config, server_round, client))
+        state = state_to_numpy(model)
+        if cacheable:
+            first_round[client] = state
+        return state
+
+    results = []
+    for cell in cells:
+        config = dataclasses.replace(base, defense=cell.defense, attack=cell.attack,
+                                     num_attackers=cell.attackers)
+        config = RunConfig.from_run_config({**config.to_run_config(), **dict(cell.overrides)})
+        strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model), test)
+        attack = build_attack(config, model_fn())
+        attackers = set(range(NUM_CLIENTS - cell.attackers, NUM_CLIENTS))
+        global_state, decisions, per_round = initial, [], []
+        started = time.perf_counter()
+        for server_round in range(1, rounds + 1):
+            uploads, benign_states, benign_sizes = [], [], []
+            for client in range(NUM_CLIENTS):
+                if client in attackers and attack.needs_benign_uploads:
+                    continue
+                local = partitions[client]
+                if client in attackers and attack.poisons_data:
+                    local = dataclasses.replace(local, labels=torch.from_numpy(
+                        attack.flip_labels(local.labels.numpy(), local.num_classes)))
+                state = trained(config, global_state, server_round, client, local)
+                if client in attackers:
+                    rng = np.random.default_rng(training_seed(config, server_round, client))
+                    state = attack.craft(AttackInput(global_state, state, rng))
+                else:
+                    benign_states.append(state)
+                    benign_sizes.append(float(len(local)))
+                uploads.append(ClientUpload(client, state, float(len(local))))
+            if attack.needs_benign_uploads:
+                claimed = float(np.median(benign_sizes))
+                for client in sorted(attackers):
+                    rng = np.random.default_rng(training_seed(config, server_round, client))
+                    own = partitions[client]
+                    probes_own = own.as_float(torch.arange(min(ADAPTIVE_PROBES, len(own))))
+                    state = attack.craft(AttackInput(global_state, global_state, rng,
+                                                     tuple(benign_states), tuple(benign_sizes),
+                                                     probes_own))
+                    uploads.append(ClientUpload(client, state, claimed))
+            strategy.global_state = global_state
+            detection = strategy.detect(server_round, uploads)
+            kept_ids = set(detection.kept) - (attackers if server_round in oracle_rounds else set())
+            kept = [u for u in uploads if u.node_id in kept_ids]
+            if kept:
+                global_state = {k: np.ascontiguousarray(v)
+                                for k, v in strategy.aggregate(kept).items()}
+            truth = {u.node_id: u.node_id in attackers for u in uploads}
+            excluded = {u.node_id for u in uploads} - set(detection.kept)
+            decisions.append((truth, excluded, detection.scores))
+            per_round.append({"round": server_round, "excluded": sorted(excluded),
+                              "scores": detection.scores, "details": _plain(detection.details),
+                              **({"detection": detection_metrics(truth, excluded, detection.scores)}
+                                 if cell.attackers else {})})
+        load_numpy_state(model, global_state)
+        accuracy = evaluate(model, test, torch.device("cpu"))[1]
+        pooled = pooled_detection_metrics(decisions)
+        results.append({**dataclasses.asdict(cell), "accuracy": accuracy, "pooled": pooled,
+                        "rounds": per_round, "seconds": time.perf_counter() - started})
+        print(f"  {cell.label:28s} {cell.attack:12s} m={cell.attackers:2d} {partitioning:9s} "
+              f"seed {seed:3d}: acc {accuracy:.4f} recall {pooled['recall']:.3f} "
+              f"precision {pooled['precision']:.3f} fpr {pooled['fpr']:.3f} "
+              f"({results[-1]['seconds']:.0f} s)", flush=True)
+    return results
+
+
+def _plain(value):
+    """JSON-safe copy of a detection's details (dict keys as strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(results: list[dict]) -> str:
+    """One row per defense x attack x attackers x partitioning, mean ± std over seeds."""
+    none = {(r["defense"], tuple(map(tuple, r["overrides"])), r["partitioning"], r["seed"]):
+            r["accuracy"] for r in results if r["attack"] == "none"}
+    header = ("| defense | partitioning | attack | attackers | recall | precision | FPR | F1 | "
+              "AUC | accuracy | Δ vs no attack (pt) |")
+    lines = [header, "|" + "---|" * 11]
+    keys = []
+    for r in results:
+        key = (r["defense"], tuple(map(tuple, r["overrides"])), r["partitioning"], r["attack"],
+               r["attackers"])
+        if key not in keys:
+            keys.append(key)
+    for defense, overrides, partitioning, attack, attackers in keys:
+        cell = [r for r in results if (r["defense"], tuple(map(tuple, r["overrides"])),
+                                       r["partitioning"], r["attack"], r["attackers"])
+                == (defense, overrides, partitioning, attack, attackers)]
+        label = Cell(defense, attack, attackers, partitioning, 0, overrides).label
+        pooled = {m: [r["pooled"][m] for r in cell] for m in ("recall", "precision", "fpr", "f1", "auc")}
+        delta = [100 * (r["accuracy"] - none[(defense, overrides, partitioning, r["seed"])])
+                 for r in cell if (defense, overrides, partitioning, r["seed"]) in none]
+        if attack == "none":
+            pooled = {m: [r["pooled"]["fpr"] for r in cell] if m == "fpr" else [] for m in pooled}
+        lines.append(
+            f"| {label} | {partitioning} | {attack} | {attackers} | {_mean_std(pooled['recall'])} "
+            f"| {_mean_std(pooled['precision'])} | {_mean_std(pooled['fpr'])} "
+            f"| {_mean_std(pooled['f1'])} | {_mean_std(pooled['auc'])} "
+            f"| {_mean_std([r['accuracy'] for r in cell])} "
+            f"| {_mean_std(delta) if attack != 'none' else ''} |")
+    return "\n".join(lines)
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        parsed: object = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key, parsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--defenses", nargs="+", default=["layercam-ae"])
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--attackers", type=int, nargs="+", default=[3, 6])
+    parser.add_argument("--partitionings", nargs="+", default=["iid"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], type=_override,
+                        metavar="KEY=VALUE", help="a run-config key for every cell (repeatable)")
+    parser.add_argument("--oracle-rounds", type=int, nargs="*", default=[],
+                        help="rounds in which the attackers' uploads are dropped (a control)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="also write the raw results (every round) as JSON")
+    parser.add_argument("--flwr-check", action="store_true",
+                        help="print the flwr run command that reproduces the first cell, and exit")
+    args = parser.parse_args()
+    overrides = tuple(args.overrides)
+    groups = []
+    for seed in args.seeds:
+        for partitioning in args.partitionings:
+            for defense in args.defenses:
+                cells = [Cell(defense, "none", 0, partitioning, seed, overrides)]
+                cells += [Cell(defense, a, m, partitioning, seed, overrides)
+                          for a in args.attacks for m in args.attackers]
+                groups.append(cells)
+    if args.flwr_check:
+        c = groups[0][1]
+        keys = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides)
+        print('flwr run . --stream --federation-config "num-supernodes=24 '
+              'client-resources-num-cpus=1 init-args-num-cpus=2" --run-config '
+              f"\"defense='{c.defense}' attack='{c.attack}' num-attackers={c.attackers} "
+              f"partitioning='{c.partitioning}' seed={c.seed} num-server-rounds={args.rounds} "
+              f"{keys}\"")
+        return
+    started = time.perf_counter()
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        results = [r for group in pool.starmap(run_group, [(g, args.rounds, tuple(args.oracle_rounds))
+                                                           for g in groups])
+                   for r in group]
+    print(f"\n{args.rounds} rounds, {NUM_CLIENTS} clients, seeds {args.seeds}; "
+          f"{time.perf_counter() - started:.0f} s\n")
+    print(table(results))
+    if args.out:
+        args.out.write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
