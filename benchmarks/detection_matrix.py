@@ -81,6 +81,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
     initial = state_to_numpy(model_fn())
     probe_order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
     probes = test.as_float(probe_order[: base.layercam_ae_probes])
+    probe_labels = test.labels[probe_order[: base.layercam_ae_probes]]
     labels = data.train.labels.numpy()
     partitions = [data.train.subset(client_indices(labels, c, NUM_CLIENTS, partitioning,
                                                    base.dirichlet_alpha, seed))
@@ -106,7 +107,8 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
         config = dataclasses.replace(base, defense=cell.defense, attack=cell.attack,
                                      num_attackers=cell.attackers)
         config = RunConfig.from_run_config({**config.to_run_config(), **dict(cell.overrides)})
-        strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model), test)
+        strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model), test,
+                                 probe_labels)
         attack = build_attack(config, model_fn())
         attackers = set(range(NUM_CLIENTS - cell.attackers, NUM_CLIENTS))
         global_state, decisions, per_round = initial, [], []

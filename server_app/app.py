@@ -71,7 +71,9 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     global_model = model_fn()
     probe_order = torch.randperm(len(test), generator=torch.Generator().manual_seed(config.seed))
     probes = test.as_float(probe_order[: config.layercam_ae_probes])
-    strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model), test)
+    probe_labels = test.labels[probe_order[: config.layercam_ae_probes]]
+    strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model), test,
+                             probe_labels)
 
     writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
     writer.write_config(config.to_run_config())

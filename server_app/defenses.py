@@ -15,14 +15,15 @@ from task.data import ImageData
 
 def build_defense(
     config: RunConfig, model_fn: Callable[[], nn.Module], probes: torch.Tensor, cam_layer: str,
-    reference: ImageData | None = None,
+    reference: ImageData | None = None, probe_labels: torch.Tensor | None = None,
 ) -> DetectingFedAvg:
     """The strategy named by ``config.defense``, sampling every connected client each round.
 
     ``model_fn`` builds an untrained model of the run's architecture (heat-map defenses load
     each upload into it functionally); ``probes`` are server-held images; ``cam_layer`` is the
     model's default class-activation-map layer; ``reference`` is server data of the run's
-    dataset (FAA-DL reads its shape, classes and standardisation). The heat-map defenses (LayerCAM-AE, GradCAM-AE,
+    dataset (FAA-DL reads its shape, classes and standardisation); ``probe_labels`` the probes'
+    labels (used by the heat-map defenses unless ``layercam-ae-probe-labels`` is false). The heat-map defenses (LayerCAM-AE, GradCAM-AE,
     LayerCAM-Krum) share the ``layercam-ae-*`` keys; the Krum family shares ``krum-f``.
     """
     common = dict(
@@ -75,6 +76,7 @@ def build_defense(
         model_fn=model_fn, probes=probes,
         target_layer=config.layercam_ae_target_layer or cam_layer,
         target_class=config.layercam_ae_target_class,
+        probe_labels=probe_labels if config.layercam_ae_probe_labels else None,
         decision=config.layercam_ae_decision, memory=config.layercam_ae_memory,
         score_cap=config.layercam_ae_score_cap, scale_rounds=config.layercam_ae_scale_rounds,
         threshold=config.layercam_ae_threshold, beta=config.layercam_ae_beta,

@@ -106,6 +106,7 @@ class RunConfig:
     layercam_ae_probes: int = 4
     layercam_ae_target_layer: str = ""
     layercam_ae_target_class: int = -1
+    layercam_ae_probe_labels: bool = True
     layercam_ae_hidden: int = 128
     layercam_ae_epochs: int = 200
     layercam_ae_lr: float = 1e-3
@@ -239,7 +240,8 @@ class RunConfig:
         if not 0 < self.faa_dl_nu <= 1:
             raise ConfigError(f"faa-dl-nu must be in (0, 1], got {self.faa_dl_nu}")
         if self.layercam_ae_target_class < -1:
-            raise ConfigError("layercam-ae-target-class must be -1 (predicted class) or a class")
+            raise ConfigError("layercam-ae-target-class must be -1 (the probe's label or the "
+                              "predicted class) or a class")
         if not self.results_dir:
             raise ConfigError("results-dir must not be empty")
 

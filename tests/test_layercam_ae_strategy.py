@@ -203,3 +203,22 @@ def test_the_papers_rule_stays_selectable_and_both_scores_are_recorded(trajector
     assert len(details["two_sided_scores"]) == CLIENTS and "evidence" not in details
     with pytest.raises(ValueError, match="voting"):
         make_strategy(data, threshold="upper")
+
+
+def test_probes_are_scored_for_their_labels_unless_a_class_is_fixed(trajectory):
+    globals_, _, _, data = trajectory
+    order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(0))
+    labels = data.test.labels[order[:4]]
+    strategy = make_strategy(data, probe_labels=labels)
+    strategy.global_state = globals_[0]
+    assert torch.equal(strategy.probe_classes(), labels)
+    fixed = make_strategy(data, probe_labels=labels, target_class=3)
+    assert fixed.probe_classes().tolist() == [3, 3, 3, 3]
+    predicted = make_strategy(data)
+    predicted.global_state = globals_[0]
+    model = build_model("cnn", 1, 10, 28)
+    load_numpy_state(model, globals_[0])
+    with torch.no_grad():
+        assert torch.equal(predicted.probe_classes(), model.eval()(predicted.probes).argmax(dim=1))
+    with pytest.raises(ValueError, match="probe_labels"):
+        make_strategy(data, probe_labels=labels[:3])
