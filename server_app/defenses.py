@@ -79,6 +79,7 @@ def build_defense(
         probe_labels=probe_labels if config.layercam_ae_probe_labels else None,
         decision=config.layercam_ae_decision, memory=config.layercam_ae_memory,
         score_cap=config.layercam_ae_score_cap, scale_rounds=config.layercam_ae_scale_rounds,
+        group_z=config.layercam_ae_group_z, group_size=config.layercam_ae_group_size,
         threshold=config.layercam_ae_threshold, beta=config.layercam_ae_beta,
         robust_z=config.layercam_ae_robust_z, window=config.layercam_ae_window,
         votes=config.layercam_ae_votes, hidden=config.layercam_ae_hidden,

@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from strategies.autoencoder import reconstruction_errors, torch_threads
 from strategies.base import DetectingFedAvg
-from strategies.evidence import EvidenceLedger, SpreadHistory
+from strategies.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
 from strategies.heatmaps import (
     CamCombine,
     as_tensors,
@@ -71,6 +71,9 @@ class LayerCamAe(DetectingFedAvg):
         Forgetting factor of the evidence (0: this round's score alone).
     score_cap : float (default: 4.0)
         Each round's score enters the evidence clipped to +-score_cap.
+    group_z, group_size : float, int (default: 2.25, 3)
+        Clients whose evidence is below -group_z are excluded together when there are at least
+        group_size of them (colluders; 0 disables).
     scale_rounds : int (default: 5)
         The evidence's scores use the robust spread pooled over this many rounds (1: this
         round's MAD alone).
@@ -123,6 +126,8 @@ class LayerCamAe(DetectingFedAvg):
         memory: float = 0.8,
         score_cap: float = 4.0,
         scale_rounds: int = 5,
+        group_z: float = 2.25,
+        group_size: int = 3,
         threshold: str = "two-sided",
         beta: float = 1.0,
         robust_z: float = 3.0,
@@ -183,12 +188,14 @@ class LayerCamAe(DetectingFedAvg):
         self.history = OutlierHistory(window)
         self.evidence = EvidenceLedger(memory, score_cap)
         self.spreads = SpreadHistory(scale_rounds)
+        self.group_z, self.group_size = group_z, group_size
         self.last_heatmaps: np.ndarray | None = None
 
     def summary(self) -> None:
         super().summary()
         rule = (f"evidence (memory {self.evidence.memory:.2f}, cap {self.evidence.cap:.2f}, "
-                f"scale over {self.spreads.spreads.maxlen} rounds, z {self.robust_z:.2f})"
+                f"scale over {self.spreads.spreads.maxlen} rounds, z {self.robust_z:.2f}, "
+                f"group of {self.group_size} below -{self.group_z:.2f})"
                 if self.decision == "evidence" else
                 f"{self.threshold} (beta {self.beta:.2f}, z {self.robust_z:.2f}), "
                 f"vote {self.votes} of {self.window}")
@@ -252,13 +259,16 @@ class LayerCamAe(DetectingFedAvg):
 
     def decide_by_evidence(self, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:
-        """Keep the clients whose evidence over rounds stays within +-robust_z."""
+        """Keep the clients whose evidence over rounds stays within +-robust_z and who are not
+        in a low group (``strategies.evidence``)."""
         z = self.spreads.scores(errors)
         evidence = self.evidence.update(dict(zip(node_ids, z.tolist())))
-        kept = [n for n in node_ids if abs(evidence[n]) <= self.robust_z]
+        excluded = excluded_by_evidence(evidence, self.robust_z, self.group_z, self.group_size)
+        kept = [n for n in node_ids if n not in excluded]
         return kept, {n: abs(e) for n, e in evidence.items()}, {
             "evidence": evidence, "threshold": self.robust_z, "memory": self.evidence.memory,
-            "score_cap": self.evidence.cap, "z": dict(zip(node_ids, z.tolist()))}
+            "score_cap": self.evidence.cap, "group_z": self.group_z, "group_size": self.group_size,
+            "z": dict(zip(node_ids, z.tolist()))}
 
     def decide_by_vote(self, server_round: int, node_ids: list[int], errors: np.ndarray
                        ) -> tuple[list[int], dict[int, float], dict]:

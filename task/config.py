@@ -98,6 +98,8 @@ class RunConfig:
     layercam_ae_memory: float = 0.8
     layercam_ae_score_cap: float = 4.0
     layercam_ae_scale_rounds: int = 5
+    layercam_ae_group_z: float = 2.25
+    layercam_ae_group_size: int = 3
     layercam_ae_threshold: str = "two-sided"
     layercam_ae_beta: float = 1.0
     layercam_ae_robust_z: float = 3.0
@@ -162,6 +164,7 @@ class RunConfig:
             ("batch-size", self.batch_size, 1),
             ("layercam-ae-window", self.layercam_ae_window, 1),
             ("layercam-ae-scale-rounds", self.layercam_ae_scale_rounds, 1),
+            ("layercam-ae-group-size", self.layercam_ae_group_size, 0),
             ("layercam-ae-votes", self.layercam_ae_votes, 1),
             ("layercam-ae-probes", self.layercam_ae_probes, 1),
             ("layercam-ae-hidden", self.layercam_ae_hidden, 1),
@@ -184,6 +187,7 @@ class RunConfig:
             ("node-wait-timeout", self.node_wait_timeout),
             ("layercam-ae-robust-z", self.layercam_ae_robust_z),
             ("layercam-ae-score-cap", self.layercam_ae_score_cap),
+            ("layercam-ae-group-z", self.layercam_ae_group_z),
             ("layercam-ae-lr", self.layercam_ae_lr),
             ("sign-flip-scale", self.sign_flip_scale),
             ("gaussian-sigma", self.gaussian_sigma),

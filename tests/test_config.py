@@ -36,6 +36,8 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("layercam-ae-memory", -0.1, "layercam-ae-memory"),
     ("layercam-ae-memory", float("nan"), "layercam-ae-memory"),
     ("layercam-ae-score-cap", 0.0, "layercam-ae-score-cap"),
+    ("layercam-ae-group-z", -1.0, "layercam-ae-group-z"),
+    ("layercam-ae-group-size", -1, "layercam-ae-group-size"),
 ])
 def test_bad_value_raises_naming_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):

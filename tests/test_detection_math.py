@@ -9,7 +9,7 @@ import torch
 
 from strategies.aggregation import weighted_average
 from strategies.autoencoder import PATIENCE, reconstruction_errors, torch_threads
-from strategies.evidence import EvidenceLedger, SpreadHistory
+from strategies.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
 from strategies.records import ClientUpload
 from strategies.thresholds import robust_z, two_sided_rule, upper_rule
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
@@ -61,14 +61,27 @@ def test_evidence_is_the_exponentially_weighted_stouffer_sum():
         EvidenceLedger(memory=1.0)
 
 
-def excluded_per_round(rounds: list[np.ndarray], memory=0.8, cut=3.0, cap=4.0, scale_rounds=5
-                       ) -> list[set[int]]:
+def excluded_per_round(rounds: list[np.ndarray], memory=0.8, cut=3.0, cap=4.0, scale_rounds=5,
+                       group_z=2.25, group_size=3) -> list[set[int]]:
     """The default decision on a sequence of rounds' reconstruction errors."""
     ledger, spreads, out = EvidenceLedger(memory, cap), SpreadHistory(scale_rounds), []
     for errors in rounds:
         evidence = ledger.update(dict(enumerate(spreads.scores(errors))))
-        out.append({n for n, e in evidence.items() if abs(e) > cut})
+        out.append(excluded_by_evidence(evidence, cut, group_z, group_size))
     return out
+
+
+def test_a_low_group_is_excluded_together_a_pair_or_a_high_group_is_not():
+    evidence = {n: 0.1 * (n % 5) for n in range(24)}
+    group = {**evidence, 21: -2.4, 22: -2.6, 23: -2.3}
+    assert excluded_by_evidence(group, 3.0, 2.25, 3) == {21, 22, 23}
+    assert excluded_by_evidence(group, 3.0, 2.25, 0) == set()  # group rule off
+    assert excluded_by_evidence(group, 3.0, 2.25, 4) == set()
+    pair = {**evidence, 22: -2.6, 23: -2.3, 5: 3.2}
+    assert excluded_by_evidence(pair, 3.0, 2.25, 3) == {5}  # only the one beyond the cut
+    high = {**evidence, 21: 2.4, 22: 2.6, 23: 2.3}
+    assert excluded_by_evidence(high, 3.0, 2.25, 3) == set()
+    assert excluded_by_evidence({1: -0.5, 2: 0.5}, 3.0, 2.25, 3) == set()  # K = 2
 
 
 def benign_errors(rng: np.random.Generator, k: int = 24, spread: float = 0.05) -> np.ndarray:
@@ -77,7 +90,7 @@ def benign_errors(rng: np.random.Generator, k: int = 24, spread: float = 0.05) -
     return 1.0 + spread * rng.permutation([quantiles((i + 0.5) / k) for i in range(k)])
 
 
-def test_a_tight_colluding_group_below_the_one_round_cut_is_excluded_from_round_three():
+def test_a_tight_colluding_group_below_the_one_round_cut_is_excluded_from_round_two():
     rng = np.random.default_rng(0)
     rounds = []
     for _ in range(6):  # 3 colluders the AE reconstructs better: at -2.5 sd, every round
@@ -85,8 +98,11 @@ def test_a_tight_colluding_group_below_the_one_round_cut_is_excluded_from_round_
         errors[21:] = 1.0 - 2.5 * 0.05 + rng.normal(0, 0.002, 3)
         rounds.append(errors)
     excluded = excluded_per_round(rounds)
-    # the colluders pull the median and MAD, so they score about -2 each round
-    assert excluded[:2] == [set(), set()] and all(e == {21, 22, 23} for e in excluded[2:]), excluded
+    # the colluders pull the median and MAD, so they score about -2 each round: alone, each
+    # is excluded from round 3; as a group of three below -2.25, from round 2
+    assert excluded[0] == set() and all(e == {21, 22, 23} for e in excluded[1:]), excluded
+    alone = excluded_per_round(rounds, group_size=0)
+    assert alone[:2] == [set(), set()] and all(e == {21, 22, 23} for e in alone[2:]), alone
     # the one-round rule at the same cut never sees them
     assert all(not (set(np.flatnonzero(np.abs(robust_z(r)) > 3.0)) & {21, 22, 23}) for r in rounds)
 
