@@ -5,9 +5,10 @@ otherwise (the ServerApp's seeding, partitions, probes and strategy; the ClientA
 seeds, attack inputs and claimed sizes), and prints one Markdown table: pooled detection
 recall, precision, FPR, F1 and AUC over all client-rounds, and the final accuracy next to the
 no-attack run of the same defense, seed and partitioning. The strategy's own ``detect`` and
-``aggregate`` decide each round; only Flower's messaging is absent (replies are summed in node
-order, not arrival order, which moves float32 results by an ulp). ``--flwr-check`` prints the
-``flwr run`` command that reproduces one cell. Round 1's benign training does not depend on
+``aggregate`` decide each round, on uploads in the order the server puts them in
+(``task.params.content_key``), and eavesdropping attackers get the benign uploads in the
+harness's order; only Flower's messaging is absent. ``--flwr-check`` prints the ``flwr run``
+command that reproduces one cell. Round 1's benign training does not depend on
 the defense or the attack, so each worker does it once per seed and partitioning.
 ``--oracle-rounds 1`` is a control: in the rounds listed, the attackers' uploads are dropped
 whatever the defense decides (what a perfect round would cost nothing for).
@@ -64,6 +65,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
     from task.config import RunConfig
     from task.data import load_federated_data
     from task.models import build_model, default_cam_layer
+    from task.params import content_key
     from task.partition import client_indices
     from task.train import evaluate, load_numpy_state, state_to_numpy, train
 
@@ -132,6 +134,10 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
                 uploads.append(ClientUpload(client, state, float(len(local))))
             if attack.needs_benign_uploads:
                 claimed = float(np.median(benign_sizes))
+                order = sorted(range(len(benign_states)),
+                               key=lambda i: content_key(benign_states[i]))  # the harness's order
+                benign_states = [benign_states[i] for i in order]
+                benign_sizes = [benign_sizes[i] for i in order]
                 for client in sorted(attackers):
                     rng = np.random.default_rng(training_seed(config, server_round, client))
                     own = partitions[client]
@@ -140,6 +146,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
                                                      tuple(benign_states), tuple(benign_sizes),
                                                      probes_own))
                     uploads.append(ClientUpload(client, state, claimed))
+            uploads.sort(key=lambda u: (content_key(u.arrays), u.node_id))  # as screen_replies
             strategy.global_state = global_state
             detection = strategy.detect(server_round, uploads)
             kept_ids = set(detection.kept) - (attackers if server_round in oracle_rounds else set())

@@ -22,6 +22,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from task.params import content_key
+
 ATTACK_MESSAGE = f"{MessageType.TRAIN}.attack"
 HARNESS_KEYS = ("attacker", "awaits-benign")
 """Metrics only the harness reads; taken out of every reply before a strategy sees it."""
@@ -31,6 +33,12 @@ def _metric(reply: Message, key: str):
     if not reply.has_content() or "metrics" not in reply.content.metric_records:
         return None
     return reply.content["metrics"].get(key)
+
+
+def _content_order(reply: Message) -> tuple[bytes, int]:
+    """Order of a benign upload: its content, not its (random) node id or arrival."""
+    arrays = reply.content["arrays"]
+    return content_key({k: v.numpy() for k, v in arrays.items()}), reply.metadata.src_node_id
 
 
 def strip_ground_truth(reply: Message) -> Message:
@@ -67,7 +75,7 @@ class EavesdroppingGrid:
             return [strip_ground_truth(r) for r in replies]
         benign = sorted((r for r in replies if r.has_content() and _metric(r, "attacker") == 0.0
                          and "arrays" in r.content.array_records),
-                        key=lambda r: r.metadata.src_node_id)  # node order: crafts are reproducible
+                        key=_content_order)  # crafts are reproducible from run to run
         crafted = self._eavesdrop(messages, waiting, benign, timeout)
         waiting_ids = {r.metadata.src_node_id for r in waiting}
         kept = [r for r in replies if r.metadata.src_node_id not in waiting_ids]

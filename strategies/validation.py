@@ -17,6 +17,7 @@ from flwr.app import Message
 from flwr.common import log
 
 from strategies.records import ClientUpload
+from task.params import content_key
 
 MAX_UPDATE_RATIO = 1e3
 """Default bound on ||w - w_global|| / (||w_global|| + 1); beyond it an upload is absurd."""
@@ -77,9 +78,10 @@ def screen_replies(
     """Split training replies into accepted uploads and ``{node_id: reason}`` rejections.
 
     A node that replies twice keeps its first reply (accepted or rejected); later ones are
-    ignored with a warning. Uploads come back in node-id order, not arrival order, so that
-    sums over them (the aggregate, the autoencoder's loss) and the decisions that depend on
-    them are the same from run to run.
+    ignored with a warning. Uploads come back in the order of their content
+    (``task.params.content_key``), not of arrival or node id (random in Flower), so that sums
+    over them (the aggregate, the autoencoder's loss) and the decisions that depend on them
+    are the same from run to run.
     """
     reference_norm = math.sqrt(
         sum(float(np.sum(v.astype(np.float64) ** 2)) for v in reference.values() if v.dtype.kind == "f")
@@ -105,4 +107,4 @@ def screen_replies(
             continue
         seen.add(node_id)
         accepted.append(upload)
-    return sorted(accepted, key=lambda u: u.node_id), rejected
+    return sorted(accepted, key=lambda u: (content_key(u.arrays), u.node_id)), rejected

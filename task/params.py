@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -55,3 +56,22 @@ def squared_distances(updates: np.ndarray) -> np.ndarray:
     """(n, n) matrix of ||Delta_i - Delta_j||^2 via the Gram matrix (no n x n x d tensor)."""
     norms = np.einsum("ij,ij->i", updates, updates)
     return np.maximum(norms[:, None] + norms[None, :] - 2.0 * updates @ updates.T, 0.0)
+
+
+SAMPLED_VALUES = 4096
+"""Values per array that ``content_key`` reads (evenly strided)."""
+
+
+def content_key(state: State) -> bytes:
+    """A digest of what a state holds, independent of who sent it or when: the order in which
+    a round's uploads are summed (aggregate, autoencoder) follows it, so that the same uploads
+    give the same bits whatever Flower's (random) node ids and the arrival order. It reads up
+    to ``SAMPLED_VALUES`` evenly strided values per array, so its cost does not grow with the
+    model; identical uploads tie, and their order cannot change a sum."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        values = np.ascontiguousarray(np.asarray(state[name]).ravel())
+        step = max(1, values.size // SAMPLED_VALUES)
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(values[::step]).tobytes())
+    return digest.digest()

@@ -12,6 +12,7 @@ from strategies.autoencoder import PATIENCE, reconstruction_errors, torch_thread
 from strategies.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
 from strategies.records import ClientUpload
 from strategies.thresholds import robust_z, two_sided_rule, upper_rule
+from task.params import content_key
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
 
 
@@ -212,3 +213,15 @@ def test_torch_threads_sets_and_restores():
     assert torch.get_num_threads() == before
     with torch_threads(0):
         assert torch.get_num_threads() == before
+
+
+def test_content_key_orders_by_what_a_state_holds():
+    a = {"w": np.arange(10_000, dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
+    b = {"w": np.arange(10_000, dtype=np.float32), "b": np.ones(3, dtype=np.float32)}
+    assert content_key(a) == content_key({"b": a["b"].copy(), "w": a["w"].copy()})
+    assert content_key(a) != content_key(b)
+    strided = {"w": a["w"].copy(), "b": a["b"]}
+    strided["w"][1] += 1.0  # between the sampled values of a 10,000-value array (stride 2)
+    assert content_key(strided) == content_key(a)
+    strided["w"][2] += 1.0
+    assert content_key(strided) != content_key(a)

@@ -169,23 +169,29 @@ def test_auto_engine_is_chosen_by_device_and_recorded(trajectory):
         make_strategy(data, map_size="huge")
 
 
-def test_decisions_and_the_aggregate_do_not_depend_on_the_order_replies_arrive_in(trajectory):
-    """Flower delivers replies in arrival order; the round must not change with it."""
+def test_decisions_and_the_aggregate_depend_neither_on_arrival_order_nor_on_node_ids(trajectory):
+    """Flower delivers replies in arrival order and draws node ids at random each run; the
+    round's bits must not change with either."""
     globals_, states, sizes, data = trajectory
+    random_ids = np.random.default_rng(4).integers(1, 2**62, CLIENTS).tolist()
+    runs = [(list(range(CLIENTS)), [node(c) for c in range(CLIENTS)]),
+            (list(reversed(range(CLIENTS))), [node(c) for c in range(CLIENTS)]),
+            (np.random.default_rng(3).permutation(CLIENTS).tolist(), random_ids)]
     outcomes = []
-    for order in (list(range(CLIENTS)), list(reversed(range(CLIENTS))),
-                  np.random.default_rng(3).permutation(CLIENTS).tolist()):
+    for order, ids in runs:
         strategy, rng, rounds = make_strategy(data), np.random.default_rng(0), []
+        client_of = {n: c for c, n in enumerate(ids)}
         for t in range(2):
             round_states = list(states[t])
             for c, s in zip(ATTACKER_IDS, craft("scaled", globals_[t], [states[t][c] for c in ATTACKER_IDS],
                                               states[t][: CLIENTS - ATTACKERS], rng)):
                 round_states[c] = s
             strategy.global_state = globals_[t]
-            replies = [reply(node(c), round_states[c], {"num-examples": sizes[c]}) for c in order]
+            replies = [reply(ids[c], round_states[c], {"num-examples": sizes[c]}) for c in order]
             arrays, _ = strategy.aggregate_train(t + 1, replies)
             record = strategy.last_record
-            rounds.append((record.excluded, record.scores,
+            rounds.append((sorted(client_of[n] for n in record.excluded),
+                           {client_of[n]: v for n, v in record.scores.items()},
                            {k: v.numpy().tobytes() for k, v in arrays.items()}))
         outcomes.append(rounds)
     assert outcomes[0] == outcomes[1] == outcomes[2]
