@@ -72,8 +72,8 @@ class LayerCamAe(DetectingFedAvg):
     score_cap : float (default: 4.0)
         Each round's score enters the evidence clipped to +-score_cap.
     group_z, group_size : float, int (default: 2.25, 3)
-        Clients whose evidence is below -group_z are excluded together when there are at least
-        group_size of them (colluders; 0 disables).
+        Clients whose evidence is between -robust_z and -group_z are excluded together when
+        there are at least group_size of them (colluders; 0 disables).
     scale_rounds : int (default: 5)
         The evidence's scores use the robust spread pooled over this many rounds (1: this
         round's MAD alone).

@@ -80,6 +80,9 @@ def test_a_low_group_is_excluded_together_a_pair_or_a_high_group_is_not():
     assert excluded_by_evidence(group, 3.0, 2.25, 4) == set()
     pair = {**evidence, 22: -2.6, 23: -2.3, 5: 3.2}
     assert excluded_by_evidence(pair, 3.0, 2.25, 3) == {5}  # only the one beyond the cut
+    # three clear attackers beyond the cut do not pull a benign client near -2.25 out with them
+    clear = {**evidence, 20: -2.4, 21: -7.0, 22: -6.5, 23: -7.2}
+    assert excluded_by_evidence(clear, 3.0, 2.25, 3) == {21, 22, 23}
     high = {**evidence, 21: 2.4, 22: 2.6, 23: 2.3}
     assert excluded_by_evidence(high, 3.0, 2.25, 3) == set()
     assert excluded_by_evidence({1: -0.5, 2: 0.5}, 3.0, 2.25, 3) == set()  # K = 2
