@@ -5,7 +5,8 @@ Each round's reconstruction errors R become signed robust scores z = (R - median
 each of the last few rounds, their median, times this round's median. With K = 24 one round's
 MAD is itself noisy: in a measured benign round it fell to half its usual value and put four
 benign clients beyond z = 3.5. A client's evidence is its scores of past rounds combined with
-forgetting, normalised to unit variance (Stouffer's combination, exponentially weighted), each round's score clipped to +-cap:
+forgetting, normalised to unit variance (Stouffer's combination, exponentially weighted), each
+round's score clipped to +-cap:
 
     S_t = memory * S_(t-1) + clip(z_t, cap),    V_t = memory^2 * V_(t-1) + 1,    E_t = S_t / sqrt(V_t).
 
@@ -29,7 +30,7 @@ together. Benign clients rarely are: without attackers, three below -2.25 in one
 0.3% of client-rounds in the measured runs, against 1.8% for a single cut at 2.25
 (``benchmarks/detection_matrix.py``). Clients beyond the cut do not count towards a group:
 counted, three excluded attackers swept every benign client near -2.25 out with them (4.4% of
-benign client-rounds in the 12-round default experiment, 1.6% without).
+benign client-rounds in the 12-round default experiment, 2.4% without).
 """
 
 from __future__ import annotations
