@@ -98,9 +98,14 @@ def test_two_rounds_of_layercam_ae_across_hosts_with_tls_and_authenticated_nodes
                     f"partition-id={i} num-partitions={len(NODES)} role='{role}'")
     _wait_for(lambda: len(_online(cli_env)) == len(NODES), 90, "three SuperNodes online")
     results = tmp_path / "results"
+    # This checks the deployment path (TLS, node auth, roles from the node config, results),
+    # not detection quality: with three clients the robust score cannot separate one attacker
+    # within two rounds (the MAD is the distance between two clients; a 4x sign-flip measured
+    # z = -2.2), so the attacker is one that training survives whether or not it is excluded.
+    # Detection is tested in test_layercam_ae_strategy and measured by the detection matrix.
     run = _cli(cli_env, "run", str(ROOT), "lab", "--stream", "--run-config",
                f"num-server-rounds=2 num-clients={len(NODES)} num-attackers=1 attack='sign-flip' "
-               f"sign-flip-scale=4.0 defense='layercam-ae' local-epochs=1 layercam-ae-epochs=50 "
+               f"sign-flip-scale=1.0 defense='layercam-ae' local-epochs=1 layercam-ae-epochs=50 "
                f"results-dir='{results}'", timeout=900)
     summaries = list(results.glob("*/summary.json"))
     assert summaries, (run.stdout[-3000:] + run.stderr[-2000:]
