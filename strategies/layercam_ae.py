@@ -195,7 +195,7 @@ class LayerCamAe(DetectingFedAvg):
         super().summary()
         rule = (f"evidence (memory {self.evidence.memory:.2f}, cap {self.evidence.cap:.2f}, "
                 f"scale over {self.spreads.spreads.maxlen} rounds, z {self.robust_z:.2f}, "
-                f"groups of {self.group_size} below -{self.group_z:.2f})"
+                f"groups of {self.group_size} in [-{self.robust_z:.2f}, -{self.group_z:.2f}))"
                 if self.decision == "evidence" else
                 f"{self.threshold} (beta {self.beta:.2f}, z {self.robust_z:.2f}), "
                 f"vote {self.votes} of {self.window}")
