@@ -1,19 +1,24 @@
 """LayerCAM-AE's detection cost per round (heat maps + autoencoder + decision), and what the
-cheaper autoencoder settings do to the scores.
+cheaper settings do to the scores.
 
 **Speed** (``--part speed``): for each model and K, ``LayerCamAe.detect`` on K uploads, in a
-fresh process per measurement (its peak RSS growth is its own), under two settings:
-- ``paper``: maps upsampled to the probe size, all 200 AE epochs, torch's default threads;
+fresh process per measurement (its peak RSS growth is its own), under three settings:
+- ``paper``: maps upsampled to the probe size, torch's default threads;
 - ``paper-1-thread``: the same on one thread;
-- ``fast``: maps at the target layer's resolution, early stopping (``--tolerance``), 1 thread.
+- ``native``: maps at the target layer's resolution, one thread (the default).
 With ``--busy N``, N processes that keep a core busy run beside every measurement (a shared
 server). Times are the median of ``--repeats`` rounds after one warm-up round.
 
-**Scores** (``--part auc``): both settings score the same rounds of 24 clients (3 attackers of
+**Autoencoder** (``--part autoencoder``): the AE alone, side by side on the same maps: the
+straightforward one (``nn.Sequential``, autograd, ``torch.optim.Adam``; the tests' oracle)
+against ``strategies.autoencoder`` (explicit gradients, fused Adam), one thread; seconds and
+the largest relative difference of the reconstruction errors.
+
+**Scores** (``--part auc``): both map sizes score the same rounds of 24 clients (3 attackers of
 each attack, crafted by ``attacks/``) on the embedded MNIST; the ROC AUC of the two-sided and
 of the paper's score per round, and which clients each setting's rule flags.
 
-    python benchmarks/detection_speed.py                         # CPU: both parts
+    python benchmarks/detection_speed.py                         # CPU: all parts
     python benchmarks/detection_speed.py --part speed --busy 2
     python benchmarks/detection_speed.py --part speed --device cuda --models resnet50 --k 24
 """
@@ -33,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 SHAPES = {"cnn": (1, 28), "resnet18": (3, 32), "resnet50": (3, 32)}
 SETTINGS = {
-    "paper": dict(map_size="probe", tolerance=0.0, threads=0),
-    "paper-1-thread": dict(map_size="probe", tolerance=0.0, threads=1),
-    "fast": dict(map_size="native", threads=1),
+    "paper": dict(map_size="probe", threads=0),
+    "paper-1-thread": dict(map_size="probe", threads=1),
+    "native": dict(map_size="native", threads=1),
 }
 
 
@@ -47,9 +52,7 @@ def _strategy(model_name: str, setting: str, tolerance: float, device: str, prob
 
     channels, size = SHAPES[model_name]
     layer = default_cam_layer(model_name)
-    options = dict(SETTINGS[setting])
-    if setting == "fast":
-        options["tolerance"] = tolerance
+    options = dict(SETTINGS[setting], tolerance=tolerance)
     return LayerCamAe(model_fn=lambda: build_model(model_name, channels, 10, size),
                       probes=probes, target_layer=layer, seed=seed,
                       device=torch.device(device), **options)
@@ -122,6 +125,33 @@ def speed(args) -> None:
             burner.terminate()
 
 
+def autoencoder(args) -> None:
+    import torch
+
+    from strategies.autoencoder import reconstruction_errors
+    from tests.helpers import autograd_reconstruction_errors
+
+    torch.set_num_threads(1)
+    print(f"\nThe autoencoder alone (hidden 128, 200 epochs, 1 thread, median of {args.repeats}):\n")
+    print("| K | values per client | autograd s | explicit gradients s | speed-up | "
+          "max relative difference of R |\n|---|---|---|---|---|---|")
+    for dim in args.dims:
+        for k in args.k:
+            maps = torch.rand(k, dim, generator=torch.Generator().manual_seed(k))
+            times = {"autograd": [], "explicit": []}
+            for _ in range(args.repeats + 1):  # the first is a warm-up
+                start = time.perf_counter()
+                reference, _ = autograd_reconstruction_errors(maps, hidden=128, epochs=200)
+                times["autograd"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                ours, _ = reconstruction_errors(maps)
+                times["explicit"].append(time.perf_counter() - start)
+            slow, fast = (statistics.median(t[1:]) for t in times.values())
+            difference = float(((ours - reference).abs() / reference).max())
+            print(f"| {k} | {dim} | {slow:.3f} | {fast:.3f} | {slow / fast:.1f}x | "
+                  f"{difference:.1e} |", flush=True)
+
+
 def auc(args) -> None:
     import dataclasses
 
@@ -157,7 +187,7 @@ def auc(args) -> None:
         attack = build_attack(dataclasses.replace(RunConfig(), attack=attack_name,
                                                   num_attackers=attackers), model)
         strategies = {s: _strategy("cnn", s, args.tolerance, "cpu", probes, seed)
-                      for s in ("paper", "fast")}
+                      for s in ("paper-1-thread", "native")}
         results = {s: {"auc": [], "upper": [], "tp": 0, "fp": 0, "ae": []} for s in strategies}
         global_state = initial
         for server_round in range(1, args.rounds + 1):
@@ -199,7 +229,7 @@ def auc(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["speed", "auc", "both"], default="both")
+    parser.add_argument("--part", choices=["speed", "autoencoder", "auc", "all"], default="all")
     parser.add_argument("--models", nargs="+", default=["cnn", "resnet18"], choices=sorted(SHAPES))
     parser.add_argument("--k", type=int, nargs="+", default=[24, 100, 300, 1000])
     parser.add_argument("--k-large", type=int, nargs="+", default=[24, 100],
@@ -207,14 +237,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--busy", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument("--tolerance", type=float, default=0.0,
+                        help="AE early-stopping tolerance for every setting (0: all epochs)")
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 3136],
+                        help="--part autoencoder: map values per client (CNN, 4 probes: native "
+                             "256, upsampled 3,136)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attacks", nargs="+",
                         default=["gae", "sign-flip", "alie", "ipm", "gaussian", "adaptive-cam"])
     args = parser.parse_args()
-    if args.part in ("speed", "both"):
+    if args.part in ("speed", "all"):
         speed(args)
-    if args.part in ("auc", "both"):
+    if args.part in ("autoencoder", "all"):
+        autoencoder(args)
+    if args.part in ("auc", "all"):
         auc(args)
 
 

@@ -1,4 +1,5 @@
-"""Builders shared by strategy tests: Flower reply messages and benign training rounds."""
+"""Builders shared by strategy tests: Flower reply messages and benign training rounds; the
+autograd autoencoder the explicit-gradient one is checked against."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies.aggregation import weighted_average
+from strategies.autoencoder import PATIENCE
 from strategies.records import ClientUpload
 from task.data import load_federated_data
 from task.models import build_model
@@ -57,3 +59,32 @@ def benign_trajectory(rounds: int, num_clients: int, seed: int = 0):
             [ClientUpload(c, s, float(len(locals_[c]))) for c, s in enumerate(round_states)]
         )
     return globals_, states, [len(l) for l in locals_], data
+
+
+def autograd_reconstruction_errors(maps, *, hidden, epochs, lr=1e-3, weight_decay=1e-5, seed=0,
+                                   tolerance=0.0):
+    """The oracle: the same AE as nn.Sequential, autograd and torch.optim.Adam (unfused)."""
+    generator = torch.Generator().manual_seed(seed)
+    dim = maps.shape[1]
+    ae = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
+                             torch.nn.Linear(hidden, dim), torch.nn.Sigmoid())
+    with torch.no_grad():
+        for layer in (ae[0], ae[2]):
+            bound = 1.0 / layer.in_features ** 0.5
+            layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=generator) * 2 * bound - bound)
+    optimizer = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=weight_decay,
+                                 foreach=False, fused=False)
+    best, stale, ran = float("inf"), 0, 0
+    for ran in range(1, epochs + 1):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(ae(maps), maps)
+        loss.backward()
+        optimizer.step()
+        if tolerance > 0:
+            stale = 0 if loss.item() < best * (1 - tolerance) else stale + 1
+            best = min(best, loss.item())
+            if stale >= PATIENCE:
+                break
+    with torch.no_grad():
+        return (ae(maps) - maps).abs().mean(dim=1), ran

@@ -14,6 +14,7 @@ from strategies.records import ClientUpload
 from strategies.thresholds import robust_z, two_sided_rule, upper_rule
 from task.params import content_key
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
+from tests.helpers import autograd_reconstruction_errors
 
 
 def test_upper_rule_matches_eq_13_14():
@@ -207,6 +208,31 @@ def test_early_stopping_stops_on_a_plateau_and_keeps_the_ranking():
     again, ran_again = reconstruction_errors(maps.flatten(1), hidden=32, epochs=2000, seed=0,
                                              tolerance=1e-2)
     assert ran_again == ran_early and torch.equal(again, early)
+
+
+@pytest.mark.parametrize("shape, hidden", [((12, 40), 16), ((30, 64), 128)])
+def test_autoencoder_is_the_autograd_one(shape, hidden):
+    maps = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
+    maps[0] = 1.0 - maps[0]
+    ours, ran = reconstruction_errors(maps, hidden=hidden, epochs=40, lr=1e-2, seed=5)
+    oracle, ran_oracle = autograd_reconstruction_errors(maps, hidden=hidden, epochs=40, lr=1e-2,
+                                                        seed=5)
+    assert ran == ran_oracle == 40
+    torch.testing.assert_close(ours, oracle, rtol=1e-4, atol=1e-6)
+    untrained, _ = autograd_reconstruction_errors(maps, hidden=hidden, epochs=0, seed=5)
+    assert (ours - untrained).abs().max() > 1e-2  # the 40 epochs changed the errors
+
+
+def test_early_stopping_stops_where_the_autograd_one_does():
+    base = torch.zeros(16, 16)
+    base[4:12, 4:12] = 1.0
+    maps = (base + 0.05 * torch.rand(20, 16, 16, generator=torch.Generator().manual_seed(1)))
+    maps = maps.clamp(0, 1).flatten(1)
+    ours, ran = reconstruction_errors(maps, hidden=32, epochs=2000, seed=0, tolerance=1e-2)
+    oracle, ran_oracle = autograd_reconstruction_errors(maps, hidden=32, epochs=2000, seed=0,
+                                                        tolerance=1e-2)
+    assert ran == ran_oracle < 2000
+    torch.testing.assert_close(ours, oracle, rtol=1e-4, atol=1e-6)
 
 
 def test_torch_threads_sets_and_restores():
