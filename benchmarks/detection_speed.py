@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 SHAPES = {"cnn": (1, 28), "resnet18": (3, 32), "resnet50": (3, 32)}
 SETTINGS = {
-    "paper": dict(map_size="probe", threads=0),
-    "paper-1-thread": dict(map_size="probe", threads=1),
-    "native": dict(map_size="native", threads=1),
+    "paper": {"map_size": "probe", "threads": 0},
+    "paper-1-thread": {"map_size": "probe", "threads": 1},
+    "native": {"map_size": "native", "threads": 1},
 }
 
 

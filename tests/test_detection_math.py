@@ -12,8 +12,8 @@ from strategies.autoencoder import PATIENCE, reconstruction_errors, torch_thread
 from strategies.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
 from strategies.records import ClientUpload
 from strategies.thresholds import robust_z, two_sided_rule, upper_rule
-from task.params import content_key
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
+from task.params import content_key
 from tests.helpers import autograd_reconstruction_errors
 
 
