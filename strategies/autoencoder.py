@@ -7,8 +7,9 @@ weight decay 1e-5, 200 epochs, hidden 128). R_l = mean_ij |L_l - L'_l| (eq. 12).
 The network is this small, so its gradients are written out (``_backward``) instead of
 recorded by autograd, into preallocated buffers, and Adam is torch's fused kernel: the same
 updates as ``nn.Sequential`` + autograd + ``torch.optim.Adam`` (the tests compare them), at the
-cost of the six matrix products an epoch needs. At K = 24 and the CNN's native maps that is
-5x cheaper than autograd (``benchmarks/detection_speed.py --part autoencoder``).
+cost of the six matrix products an epoch needs: at K = 24, 2-3x faster than autograd on one CPU
+thread; at K = 1,000 the products dominate both (``benchmarks/detection_speed.py --part
+autoencoder``).
 
 Two costs the paper does not fix: training may stop early, once the loss has not improved by a
 relative ``tolerance`` for ``PATIENCE`` epochs (``tolerance = 0``: all epochs, the paper's); and
@@ -39,6 +40,13 @@ def torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def load_optimizer_machinery() -> None:
+    """Build one throwaway optimizer now: the first ``torch.optim`` optimizer of a process
+    imports ``torch._dynamo`` (about 1 s on a CPU), which would otherwise be counted in the
+    first round's detection time."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
 @dataclass
@@ -115,7 +123,8 @@ def reconstruction_errors(
     model = HeatmapAutoencoder.initial(maps.shape[1], hidden, seed, maps.device)
     for parameter in model.parameters:
         parameter.grad = torch.empty_like(parameter)
-    optimizer = torch.optim.Adam(model.parameters, lr=lr, weight_decay=weight_decay, fused=True)
+    optimizer = torch.optim.Adam(model.parameters, lr=lr, weight_decay=weight_decay,
+                                 fused=maps.device.type in ("cpu", "cuda") or None)
     hidden_out, out = maps.new_empty(len(maps), hidden), torch.empty_like(maps)
     delta, hidden_delta = torch.empty_like(maps), torch.empty_like(hidden_out)
     best, stale, ran = float("inf"), 0, 0
