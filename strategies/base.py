@@ -8,6 +8,7 @@ keep) and, for robust aggregation rules, ``aggregate`` (how to combine them): th
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -20,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import weighted_average
 from strategies.records import ClientUpload, Detection, RoundRecord
-from strategies.validation import MAX_UPDATE_RATIO, screen_replies
+from strategies.validation import MAX_CLAIM_RATIO, MAX_UPDATE_RATIO, screen_replies
 
 
 class DetectingFedAvg(FedAvg):
@@ -69,11 +70,14 @@ class DetectingFedAvg(FedAvg):
         if self.global_state is None:
             raise RuntimeError("aggregate_train called before configure_train")
         start = time.perf_counter()
-        uploads, rejected = screen_replies(
+        uploads, rejected, bounded = screen_replies(
             replies, self.global_state, self.weighted_by_key, self.max_update_ratio
         )
         for node_id, reason in rejected.items():
             log(WARNING, "Rejected upload from node %d: %s", node_id, reason)
+        for node_id, claim in bounded.items():
+            log(WARNING, "Node %d claims %g examples: counted as %gx the median claim",
+                node_id, claim, MAX_CLAIM_RATIO)
         screening = time.perf_counter() - start
         detection = (
             self.detect(server_round, uploads) if uploads else Detection(kept=[])
@@ -97,7 +101,7 @@ class DetectingFedAvg(FedAvg):
             received=[u.node_id for u in uploads] + sorted(rejected), rejected=rejected,
             kept=sorted(kept_ids), excluded=sorted(u.node_id for u in uploads if u.node_id not in kept_ids),
             scores=detection.scores, details=detection.details, timings=timings,
-            aggregated=arrays is not None, note=note,
+            aggregated=arrays is not None, note=note, bounded_claims=bounded,
         )
         self.records.append(record)
         log(INFO, "Round %d [%s]: kept %d of %d uploads, excluded %s, rejected %s",
@@ -112,6 +116,6 @@ def _kept_metrics(kept: list[ClientUpload]) -> MetricRecord:
     out: dict[str, float] = {"num-examples": total}
     for key in sorted(common - {"num-examples"}):
         values = [u.metrics[key] for u in kept]
-        if all(isinstance(v, (int, float)) for v in values):
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             out[key] = float(sum(u.num_examples * v for u, v in zip(kept, values)) / total)
     return MetricRecord(out)

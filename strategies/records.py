@@ -53,11 +53,14 @@ class RoundRecord:
     timings: dict[str, float]
     aggregated: bool
     note: str = ""
+    bounded_claims: dict[int, float] = field(default_factory=dict)
+    """Original ``num-examples`` of the kept or excluded uploads whose claim was bounded."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (node ids become strings as JSON object keys require)."""
         out = asdict(self)
         out["rejected"] = {str(k): v for k, v in self.rejected.items()}
+        out["bounded_claims"] = {str(k): v for k, v in self.bounded_claims.items()}
         if self.scores is not None:
             out["scores"] = {str(k): float(v) for k, v in self.scores.items()}
         out["details"] = _jsonable(self.details)

@@ -1,13 +1,21 @@
 """Screen training replies before any defense sees them.
 
-A reply is rejected, with a reason naming what is wrong, when it carries an error, lacks its
-ArrayRecord or ``num-examples``, has arrays whose names, shapes or dtypes differ from the global
-model's, holds NaN/Inf, or moves absurdly far from the global model. Rejected uploads never reach
-aggregation; the reasons go into the round's record.
+Every field of a reply is the client's to choose, so a reply is rejected, with a reason naming
+what is wrong, when it carries an error, lacks its ArrayRecord or ``num-examples``, has arrays
+whose names differ from the global model's, whose header or decoded bytes differ from the
+global model's in shape or dtype, that hold NaN/Inf or move absurdly far from the global model,
+or claims an implausible ``num-examples``; and any exception while screening one reply rejects
+that reply, never the round. Rejected uploads never reach aggregation; the reasons go into the
+round's record.
+
+``num-examples`` weighs a client in FedAvg, so a claim is also bounded by the others: a claim
+above ``MAX_CLAIM_RATIO`` times the round's median claim counts as that bound (the original
+claim is recorded), so that one client cannot take the weight of the rest by saying so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from logging import WARNING
@@ -21,6 +29,13 @@ from task.params import content_key
 
 MAX_UPDATE_RATIO = 1e3
 """Default bound on ||w - w_global|| / (||w_global|| + 1); beyond it an upload is absurd."""
+
+MAX_EXAMPLES = 1e12
+"""A ``num-examples`` claim above this is implausible (rejected); it also keeps every sum of
+claims finite."""
+
+MAX_CLAIM_RATIO = 10.0
+"""A claim above this many times the round's median claim counts as that bound."""
 
 
 def check_upload(
@@ -40,15 +55,16 @@ def check_upload(
     if missing or extra:
         return None, f"array names differ from the global model: missing {missing[:3]}, extra {extra[:3]}"
     num_examples = metrics.get(weighted_by_key)
-    if isinstance(num_examples, list) or num_examples is None:
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)):
         return None, f"metric {weighted_by_key!r} missing or not a number"
-    if not (math.isfinite(num_examples) and num_examples > 0):
-        return None, f"metric {weighted_by_key!r} must be a positive finite number, got {num_examples}"
+    if not (math.isfinite(num_examples) and 0 < num_examples <= MAX_EXAMPLES):
+        return None, (f"metric {weighted_by_key!r} must be a positive number up to "
+                      f"{MAX_EXAMPLES:g}, got {num_examples}")
     arrays: dict[str, np.ndarray] = {}
     squared_distance = 0.0
     for name, expected in reference.items():
         array = record[name]
-        if tuple(array.shape) != expected.shape or np.dtype(array.dtype) != expected.dtype:
+        if tuple(array.shape) != expected.shape or str(array.dtype) != str(expected.dtype):
             return None, (
                 f"array {name!r} is {array.dtype}{list(array.shape)}, expected "
                 f"{expected.dtype}{list(expected.shape)}"
@@ -57,6 +73,9 @@ def check_upload(
             value = array.numpy()
         except Exception as err:  # corrupt bytes: any decoding failure is a rejection
             return None, f"array {name!r} cannot be decoded ({err})"
+        if value.shape != expected.shape or value.dtype != expected.dtype:
+            return None, (f"array {name!r} decodes to {value.dtype}{list(value.shape)}, "
+                          f"not the {expected.dtype}{list(expected.shape)} its header says")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             return None, f"array {name!r} contains NaN or Inf"
         if value.dtype.kind == "f":
@@ -71,17 +90,30 @@ def check_upload(
     return ClientUpload(node_id, arrays, float(num_examples), dict(metrics)), ""
 
 
+def bound_claims(uploads: list[ClientUpload], ratio: float = MAX_CLAIM_RATIO
+                 ) -> tuple[list[ClientUpload], dict[int, float]]:
+    """Count each ``num-examples`` claim as at most ``ratio`` x the median claim; return the
+    uploads with their bounded claims and ``{node_id: original claim}`` of those bounded."""
+    if not uploads:
+        return uploads, {}
+    bound = ratio * float(np.median([u.num_examples for u in uploads]))
+    bounded = {u.node_id: u.num_examples for u in uploads if u.num_examples > bound}
+    return [dataclasses.replace(u, num_examples=bound) if u.node_id in bounded else u
+            for u in uploads], bounded
+
+
 def screen_replies(
     replies: Iterable[Message], reference: Mapping[str, np.ndarray], weighted_by_key: str,
     max_update_ratio: float = MAX_UPDATE_RATIO,
-) -> tuple[list[ClientUpload], dict[int, str]]:
-    """Split training replies into accepted uploads and ``{node_id: reason}`` rejections.
+) -> tuple[list[ClientUpload], dict[int, str], dict[int, float]]:
+    """Split training replies into accepted uploads, ``{node_id: reason}`` rejections and
+    ``{node_id: claim}`` of the accepted uploads whose claim was bounded (``bound_claims``).
 
-    A node that replies twice keeps its first reply (accepted or rejected); later ones are
-    ignored with a warning. Uploads come back in the order of their content
-    (``task.params.content_key``), not of arrival or node id (random in Flower), so that sums
-    over them (the aggregate, the autoencoder's loss) and the decisions that depend on them
-    are the same from run to run.
+    A node that replies twice keeps its first reply (accepted or rejected, an error reply
+    included); later ones are ignored with a warning. Uploads come back in the order of their
+    content (``task.params.content_key``), not of arrival or node id (random in Flower), so
+    that sums over them (the aggregate, the autoencoder's loss) and the decisions that depend
+    on them are the same from run to run.
     """
     reference_norm = math.sqrt(
         sum(float(np.sum(v.astype(np.float64) ** 2)) for v in reference.values() if v.dtype.kind == "f")
@@ -91,20 +123,24 @@ def screen_replies(
     seen: set[int] = set()
     for msg in replies:
         node_id = int(msg.metadata.src_node_id)
+        if node_id in seen or node_id in rejected:
+            # One decision per node and round: a later reply, an error reply included, must not
+            # mark an aggregated node as rejected (detection metrics would count it as removed).
+            log(WARNING, "Ignored a second reply from node %d in one round", node_id)
+            continue
         if msg.has_error():
             rejected[node_id] = f"client error: {msg.error.reason}"
             continue
-        if node_id in seen or node_id in rejected:
-            # One decision per node and round: a later reply must not mark an aggregated node
-            # as rejected (detection metrics would count it as removed).
-            log(WARNING, "Ignored a second reply from node %d in one round", node_id)
-            continue
-        upload, reason = check_upload(
-            node_id, msg.content, reference, weighted_by_key, max_update_ratio, reference_norm
-        )
+        try:
+            upload, reason = check_upload(
+                node_id, msg.content, reference, weighted_by_key, max_update_ratio, reference_norm
+            )
+        except Exception as err:  # whatever a reply holds, it costs that reply only
+            upload, reason = None, f"screening failed: {type(err).__name__}: {err}"
         if upload is None:
             rejected[node_id] = reason
             continue
         seen.add(node_id)
         accepted.append(upload)
-    return sorted(accepted, key=lambda u: (content_key(u.arrays), u.node_id)), rejected
+    accepted, bounded = bound_claims(accepted)
+    return sorted(accepted, key=lambda u: (content_key(u.arrays), u.node_id)), rejected, bounded

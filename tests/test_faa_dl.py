@@ -162,7 +162,7 @@ def _upload(strategy, arrays, context):
     instruction = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                           dst_node_id=context.node_id, message_type="train")
     reply = train(instruction, context)
-    uploads, rejected = screen_replies([reply], strategy.global_state, "num-examples")
+    uploads, rejected, _ = screen_replies([reply], strategy.global_state, "num-examples")
     assert not rejected
     return uploads[0]
 
