@@ -42,10 +42,10 @@ def main(grid: Grid, context: Context) -> None:
     """Run one experiment as configured by ``context.run_config``."""
     try:
         config = RunConfig.from_run_config(context.run_config)
+        run_experiment(grid, config)
     except ConfigError as err:
         log(ERROR, "Invalid run config: %s", err)
         sys.exit(f"Invalid run config: {err}")
-    run_experiment(grid, config)
 
 
 def run_experiment(grid: Grid, config: RunConfig) -> dict:
@@ -69,6 +69,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
         return build_model(config.model, test.in_channels, test.num_classes, test.image_size)
 
     global_model = model_fn()
+    config.validate_for(test.num_classes, test.image_size, global_model)
     probe_order = torch.randperm(len(test), generator=torch.Generator().manual_seed(config.seed))
     probes = test.as_float(probe_order[: config.layercam_ae_probes])
     probe_labels = test.labels[probe_order[: config.layercam_ae_probes]]

@@ -71,7 +71,7 @@ def check_upload(
             )
         try:
             value = array.numpy()
-        except Exception as err:  # corrupt bytes: any decoding failure is a rejection
+        except Exception as err:  # noqa: BLE001 -- corrupt bytes: any decoding failure rejects
             return None, f"array {name!r} cannot be decoded ({err})"
         if value.shape != expected.shape or value.dtype != expected.dtype:
             return None, (f"array {name!r} decodes to {value.dtype}{list(value.shape)}, "
@@ -135,7 +135,7 @@ def screen_replies(
             upload, reason = check_upload(
                 node_id, msg.content, reference, weighted_by_key, max_update_ratio, reference_norm
             )
-        except Exception as err:  # whatever a reply holds, it costs that reply only
+        except Exception as err:  # noqa: BLE001 -- whatever a reply holds costs that reply only
             upload, reason = None, f"screening failed: {type(err).__name__}: {err}"
         if upload is None:
             rejected[node_id] = reason

@@ -14,6 +14,7 @@ The paper's local training (25 epochs of Adam at lr 1e-4, batch 64, 100 rounds) 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
@@ -248,6 +249,37 @@ class RunConfig:
                               "predicted class) or a class")
         if not self.results_dir:
             raise ConfigError("results-dir must not be empty")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2^32), got {self.seed}")
+        if abs(self.faa_dl_aont_lambda) > MAX_AONT_LAMBDA:
+            raise ConfigError(f"faa-dl-aont-lambda must be within +-{MAX_AONT_LAMBDA} (it sizes "
+                              f"the server's discrete-log table), got {self.faa_dl_aont_lambda}")
+        needed = {"krum": 2, "multi-krum": 2, "layercam-krum": 2, "bulyan": 4}.get(self.defense)
+        if needed and self.num_clients < needed * self.krum_f + 3:
+            raise ConfigError(
+                f"krum-f={self.krum_f} needs num-clients >= {needed}f + 3 = "
+                f"{needed * self.krum_f + 3} for {self.defense}, got {self.num_clients}")
+
+    def validate_for(self, num_classes: int, image_height: int, model: Any) -> None:
+        """The checks that need the dataset and model: the target class exists, the AONT is
+        invertible for the images' height, the target layer is a module of the model."""
+        if self.layercam_ae_target_class >= num_classes:
+            raise ConfigError(f"layercam-ae-target-class must be < {num_classes} (the classes of "
+                              f"{self.dataset}), got {self.layercam_ae_target_class}")
+        if self.defense == "faa-dl" and self.faa_dl_aont_lambda == image_height - 1:
+            raise ConfigError(f"faa-dl-aont-lambda = image height - 1 = {image_height - 1} makes "
+                              f"the AONT singular; choose another value")
+        if self.layercam_ae_target_layer:
+            try:
+                model.get_submodule(self.layercam_ae_target_layer)
+            except AttributeError:
+                raise ConfigError(
+                    f"layercam-ae-target-layer={self.layercam_ae_target_layer!r} is not a module "
+                    f"of {self.model}") from None
+
+
+MAX_AONT_LAMBDA = 1000
+"""Bound on |faa-dl-aont-lambda|: the server's discrete-log table grows with it."""
 
 
 def _coerce(key: str, raw: Any, kind: type) -> Any:
@@ -262,6 +294,8 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
             return int(raw)
     elif kind is float:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            if not math.isfinite(raw):
+                raise ConfigError(f"{key} must be a finite number, got {raw!r}")
             return float(raw)
     elif kind is str:
         if isinstance(raw, str):

@@ -38,6 +38,14 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("layercam-ae-score-cap", 0.0, "layercam-ae-score-cap"),
     ("layercam-ae-group-z", -1.0, "layercam-ae-group-z"),
     ("layercam-ae-group-size", -1, "layercam-ae-group-size"),
+    ("seed", -1, "seed"),
+    ("seed", 2**32, "seed"),
+    ("learning-rate", float("inf"), "learning-rate.*finite"),
+    ("dirichlet-alpha", float("inf"), "dirichlet-alpha"),
+    ("round-timeout", float("inf"), "round-timeout"),
+    ("layercam-ae-robust-z", float("inf"), "layercam-ae-robust-z"),
+    ("layercam-ae-target-class", -2, "layercam-ae-target-class"),
+    ("faa-dl-aont-lambda", 10**9, "faa-dl-aont-lambda"),
 ])
 def test_bad_value_raises_naming_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -54,3 +62,28 @@ def test_the_papers_upper_threshold_needs_the_voting_decision():
     paper = RunConfig.from_run_config({"layercam-ae-threshold": "upper",
                                        "layercam-ae-decision": "voting"})
     assert paper.layercam_ae_threshold == "upper"
+
+
+@pytest.mark.parametrize("defense,clients,needed", [
+    ("krum", 8, 9), ("multi-krum", 8, 9), ("layercam-krum", 8, 9), ("bulyan", 14, 15),
+])
+def test_krum_f_is_checked_against_the_clients(defense, clients, needed):
+    keys = {"defense": defense, "krum-f": 3, "num-attackers": 0}
+    with pytest.raises(ConfigError, match=f"krum-f=3 needs num-clients >= .* = {needed}"):
+        RunConfig.from_run_config({**keys, "num-clients": clients})
+    RunConfig.from_run_config({**keys, "num-clients": needed})
+
+
+def test_dataset_and_model_dependent_keys_are_checked_once_both_are_known():
+    from task.models import build_model
+
+    model = build_model("cnn", 1, 10, 28)
+    RunConfig().validate_for(10, 28, model)
+    cases = [({"layercam-ae-target-class": 10}, "layercam-ae-target-class must be < 10"),
+             ({"defense": "faa-dl", "faa-dl-aont-lambda": 27}, "faa-dl-aont-lambda"),
+             ({"layercam-ae-target-layer": "conv9"}, "layercam-ae-target-layer='conv9'")]
+    for keys, match in cases:
+        config = RunConfig.from_run_config(keys)
+        with pytest.raises(ConfigError, match=match):
+            config.validate_for(10, 28, model)
+    RunConfig.from_run_config({"layercam-ae-target-layer": "conv1"}).validate_for(10, 28, model)

@@ -23,7 +23,7 @@ from task.models import build_model, default_cam_layer
 from task.train import state_to_numpy
 from tests.helpers import act_as_serverapp, reply
 
-VALID = 6
+VALID = 7
 SCREENED_DEFENSES = [d for d in DEFENSES if d != "faa-dl"]  # FAA-DL verifies through its Grid
 
 
