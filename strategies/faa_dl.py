@@ -191,12 +191,15 @@ class FaaDl(DetectingFedAvg):
         start = time.perf_counter()
         try:
             data, seed = self._decrypt(reply, keys, upload.num_examples)
-        except (KeyError, TypeError, ValueError) as err:
-            return Verdict(True, f"malformed verification reply: {err}")
+        except Exception as err:  # noqa: BLE001 -- whatever the reply holds verifies the suspect
+            return Verdict(True, f"malformed verification reply: {type(err).__name__}: {err}")
         seconds = {"decryption": time.perf_counter() - start}
         start = time.perf_counter()
-        recomputed = recompute_update(self.model_fn, self.global_state, data, self.recipe, seed)
-        mismatch = relative_mismatch(recomputed, upload.arrays, self.global_state)
+        try:
+            recomputed = recompute_update(self.model_fn, self.global_state, data, self.recipe, seed)
+            mismatch = relative_mismatch(recomputed, upload.arrays, self.global_state)
+        except Exception as err:  # noqa: BLE001 -- data the client chose cannot crash the round
+            return Verdict(True, f"its data cannot be trained on: {type(err).__name__}: {err}")
         seconds["recomputation"] = time.perf_counter() - start
         if mismatch > self.tolerance:
             return Verdict(True, f"recomputed update differs by {mismatch:.3g} "
@@ -219,8 +222,14 @@ class FaaDl(DetectingFedAvg):
             raise ValueError(f"labels of {labels.dtype} {tuple(labels.shape)} for {rows.shape[0]} images")
         if labels.size and not (0 <= labels.min() and labels.max() < self.reference.num_classes):
             raise ValueError(f"labels outside [0, {self.reference.num_classes})")
+        ciphertexts = encrypted["ciphertexts"]
+        if not isinstance(ciphertexts, bytes):  # bytes(n) of a number n would allocate n bytes
+            raise ValueError(f"ciphertexts must be bytes, got {type(ciphertexts).__name__}")
         images = decrypt_images(
-            EncryptedImages(rows, bytes(encrypted["ciphertexts"])), keys, self.aont_lambda, self._dlog)
+            EncryptedImages(rows, ciphertexts), keys, self.aont_lambda, self._dlog)
         data = ImageData(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
                          self.reference.num_classes, self.reference.mean, self.reference.std)
-        return data, int(encrypted["train-seed"])
+        seed = encrypted["train-seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"train-seed must be an integer in [0, 2^63), got {seed!r}")
+        return data, seed

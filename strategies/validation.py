@@ -16,6 +16,7 @@ claim is recorded), so that one client cannot take the weight of the rest by say
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from collections.abc import Iterable, Mapping
 from logging import WARNING
@@ -36,6 +37,19 @@ claims finite."""
 
 MAX_CLAIM_RATIO = 10.0
 """A claim above this many times the round's median claim counts as that bound."""
+
+
+def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype that ``.npy`` bytes decode to, read from their own header without
+    allocating the array (which the header could make arbitrarily large)."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f".npy format version {version} is not accepted")
+    shape, _, dtype = readers[version](stream)
+    return tuple(shape), dtype
 
 
 def check_upload(
@@ -70,12 +84,16 @@ def check_upload(
                 f"{expected.dtype}{list(expected.shape)}"
             )
         try:
+            shape, dtype = npy_header(array.data)
+        except Exception as err:  # noqa: BLE001 -- corrupt bytes: any decoding failure rejects
+            return None, f"array {name!r} cannot be decoded ({err})"
+        if shape != expected.shape or dtype != expected.dtype:
+            return None, (f"array {name!r} decodes to {dtype}{list(shape)}, "
+                          f"not the {expected.dtype}{list(expected.shape)} its header says")
+        try:
             value = array.numpy()
         except Exception as err:  # noqa: BLE001 -- corrupt bytes: any decoding failure rejects
             return None, f"array {name!r} cannot be decoded ({err})"
-        if value.shape != expected.shape or value.dtype != expected.dtype:
-            return None, (f"array {name!r} decodes to {value.dtype}{list(value.shape)}, "
-                          f"not the {expected.dtype}{list(expected.shape)} its header says")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             return None, f"array {name!r} contains NaN or Inf"
         if value.dtype.kind == "f":

@@ -7,7 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from client_app.app import faa_dl_verify, train
 from crypto import ipfe
@@ -236,3 +238,67 @@ def test_label_flip_client_is_reproduced_from_the_labels_it_trained_on(setting):
     honest = faa_dl_verify(_request(strategy, benign.node_id)[0], benign)
     honest_labels = honest.content["data"]["labels"].numpy()
     assert np.array_equal(reply.content["data"]["labels"].numpy(), 9 - honest_labels)
+
+
+def _mutated(reply: Message, field: str, value) -> Message:
+    """A copy of a verification reply with one field replaced by ``value``."""
+    content = RecordDict({"data": ArrayRecord(dict(reply.content["data"].items())),
+                          "encrypted": ConfigRecord(dict(reply.content["encrypted"].items()))})
+    if field in ("data", "encrypted"):
+        content[field] = value
+    elif field in ("masked-rows", "labels"):
+        content["data"][field] = value
+    else:
+        content["encrypted"][field] = value
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=reply.metadata.src_node_id,
+                                             message_type=VERIFY_MESSAGE))
+
+
+FIELD_VALUES = {
+    "train-seed": st.one_of(st.sampled_from([float("inf"), float("nan"), 1e30, -1, 2**63 - 1 + 0.5,
+                                             "7", b"7", True]),
+                            st.integers(-(2**63), -1)),
+    "ciphertexts": st.one_of(st.binary(max_size=80), st.integers(0, 2**16), st.text(max_size=8)),
+    "data": st.just(ConfigRecord({"masked-rows": b"\x00" * 8, "labels": 1})),
+    "encrypted": st.just(ArrayRecord({"train-seed": Array(np.zeros(1))})),
+    "masked-rows": st.sampled_from([Array(np.zeros((2, 1, 27, 28), dtype=np.float64)),
+                                    Array(np.zeros((0, 1, 27, 28), dtype=np.int32)),
+                                    Array(np.zeros(5, dtype=np.int32)),
+                                    Array(np.full((3, 1, 27, 28), 2**30, dtype=np.int32))]),
+    "labels": st.sampled_from([Array(np.full(133, 10)), Array(np.full(133, -1)),
+                               Array(np.zeros(133, dtype=np.float32)), Array(np.zeros((2, 2)))]),
+}
+
+
+@pytest.fixture(scope="module")
+def honest_verification(setting):
+    """An honest suspect's upload, its verification reply and the session's keys."""
+    strategy, arrays = setting
+    context = _context(8, "benign")
+    upload = _upload(strategy, arrays, context)
+    _, reply, keys = _verify(strategy, upload, context)
+    assert not strategy.check(upload, reply, keys).verified
+    return upload, reply, keys
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_malformed_verification_replies_verify_the_suspect_and_never_raise(
+        setting, honest_verification, data):
+    """Every field of a verification reply is the suspect's to choose: whatever it sends, the
+    check returns a verdict (the suspect verified, with a reason), never an exception."""
+    strategy, _ = setting
+    upload, reply, keys = honest_verification
+    field = data.draw(st.sampled_from(sorted(FIELD_VALUES)), label="field")
+    value = data.draw(FIELD_VALUES[field], label="value")
+    verdict = strategy.check(upload, _mutated(reply, field, value), keys)
+    assert verdict.verified and verdict.reason, (field, value, verdict)
+
+
+def test_a_number_for_the_ciphertexts_is_rejected_before_anything_is_allocated(
+        setting, honest_verification):
+    strategy, _ = setting
+    upload, reply, keys = honest_verification
+    verdict = strategy.check(upload, _mutated(reply, "ciphertexts", 2**34), keys)
+    assert verdict.verified and "ciphertexts must be bytes" in verdict.reason

@@ -218,3 +218,19 @@ def test_a_claim_far_above_the_median_counts_as_the_bound(setting):
     np.testing.assert_allclose(got["fc2.bias"], expected / weights.sum(), rtol=1e-6)
     assert np.isfinite(got["fc2.bias"]).all()
     assert dataclasses.asdict(record)["bounded_claims"] == {3: 1e11}
+
+
+def test_an_npy_header_claiming_a_huge_array_is_rejected_before_it_is_allocated(setting):
+    images, global_state, valid = setting
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (2**20, 2**20)})  # 4 TiB
+    target = valid[0]["fc2.bias"]
+    bomb = Array(dtype="float32", shape=target.shape, stype="numpy.ndarray",
+                 data=header.getvalue())  # the magic string, version 1.0, header; no data
+    _, record = aggregate("fedavg", images, global_state,
+                          [raw_reply(0, {**arrays_of(valid[0]), "fc2.bias": bomb},
+                                     {"num-examples": 100}),
+                           reply(1, valid[1], {"num-examples": 100})])
+    assert record.kept == [1] and "decodes to float32[1048576, 1048576]" in record.rejected[0]
+
