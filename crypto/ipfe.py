@@ -38,9 +38,24 @@ Point = PublicKey | None
 _IDENTITY_BYTES = bytes(POINT_BYTES)
 
 
-@lru_cache(maxsize=1 << 16)
+SMALL_MULTIPLES = 1 << 16
+"""|k| below this is a plaintext or a discrete-log step, never a secret: its k G is cached."""
+
+
 def generator_multiple(k: int) -> Point:
-    """k G (cached: plaintexts and discrete-log tables reuse small multiples)."""
+    """k G. Small multiples (plaintexts, discrete-log tables) come from a cache; any other k,
+    secret scalars and encryption randomness among them, is never kept."""
+    if -SMALL_MULTIPLES < k < SMALL_MULTIPLES:
+        return _small_generator_multiple(k)
+    return _generator_multiple(k)
+
+
+@lru_cache(maxsize=SMALL_MULTIPLES)
+def _small_generator_multiple(k: int) -> Point:
+    return _generator_multiple(k)
+
+
+def _generator_multiple(k: int) -> Point:
     k %= ORDER
     return None if k == 0 else PublicKey.from_secret(k.to_bytes(32, "big"))
 

@@ -61,7 +61,13 @@ class KeyAuthority:
         return session, mpk
 
     def coordinate_keys(self, session: int) -> list[int]:
-        """Function keys for y = e_1..e_n of a session, whose msk is then forgotten."""
+        """Function keys for y = e_1..e_n of a session, whose msk the authority then forgets.
+
+        In DDH-IPFE sk_y = <s, y>, so the key for e_k is s_k: the n coordinate keys together
+        are the session's master secret key. The server that receives them can decrypt every
+        inner product of that one ciphertext set, which is what verification needs (the whole
+        last row); the session is never reused.
+        """
         msk = self._sessions.pop(session)
         return [ipfe.derive_key(msk, [int(i == k) for i in range(len(msk))]) for k in range(len(msk))]
 

@@ -57,6 +57,20 @@ def test_ipfe_keys_reveal_only_their_own_function():
         ipfe.decrypt(ct, y, ipfe.derive_key(other_msk, y), dlog)
 
 
+def test_no_secret_scalar_is_cached(monkeypatch):
+    cached = []
+    small = ipfe._small_generator_multiple
+    monkeypatch.setattr(ipfe, "_small_generator_multiple", lambda k: cached.append(k) or small(k))
+    mpk, msk = ipfe.setup(4)
+    ct = ipfe.encrypt(mpk, [5, -3, 0, 200])
+    keys = [ipfe.derive_key(msk, [int(i == k) for i in range(4)]) for k in range(4)]
+    assert keys == list(msk)  # the coordinate keys are the master secret key itself
+    dlog = ipfe.SmallDiscreteLog(bound=1000)
+    assert [ipfe.decrypt_coordinate(ct, k, keys[k], dlog) for k in range(4)] == [5, -3, 0, 200]
+    assert cached and all(abs(k) < ipfe.SMALL_MULTIPLES for k in cached)
+    assert not set(cached) & set(msk)
+
+
 def test_group_elements_and_ciphertexts_parse_strictly():
     g = ipfe.generator_multiple(1)
     assert ipfe.add([ipfe.multiply(g, ipfe.ORDER - 1), g]) is None  # (q - 1) G + G = O
