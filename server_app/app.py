@@ -21,20 +21,30 @@ from task.config import ConfigError, RunConfig
 app = ServerApp()
 
 
+SIMULATION_NODE_WAIT = 10.0
+"""Seconds a simulation's ServerApp waits for its SuperNodes: the simulation engine registers
+all of them at once as it starts, so a shortfall after this is its federation config."""
+
+
 def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> int:
-    """Block until ``needed`` SuperNodes are connected; raise naming the shortfall."""
+    """Block until ``needed`` SuperNodes are connected; ``ConfigError`` naming the shortfall
+    after ``timeout`` seconds (in a simulation, after ``SIMULATION_NODE_WAIT``)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    simulated = isinstance(grid, InMemoryGrid)
+    if simulated:
+        timeout = min(timeout, SIMULATION_NODE_WAIT)
     deadline = time.monotonic() + timeout
     while True:
         connected = len(list(grid.get_node_ids()))
         if connected >= needed:
             return connected
         if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"num-clients={needed} but only {connected} SuperNode(s) connected after "
-                f"{timeout:.0f} s. In simulation pass --federation-config \"num-supernodes={needed}\"; "
-                f"in a deployment start {needed} SuperNodes (or lower num-clients)."
-            )
-        time.sleep(1.0)
+            advice = (f"pass --federation-config \"num-supernodes={needed} ...\" to flwr run"
+                      if simulated else f"start {needed} SuperNodes")
+            raise ConfigError(f"num-clients={needed} but the federation has {connected} "
+                              f"SuperNode(s) after {timeout:.0f} s: {advice} (or lower num-clients)")
+        time.sleep(0.5)
 
 
 @app.main()
@@ -76,11 +86,11 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model), test,
                              probe_labels)
 
+    connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout)
     writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
     writer.write_config(config.to_run_config())
     log(INFO, "Results folder: %s", writer.path)
     grid = EavesdroppingGrid(grid)  # ground truth for metrics; the eavesdropping channel
-    connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout)
     log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
         config.num_server_rounds, config.defense)
 

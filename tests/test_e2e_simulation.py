@@ -54,6 +54,15 @@ def test_bad_run_config_stops_with_the_key_named(simulation_link):
     assert not results.exists() or not any(results.iterdir())
 
 
+def test_too_few_simulated_supernodes_stop_at_once_with_the_advice(simulation_link):
+    """A plain ``flwr run .`` gets Flower's 2 simulated SuperNodes for num-clients=24: the run
+    stops after the simulation's short wait (not node-wait-timeout = 120 s), in one line."""
+    output, results = simulation_link.run("num-server-rounds=1", num_supernodes=2, timeout=90)
+    assert "num-clients=24 but the federation has 2 SuperNode(s)" in output, output[-3000:]
+    assert "num-supernodes=24" in output and "Traceback" not in output
+    assert not results.exists() or not any(results.iterdir())
+
+
 @pytest.mark.parametrize("attack", ["gae", "adaptive-cam"])
 def test_eavesdropping_attacker_gets_benign_uploads_and_is_aggregated(simulation_link, attack):
     output, results = simulation_link.run(
