@@ -26,12 +26,17 @@ SIMULATION_NODE_WAIT = 10.0
 all of them at once as it starts, so a shortfall after this is its federation config."""
 
 
+def is_simulation(grid: Grid) -> bool:
+    """Whether the ServerApp runs in Flower's simulation engine (its in-memory Grid)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
 def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> int:
     """Block until ``needed`` SuperNodes are connected; ``ConfigError`` naming the shortfall
     after ``timeout`` seconds (in a simulation, after ``SIMULATION_NODE_WAIT``)."""
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    simulated = isinstance(grid, InMemoryGrid)
+    simulated = is_simulation(grid)
     if simulated:
         timeout = min(timeout, SIMULATION_NODE_WAIT)
     deadline = time.monotonic() + timeout
@@ -64,7 +69,8 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
 
     from server_app.defenses import build_defense
     from server_app.metrics import detection_metrics, pooled_detection_metrics
-    from server_app.eavesdrop import EavesdroppingGrid
+    from attacks import build_attack
+    from server_app.eavesdrop import EavesdroppingGrid, serves_benign_uploads
     from server_app.results import ResultsWriter, new_run_dir
     from task.data import load_federated_data
     from task.models import build_model, default_cam_layer
@@ -90,7 +96,10 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
     writer.write_config(config.to_run_config())
     log(INFO, "Results folder: %s", writer.path)
-    grid = EavesdroppingGrid(grid)  # ground truth for metrics; the eavesdropping channel
+    serve_benign = serves_benign_uploads(
+        build_attack(config, model_fn()).needs_benign_uploads, config.num_attackers,
+        is_simulation(grid), config.eavesdrop_in_deployment)
+    grid = EavesdroppingGrid(grid, serve_benign)  # ground truth; the eavesdropping channel
     log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
         config.num_server_rounds, config.defense)
 

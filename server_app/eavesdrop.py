@@ -10,6 +10,9 @@ Wraps the Grid the ServerApp is given, passes every call through, and on trainin
    they return. An attacker that does not answer is dropped from the round.
 This is the only place the server helps an attacker. It is part of the experiment, not of any
 strategy: every strategy receives the final replies through ``send_and_receive`` as usual.
+It serves benign uploads only when told to (``serve_benign``; ``serves_benign_uploads`` says
+when: the configured attack needs them, and the run is a simulation or the run config opts in
+for a deployment). Otherwise a reply that asks for them gets nothing and is passed on as sent.
 """
 
 from __future__ import annotations
@@ -51,11 +54,21 @@ def strip_ground_truth(reply: Message) -> Message:
     return reply
 
 
-class EavesdroppingGrid:
-    """A pass-through ``Grid``; ``truth`` holds the last training round's {node id: attacker}."""
+def serves_benign_uploads(attack_needs_them: bool, num_attackers: int, simulated: bool,
+                          in_deployment: bool) -> bool:
+    """Whether the harness answers ``awaits-benign`` requests: only for an attack that needs
+    the benign uploads, with attackers configured, in a simulation or where the run config
+    explicitly enables it for a deployment experiment (``eavesdrop-in-deployment``)."""
+    return attack_needs_them and num_attackers > 0 and (simulated or in_deployment)
 
-    def __init__(self, grid: Grid) -> None:
+
+class EavesdroppingGrid:
+    """A pass-through ``Grid``; ``truth`` holds the last training round's {node id: attacker}.
+    Benign uploads are sent to attackers only with ``serve_benign``."""
+
+    def __init__(self, grid: Grid, serve_benign: bool) -> None:
         self._grid = grid
+        self.serve_benign = serve_benign
         self.truth: dict[int, bool] = {}
 
     def __getattr__(self, name):
@@ -71,7 +84,10 @@ class EavesdroppingGrid:
         self.truth = {r.metadata.src_node_id: bool(_metric(r, "attacker")) for r in replies
                       if isinstance(_metric(r, "attacker"), (int, float))}
         waiting = [r for r in replies if _metric(r, "awaits-benign") == 1.0]
-        if not waiting:
+        if waiting and not self.serve_benign:
+            log(WARNING, "Nodes %s asked for the benign uploads; this run serves none",
+                sorted(r.metadata.src_node_id for r in waiting))
+        if not waiting or not self.serve_benign:
             return [strip_ground_truth(r) for r in replies]
         benign = sorted((r for r in replies if r.has_content() and _metric(r, "attacker") == 0.0
                          and "arrays" in r.content.array_records),

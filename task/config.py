@@ -63,6 +63,7 @@ class RunConfig:
     results_dir: str = "results"
     round_timeout: float = 600.0
     node_wait_timeout: float = 120.0
+    eavesdrop_in_deployment: bool = False
     # attacks (run on the attacking clients)
     sign_flip_scale: float = 1.0
     gaussian_sigma: float = 0.1

@@ -7,7 +7,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import attack_with_eavesdropped_uploads, train
-from server_app.eavesdrop import ATTACK_MESSAGE, HARNESS_KEYS, EavesdroppingGrid
+from server_app.eavesdrop import (
+    ATTACK_MESSAGE,
+    HARNESS_KEYS,
+    EavesdroppingGrid,
+    serves_benign_uploads,
+)
 from strategies.base import DetectingFedAvg
 from task.config import RunConfig
 from task.models import build_model
@@ -27,6 +32,7 @@ class HandlerGrid:
                           node_config={"partition-id": node - 1, "num-partitions": 24,
                                        "role": role})
             for node, role in NODES.items()}
+        self.sent_types: list[str] = []
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -37,6 +43,7 @@ class HandlerGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         handler = {"train": train, ATTACK_MESSAGE: attack_with_eavesdropped_uploads}
+        self.sent_types += [m.metadata.message_type for m in messages]
         return [handler[m.metadata.message_type](m, self.contexts[m.metadata.dst_node_id])
                 for m in messages]
 
@@ -58,7 +65,7 @@ def harness_round(request):
     torch.manual_seed(0)
     arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
     inner = HandlerGrid(request.param)
-    grid = EavesdroppingGrid(inner)
+    grid = EavesdroppingGrid(inner, serve_benign=True)
     messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                         dst_node_id=node, message_type="train", group_id="1") for node in NODES]
     replies = list(grid.send_and_receive(messages))
@@ -93,3 +100,29 @@ def test_attacker_reply_has_the_fields_of_a_benign_reply(harness_round):
             np.median([m["train-loss"] for m in metrics]))
         assert by_node[4].content["metrics"]["num-examples"] == pytest.approx(
             np.median([m["num-examples"] for m in metrics]))
+
+
+def test_benign_uploads_are_served_only_to_a_configured_eavesdropping_attack():
+    assert serves_benign_uploads(True, 3, simulated=True, in_deployment=False)
+    assert serves_benign_uploads(True, 3, simulated=False, in_deployment=True)
+    assert not serves_benign_uploads(True, 3, simulated=False, in_deployment=False)
+    assert not serves_benign_uploads(False, 3, simulated=True, in_deployment=True)  # sign-flip
+    assert not serves_benign_uploads(True, 0, simulated=True, in_deployment=True)
+
+
+def test_a_node_asking_for_benign_uploads_gets_nothing_when_none_are_served():
+    """A node that says ``awaits-benign`` in a run that serves no benign uploads (a deployment,
+    or an attack that needs none) is sent nothing, and its reply goes on as it sent it."""
+    act_as_serverapp()
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
+    inner = HandlerGrid("undo-update")  # node 4 asks for the benign uploads
+    grid = EavesdroppingGrid(inner, serve_benign=False)
+    messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                        dst_node_id=node, message_type="train", group_id="1") for node in NODES]
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
+    assert inner.sent_types == ["train"] * len(NODES)  # no train.attack message went out
+    asked = replies[4].content
+    assert all(np.array_equal(asked["arrays"][k].numpy(), arrays[k].numpy()) for k in arrays.keys())
+    assert not set(HARNESS_KEYS) & set(asked["metrics"])
+    assert grid.truth == {1: False, 2: False, 3: False, 4: True}
