@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 PATIENCE = 10
 """Epochs without a relative improvement of ``tolerance`` before training stops."""
@@ -49,58 +49,41 @@ def load_optimizer_machinery() -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
-@dataclass
-class HeatmapAutoencoder:
-    """The paper's one-hidden-layer autoencoder, weights stored input-major for ``x @ w``.
-
-    ``encoder`` (D, hidden) and ``decoder`` (hidden, D) are the transposes of ``nn.Linear``'s
-    weights; ``encoder_bias`` (hidden,), ``decoder_bias`` (D,).
-    """
-
-    encoder: torch.Tensor
-    encoder_bias: torch.Tensor
-    decoder: torch.Tensor
-    decoder_bias: torch.Tensor
-
-    @classmethod
-    def initial(cls, dim: int, hidden: int, seed: int, device: torch.device) -> HeatmapAutoencoder:
-        """``nn.Linear``'s default law, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from a private
-        generator seeded with ``seed`` (weight then bias, encoder then decoder)."""
-        generator = torch.Generator().manual_seed(seed)
-
-        def uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
-            bound = 1.0 / fan_in ** 0.5
-            return torch.rand(shape, generator=generator) * 2 * bound - bound
-
-        encoder, encoder_bias = uniform((hidden, dim), dim), uniform((hidden,), dim)
-        decoder, decoder_bias = uniform((dim, hidden), hidden), uniform((dim,), hidden)
-        return cls(*(t.to(device) for t in (encoder.t().contiguous(), encoder_bias,
-                                             decoder.t().contiguous(), decoder_bias)))
-
-    @property
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.encoder, self.encoder_bias, self.decoder, self.decoder_bias]
-
-    def forward(self, maps: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor) -> None:
-        """h = relu(x W1 + b1) into ``hidden``, x' = sigmoid(h W2 + b2) into ``out``."""
-        torch.addmm(self.encoder_bias, maps, self.encoder, out=hidden).clamp_(min=0)
-        torch.addmm(self.decoder_bias, hidden, self.decoder, out=out).sigmoid_()
+def heatmap_autoencoder(dim: int, hidden: int, seed: int) -> nn.Sequential:
+    """The paper's one-hidden-layer autoencoder for flattened heat maps of length ``dim``,
+    initialised by ``nn.Linear``'s law, U(+-1/sqrt(fan_in)), from a private generator."""
+    autoencoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim),
+                                nn.Sigmoid())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in (autoencoder[0], autoencoder[2]):
+            bound = 1.0 / layer.in_features ** 0.5
+            layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=generator) * 2 * bound - bound)
+    return autoencoder
 
 
-def _backward(model: HeatmapAutoencoder, maps: torch.Tensor, hidden: torch.Tensor,
+def _forward(encoder: nn.Linear, decoder: nn.Linear, maps: torch.Tensor, hidden: torch.Tensor,
+             out: torch.Tensor) -> None:
+    """h = relu(x W1^T + b1) into ``hidden``, x' = sigmoid(h W2^T + b2) into ``out``."""
+    torch.addmm(encoder.bias, maps, encoder.weight.t(), out=hidden).clamp_(min=0)
+    torch.addmm(decoder.bias, hidden, decoder.weight.t(), out=out).sigmoid_()
+
+
+def _backward(encoder: nn.Linear, decoder: nn.Linear, maps: torch.Tensor, hidden: torch.Tensor,
               out: torch.Tensor, delta: torch.Tensor, hidden_delta: torch.Tensor) -> None:
     """Gradients of the MSE loss (eq. 11) into each parameter's ``.grad``.
 
     With L = sum (x' - x)^2 / (K D): dL/dz2 = 2 (x' - x) x' (1 - x') / (K D) (sigmoid), the
-    decoder's gradients h^T dz2 and sum_k dz2; dL/dz1 = (dz2 W2^T) [h > 0] (ReLU), the
-    encoder's x^T dz1 and sum_k dz1.
+    decoder's gradients dz2^T h and sum_k dz2; dL/dz1 = (dz2 W2) [h > 0] (ReLU), the encoder's
+    dz1^T x and sum_k dz1.
     """
     torch.sub(out, maps, out=delta).mul_(out).mul_(1 - out).mul_(2.0 / maps.numel())
-    torch.mm(hidden.t(), delta, out=model.decoder.grad)
-    torch.sum(delta, 0, out=model.decoder_bias.grad)
-    torch.mm(delta, model.decoder.t(), out=hidden_delta).mul_(hidden > 0)
-    torch.mm(maps.t(), hidden_delta, out=model.encoder.grad)
-    torch.sum(hidden_delta, 0, out=model.encoder_bias.grad)
+    torch.mm(delta.t(), hidden, out=decoder.weight.grad)
+    torch.sum(delta, 0, out=decoder.bias.grad)
+    torch.mm(delta, decoder.weight, out=hidden_delta).mul_(hidden > 0)
+    torch.mm(hidden_delta.t(), maps, out=encoder.weight.grad)
+    torch.sum(hidden_delta, 0, out=encoder.bias.grad)
 
 
 def reconstruction_errors(
@@ -120,24 +103,25 @@ def reconstruction_errors(
     if maps.dim() != 2:
         raise ValueError(f"maps must be (K, D), got {tuple(maps.shape)}")
     maps = maps.detach().float().contiguous()
-    model = HeatmapAutoencoder.initial(maps.shape[1], hidden, seed, maps.device)
-    for parameter in model.parameters:
+    autoencoder = heatmap_autoencoder(maps.shape[1], hidden, seed).to(maps.device)
+    encoder, decoder = autoencoder[0], autoencoder[2]
+    for parameter in autoencoder.parameters():
         parameter.grad = torch.empty_like(parameter)
-    optimizer = torch.optim.Adam(model.parameters, lr=lr, weight_decay=weight_decay,
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=lr, weight_decay=weight_decay,
                                  fused=maps.device.type in ("cpu", "cuda") or None)
     hidden_out, out = maps.new_empty(len(maps), hidden), torch.empty_like(maps)
     delta, hidden_delta = torch.empty_like(maps), torch.empty_like(hidden_out)
     best, stale, ran = float("inf"), 0, 0
     with torch.no_grad():
         for ran in range(1, epochs + 1):
-            model.forward(maps, hidden_out, out)
+            _forward(encoder, decoder, maps, hidden_out, out)
             if tolerance > 0:  # the loss of the weights this step starts from, as autograd's
                 value = (out - maps).square().mean().item()
                 stale = 0 if value < best * (1 - tolerance) else stale + 1
                 best = min(best, value)
-            _backward(model, maps, hidden_out, out, delta, hidden_delta)
+            _backward(encoder, decoder, maps, hidden_out, out, delta, hidden_delta)
             optimizer.step()
             if tolerance > 0 and stale >= PATIENCE:
                 break
-        model.forward(maps, hidden_out, out)
+        _forward(encoder, decoder, maps, hidden_out, out)
         return (out - maps).abs().mean(dim=1), ran  # eq. (12)
