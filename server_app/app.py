@@ -33,10 +33,9 @@ def is_simulation(grid: Grid) -> bool:
     return isinstance(grid, InMemoryGrid)
 
 
-def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> int:
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, simulated: bool) -> int:
     """Block until ``needed`` SuperNodes are connected; ``ConfigError`` naming the shortfall
     after ``timeout`` seconds (in a simulation, after ``SIMULATION_NODE_WAIT``)."""
-    simulated = is_simulation(grid)
     if simulated:
         timeout = min(timeout, SIMULATION_NODE_WAIT)
     deadline = time.monotonic() + timeout
@@ -92,13 +91,14 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model), test,
                              probe_labels)
 
-    connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout)
+    simulated = is_simulation(grid)
+    connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout, simulated)
     writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
     writer.write_config(config.to_run_config())
     log(INFO, "Results folder: %s", writer.path)
     serve_benign = serves_benign_uploads(
         build_attack(config, model_fn()).needs_benign_uploads, config.num_attackers,
-        is_simulation(grid), config.eavesdrop_in_deployment)
+        simulated, config.eavesdrop_in_deployment)
     grid = EavesdroppingGrid(grid, serve_benign)  # ground truth; the eavesdropping channel
     log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
         config.num_server_rounds, config.defense)

@@ -87,7 +87,8 @@ class EavesdroppingGrid:
         if waiting and not self.serve_benign:
             log(WARNING, "Nodes %s asked for the benign uploads; this run serves none",
                 sorted(r.metadata.src_node_id for r in waiting))
-        if not waiting or not self.serve_benign:
+            waiting = []  # their replies go on as sent
+        if not waiting:
             return [strip_ground_truth(r) for r in replies]
         benign = sorted((r for r in replies if r.has_content() and _metric(r, "attacker") == 0.0
                          and "arrays" in r.content.array_records),
