@@ -22,20 +22,29 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from attacks.base import Attack, AttackInput, State
+from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.eavesdropping import largest_gamma
 from strategies.heatmaps import as_tensors, layercam_heatmaps
-from task.params import flatten_updates, unflatten
+from task.models import default_cam_layer
+from task.params import State, flatten_updates, unflatten
 
 
+@ATTACKS.register
 class AdaptiveCam(Attack):
     """Reverse the benign update as far as heat maps and distances stay benign-looking."""
 
     name = "adaptive-cam"
     needs_benign_uploads = True
+    needs_local_probes = True
 
     def __init__(self, model: nn.Module, layer: str) -> None:
         self.model, self.layer = model.eval(), layer
+
+    @classmethod
+    def from_config(cls, config, model=None):
+        if model is None:
+            raise ValueError("adaptive-cam needs the model architecture")
+        return cls(model, config.layercam_ae_target_layer or default_cam_layer(config.model))
 
     def craft(self, attack_input: AttackInput) -> State:
         benign, global_state = attack_input.benign_states, attack_input.global_state

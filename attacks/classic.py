@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from attacks.base import Attack, AttackInput, State, apply_update, update
+from attacks.base import ATTACKS, Attack, AttackInput, relabelled
+from task.data import ImageData
+from task.params import State, flatten_updates, unflatten
 
 
+@ATTACKS.register
 class SignFlip(Attack):
     """Sign-flipping (Damaskinos et al., "Asynchronous Byzantine machine learning (the case of
     SGD)", ICML 2018; FAA-DL section VI-A): upload w_g - scale * (w - w_g), the honest update
@@ -18,12 +21,17 @@ class SignFlip(Attack):
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = scale
 
+    @classmethod
+    def from_config(cls, config, model=None):
+        return cls(config.sign_flip_scale)
+
     def craft(self, attack_input: AttackInput) -> State:
-        delta = update(attack_input.own_state, attack_input.global_state)
-        return apply_update(attack_input.global_state, {k: -self.scale * v for k, v in delta.items()},
-                            attack_input.own_state)
+        own, global_state = attack_input.own_state, attack_input.global_state
+        updates, names = flatten_updates([own], global_state)
+        return unflatten(-self.scale * updates[0], names, global_state, buffers=own)
 
 
+@ATTACKS.register
 class GaussianNoise(Attack):
     """Gaussian noise (Fang, Cao, Jia, Gong, "Local model poisoning attacks to Byzantine-robust
     federated learning", USENIX Security 2020; FAA-DL section VI-A): upload the honest model
@@ -34,12 +42,17 @@ class GaussianNoise(Attack):
     def __init__(self, sigma: float = 0.1) -> None:
         self.sigma = sigma
 
+    @classmethod
+    def from_config(cls, config, model=None):
+        return cls(config.gaussian_sigma)
+
     def craft(self, attack_input: AttackInput) -> State:
         own = attack_input.own_state
         return {k: (v + attack_input.rng.normal(0.0, self.sigma, v.shape)).astype(v.dtype)
                 if v.dtype.kind == "f" else v for k, v in own.items()}
 
 
+@ATTACKS.register
 class UniformNoise(Attack):
     """Scaled uniform noise added to a benign model, as the LayerCAM-AE authors' public code
     generates its "malicious" models: w + scale * U(-1, 1) on every weight."""
@@ -49,12 +62,17 @@ class UniformNoise(Attack):
     def __init__(self, scale: float = 0.1) -> None:
         self.scale = scale
 
+    @classmethod
+    def from_config(cls, config, model=None):
+        return cls(config.uniform_noise_scale)
+
     def craft(self, attack_input: AttackInput) -> State:
         own = attack_input.own_state
         return {k: (v + self.scale * attack_input.rng.uniform(-1.0, 1.0, v.shape)).astype(v.dtype)
                 if v.dtype.kind == "f" else v for k, v in own.items()}
 
 
+@ATTACKS.register
 class LabelFlip(Attack):
     """Label flipping, a data-poisoning attack (Tolpegin, Truex, Gursoy, Liu, "Data poisoning
     attacks against federated learning systems", ESORICS 2020): train honestly on labels
@@ -65,3 +83,6 @@ class LabelFlip(Attack):
 
     def flip_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
         return num_classes - 1 - labels
+
+    def poison(self, data: ImageData) -> ImageData:
+        return relabelled(data, self.flip_labels(data.labels.numpy(), data.num_classes))

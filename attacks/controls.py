@@ -18,9 +18,9 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from attacks.base import Attack, AttackInput, State
+from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.observed import ObservedRound, observe_round
-from task.params import unflatten
+from task.params import State, unflatten
 
 
 class _AtRadius(Attack, ABC):
@@ -30,6 +30,10 @@ class _AtRadius(Attack, ABC):
 
     def __init__(self, radius: float = 0.0) -> None:
         self.radius = radius
+
+    @classmethod
+    def from_config(cls, config, model=None):
+        return cls(config.gae_radius)  # the radius GAE is bound by
 
     @abstractmethod
     def direction(self, observed: ObservedRound, rng: np.random.Generator) -> np.ndarray:
@@ -46,6 +50,7 @@ class _AtRadius(Attack, ABC):
         return unflatten(direction * (radius / norm), observed.names, attack_input.global_state)
 
 
+@ATTACKS.register
 class RadiusNoise(_AtRadius):
     """A Gaussian random direction at distance d_T from the global model."""
 
@@ -55,6 +60,7 @@ class RadiusNoise(_AtRadius):
         return rng.standard_normal(len(observed.global_vector))
 
 
+@ATTACKS.register
 class UndoUpdate(_AtRadius):
     """The benign mean update reversed, at distance d_T from the global model."""
 

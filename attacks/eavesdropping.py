@@ -10,8 +10,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-from attacks.base import Attack, AttackInput, State
-from task.params import flatten_updates, squared_distances, unflatten
+from attacks.base import ATTACKS, Attack, AttackInput
+from task.params import State, flatten_updates, squared_distances, unflatten
 
 
 class EavesdroppingAttack(Attack, ABC):
@@ -36,6 +36,7 @@ def alie_z(num_clients: int, num_attackers: int) -> float:
     return NormalDist().inv_cdf((num_clients - supporters) / num_clients)
 
 
+@ATTACKS.register
 class Alie(EavesdroppingAttack):
     """"A little is enough" (Baruch, Baruch, Goldberg, NeurIPS 2019): every coordinate at
     mean - z * std of the benign updates, inside the benign spread so that coordinate-wise and
@@ -46,10 +47,15 @@ class Alie(EavesdroppingAttack):
     def __init__(self, z: float, num_clients: int, num_attackers: int) -> None:
         self.z = z if z > 0 else alie_z(num_clients, num_attackers)
 
+    @classmethod
+    def from_config(cls, config, model=None):
+        return cls(config.alie_z, config.num_clients, config.num_attackers)
+
     def malicious_update(self, updates: np.ndarray) -> np.ndarray:
         return updates.mean(axis=0) - self.z * updates.std(axis=0)
 
 
+@ATTACKS.register
 class Ipm(EavesdroppingAttack):
     """Inner-product manipulation (Xie, Koyejo, Gupta, "Fall of empires", UAI 2020): upload
     -epsilon times the benign mean update, making its inner product with the true update negative."""
@@ -58,6 +64,10 @@ class Ipm(EavesdroppingAttack):
 
     def __init__(self, epsilon: float = 0.5) -> None:
         self.epsilon = epsilon
+
+    @classmethod
+    def from_config(cls, config, model=None):
+        return cls(config.ipm_epsilon)
 
     def malicious_update(self, updates: np.ndarray) -> np.ndarray:
         return -self.epsilon * updates.mean(axis=0)
@@ -75,6 +85,7 @@ def largest_gamma(fits, gamma_init: float = 10.0, tolerance: float = 1e-5) -> fl
     return low
 
 
+@ATTACKS.register
 class MinMax(EavesdroppingAttack):
     """Min-Max (Shejwalkar & Houmansadr, "Manipulating the Byzantine", NDSS 2021, AGR-agnostic):
     mean + gamma * p with p = -std of the benign updates and the largest gamma such that the
@@ -92,6 +103,7 @@ class MinMax(EavesdroppingAttack):
         return mean + gamma * direction
 
 
+@ATTACKS.register
 class MinSum(EavesdroppingAttack):
     """Min-Sum (same paper): the largest gamma such that the malicious update's sum of squared
     distances to the benign updates is at most the largest such sum of a benign update:

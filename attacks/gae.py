@@ -82,9 +82,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from attacks.base import Attack, AttackInput, State
+from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.observed import ObservedRound, observe_round
-from task.params import unflatten
+from task.params import State, unflatten
 
 HIDDEN, LATENT = 32, 16
 KNAPSACK_UNITS = 10_000
@@ -365,6 +365,7 @@ class GaeReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+@ATTACKS.register
 class Gae(Attack):
     """The GAE attack (module docstring): graph of the benign updates' energetic coordinates,
     adversarial GCN autoencoder, graph-spectral generation, the most damaging combination of the
@@ -383,6 +384,14 @@ class Gae(Attack):
         self.budget, self.radius = budget, radius
         self.settings = settings
         self.last_report: GaeReport | None = None
+
+    @classmethod
+    def from_config(cls, config, model=None):
+        return cls(config.gae_graph_nodes, config.gae_candidate_nodes, config.gae_edge_threshold,
+                   config.gae_edge_ramp, config.gae_budget, config.gae_radius,
+                   GaeSettings(config.gae_epochs, config.gae_adversarial,
+                               config.gae_adversarial_epochs, config.gae_perturbation,
+                               config.gae_learning_rate))
 
     def craft(self, attack_input: AttackInput) -> State:
         state, self.last_report = self.craft_with_report(attack_input)

@@ -8,14 +8,12 @@ for one float64 copy of all updates.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from task.params import flat, float_names, gather
-
-State = Mapping[str, np.ndarray]
+from task.params import State, flat, float_names, gather
 
 
 @dataclass(frozen=True)

@@ -87,17 +87,12 @@ def training_seed(config: RunConfig, server_round: int, partition_id: int) -> in
 
 
 def _training_data(local, config: RunConfig, attacker: bool):
-    """The partition as this node trains on it: a data-poisoning attacker's labels flipped."""
-    import dataclasses
+    """The partition as this node trains on it: what a data-poisoning attack makes of it."""
+    from attacks import ATTACKS, build_attack
 
-    import torch
-
-    from attacks import build_attack, poisons_data
-
-    if not (attacker and poisons_data(config.attack)):
+    if not (attacker and ATTACKS.get(config.attack).poisons_data):
         return local
-    flipped = build_attack(config).flip_labels(local.labels.numpy(), local.num_classes)
-    return dataclasses.replace(local, labels=torch.from_numpy(flipped))
+    return build_attack(config).poison(local)
 
 
 def _model_reply(msg: Message, state: dict, metrics: dict) -> Message:
@@ -164,13 +159,13 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     import numpy as np
     import torch
 
-    from attacks import AttackInput, build_attack, needs_local_probes
+    from attacks import ATTACKS, AttackInput, build_attack
 
     torch.set_num_threads(1)
     config = RunConfig.from_run_config(context.run_config)
     partition_id, _ = node_partition(context)
-    attack, probes = None, None
-    if needs_local_probes(config.attack):
+    probes = None
+    if ATTACKS.get(config.attack).needs_local_probes:
         config, partition_id, local, model, _ = _local_setup(msg, context)
         attack = build_attack(config, model)
         probes = local.as_float(torch.arange(min(ADAPTIVE_PROBES, len(local))))

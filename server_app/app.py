@@ -66,72 +66,43 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     """The experiment harness; returns the summary it writes."""
     import torch
 
-    from server_app.defenses import build_defense
-    from server_app.metrics import detection_metrics, pooled_detection_metrics
-    from attacks import build_attack
+    from attacks import ATTACKS
+    from server_app.defenses import build_defense, server_assets
     from server_app.eavesdrop import EavesdroppingGrid, serves_benign_uploads
-    from server_app.results import ResultsWriter, new_run_dir
+    from server_app.results import ResultsWriter, RoundLog, new_run_dir
     from task.data import load_federated_data
-    from task.models import build_model, default_cam_layer
     from task.train import evaluate, pick_device
 
     torch.manual_seed(config.seed)
     device = pick_device()
-    data = load_federated_data(config.dataset, config.seed)
-    test = data.test
-
-    def model_fn() -> torch.nn.Module:
-        return build_model(config.model, test.in_channels, test.num_classes, test.image_size)
-
-    global_model = model_fn()
-    config.validate_for(test.num_classes, test.image_size, global_model)
-    probe_order = torch.randperm(len(test), generator=torch.Generator().manual_seed(config.seed))
-    probes = test.as_float(probe_order[: config.layercam_ae_probes])
-    probe_labels = test.labels[probe_order[: config.layercam_ae_probes]]
-    strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model), test,
-                             probe_labels)
-
+    test = load_federated_data(config.dataset, config.seed).test
+    attack = ATTACKS.get(config.attack)
     simulated = is_simulation(grid)
+    grid = EavesdroppingGrid(grid, serves_benign_uploads(  # ground truth; eavesdropping channel
+        attack.needs_benign_uploads, config.num_attackers, simulated, config.eavesdrop_in_deployment))
+    assets = server_assets(config, test, grid)
+    model_fn = assets.model_fn
+    global_model = model_fn()
+    config.validate_for(test.num_classes, global_model)
+    strategy = build_defense(config, assets)
+
     connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout, simulated)
     writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
     writer.write_config(config.to_run_config())
     log(INFO, "Results folder: %s", writer.path)
-    serve_benign = serves_benign_uploads(
-        build_attack(config, model_fn()).needs_benign_uploads, config.num_attackers,
-        simulated, config.eavesdrop_in_deployment)
-    grid = EavesdroppingGrid(grid, serve_benign)  # ground truth; the eavesdropping channel
     log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
         config.num_server_rounds, config.defense)
-
-    started = time.monotonic()
-    round_started = [started]
-    decisions = []  # (truth, excluded, scores) per round, for the run's pooled metrics
+    round_log = RoundLog(writer, config.num_server_rounds)
+    strategy.on_record = lambda record: round_log.add_record(record, grid.truth)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = model_fn()
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         loss, accuracy = evaluate(model, test, device)
-        now = time.monotonic()
-        row = {"round": server_round, "accuracy": accuracy, "loss": loss,
-               "seconds": now - round_started[0], "elapsed": now - started}
-        record = strategy.last_record if server_round > 0 else None
-        if record is not None:
-            row["defense"] = record.to_json()
-            truth = {n: grid.truth[n] for n in record.received if n in grid.truth}
-            if truth:
-                removed = set(record.excluded) | set(record.rejected)
-                row["detection"] = detection_metrics(truth, removed, record.scores)
-                decisions.append((truth, removed, record.scores))
-            heatmaps = getattr(strategy, "last_heatmaps", None)
-            if heatmaps is not None:
-                writer.save_heatmap_grid(server_round, heatmaps, record.received, set(record.excluded))
-        writer.append_round(row)
-        round_started[0] = now
-        excluded = f", excluded {len(record.excluded)}" if record is not None else ""
-        print(f"[round {server_round}/{config.num_server_rounds}] elapsed {now - started:6.1f} s, "
-              f"accuracy {accuracy:.4f}, loss {loss:.4f}{excluded}", flush=True)
+        round_log.add_evaluation(server_round, accuracy, loss)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
+    round_log.begin()
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(global_model.state_dict()),
@@ -148,11 +119,11 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
         "final_accuracy": final["accuracy"],
         "final_loss": final["loss"],
         "best_accuracy": max(r["accuracy"] for r in writer.rounds),
-        "total_seconds": time.monotonic() - started,
+        "total_seconds": time.monotonic() - round_log.started,
         "defense": config.defense,
         "attack": config.attack,
         "results_dir": str(writer.path),
-        "detection": pooled_detection_metrics(decisions) if decisions else None,
+        "detection": round_log.pooled_detection(),
     }
     writer.write_summary(summary)
     print(f"Done: final accuracy {summary['final_accuracy']:.4f} after "

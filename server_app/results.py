@@ -1,13 +1,18 @@
-"""The results folder of one run: config.json, rounds.jsonl, summary.json, the final model."""
+"""The results folder of one run: config.json, rounds.jsonl, summary.json, the final model;
+and the per-round log that fills rounds.jsonl."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from server_app.metrics import detection_metrics, pooled_detection_metrics
+from strategies.records import RoundRecord
 
 
 def new_run_dir(base: str | Path, defense: str, attack: str) -> Path:
@@ -80,6 +85,54 @@ class ResultsWriter:
         fig.savefig(target, dpi=100)
         plt.close(fig)
         return target
+
+
+class RoundLog:
+    """One row of ``rounds.jsonl`` per round, written when the global model is evaluated: the
+    evaluation, the defense's ``RoundRecord`` of the round (handed over by the strategy's
+    ``on_record``), and the detection metrics against the harness's ground truth; a progress
+    line on stdout. The heat maps a record carries are saved as a PNG, then dropped."""
+
+    def __init__(self, writer: ResultsWriter, num_rounds: int) -> None:
+        self.writer, self.num_rounds = writer, num_rounds
+        self._records: dict[int, tuple[RoundRecord, dict[int, bool]]] = {}
+        self.decisions: list[tuple[dict[int, bool], set[int], dict[int, float] | None]] = []
+        self.started = self._last = time.monotonic()
+
+    def begin(self) -> None:
+        """Start the clock (the rounds' ``seconds`` and ``elapsed``)."""
+        self.started = self._last = time.monotonic()
+
+    def add_record(self, record: RoundRecord, truth: Mapping[int, bool]) -> None:
+        """The defense's record of a round and who really attacked in it."""
+        self._records[record.round] = (record, {n: truth[n] for n in record.received if n in truth})
+
+    def add_evaluation(self, server_round: int, accuracy: float, loss: float) -> dict[str, Any]:
+        """Write the round's row (round 0: the initial model) and print its progress line."""
+        now = time.monotonic()
+        row: dict[str, Any] = {"round": server_round, "accuracy": accuracy, "loss": loss,
+                               "seconds": now - self._last, "elapsed": now - self.started}
+        record, truth = self._records.pop(server_round, (None, {}))
+        if record is not None:
+            row["defense"] = record.to_json()
+            if truth:
+                removed = set(record.excluded) | set(record.rejected)
+                row["detection"] = detection_metrics(truth, removed, record.scores)
+                self.decisions.append((truth, removed, record.scores))
+            if record.heatmaps is not None:
+                self.writer.save_heatmap_grid(server_round, record.heatmaps,
+                                              record.received, set(record.excluded))
+                record.heatmaps = None
+        self.writer.append_round(row)
+        self._last = now
+        excluded = f", excluded {len(record.excluded)}" if record is not None else ""
+        print(f"[round {server_round}/{self.num_rounds}] elapsed {now - self.started:6.1f} s, "
+              f"accuracy {accuracy:.4f}, loss {loss:.4f}{excluded}", flush=True)
+        return row
+
+    def pooled_detection(self) -> dict[str, Any] | None:
+        """Detection metrics pooled over the rounds (``None`` without ground truth)."""
+        return pooled_detection_metrics(self.decisions) if self.decisions else None
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from strategies.base import DetectingFedAvg
 from strategies.records import ClientUpload, Detection
+from strategies.registry import DEFENSES
 from task.params import flatten_updates
 
 
@@ -40,6 +41,7 @@ def two_means_1d(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return explained, rank > best[None, :]
 
 
+@DEFENSES.register
 class Auror(DetectingFedAvg):
     """AUROR on the round's updates (module docstring)."""
 
@@ -49,6 +51,11 @@ class Auror(DetectingFedAvg):
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_features, self.separation, self.tau = num_features, separation, tau
+
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        return cls(num_features=config.auror_features, separation=config.auror_separation,
+                   tau=config.auror_tau, **flower_kwargs)
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         vectors = flatten_updates([u.arrays for u in uploads], self.global_state)[0]

@@ -1,29 +1,36 @@
 """FedAvg that screens uploads, asks a detection rule whom to keep, and records the round.
 
 Every defense of this package subclasses ``DetectingFedAvg`` and overrides ``detect`` (whom to
-keep) and, for robust aggregation rules, ``aggregate`` (how to combine them): the Flower glue
-(sampling, messages), reply screening and the ``RoundRecord`` are shared. Plain FedAvg is
-``detect`` keeping everyone and ``aggregate`` the sample-weighted mean.
+keep; a rule that computes the new global model while deciding returns it in
+``Detection.aggregate``) or ``aggregate`` (how to combine the kept uploads), plus
+``from_config`` for its run-config keys: the Flower glue (sampling, messages), reply screening
+and the ``RoundRecord`` are shared. Plain FedAvg is ``detect`` keeping everyone and
+``aggregate`` the sample-weighted mean. Each round's record is kept in ``records`` and handed
+to ``on_record``, the harness's way to log it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import weighted_average
 from strategies.records import ClientUpload, Detection, RoundRecord
+from strategies.registry import DEFENSES, ServerAssets
 from strategies.validation import MAX_CLAIM_RATIO, MAX_UPDATE_RATIO, screen_replies
+from task.config import RunConfig
 
 
+@DEFENSES.register
 class DetectingFedAvg(FedAvg):
     """Federated averaging over the uploads a detection rule keeps (FedAvg: all of them).
 
@@ -32,17 +39,32 @@ class DetectingFedAvg(FedAvg):
     max_update_ratio : float (default: 1e3)
         Uploads with ``||w - w_global|| > max_update_ratio * (||w_global|| + 1)`` are rejected
         as malformed before detection.
+    on_record : callable, optional
+        Called with each round's ``RoundRecord`` at the end of ``aggregate_train``.
     **fedavg_kwargs
         Passed to ``flwr.serverapp.strategy.FedAvg`` (sampling fractions, minimum nodes, keys).
+        ``train_metrics_aggr_fn`` receives the kept uploads' metrics (``num-examples`` as
+        bounded by the screening); by default their sample-weighted mean
+        (``mean_of_kept_metrics``).
     """
 
     name = "fedavg"
 
-    def __init__(self, *, max_update_ratio: float = MAX_UPDATE_RATIO, **fedavg_kwargs) -> None:
+    def __init__(self, *, max_update_ratio: float = MAX_UPDATE_RATIO,
+                 on_record: Callable[[RoundRecord], None] | None = None, **fedavg_kwargs) -> None:
+        fedavg_kwargs.setdefault("train_metrics_aggr_fn", mean_of_kept_metrics)
         super().__init__(**fedavg_kwargs)
         self.max_update_ratio = max_update_ratio
+        self.on_record = on_record
         self.global_state: dict[str, np.ndarray] | None = None
         self.records: list[RoundRecord] = []
+
+    @classmethod
+    def from_config(cls, config: RunConfig, assets: ServerAssets, **flower_kwargs: Any
+                    ) -> DetectingFedAvg:
+        """The defense with its run-config parameters (FedAvg has none); ``flower_kwargs`` go to
+        the constructor (sampling, ``on_record``). Raises ``ConfigError`` naming a bad key."""
+        return cls(**flower_kwargs)
 
     @property
     def last_record(self) -> RoundRecord | None:
@@ -87,10 +109,12 @@ class DetectingFedAvg(FedAvg):
         arrays, metrics, note = None, None, ""
         start = time.perf_counter()
         if kept:
-            arrays = ArrayRecord(
-                {k: Array(np.ascontiguousarray(v)) for k, v in self.aggregate(kept).items()}
-            )
-            metrics = _kept_metrics(kept)
+            state = detection.aggregate if detection.aggregate is not None else self.aggregate(kept)
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+            metrics = self.train_metrics_aggr_fn(
+                [RecordDict({"metrics": MetricRecord(
+                    {**u.metrics, self.weighted_by_key: u.num_examples})}) for u in kept],
+                self.weighted_by_key)
         else:
             note = "no upload kept: the previous global model is kept"
             log(WARNING, "Round %d: %s", server_round, note)
@@ -102,20 +126,26 @@ class DetectingFedAvg(FedAvg):
             kept=sorted(kept_ids), excluded=sorted(u.node_id for u in uploads if u.node_id not in kept_ids),
             scores=detection.scores, details=detection.details, timings=timings,
             aggregated=arrays is not None, note=note, bounded_claims=bounded,
+            heatmaps=detection.heatmaps,
         )
         self.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
         log(INFO, "Round %d [%s]: kept %d of %d uploads, excluded %s, rejected %s",
             server_round, self.name, len(kept), len(uploads), record.excluded, sorted(rejected))
         return arrays, metrics
 
 
-def _kept_metrics(kept: list[ClientUpload]) -> MetricRecord:
-    """Sample-weighted mean of the numeric training metrics all kept uploads report."""
-    total = sum(u.num_examples for u in kept)
-    common = set.intersection(*(set(u.metrics) for u in kept))
-    out: dict[str, float] = {"num-examples": total}
-    for key in sorted(common - {"num-examples"}):
-        values = [u.metrics[key] for u in kept]
+def mean_of_kept_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Sample-weighted mean of the finite numeric metrics every kept upload reports (Flower's
+    ``train_metrics_aggr_fn`` signature). Clients choose their metrics: one that is missing,
+    a list or not finite in any upload is left out rather than failing the round."""
+    metrics = [next(iter(c.metric_records.values())) for c in contents]
+    weights = [float(m[weighted_by_key]) for m in metrics]
+    total = sum(weights)
+    out: dict[str, float] = {weighted_by_key: total}
+    for key in sorted(set.intersection(*(set(m) for m in metrics)) - {weighted_by_key}):
+        values = [m[key] for m in metrics]
         if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            out[key] = float(sum(u.num_examples * v for u, v in zip(kept, values)) / total)
+            out[key] = float(sum(w * v for w, v in zip(weights, values)) / total)
     return MetricRecord(out)

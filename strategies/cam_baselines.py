@@ -13,11 +13,14 @@ import time
 
 from strategies.autoencoder import torch_threads
 from strategies.heatmaps import gradcam_combine
-from strategies.layercam_ae import LayerCamAe
+from strategies.layercam_ae import LayerCamAe, heatmap_defense_kwargs
 from strategies.records import ClientUpload, Detection
+from strategies.registry import DEFENSES
+from strategies.robust import check_krum_f
 from strategies.robust_math import krum_scores, krum_select
 
 
+@DEFENSES.register
 class GradCamAe(LayerCamAe):
     """LayerCAM-AE with Grad-CAM heat maps."""
 
@@ -27,6 +30,7 @@ class GradCamAe(LayerCamAe):
         super().__init__(combine=gradcam_combine, **kwargs)
 
 
+@DEFENSES.register
 class LayerCamKrum(LayerCamAe):
     """Multi-Krum over the uploads' LayerCAM heat maps (module docstring)."""
 
@@ -35,6 +39,11 @@ class LayerCamKrum(LayerCamAe):
     def __init__(self, *, num_malicious: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_malicious = num_malicious
+
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        return cls(num_malicious=check_krum_f(config, 2), **heatmap_defense_kwargs(config, assets),
+                   **flower_kwargs)
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}

@@ -15,6 +15,7 @@ import numpy as np
 
 from strategies.base import DetectingFedAvg
 from strategies.records import ClientUpload, Detection
+from strategies.registry import DEFENSES
 
 
 def last_layer_name(state: dict[str, np.ndarray]) -> str:
@@ -33,6 +34,7 @@ def cosine_scores(global_weight: np.ndarray, weights: list[np.ndarray]) -> np.nd
     return updates @ reference / np.maximum(norms, 1e-300)
 
 
+@DEFENSES.register
 class CosDefense(DetectingFedAvg):
     """CosDefense (module docstring)."""
 
@@ -41,6 +43,10 @@ class CosDefense(DetectingFedAvg):
     def __init__(self, *, margin: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.margin = margin
+
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        return cls(margin=config.cosdefense_margin, **flower_kwargs)
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         layer = last_layer_name(self.global_state)

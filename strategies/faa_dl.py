@@ -22,13 +22,14 @@ until the session's keys are derived.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Protocol
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -40,10 +41,36 @@ from strategies.faa_dl_verification import (
     TrainingRecipe, ocsvm_suspects, recompute_update, relative_mismatch,
 )
 from strategies.records import ClientUpload, Detection
+from strategies.registry import DEFENSES
+from task.config import ConfigError
 from task.data import ImageData
 from task.params import flatten_updates
 
 VERIFY_MESSAGE = f"{MessageType.QUERY}.faa_dl_verify"
+
+
+class VerificationChannel(Protocol):
+    """How the strategy reaches its suspects during aggregation: the strategy does no I/O."""
+
+    def ask(self, server_round: int, requests: Mapping[int, RecordDict], timeout: float
+            ) -> dict[int, Message]:
+        """Send each node its request; return the first reply of each node that answered."""
+
+
+class GridChannel:
+    """A ``VerificationChannel`` over the ServerApp's Flower Grid (one round trip for all)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def ask(self, server_round: int, requests: Mapping[int, RecordDict], timeout: float
+            ) -> dict[int, Message]:
+        messages = [self.grid.create_message(content, VERIFY_MESSAGE, node_id, str(server_round))
+                    for node_id, content in requests.items()]
+        replies: dict[int, Message] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            replies.setdefault(reply.metadata.src_node_id, reply)
+        return replies
 
 
 class KeyAuthority:
@@ -82,6 +109,7 @@ class Verdict:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+@DEFENSES.register
 class FaaDl(DetectingFedAvg):
     """FAA-DL: OC-SVM screening, IPFE-protected verification of suspects, FedAvg of the rest.
 
@@ -100,6 +128,8 @@ class FaaDl(DetectingFedAvg):
         Largest ``||g' - g|| / ||g'||`` of a cleared suspect.
     aont_lambda : int (default: 2)
         lambda of the AONT matrix (equation 29).
+    channel : VerificationChannel
+        Reaches the suspects (``GridChannel`` over the ServerApp's Grid).
     verification_timeout : float (default: 600)
         Seconds to wait for the suspects' verification replies.
     """
@@ -108,10 +138,11 @@ class FaaDl(DetectingFedAvg):
 
     def __init__(
         self, *, model_fn: Callable[[], nn.Module], reference: ImageData, recipe: TrainingRecipe,
-        nu: float = 0.5, tolerance: float = 1e-3, aont_lambda: int = LAMBDA,
-        verification_timeout: float = 600.0, **fedavg_kwargs,
+        channel: VerificationChannel, nu: float = 0.5, tolerance: float = 1e-3,
+        aont_lambda: int = LAMBDA, verification_timeout: float = 600.0, **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        self.channel = channel
         self.model_fn = model_fn
         self.reference = reference
         self.recipe = recipe
@@ -120,18 +151,25 @@ class FaaDl(DetectingFedAvg):
         self.aont_lambda = aont_lambda
         self.verification_timeout = verification_timeout
         self.authority = KeyAuthority()
-        self._grid: Grid | None = None
         channels, height, width = reference.images.shape[1:]
         aont_matrix(height, aont_lambda)  # raises if lambda makes it singular for this height
         self._masked_shape = (channels, height - 1, width)
         self._dlog = ipfe.SmallDiscreteLog(last_row_bound(height, aont_lambda))
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Keep the Grid: verification talks to the suspects during aggregation."""
-        self._grid = grid
-        return super().configure_train(server_round, arrays, config, grid)
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        if assets.grid is None:
+            raise ValueError("faa-dl verifies suspects over the Grid: ServerAssets.grid is needed")
+        height = assets.reference.images.shape[2]
+        if config.faa_dl_aont_lambda == height - 1:
+            raise ConfigError(f"faa-dl-aont-lambda = image height - 1 = {height - 1} makes "
+                              f"the AONT singular; choose another value")
+        recipe = TrainingRecipe(config.local_epochs, config.batch_size, config.learning_rate,
+                                config.weight_decay)
+        return cls(model_fn=assets.model_fn, reference=assets.reference, recipe=recipe,
+                   channel=GridChannel(assets.grid), nu=config.faa_dl_nu,
+                   tolerance=config.faa_dl_tolerance, aont_lambda=config.faa_dl_aont_lambda,
+                   verification_timeout=config.round_timeout, **flower_kwargs)
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         start = time.perf_counter()
@@ -164,21 +202,15 @@ class FaaDl(DetectingFedAvg):
 
     def verify(self, server_round: int, suspects: list[ClientUpload]) -> dict[int, Verdict]:
         """Run Algorithm 1 with every suspect (their messages travel together)."""
-        if self._grid is None:
-            raise RuntimeError("verify called before configure_train")
         width = self._masked_shape[-1]
-        sessions, messages = {}, []
+        sessions, requests = {}, {}
         for upload in suspects:
             sessions[upload.node_id], mpk = self.authority.open_session(width)
-            content = RecordDict({"config": ConfigRecord({
+            requests[upload.node_id] = RecordDict({"config": ConfigRecord({
                 "server-round": server_round, "mpk": mpk.to_bytes(), "aont-lambda": self.aont_lambda,
             })})
-            messages.append(self._grid.create_message(
-                content, VERIFY_MESSAGE, upload.node_id, str(server_round)))
         start = time.perf_counter()
-        replies = {}
-        for reply in self._grid.send_and_receive(messages, timeout=self.verification_timeout):
-            replies.setdefault(reply.metadata.src_node_id, reply)
+        replies = self.channel.ask(server_round, requests, self.verification_timeout)
         round_trip = time.perf_counter() - start
         verdicts = {}
         for upload in suspects:

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +18,8 @@ from sklearn.svm import OneClassSVM
 from torch import nn
 
 from task.data import ImageData
-from task.params import flatten_updates
+from task.params import State, flatten_updates
 from task.train import load_numpy_state, state_to_numpy, train
-
-State = Mapping[str, np.ndarray]
 
 
 SOLVER_TOLERANCE = 1e-10

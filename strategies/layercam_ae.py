@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from logging import INFO
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,10 +46,13 @@ from strategies.heatmaps import (
     layercam_combine,
 )
 from strategies.records import ClientUpload, Detection
+from strategies.registry import DEFENSES, ServerAssets
 from strategies.thresholds import robust_z, two_sided_rule, upper_rule
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
+from task.config import RunConfig
 
 
+@DEFENSES.register
 class LayerCamAe(DetectingFedAvg):
     """LayerCAM-AE: drop uploads whose heat maps the autoencoder finds anomalous.
 
@@ -110,7 +114,7 @@ class LayerCamAe(DetectingFedAvg):
         on a CPU), never by timing: both give the same maps to 1e-6, and a choice that depended
         on the machine's load could flip a decision that sits near its cut.
     keep_heatmaps : bool (default: False)
-        Keep the round's maps (first probe) in ``last_heatmaps`` for the harness to save.
+        Hand the round's maps (first probe) to the harness in ``Detection.heatmaps``.
     seed : int
         Seeds the autoencoder initialisation (plus the round number).
     device : torch.device, optional
@@ -196,8 +200,12 @@ class LayerCamAe(DetectingFedAvg):
         self.evidence = EvidenceLedger(memory, score_cap)
         self.spreads = SpreadHistory(scale_rounds)
         self.group_z, self.group_size = group_z, group_size
-        self.last_heatmaps: np.ndarray | None = None
         load_optimizer_machinery()
+
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        """Every ``layercam-ae-*`` key (shared by the heat-map baselines)."""
+        return cls(**heatmap_defense_kwargs(config, assets), **flower_kwargs)
 
     def summary(self) -> None:
         super().summary()
@@ -250,8 +258,6 @@ class LayerCamAe(DetectingFedAvg):
             else self.decide_by_vote(server_round, node_ids, errors))
         timings["decision"] = time.perf_counter() - start
 
-        if self.keep_heatmaps:
-            self.last_heatmaps = maps[:, 0].cpu().numpy()
         upper = upper_rule(errors, self.beta)
         details = {
             "decision": self.decision,
@@ -263,7 +269,8 @@ class LayerCamAe(DetectingFedAvg):
             "engine": self.engine,
             "ae_epochs": epochs,
         }
-        return Detection(kept=kept, scores=scores, details=details, timings=timings)
+        return Detection(kept=kept, scores=scores, details=details, timings=timings,
+                         heatmaps=maps[:, 0].cpu().numpy() if self.keep_heatmaps else None)
 
     def decide_by_evidence(self, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:
@@ -294,3 +301,25 @@ class LayerCamAe(DetectingFedAvg):
         return kept, dict(zip(node_ids, rule.scores.tolist())), {
             "rule": self.threshold, "threshold": rule.threshold, "outlier": outlier,
             "voting_round": voting, "votes": malicious}
+
+
+def heatmap_defense_kwargs(config: RunConfig, assets: ServerAssets) -> dict[str, Any]:
+    """``LayerCamAe``'s parameters from the run config's ``layercam-ae-*`` keys and the server's
+    assets (probes, their labels, the model's CAM layer)."""
+    return dict(
+        model_fn=assets.model_fn, probes=assets.probes,
+        target_layer=config.layercam_ae_target_layer or assets.cam_layer,
+        target_class=config.layercam_ae_target_class,
+        probe_labels=assets.probe_labels if config.layercam_ae_probe_labels else None,
+        decision=config.layercam_ae_decision, memory=config.layercam_ae_memory,
+        score_cap=config.layercam_ae_score_cap, scale_rounds=config.layercam_ae_scale_rounds,
+        group_z=config.layercam_ae_group_z, group_size=config.layercam_ae_group_size,
+        threshold=config.layercam_ae_threshold, beta=config.layercam_ae_beta,
+        robust_z=config.layercam_ae_robust_z, window=config.layercam_ae_window,
+        votes=config.layercam_ae_votes, hidden=config.layercam_ae_hidden,
+        epochs=config.layercam_ae_epochs, lr=config.layercam_ae_lr,
+        weight_decay=config.layercam_ae_weight_decay, tolerance=config.layercam_ae_tolerance,
+        map_size=config.layercam_ae_map_size, threads=config.layercam_ae_threads,
+        engine=config.layercam_ae_engine, keep_heatmaps=config.layercam_ae_save_heatmaps,
+        seed=config.seed,
+    )

@@ -7,6 +7,7 @@ detection metrics compare defenses like for like. Plain data only (JSON-serialis
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ class ClientUpload:
 class Detection:
     """What a defense decided this round.
 
-    ``kept`` are the node ids aggregated. ``scores`` are continuous suspicion scores (higher =
+    ``kept`` are the node ids aggregated, in upload order. ``scores`` are continuous suspicion scores (higher =
     more suspicious) for ROC/AUC, where the method has them. ``details`` holds method-specific
     values (thresholds, per-client flags, votes); ``timings`` seconds per step.
     """
@@ -36,6 +37,11 @@ class Detection:
     scores: dict[int, float] | None = None
     details: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    aggregate: dict[str, np.ndarray] | None = None
+    """The new global state, when the rule computes it while deciding (the coordinate-wise
+    rules); ``None``: the strategy's ``aggregate`` of the kept uploads."""
+    heatmaps: np.ndarray | None = None
+    """The round's heat maps (K, H, W; first probe) in upload order, for the harness to save."""
 
 
 @dataclass
@@ -55,10 +61,14 @@ class RoundRecord:
     note: str = ""
     bounded_claims: dict[int, float] = field(default_factory=dict)
     """Original ``num-examples`` of the kept or excluded uploads whose claim was bounded."""
+    heatmaps: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """The detection's heat maps (``Detection.heatmaps``): an artifact, not serialised."""
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (node ids become strings as JSON object keys require)."""
-        out = asdict(self)
+        """JSON-ready dict (node ids become strings as JSON object keys require); the heat-map
+        artifact is left out."""
+        out = asdict(dataclasses.replace(self, heatmaps=None))
+        del out["heatmaps"]
         out["rejected"] = {str(k): v for k, v in self.rejected.items()}
         out["bounded_claims"] = {str(k): v for k, v in self.bounded_claims.items()}
         if self.scores is not None:

@@ -13,7 +13,6 @@ step counters) take the kept uploads' weighted mean.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
 
 import numpy as np
 from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights
@@ -22,9 +21,20 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from strategies.aggregation import weighted_average
 from strategies.base import DetectingFedAvg
 from strategies.records import ClientUpload, Detection
+from strategies.registry import DEFENSES
 from strategies.robust_math import (bulyan_selection_size, geometric_median, krum_scores,
                                     krum_select)
+from task.config import ConfigError, RunConfig
 from task.params import flatten_updates, unflatten
+
+
+def check_krum_f(config: RunConfig, factor: int) -> int:
+    """``krum-f``, checked against the clients a rule that needs n >= factor * f + 3 has."""
+    needed = factor * config.krum_f + 3
+    if config.num_clients < needed:
+        raise ConfigError(f"krum-f={config.krum_f} needs num-clients >= {factor}f + 3 = {needed} "
+                          f"for {config.defense}, got {config.num_clients}")
+    return config.krum_f
 
 
 class _UpdateRule(DetectingFedAvg):
@@ -36,11 +46,10 @@ class _UpdateRule(DetectingFedAvg):
     def from_update(self, vector: np.ndarray, kept: list[ClientUpload]) -> dict[str, np.ndarray]:
         """w_g + vector for the float arrays; integer buffers from the kept uploads' mean."""
         names = [k for k, v in self.global_state.items() if v.dtype.kind == "f"]
-        state = dict(unflatten(vector, names, self.global_state))
-        buffers = weighted_average(kept)
-        return {k: state[k] if k in names else buffers[k] for k in self.global_state}
+        return unflatten(vector, names, self.global_state, buffers=weighted_average(kept))
 
 
+@DEFENSES.register
 class MultiKrum(_UpdateRule):
     """Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017): score each update by
     the summed squared distances to its n - f - 2 nearest others and average the m
@@ -52,6 +61,11 @@ class MultiKrum(_UpdateRule):
     def __init__(self, *, num_malicious: int, num_selected: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_malicious, self.num_selected = num_malicious, num_selected
+
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        return cls(num_malicious=check_krum_f(config, 2), num_selected=config.multi_krum_m,
+                   **flower_kwargs)
 
     def selection_size(self, num_uploads: int) -> int:
         return self.num_selected or max(1, num_uploads - self.num_malicious)
@@ -65,6 +79,7 @@ class MultiKrum(_UpdateRule):
                          details={"f": self.num_malicious})
 
 
+@DEFENSES.register
 class Krum(MultiKrum):
     """Krum (Blanchard et al., NeurIPS 2017): Multi-Krum with m = 1 -- the single most central
     upload becomes the global model. Assumes at most f attackers and n > 2f + 2."""
@@ -74,7 +89,12 @@ class Krum(MultiKrum):
     def __init__(self, *, num_malicious: int, **kwargs) -> None:
         super().__init__(num_malicious=num_malicious, num_selected=1, **kwargs)
 
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        return cls(num_malicious=check_krum_f(config, 2), **flower_kwargs)
 
+
+@DEFENSES.register
 class Bulyan(MultiKrum):
     """Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018): Multi-Krum selects theta = n - 2f
     uploads, then each coordinate averages the beta = n - 4f selected values closest to the
@@ -82,6 +102,10 @@ class Bulyan(MultiKrum):
     most f attackers and n >= 4f + 3; with fewer uploads the round keeps the previous model."""
 
     name = "bulyan"
+
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        return cls(num_malicious=check_krum_f(config, 4), **flower_kwargs)
 
     def selection_size(self, num_uploads: int) -> int:
         return bulyan_selection_size(num_uploads, self.num_malicious)[0]
@@ -112,16 +136,14 @@ class _CoordinateRule(_UpdateRule):
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         vectors = self.updates(uploads)
-        self._aggregate, details = self.combine(vectors, uploads)
-        distances = np.linalg.norm(vectors - self._aggregate, axis=1)
+        aggregate, details = self.combine(vectors, uploads)
+        distances = np.linalg.norm(vectors - aggregate, axis=1)
         return Detection(kept=[u.node_id for u in uploads],
                          scores={u.node_id: float(d) for u, d in zip(uploads, distances)},
-                         details=details)
-
-    def aggregate(self, kept: list[ClientUpload]) -> dict[str, np.ndarray]:
-        return self.from_update(self._aggregate, kept)
+                         details=details, aggregate=self.from_update(aggregate, uploads))
 
 
+@DEFENSES.register
 class Median(_CoordinateRule):
     """Coordinate-wise median (Yin, Chen, Ramchandran, Bartlett, ICML 2018), as Flower's
     ``FedMedian``. Tolerates fewer than half attackers per coordinate."""
@@ -132,6 +154,7 @@ class Median(_CoordinateRule):
         return np.median(vectors, axis=0), {}
 
 
+@DEFENSES.register
 class TrimmedMean(_CoordinateRule):
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018) with Flower's ``trim_mean``: drop the
     floor(beta n) largest and smallest values of each coordinate, average the rest. Assumes at
@@ -145,11 +168,16 @@ class TrimmedMean(_CoordinateRule):
             raise ValueError(f"trimmed-mean beta must be in [0, 0.5), got {beta}")
         self.beta = beta
 
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        return cls(beta=config.trimmed_mean_beta, **flower_kwargs)
+
     def combine(self, vectors, uploads):
         return trim_mean(vectors, self.beta), {"beta": self.beta,
                                                 "trimmed_per_side": int(self.beta * len(vectors))}
 
 
+@DEFENSES.register
 class GeoMed(_CoordinateRule):
     """Geometric median of the updates weighted by sample counts (Chen, Su, Xu, 2017; RFA's
     smoothed Weiszfeld, Pillutla et al., IEEE TSP 2022). Breakdown point 1/2. Details record
@@ -165,8 +193,3 @@ class GeoMed(_CoordinateRule):
                         "weights": {u.node_id: float(w) for u, w in
                                     zip(uploads, effective / effective.sum())}}
 
-
-RULES: dict[str, Callable[..., DetectingFedAvg]] = {
-    "krum": Krum, "multi-krum": MultiKrum, "bulyan": Bulyan, "median": Median,
-    "trimmed-mean": TrimmedMean, "geomed": GeoMed,
-}

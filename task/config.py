@@ -2,7 +2,9 @@
 
 Keys are Flower-style kebab-case (``num-server-rounds``); each field of ``RunConfig`` is the
 snake_case spelling of its key. ``RunConfig.from_run_config`` is the only place that reads raw
-run-config values; a bad key or value raises ``ConfigError`` naming it.
+run-config values; a bad key or value raises ``ConfigError`` naming it. The names ``defense``
+and ``attack`` select from the registries of ``strategies`` and ``attacks``, which check them
+(and what a defense needs of the other keys) when they build one.
 
 Defaults are those of the embedded default experiment (``pyproject.toml`` declares the same
 values). The LayerCAM-AE keys default to the paper's settings (section 5.1): autoencoder hidden
@@ -22,14 +24,6 @@ from typing import Any, get_type_hints
 from task.data import DATASETS
 from task.models import MODELS
 from task.partition import PARTITIONINGS
-
-DEFENSES = ("fedavg", "krum", "multi-krum", "bulyan", "median", "trimmed-mean", "geomed", "auror",
-            "faa-dl", "gradcam-ae", "layercam-krum", "cosdefense", "layercam-ae")
-"""Defenses available in this version, by run-config name."""
-
-ATTACKS = ("none", "gae", "sign-flip", "gaussian", "uniform-noise", "label-flip", "alie", "ipm",
-           "min-max", "min-sum", "adaptive-cam", "radius-noise", "undo-update")
-"""Attacks available in this version, by run-config name."""
 
 FAA_DL_ATTACKER_RESPONSES = ("true-data", "forged-data")
 LAYERCAM_AE_DECISIONS = ("evidence", "voting")
@@ -150,8 +144,6 @@ class RunConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("model", self.model, tuple(MODELS))
         _choice("partitioning", self.partitioning, PARTITIONINGS)
-        _choice("defense", self.defense, DEFENSES)
-        _choice("attack", self.attack, ATTACKS)
         _choice("faa-dl-attacker-response", self.faa_dl_attacker_response,
                 FAA_DL_ATTACKER_RESPONSES)
         _choice("layercam-ae-decision", self.layercam_ae_decision, LAYERCAM_AE_DECISIONS)
@@ -255,21 +247,13 @@ class RunConfig:
         if abs(self.faa_dl_aont_lambda) > MAX_AONT_LAMBDA:
             raise ConfigError(f"faa-dl-aont-lambda must be within +-{MAX_AONT_LAMBDA} (it sizes "
                               f"the server's discrete-log table), got {self.faa_dl_aont_lambda}")
-        needed = {"krum": 2, "multi-krum": 2, "layercam-krum": 2, "bulyan": 4}.get(self.defense)
-        if needed and self.num_clients < needed * self.krum_f + 3:
-            raise ConfigError(
-                f"krum-f={self.krum_f} needs num-clients >= {needed}f + 3 = "
-                f"{needed * self.krum_f + 3} for {self.defense}, got {self.num_clients}")
 
-    def validate_for(self, num_classes: int, image_height: int, model: Any) -> None:
-        """The checks that need the dataset and model: the target class exists, the AONT is
-        invertible for the images' height, the target layer is a module of the model."""
+    def validate_for(self, num_classes: int, model: Any) -> None:
+        """The checks that need the dataset and model: the target class exists, the target
+        layer is a module of the model."""
         if self.layercam_ae_target_class >= num_classes:
             raise ConfigError(f"layercam-ae-target-class must be < {num_classes} (the classes of "
                               f"{self.dataset}), got {self.layercam_ae_target_class}")
-        if self.defense == "faa-dl" and self.faa_dl_aont_lambda == image_height - 1:
-            raise ConfigError(f"faa-dl-aont-lambda = image height - 1 = {image_height - 1} makes "
-                              f"the AONT singular; choose another value")
         if self.layercam_ae_target_layer:
             try:
                 model.get_submodule(self.layercam_ae_target_layer)

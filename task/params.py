@@ -41,9 +41,12 @@ def flatten_updates(states: Sequence[State], global_state: State) -> tuple[np.nd
     return np.stack([flat(s, names) - origin for s in states]), names
 
 
-def unflatten(vector: np.ndarray, names: list[str], global_state: State) -> State:
-    """w_g + vector, split back into the named arrays; integer buffers keep the global values."""
-    out, offset = dict(global_state), 0
+def unflatten(vector: np.ndarray, names: Sequence[str], global_state: State,
+              buffers: State | None = None) -> dict[str, np.ndarray]:
+    """w_g + vector, split back into the named arrays (in their dtypes): the one way an update
+    becomes a state. Arrays without an update (integer buffers) come from ``buffers`` (default:
+    the global state)."""
+    out, offset = dict(buffers if buffers is not None else global_state), 0
     for k in names:
         size = global_state[k].size
         out[k] = (global_state[k] + vector[offset : offset + size].reshape(global_state[k].shape)

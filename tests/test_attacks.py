@@ -5,10 +5,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from attacks import AttackInput, build_attack
+from attacks import ATTACKS, AttackInput, build_attack
 from attacks.classic import GaussianNoise, LabelFlip, SignFlip, UniformNoise
 from client_app.app import is_attacker, train
-from task.config import ATTACKS, RunConfig
+from task.config import RunConfig
 from task.data import load_federated_data
 from task.models import build_model
 from task.train import evaluate, load_numpy_state
@@ -58,8 +58,8 @@ def test_label_flip_maps_each_class_to_its_mirror():
     assert LabelFlip().flip_labels(labels, 10).tolist() == list(range(9, -1, -1))
 
 
-@pytest.mark.parametrize("name", ATTACKS)
-def test_every_configured_attack_builds_by_name(name):
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_registered_attack_builds_by_name(name):
     assert build_attack(RunConfig(attack=name), build_model("cnn", 1, 10, 28)).name == name
 
 

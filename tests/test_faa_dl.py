@@ -15,7 +15,7 @@ from client_app.app import faa_dl_verify, train
 from crypto import ipfe
 from crypto.aont import aont_inverse, aont_matrix, aont_transform
 from crypto.encrypted_images import decrypt_images, encrypt_images
-from server_app.defenses import build_defense
+from server_app.defenses import build_defense, server_assets
 from strategies.faa_dl import VERIFY_MESSAGE, FaaDl
 from strategies.faa_dl_verification import ocsvm_suspects
 from strategies.validation import screen_replies
@@ -159,6 +159,10 @@ def _context(partition_id, role, **overrides):
                    state=RecordDict(), run_config=run_config)
 
 
+class UnusedGrid:
+    """These tests call the verification's steps directly: no message is sent."""
+
+
 @pytest.fixture(scope="module")
 def setting():
     act_as_serverapp()
@@ -166,8 +170,7 @@ def setting():
     model = build_model("cnn", 1, 10, 28)
     config = RunConfig.from_run_config(_context(0, "benign").run_config)
     test = load_federated_data(config.dataset, config.seed).test
-    strategy = build_defense(config, lambda: build_model("cnn", 1, 10, 28), test.as_float(
-        torch.arange(2)), "conv2", test)
+    strategy = build_defense(config, server_assets(config, test, grid=UnusedGrid()))
     assert isinstance(strategy, FaaDl)
     arrays = ArrayRecord(model.state_dict())
     strategy.global_state = {k: v.numpy() for k, v in arrays.items()}

@@ -15,16 +15,17 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server_app.defenses import build_defense
+from server_app.defenses import build_defense, server_assets
+from strategies.registry import DEFENSES
 from strategies.validation import MAX_CLAIM_RATIO, MAX_EXAMPLES
-from task.config import DEFENSES, RunConfig
+from task.config import RunConfig
 from task.data import load_federated_data
-from task.models import build_model, default_cam_layer
+from task.models import build_model
 from task.train import state_to_numpy
 from tests.helpers import act_as_serverapp, reply
 
 VALID = 7
-SCREENED_DEFENSES = [d for d in DEFENSES if d != "faa-dl"]  # FAA-DL verifies through its Grid
+SCREENED_DEFENSES = [d for d in DEFENSES.names() if d != "faa-dl"]  # FAA-DL verifies over its Grid
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,7 @@ def setting():
 
 def make_defense(name: str, data):
     config = RunConfig(defense=name, num_clients=VALID, num_attackers=1, krum_f=1)
-    return build_defense(config, lambda: build_model("cnn", 1, 10, 28), data.test.as_float(
-        torch.arange(4)), default_cam_layer("cnn"), data.test, data.test.labels[:4])
+    return build_defense(config, server_assets(config, data.test))
 
 
 def npy_bytes(value: np.ndarray) -> bytes:
