@@ -1,13 +1,14 @@
-"""Measure LayerCAM-AE's two outlier rules on the same rounds, against crafted malicious uploads.
+"""Measure LayerCAM-AE's two per-round outlier rules on the same rounds, against attacks.
 
-21 benign clients train the embedded-MNIST CNN on IID partitions; 3 attackers upload one of:
-- ``scaled``: the same reversed, scaled mean benign update, w_g - 3 * mean(delta) (colluding);
-- ``noise``:  their own trained model plus independent Gaussian noise (sigma = 0.05);
-- ``sign-flip``: their own update negated, w_g - delta_i.
-Each round, the strategy (default rule) aggregates; both rules' continuous scores are recorded
-and their ROC AUC printed with scikit-learn, with the test accuracy of the resulting model.
+21 benign clients train the run config's model on its data (defaults: the embedded-MNIST CNN,
+IID); 3 attackers upload what an attack of ``attacks/`` crafts from their own model and the
+round's benign uploads. Each round LayerCAM-AE, built from the shipped defaults with
+``layercam-ae-decision='voting'`` and the rule under test, decides and aggregates; both rules'
+continuous scores are recorded and their ROC AUC printed with scikit-learn, with the test
+accuracy of the resulting model. ``--set KEY=VALUE`` changes any run-config key (TOML value).
 
-    python benchmarks/compare_rules.py --rounds 4 --attacks scaled noise sign-flip
+    python benchmarks/compare_rules.py --rounds 4 --attacks ipm gaussian sign-flip \
+        --set ipm-epsilon=3.0 gaussian-sigma=0.05
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,68 +25,53 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from strategies.aggregation import weighted_average
-from strategies.layercam_ae import LayerCamAe
+from attacks import ATTACKS, AttackInput, build_attack
+from client_app.app import training_seed
+from server_app.defenses import build_defense, server_assets
 from strategies.records import ClientUpload
+from task.config import RunConfig
 from task.data import load_federated_data
 from task.models import build_model
 from task.partition import client_indices
 from task.train import evaluate, load_numpy_state, state_to_numpy, train
 
-ATTACKS = ("scaled", "noise", "sign-flip")
+DEFAULT_ATTACKS = ("ipm", "gaussian", "sign-flip")
 
 
-def benign_round(global_state, data, num_clients, seed, server_round):
+def benign_round(global_state, data, config: RunConfig, server_round):
     """Train every client's model from ``global_state``; returns their states and sizes."""
     states, sizes = [], []
-    for cid in range(num_clients):
-        idx = client_indices(data.train.labels.numpy(), cid, num_clients, "iid", 0.5, seed)
+    for cid in range(config.num_clients):
+        idx = client_indices(data.train.labels.numpy(), cid, config.num_clients,
+                             config.partitioning, config.dirichlet_alpha, config.seed)
         local = data.train.subset(idx)
-        model = build_model("cnn", 1, 10, 28)
+        model = build_model(config.model, local.in_channels, local.num_classes, local.image_size)
         load_numpy_state(model, global_state)
-        train(model, local, epochs=1, batch_size=64, learning_rate=1e-3, weight_decay=0.0,
-              device=torch.device("cpu"), seed=seed * 1000 + server_round * 100 + cid)
+        train(model, local, epochs=config.local_epochs, batch_size=config.batch_size,
+              learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+              device=torch.device("cpu"), seed=training_seed(config, server_round, cid))
         states.append(state_to_numpy(model))
         sizes.append(len(local))
     return states, sizes
 
 
-def craft(attack, global_state, own_states, benign_states, rng):
-    """Malicious states for the attackers (``own_states``: what they trained honestly)."""
-    mean_delta = {k: np.mean([s[k] - global_state[k] for s in benign_states], axis=0)
-                  for k in global_state}
-    out = []
-    for own in own_states:
-        if attack == "scaled":
-            out.append({k: global_state[k] - 3.0 * mean_delta[k] for k in global_state})
-        elif attack == "noise":
-            out.append({k: (own[k] + rng.normal(0, 0.05, own[k].shape)).astype(own[k].dtype)
-                        for k in own})
-        elif attack == "sign-flip":
-            out.append({k: global_state[k] - (own[k] - global_state[k]) for k in own})
-        else:
-            raise ValueError(attack)
-    return out
-
-
-def run(attack: str, rounds: int, num_clients: int, num_attackers: int, seed: int, rule: str,
-        probes: int = 1, z: float = 3.0, warmup_state=None):
-    data = load_federated_data("mnist-embedded", seed)
-    torch.manual_seed(seed)
-    global_state = warmup_state or state_to_numpy(build_model("cnn", 1, 10, 28))
-    order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(seed))
-    strategy = LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
-                          probes=data.test.as_float(order[:probes]), target_layer="conv2",
-                          decision="voting", threshold=rule, robust_z=z, seed=seed)
-    rng = np.random.default_rng(seed)
+def run(config: RunConfig, rounds: int) -> list[dict]:
+    """``rounds`` rounds of ``config.attack`` against LayerCAM-AE (``config``'s rule)."""
+    data = load_federated_data(config.dataset, config.seed)
+    torch.manual_seed(config.seed)
+    assets = server_assets(config, data.test)
+    global_state = state_to_numpy(assets.model_fn())
+    strategy = build_defense(config, assets)
+    attack = build_attack(config, assets.model_fn())
+    rng = np.random.default_rng(config.seed)
+    num_clients, num_attackers = config.num_clients, config.num_attackers
     rows = []
     for server_round in range(1, rounds + 1):
-        states, sizes = benign_round(global_state, data, num_clients, seed, server_round)
+        states, sizes = benign_round(global_state, data, config, server_round)
         attackers = list(range(num_clients - num_attackers, num_clients))
-        malicious = craft(attack, global_state, [states[i] for i in attackers],
-                          states[: num_clients - num_attackers], rng)
-        for i, state in zip(attackers, malicious):
-            states[i] = state
+        benign = tuple(states[: num_clients - num_attackers])
+        for i in attackers:
+            states[i] = attack.craft(AttackInput(global_state, states[i], rng, benign))
         uploads = [ClientUpload(1000 + i, s, float(n)) for i, (s, n) in enumerate(zip(states, sizes))]
         strategy.global_state = global_state
         detection = strategy.detect(server_round, uploads)
@@ -95,13 +82,13 @@ def run(attack: str, rounds: int, num_clients: int, num_attackers: int, seed: in
         auc_two = roc_auc_score(truth, [d["two_sided_scores"][n] for n in ids])
         kept = [u for u in uploads if u.node_id in set(detection.kept)]
         if kept:
-            global_state = weighted_average(kept)
-        model = build_model("cnn", 1, 10, 28)
+            global_state = strategy.aggregate(kept)
+        model = assets.model_fn()
         load_numpy_state(model, global_state)
         _, acc = evaluate(model, data.test, torch.device("cpu"))
         excluded = sorted(set(ids) - set(detection.kept))
-        row = dict(attack=attack, rule=rule, round=server_round, auc_upper=auc_upper,
-                   auc_two_sided=auc_two, accuracy=acc,
+        row = dict(attack=config.attack, rule=config.layercam_ae_threshold, round=server_round,
+                   auc_upper=auc_upper, auc_two_sided=auc_two, accuracy=acc,
                    attackers_excluded=sum(1000 + i in excluded for i in attackers),
                    benign_excluded=sum(1000 + i in excluded for i in range(num_clients)
                                        if i not in attackers),
@@ -117,20 +104,20 @@ def run(attack: str, rounds: int, num_clients: int, num_attackers: int, seed: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    parser.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), choices=ATTACKS.names())
     parser.add_argument("--rules", nargs="+", default=["upper", "two-sided"])
-    parser.add_argument("--clients", type=int, default=24)
-    parser.add_argument("--attackers", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--probes", type=int, default=1, help="probe images per heat map")
-    parser.add_argument("--z", type=float, default=3.0, help="two-sided rule's cut")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="run-config keys (TOML values), e.g. layercam-ae-probes=1")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    overrides = tomllib.loads("\n".join(args.set))
     summary = []
     for attack in args.attacks:
         for rule in args.rules:
-            rows = run(attack, args.rounds, args.clients, args.attackers, args.seed, rule,
-                       args.probes, args.z)
+            config = RunConfig.from_run_config({
+                **overrides, "defense": "layercam-ae", "attack": attack,
+                "layercam-ae-decision": "voting", "layercam-ae-threshold": rule})
+            rows = run(config, args.rounds)
             summary.append((attack, rule, np.mean([r["auc_upper"] for r in rows]),
                             np.mean([r["auc_two_sided"] for r in rows]), rows[-1]["accuracy"],
                             sum(r["attackers_excluded"] for r in rows),

@@ -59,12 +59,12 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
 
     from attacks import AttackInput, build_attack
     from client_app.app import training_seed
-    from server_app.defenses import build_defense
+    from server_app.defenses import build_defense, server_assets
     from server_app.metrics import detection_metrics, pooled_detection_metrics
     from strategies.records import ClientUpload
     from task.config import RunConfig
     from task.data import load_federated_data
-    from task.models import build_model, default_cam_layer
+    from task.models import build_model
     from task.params import content_key
     from task.partition import client_indices
     from task.train import evaluate, load_numpy_state, state_to_numpy, train
@@ -81,9 +81,6 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
         return build_model(base.model, test.in_channels, test.num_classes, test.image_size)
 
     initial = state_to_numpy(model_fn())
-    probe_order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-    probes = test.as_float(probe_order[: base.layercam_ae_probes])
-    probe_labels = test.labels[probe_order[: base.layercam_ae_probes]]
     labels = data.train.labels.numpy()
     partitions = [data.train.subset(client_indices(labels, c, NUM_CLIENTS, partitioning,
                                                    base.dirichlet_alpha, seed))
@@ -109,8 +106,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
         config = dataclasses.replace(base, defense=cell.defense, attack=cell.attack,
                                      num_attackers=cell.attackers)
         config = RunConfig.from_run_config({**config.to_run_config(), **dict(cell.overrides)})
-        strategy = build_defense(config, model_fn, probes, default_cam_layer(config.model), test,
-                                 probe_labels)
+        strategy = build_defense(config, server_assets(config, test))
         attack = build_attack(config, model_fn())
         attackers = set(range(NUM_CLIENTS - cell.attackers, NUM_CLIENTS))
         global_state, decisions, per_round = initial, [], []
@@ -121,9 +117,8 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
                 if client in attackers and attack.needs_benign_uploads:
                     continue
                 local = partitions[client]
-                if client in attackers and attack.poisons_data:
-                    local = dataclasses.replace(local, labels=torch.from_numpy(
-                        attack.flip_labels(local.labels.numpy(), local.num_classes)))
+                if client in attackers:
+                    local = attack.poison(local)
                 state = trained(config, global_state, server_round, client, local)
                 if client in attackers:
                     rng = np.random.default_rng(training_seed(config, server_round, client))
@@ -152,8 +147,9 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
             kept_ids = set(detection.kept) - (attackers if server_round in oracle_rounds else set())
             kept = [u for u in uploads if u.node_id in kept_ids]
             if kept:
-                global_state = {k: np.ascontiguousarray(v)
-                                for k, v in strategy.aggregate(kept).items()}
+                state = (detection.aggregate if detection.aggregate is not None and
+                         kept_ids == set(detection.kept) else strategy.aggregate(kept))
+                global_state = {k: np.ascontiguousarray(v) for k, v in state.items()}
             truth = {u.node_id: u.node_id in attackers for u in uploads}
             excluded = {u.node_id for u in uploads} - set(detection.kept)
             decisions.append((truth, excluded, detection.scores))

@@ -1,0 +1,84 @@
+"""The architecture, checked: which package may import which, and no import cycle."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MAY_IMPORT = {
+    "task": set(),
+    "crypto": set(),
+    "strategies": {"task", "crypto"},
+    "attacks": {"task", "strategies"},  # an adaptive attack reuses the defense's heat-map math
+    "client_app": {"task", "attacks", "crypto"},
+    "server_app": {"task", "strategies", "attacks", "crypto"},
+    "deploy": set(),
+}
+"""The project packages each package may use besides itself: a layered graph, no cycle."""
+
+
+def _modules() -> dict[str, Path]:
+    return {f"{package}.{path.stem}" if path.stem != "__init__" else package: path
+            for package in MAY_IMPORT for path in (ROOT / package).glob("*.py")}
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    """Project modules ``path`` imports (at module level only: what runs at import time,
+    leaving out ``if TYPE_CHECKING:`` blocks)."""
+    tree = ast.parse(path.read_text())
+    nodes = ast.walk(tree)
+    if top_level_only:
+        nodes = [n for n in tree.body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {name for name in found if name.split(".")[0] in MAY_IMPORT}
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_each_package_imports_only_the_layers_below_it(package):
+    for path in (ROOT / package).glob("*.py"):
+        for name in _imports(path, top_level_only=False):
+            used = name.split(".")[0]
+            assert used == package or used in MAY_IMPORT[package], (
+                f"{path.relative_to(ROOT)} imports {name}: {package} may import "
+                f"{sorted(MAY_IMPORT[package])}")
+
+
+def test_the_layers_form_no_cycle():
+    done: set[str] = set()
+
+    def visit(package: str, path: tuple[str, ...]) -> None:
+        assert package not in path, f"cycle {' -> '.join((*path, package))}"
+        for below in MAY_IMPORT[package]:
+            visit(below, (*path, package))
+        done.add(package)
+
+    for package in MAY_IMPORT:
+        visit(package, ())
+
+
+def test_no_module_imports_itself_back_at_import_time():
+    modules = _modules()
+    graph = {m: {n for n in _imports(p, top_level_only=True) if n in modules and n != m}
+             for m, p in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        if state.get(module) == "open":
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(module):] + [module])}")
+        if state.get(module) == "done":
+            return
+        state[module] = "open"
+        for used in graph[module]:
+            visit(used, path + [module])
+        state[module] = "done"
+
+    for module in graph:
+        visit(module, [])
