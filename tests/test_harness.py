@@ -4,11 +4,9 @@ reaches the metrics and nothing else, and an eavesdropping attacker's reply look
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from client_app.app import attack_with_eavesdropped_uploads, train
 from server_app.eavesdrop import (
-    ATTACK_MESSAGE,
     HARNESS_KEYS,
     EavesdroppingGrid,
     serves_benign_uploads,
@@ -17,35 +15,16 @@ from strategies.base import DetectingFedAvg
 from task.config import RunConfig
 from task.models import build_model
 from tests.helpers import act_as_serverapp
+from tests.local_grid import LocalGrid
 
-NODES = {1: "benign", 2: "benign", 3: "benign", 4: "attacker"}
+NODES = (1, 2, 3, 4)
 
 
-class HandlerGrid:
-    """A Grid whose nodes run the real ClientApp handlers in-process."""
-
-    def __init__(self, attack: str) -> None:
-        run_config = {**RunConfig().to_run_config(), "local-epochs": 1, "num-clients": 4,
-                      "num-attackers": 1, "attack": attack}
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
-                          node_config={"partition-id": node - 1, "num-partitions": 24,
-                                       "role": role})
-            for node, role in NODES.items()}
-        self.sent_types: list[str] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        handler = {"train": train, ATTACK_MESSAGE: attack_with_eavesdropped_uploads}
-        self.sent_types += [m.metadata.message_type for m in messages]
-        return [handler[m.metadata.message_type](m, self.contexts[m.metadata.dst_node_id])
-                for m in messages]
+def handler_grid(attack: str) -> LocalGrid:
+    """Nodes 1-3 benign, node 4 the attacker, on small partitions (1/24 of the data each)."""
+    run_config = {**RunConfig().to_run_config(), "local-epochs": 1, "num-clients": 4,
+                  "num-attackers": 1, "attack": attack}
+    return LocalGrid(run_config, len(NODES), 1, num_partitions=24)
 
 
 class SpyFedAvg(DetectingFedAvg):
@@ -64,7 +43,7 @@ def harness_round(request):
     act_as_serverapp()
     torch.manual_seed(0)
     arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
-    inner = HandlerGrid(request.param)
+    inner = handler_grid(request.param)
     grid = EavesdroppingGrid(inner, serve_benign=True)
     messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                         dst_node_id=node, message_type="train", group_id="1") for node in NODES]
@@ -116,12 +95,12 @@ def test_a_node_asking_for_benign_uploads_gets_nothing_when_none_are_served():
     act_as_serverapp()
     torch.manual_seed(0)
     arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
-    inner = HandlerGrid("undo-update")  # node 4 asks for the benign uploads
+    inner = handler_grid("undo-update")  # node 4 asks for the benign uploads
     grid = EavesdroppingGrid(inner, serve_benign=False)
     messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                         dst_node_id=node, message_type="train", group_id="1") for node in NODES]
     replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
-    assert inner.sent_types == ["train"] * len(NODES)  # no train.attack message went out
+    assert inner.sent == ["train"] * len(NODES)  # no train.attack message went out
     asked = replies[4].content
     assert all(np.array_equal(asked["arrays"][k].numpy(), arrays[k].numpy()) for k in arrays.keys())
     assert not set(HARNESS_KEYS) & set(asked["metrics"])
