@@ -88,3 +88,21 @@ def autograd_reconstruction_errors(maps, *, hidden, epochs, lr=1e-3, weight_deca
                 break
     with torch.no_grad():
         return (ae(maps) - maps).abs().mean(dim=1), ran
+
+
+def check_faa_dl_round(row: dict, attackers_flagged: bool) -> dict:
+    """The checks every FAA-DL round of rounds.jsonl passes: the OC-SVM flagged someone, each
+    suspect was verified or cleared, only verified ones were excluded, no benign client was
+    (a benign suspect's update is always reproduced), and a cleared suspect was reproduced;
+    ``attackers_flagged``: at least one attacker was caught. Returns the round's record."""
+    record, detection = row["defense"], row["detection"]
+    details = record["details"]
+    assert details["suspects"], "the OC-SVM (nu = 0.9) flags someone among six"
+    assert sorted(details["verified"] + details["cleared"]) == details["suspects"]
+    assert record["excluded"] == details["verified"]
+    assert detection["fp"] == 0
+    for node in details["cleared"]:  # cleared = reproduced, which no poisoned upload is
+        assert details["mismatch"][str(node)] <= 1e-3
+    if attackers_flagged:
+        assert detection["tp"] >= 1, details
+    return record

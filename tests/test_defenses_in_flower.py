@@ -10,6 +10,7 @@ from server_app.app import run_experiment
 from strategies.registry import DEFENSES
 from task.config import RunConfig
 from tests.conftest import read_rounds
+from tests.helpers import check_faa_dl_round
 from tests.local_grid import LocalGrid
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +38,11 @@ def test_defense_runs_and_records_whom_it_kept(tmp_path, defense):
     assert record["defense"] == defense and record["aggregated"]
     assert len(record["received"]) == CLIENTS and sorted(record["kept"] + record["excluded"]) == sorted(
         record["received"])
-    assert detection["tp"] + detection["fn"] == 1 and detection["auc"] is not None
+    assert detection["tp"] + detection["fn"] == 1
+    if defense == "fedavg":  # keeps everyone, scores no one
+        assert not record["excluded"] and detection["auc"] is None
+    else:
+        assert detection["auc"] is not None
     assert rows[-1]["accuracy"] > 0.3
 
 
@@ -47,13 +52,4 @@ def test_defense_runs_and_records_whom_it_kept(tmp_path, defense):
 def test_faa_dl_verifies_suspects_and_never_removes_a_benign_client(tmp_path, attack):
     _, rows = run_locally(tmp_path, defense="faa-dl", attack=attack, **{
         "num-clients": 6, "num-attackers": 2, "faa-dl-nu": 0.9, "eavesdrop-in-deployment": True})
-    record, detection = rows[1]["defense"], rows[1]["detection"]
-    details = record["details"]
-    assert details["suspects"], "the OC-SVM (nu = 0.9) flags someone among six"
-    assert sorted(details["verified"] + details["cleared"]) == details["suspects"]
-    assert record["excluded"] == details["verified"]
-    assert detection["fp"] == 0  # a benign suspect's update is always reproduced
-    for node in details["cleared"]:  # cleared = reproduced, which no poisoned upload is
-        assert details["mismatch"][str(node)] <= 1e-3
-    if attack != "alie":  # far from the benign updates: the OC-SVM flags attackers
-        assert detection["tp"] >= 1, details
+    check_faa_dl_round(rows[1], attackers_flagged=attack != "alie")  # ALIE hides among them
