@@ -5,10 +5,10 @@ IID); 3 attackers upload what an attack of ``attacks/`` crafts from their own mo
 round's benign uploads. Each round LayerCAM-AE, built from the shipped defaults with
 ``layercam-ae-decision='voting'`` and the rule under test, decides and aggregates; both rules'
 continuous scores are recorded and their ROC AUC printed with scikit-learn, with the test
-accuracy of the resulting model. ``--set KEY=VALUE`` changes any run-config key (TOML value).
+accuracy of the resulting model. ``--set KEY=VALUE`` changes any run-config key.
 
     python benchmarks/compare_rules.py --rounds 4 --attacks ipm gaussian sign-flip \
-        --set ipm-epsilon=3.0 gaussian-sigma=0.05
+        --set ipm-epsilon=3.0 --set gaussian-sigma=0.05
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +25,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from attacks import ATTACKS, AttackInput, build_attack
+from benchmarks.cli import run_config_override
 from client_app.app import training_seed
 from server_app.defenses import build_defense, server_assets
 from strategies.records import ClientUpload
@@ -106,11 +106,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), choices=ATTACKS.names())
     parser.add_argument("--rules", nargs="+", default=["upper", "two-sided"])
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="run-config keys (TOML values), e.g. layercam-ae-probes=1")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        type=run_config_override, metavar="KEY=VALUE",
+                        help="a run-config key, e.g. --set layercam-ae-probes=1 (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    overrides = tomllib.loads("\n".join(args.set))
+    overrides = dict(args.overrides)
     summary = []
     for attack in args.attacks:
         for rule in args.rules:

@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cli import run_config_override  # noqa: E402
+
 NUM_CLIENTS = 24
 ATTACKS = ("gae", "sign-flip", "alie", "ipm", "min-max", "min-sum", "gaussian", "adaptive-cam",
            "radius-noise", "undo-update")
@@ -219,15 +221,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _override(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    try:
-        parsed: object = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return key, parsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--defenses", nargs="+", default=["layercam-ae"])
@@ -236,7 +229,7 @@ def main() -> None:
     parser.add_argument("--partitionings", nargs="+", default=["iid"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1])
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], type=_override,
+    parser.add_argument("--set", dest="overrides", action="append", default=[], type=run_config_override,
                         metavar="KEY=VALUE", help="a run-config key for every cell (repeatable)")
     parser.add_argument("--oracle-rounds", type=int, nargs="*", default=[],
                         help="rounds in which the attackers' uploads are dropped (a control)")
