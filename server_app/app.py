@@ -66,7 +66,6 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     """The experiment harness; returns the summary it writes."""
     import torch
 
-    from attacks import ATTACKS
     from server_app.defenses import build_defense, server_assets
     from server_app.eavesdrop import EavesdroppingGrid, serves_benign_uploads
     from server_app.results import ResultsWriter, RoundLog, new_run_dir
@@ -76,10 +75,9 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     torch.manual_seed(config.seed)
     device = pick_device()
     test = load_federated_data(config.dataset, config.seed).test
-    attack = ATTACKS.get(config.attack)
     simulated = is_simulation(grid)
     grid = EavesdroppingGrid(grid, serves_benign_uploads(  # ground truth; eavesdropping channel
-        attack.needs_benign_uploads, config.num_attackers, simulated, config.eavesdrop_in_deployment))
+        config.num_attackers, simulated, config.eavesdrop_in_deployment))
     assets = server_assets(config, test, grid)
     model_fn = assets.model_fn
     global_model = model_fn()

@@ -11,8 +11,9 @@ Wraps the Grid the ServerApp is given, passes every call through, and on trainin
 This is the only place the server helps an attacker. It is part of the experiment, not of any
 strategy: every strategy receives the final replies through ``send_and_receive`` as usual.
 It serves benign uploads only when told to (``serve_benign``; ``serves_benign_uploads`` says
-when: the configured attack needs them, and the run is a simulation or the run config opts in
-for a deployment). Otherwise a reply that asks for them gets nothing and is passed on as sent.
+when: attackers are configured, and the run is a simulation or the run config opts in for a
+deployment), and only to replies that report ``attacker = 1``. Otherwise a reply that asks for
+them gets nothing and is passed on as sent.
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ def strip_ground_truth(reply: Message) -> Message:
     return reply
 
 
-def serves_benign_uploads(attack_needs_them: bool, num_attackers: int, simulated: bool,
-                          in_deployment: bool) -> bool:
-    """Whether the harness answers ``awaits-benign`` requests: only for an attack that needs
-    the benign uploads, with attackers configured, in a simulation or where the run config
-    explicitly enables it for a deployment experiment (``eavesdrop-in-deployment``)."""
-    return attack_needs_them and num_attackers > 0 and (simulated or in_deployment)
+def serves_benign_uploads(num_attackers: int, simulated: bool, in_deployment: bool) -> bool:
+    """Whether the harness answers ``awaits-benign`` requests at all: only with attackers
+    configured, in a simulation or where the run config explicitly enables it for a deployment
+    experiment (``eavesdrop-in-deployment``). Which attacks ask is theirs to say (an attack's
+    ``needs_benign_uploads``, on the client: the harness imports no attack); only a reply that
+    also reports ``attacker = 1`` is served."""
+    return num_attackers > 0 and (simulated or in_deployment)
 
 
 class EavesdroppingGrid:
@@ -83,11 +85,13 @@ class EavesdroppingGrid:
             return replies
         self.truth = {r.metadata.src_node_id: bool(_metric(r, "attacker")) for r in replies
                       if isinstance(_metric(r, "attacker"), (int, float))}
-        waiting = [r for r in replies if _metric(r, "awaits-benign") == 1.0]
-        if waiting and not self.serve_benign:
-            log(WARNING, "Nodes %s asked for the benign uploads; this run serves none",
-                sorted(r.metadata.src_node_id for r in waiting))
-            waiting = []  # their replies go on as sent
+        asking = [r for r in replies if _metric(r, "awaits-benign") == 1.0]
+        waiting = [r for r in asking if self.serve_benign and self.truth.get(r.metadata.src_node_id)]
+        if len(waiting) < len(asking):
+            log(WARNING, "Nodes %s asked for the benign uploads; they are served only to "
+                "configured attackers in a run that serves them", sorted(
+                    r.metadata.src_node_id for r in asking if r not in waiting))
+            # their replies go on as sent
         if not waiting:
             return [strip_ground_truth(r) for r in replies]
         benign = sorted((r for r in replies if r.has_content() and _metric(r, "attacker") == 0.0

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from attacks import ATTACKS, AttackInput, build_attack
 from attacks.classic import GaussianNoise, LabelFlip, SignFlip, UniformNoise
 from client_app.app import is_attacker, train
-from task.config import RunConfig
+from task.config import ConfigError, RunConfig
 from task.data import load_federated_data
 from task.models import build_model
 from task.train import evaluate, load_numpy_state
@@ -93,3 +93,16 @@ def test_label_flip_attacker_trains_on_flipped_labels_and_reports_ground_truth()
     _, true_accuracy = evaluate(model, test, torch.device("cpu"))
     _, flipped_accuracy = evaluate(model, flipped, torch.device("cpu"))
     assert flipped_accuracy > 0.6 > 0.2 > true_accuracy
+
+
+def test_an_attacker_with_an_unknown_attack_fails_naming_the_key():
+    """The server's harness imports no attack: an unknown ``attack`` is refused where attacks
+    run, and the server records the attacker's error reply with this reason."""
+    act_as_serverapp()
+    arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=7, message_type="train")
+    context = _context({"partition-id": 1, "num-partitions": 4, "role": "attacker"},
+                       attack="magic", **{"num-attackers": 1})
+    with pytest.raises(ConfigError, match=r"attack='magic' is not one of \[.*'gae'"):
+        train(msg, context)

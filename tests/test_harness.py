@@ -7,6 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from server_app.eavesdrop import (
+    ATTACK_MESSAGE,
     HARNESS_KEYS,
     EavesdroppingGrid,
     serves_benign_uploads,
@@ -81,12 +82,11 @@ def test_attacker_reply_has_the_fields_of_a_benign_reply(harness_round):
             np.median([m["num-examples"] for m in metrics]))
 
 
-def test_benign_uploads_are_served_only_to_a_configured_eavesdropping_attack():
-    assert serves_benign_uploads(True, 3, simulated=True, in_deployment=False)
-    assert serves_benign_uploads(True, 3, simulated=False, in_deployment=True)
-    assert not serves_benign_uploads(True, 3, simulated=False, in_deployment=False)
-    assert not serves_benign_uploads(False, 3, simulated=True, in_deployment=True)  # sign-flip
-    assert not serves_benign_uploads(True, 0, simulated=True, in_deployment=True)
+def test_benign_uploads_are_served_only_with_attackers_and_in_simulation_or_by_opt_in():
+    assert serves_benign_uploads(3, simulated=True, in_deployment=False)
+    assert serves_benign_uploads(3, simulated=False, in_deployment=True)
+    assert not serves_benign_uploads(3, simulated=False, in_deployment=False)
+    assert not serves_benign_uploads(0, simulated=True, in_deployment=True)
 
 
 def test_a_node_asking_for_benign_uploads_gets_nothing_when_none_are_served():
@@ -105,3 +105,31 @@ def test_a_node_asking_for_benign_uploads_gets_nothing_when_none_are_served():
     assert all(np.array_equal(asked["arrays"][k].numpy(), arrays[k].numpy()) for k in arrays.keys())
     assert not set(HARNESS_KEYS) & set(asked["metrics"])
     assert grid.truth == {1: False, 2: False, 3: False, 4: True}
+
+
+class AskingBenignNode(LocalGrid):
+    """Node 2 is benign but its reply asks for the benign uploads, as a modified client could."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.src_node_id == 2 and reply.has_content():
+                reply.content["metrics"]["awaits-benign"] = 1.0
+        return replies
+
+
+def test_a_node_that_is_no_configured_attacker_gets_nothing_when_it_asks():
+    act_as_serverapp()
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
+    run_config = {**RunConfig().to_run_config(), "local-epochs": 1, "num-clients": 4,
+                  "num-attackers": 1, "attack": "undo-update"}
+    inner = AskingBenignNode(run_config, len(NODES), 1, num_partitions=24)
+    grid = EavesdroppingGrid(inner, serve_benign=True)
+    messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                        dst_node_id=node, message_type="train", group_id="1") for node in NODES]
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
+    assert inner.sent == ["train"] * len(NODES) + [ATTACK_MESSAGE]  # to the attacker alone
+    assert not set(HARNESS_KEYS) & set(replies[2].content["metrics"])  # passed on as sent
+    trained = replies[2].content["arrays"]
+    assert any(not np.array_equal(trained[k].numpy(), arrays[k].numpy()) for k in arrays.keys())
