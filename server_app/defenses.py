@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from strategies.base import DetectingFedAvg
+from server_app.queries import GridQueries
 from strategies.registry import DEFENSES, ServerAssets
 from task.config import RunConfig
 from task.data import ImageData
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
 
 def server_assets(config: RunConfig, reference: ImageData, grid: Grid | None = None) -> ServerAssets:
     """What the server gives a defense: the run's architecture, ``layercam-ae-probes`` probe
-    images drawn (seeded by ``seed``) from its held-out ``reference`` data, and the ``grid``."""
+    images drawn (seeded by ``seed``) from its held-out ``reference`` data, and the ``grid`` to
+    ask clients through (``GridQueries``)."""
     def model_fn() -> torch.nn.Module:
         return build_model(config.model, reference.in_channels, reference.num_classes,
                            reference.image_size)
@@ -27,7 +29,8 @@ def server_assets(config: RunConfig, reference: ImageData, grid: Grid | None = N
     probes = order[: config.layercam_ae_probes]
     return ServerAssets(model_fn=model_fn, probes=reference.as_float(probes),
                         probe_labels=reference.labels[probes],
-                        cam_layer=default_cam_layer(config.model), reference=reference, grid=grid)
+                        cam_layer=default_cam_layer(config.model), reference=reference,
+                        queries=GridQueries(grid) if grid is not None else None)
 
 
 def build_defense(config: RunConfig, assets: ServerAssets, **flower_kwargs: Any) -> DetectingFedAvg:

@@ -22,15 +22,13 @@ until the session's keys are derived.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Protocol
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from torch import nn
 
 from crypto import ipfe
@@ -41,36 +39,12 @@ from strategies.faa_dl_verification import (
     TrainingRecipe, ocsvm_suspects, recompute_update, relative_mismatch,
 )
 from strategies.records import ClientUpload, Detection
-from strategies.registry import DEFENSES
+from strategies.registry import DEFENSES, ClientQueries
 from task.config import ConfigError
 from task.data import ImageData
 from task.params import flatten_updates
 
 VERIFY_MESSAGE = f"{MessageType.QUERY}.faa_dl_verify"
-
-
-class VerificationChannel(Protocol):
-    """How the strategy reaches its suspects during aggregation: the strategy does no I/O."""
-
-    def ask(self, server_round: int, requests: Mapping[int, RecordDict], timeout: float
-            ) -> dict[int, Message]:
-        """Send each node its request; return the first reply of each node that answered."""
-
-
-class GridChannel:
-    """A ``VerificationChannel`` over the ServerApp's Flower Grid (one round trip for all)."""
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-
-    def ask(self, server_round: int, requests: Mapping[int, RecordDict], timeout: float
-            ) -> dict[int, Message]:
-        messages = [self.grid.create_message(content, VERIFY_MESSAGE, node_id, str(server_round))
-                    for node_id, content in requests.items()]
-        replies: dict[int, Message] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
-            replies.setdefault(reply.metadata.src_node_id, reply)
-        return replies
 
 
 class KeyAuthority:
@@ -128,8 +102,8 @@ class FaaDl(DetectingFedAvg):
         Largest ``||g' - g|| / ||g'||`` of a cleared suspect.
     aont_lambda : int (default: 2)
         lambda of the AONT matrix (equation 29).
-    channel : VerificationChannel
-        Reaches the suspects (``GridChannel`` over the ServerApp's Grid).
+    queries : ClientQueries
+        Reaches the suspects (the harness's messaging; the strategy does no I/O).
     verification_timeout : float (default: 600)
         Seconds to wait for the suspects' verification replies.
     """
@@ -138,11 +112,11 @@ class FaaDl(DetectingFedAvg):
 
     def __init__(
         self, *, model_fn: Callable[[], nn.Module], reference: ImageData, recipe: TrainingRecipe,
-        channel: VerificationChannel, nu: float = 0.5, tolerance: float = 1e-3,
+        queries: ClientQueries, nu: float = 0.5, tolerance: float = 1e-3,
         aont_lambda: int = LAMBDA, verification_timeout: float = 600.0, **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
-        self.channel = channel
+        self.queries = queries
         self.model_fn = model_fn
         self.reference = reference
         self.recipe = recipe
@@ -158,8 +132,8 @@ class FaaDl(DetectingFedAvg):
 
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
-        if assets.grid is None:
-            raise ValueError("faa-dl verifies suspects over the Grid: ServerAssets.grid is needed")
+        if assets.queries is None:
+            raise ValueError("faa-dl verifies suspects over messages: ServerAssets.queries is needed")
         height = assets.reference.images.shape[2]
         if config.faa_dl_aont_lambda == height - 1:
             raise ConfigError(f"faa-dl-aont-lambda = image height - 1 = {height - 1} makes "
@@ -167,7 +141,7 @@ class FaaDl(DetectingFedAvg):
         recipe = TrainingRecipe(config.local_epochs, config.batch_size, config.learning_rate,
                                 config.weight_decay)
         return cls(model_fn=assets.model_fn, reference=assets.reference, recipe=recipe,
-                   channel=GridChannel(assets.grid), nu=config.faa_dl_nu,
+                   queries=assets.queries, nu=config.faa_dl_nu,
                    tolerance=config.faa_dl_tolerance, aont_lambda=config.faa_dl_aont_lambda,
                    verification_timeout=config.round_timeout, **flower_kwargs)
 
@@ -210,7 +184,8 @@ class FaaDl(DetectingFedAvg):
                 "server-round": server_round, "mpk": mpk.to_bytes(), "aont-lambda": self.aont_lambda,
             })})
         start = time.perf_counter()
-        replies = self.channel.ask(server_round, requests, self.verification_timeout)
+        replies = self.queries.ask(VERIFY_MESSAGE, server_round, requests,
+                                   self.verification_timeout)
         round_trip = time.perf_counter() - start
         verdicts = {}
         for upload in suspects:

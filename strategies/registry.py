@@ -8,9 +8,9 @@ test.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -19,12 +19,22 @@ from task.data import ImageData
 from task.registry import Registry
 
 if TYPE_CHECKING:
-    from flwr.serverapp import Grid
+    from flwr.app import Message, RecordDict
 
     from strategies.base import DetectingFedAvg
 
 DEFENSES: Registry[type[DetectingFedAvg]] = Registry("strategies", "defense")
 """Every defense by run-config name."""
+
+
+class ClientQueries(Protocol):
+    """How a defense asks clients something beyond training (FAA-DL's verification): the
+    harness owns the messaging, the defense does no I/O."""
+
+    def ask(self, message_type: str, server_round: int, requests: Mapping[int, RecordDict],
+            timeout: float) -> dict[int, Message]:
+        """Send each node its request (all in one round trip); return the first reply of each
+        node that answered within ``timeout`` seconds."""
 
 
 @dataclass(frozen=True)
@@ -41,5 +51,5 @@ class ServerAssets:
     """The architecture's default class-activation-map layer."""
     reference: ImageData
     """Server data of the run's dataset: its shape, classes and standardisation."""
-    grid: Grid | None = None
-    """The Grid, for defenses that talk to clients beyond training (FAA-DL's verification)."""
+    queries: ClientQueries | None = None
+    """The channel to ask clients beyond training (``server_app.queries.GridQueries``)."""

@@ -21,7 +21,7 @@ from tests.helpers import reply
 
 
 class UnusedGrid:
-    """FAA-DL keeps a channel over the Grid; building it sends nothing."""
+    """FAA-DL asks its suspects over the Grid; building it sends nothing."""
 
 
 @pytest.fixture(scope="module")
