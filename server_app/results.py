@@ -125,9 +125,13 @@ class RoundLog:
                 record.heatmaps = None
         self.writer.append_round(row)
         self._last = now
-        excluded = f", excluded {len(record.excluded)}" if record is not None else ""
+        removed = ""
+        if record is not None:
+            removed = f", excluded {len(record.excluded)}"
+            if record.rejected:  # malformed replies, or clients that failed (reasons: rounds.jsonl)
+                removed += f", rejected {len(record.rejected)}"
         print(f"[round {server_round}/{self.num_rounds}] elapsed {now - self.started:6.1f} s, "
-              f"accuracy {accuracy:.4f}, loss {loss:.4f}{excluded}", flush=True)
+              f"accuracy {accuracy:.4f}, loss {loss:.4f}{removed}", flush=True)
         return row
 
     def pooled_detection(self) -> dict[str, Any] | None:
