@@ -36,7 +36,6 @@ from benchmarks.cli import run_config_override  # noqa: E402
 NUM_CLIENTS = 24
 ATTACKS = ("gae", "sign-flip", "alie", "ipm", "min-max", "min-sum", "gaussian", "adaptive-cam",
            "radius-noise", "undo-update")
-ADAPTIVE_PROBES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +59,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
     import torch
 
     from attacks import AttackInput, build_attack
-    from client_app.app import training_seed
+    from client_app.app import local_probes, training_seed
     from server_app.defenses import build_defense, server_assets
     from server_app.metrics import detection_metrics, pooled_detection_metrics
     from strategies.records import ClientUpload
@@ -138,7 +137,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
                 for client in sorted(attackers):
                     rng = np.random.default_rng(training_seed(config, server_round, client))
                     own = partitions[client]
-                    probes_own = own.as_float(torch.arange(min(ADAPTIVE_PROBES, len(own))))
+                    probes_own = local_probes(own, attack)
                     state = attack.craft(AttackInput(global_state, global_state, rng,
                                                      tuple(benign_states), tuple(benign_sizes),
                                                      probes_own))

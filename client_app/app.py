@@ -14,10 +14,18 @@ fresh ClientApp process, and a light module import keeps the other message types
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from task.config import RunConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from attacks import Attack
+    from task.data import ImageData
 
 app = ClientApp()
 
@@ -132,7 +140,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     state = state_to_numpy(model.cpu())
     if attack is not None:
-        state = attack.craft(AttackInput(global_state, state, np.random.default_rng(seed)))
+        state = attack.craft(AttackInput(global_state, state, np.random.default_rng(seed),
+                                         probes=local_probes(local, attack)))
     metrics = {"train-loss": loss, "num-examples": len(local), "attacker": float(attacker)}
     return _model_reply(msg, state, metrics)
 
@@ -148,8 +157,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-ADAPTIVE_PROBES = 16
+LOCAL_PROBES = 16
 """Own images an attacker with ``needs_local_probes`` computes heat maps on."""
+
+
+def local_probes(local: ImageData, attack: Attack) -> torch.Tensor | None:
+    """The first ``LOCAL_PROBES`` images of the partition for an attack that needs them."""
+    import torch
+
+    if not attack.needs_local_probes:
+        return None
+    return local.as_float(torch.arange(min(LOCAL_PROBES, len(local))))
 
 
 @app.train("attack")
@@ -168,7 +186,7 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     if ATTACKS.get(config.attack).needs_local_probes:
         config, partition_id, local, model, _ = _local_setup(msg, context)
         attack = build_attack(config, model)
-        probes = local.as_float(torch.arange(min(ADAPTIVE_PROBES, len(local))))
+        probes = local_probes(local, attack)
     else:
         attack = build_attack(config)
     settings = msg.content["config"]
