@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from strategies.base import DetectingFedAvg
 from server_app.queries import GridQueries
+from strategies.base import DetectingFedAvg
 from strategies.registry import DEFENSES, ServerAssets
 from task.config import RunConfig
 from task.data import ImageData
@@ -37,6 +37,6 @@ def build_defense(config: RunConfig, assets: ServerAssets, **flower_kwargs: Any)
     """The strategy named by ``config.defense``, sampling every connected client each round
     (``flower_kwargs``, e.g. ``on_record``, go to its constructor). Raises ``ConfigError``
     naming the key for an unknown name or a value the defense cannot use."""
-    sampling = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.num_clients,
-                    min_available_nodes=config.num_clients)
+    sampling = {"fraction_train": 1.0, "fraction_evaluate": 0.0,
+                "min_train_nodes": config.num_clients, "min_available_nodes": config.num_clients}
     return DEFENSES.get(config.defense).from_config(config, assets, **sampling, **flower_kwargs)
