@@ -82,7 +82,7 @@ def run(config: RunConfig, rounds: int) -> list[dict]:
         auc_two = roc_auc_score(truth, [d["two_sided_scores"][n] for n in ids])
         kept = [u for u in uploads if u.node_id in set(detection.kept)]
         if kept:
-            global_state = strategy.aggregate(kept)
+            global_state = strategy.new_global_state(detection, kept)
         model = assets.model_fn()
         load_numpy_state(model, global_state)
         _, acc = evaluate(model, data.test, torch.device("cpu"))

@@ -85,6 +85,12 @@ class DetectingFedAvg(FedAvg):
         """The new global state from the kept uploads: their sample-weighted mean (FedAvg)."""
         return weighted_average(kept)
 
+    def new_global_state(self, detection: Detection, kept: list[ClientUpload]
+                         ) -> dict[str, np.ndarray]:
+        """The state the round ends with: the rule's own aggregate when it computed one while
+        deciding (``Detection.aggregate``), else ``aggregate`` of the kept uploads."""
+        return detection.aggregate if detection.aggregate is not None else self.aggregate(kept)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -109,8 +115,8 @@ class DetectingFedAvg(FedAvg):
         arrays, metrics, note = None, None, ""
         start = time.perf_counter()
         if kept:
-            state = detection.aggregate if detection.aggregate is not None else self.aggregate(kept)
-            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v))
+                                  for k, v in self.new_global_state(detection, kept).items()})
             metrics = self.train_metrics_aggr_fn(
                 [RecordDict({"metrics": MetricRecord(
                     {**u.metrics, self.weighted_by_key: u.num_examples})}) for u in kept],

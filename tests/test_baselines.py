@@ -45,9 +45,7 @@ def _run(strategy, vectors, sizes=None):
     uploads = _uploads(vectors, sizes)
     detection = strategy.detect(1, uploads)
     kept = [u for u in uploads if u.node_id in detection.kept]
-    if not kept:
-        return detection, None
-    return detection, detection.aggregate if detection.aggregate is not None else strategy.aggregate(kept)
+    return detection, strategy.new_global_state(detection, kept) if kept else None
 
 
 @pytest.fixture
