@@ -42,7 +42,7 @@ class LayerCamKrum(LayerCamAe):
 
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
-        return cls(num_malicious=check_krum_f(config, 2), **heatmap_defense_kwargs(config, assets),
+        return cls(num_malicious=check_krum_f(config), **heatmap_defense_kwargs(config, assets),
                    **flower_kwargs)
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:

@@ -134,10 +134,10 @@ class FaaDl(DetectingFedAvg):
     def from_config(cls, config, assets, **flower_kwargs):
         if assets.queries is None:
             raise ValueError("faa-dl verifies suspects over messages: ServerAssets.queries is needed")
-        height = assets.reference.images.shape[2]
-        if config.faa_dl_aont_lambda == height - 1:
-            raise ConfigError(f"faa-dl-aont-lambda = image height - 1 = {height - 1} makes "
-                              f"the AONT singular; choose another value")
+        try:  # the AONT is built for the images' height, and refuses a singular lambda
+            aont_matrix(assets.reference.images.shape[2], config.faa_dl_aont_lambda)
+        except ValueError as err:
+            raise ConfigError(f"faa-dl-aont-lambda={config.faa_dl_aont_lambda}: {err}") from None
         recipe = TrainingRecipe(config.local_epochs, config.batch_size, config.learning_rate,
                                 config.weight_decay)
         return cls(model_fn=assets.model_fn, reference=assets.reference, recipe=recipe,

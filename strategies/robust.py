@@ -28,8 +28,9 @@ from task.config import ConfigError, RunConfig
 from task.params import flatten_updates, unflatten
 
 
-def check_krum_f(config: RunConfig, factor: int) -> int:
-    """``krum-f``, checked against the clients a rule that needs n >= factor * f + 3 has."""
+def check_krum_f(config: RunConfig, factor: int = 2) -> int:
+    """``krum-f``, checked against the clients a rule that needs n >= factor * f + 3 has
+    (Krum: 2, Bulyan: 4)."""
     needed = factor * config.krum_f + 3
     if config.num_clients < needed:
         raise ConfigError(f"krum-f={config.krum_f} needs num-clients >= {factor}f + 3 = {needed} "
@@ -62,10 +63,13 @@ class MultiKrum(_UpdateRule):
         super().__init__(**kwargs)
         self.num_malicious, self.num_selected = num_malicious, num_selected
 
+    clients_per_attacker = 2
+    """n >= clients_per_attacker * f + 3 uploads are needed."""
+
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
-        return cls(num_malicious=check_krum_f(config, 2), num_selected=config.multi_krum_m,
-                   **flower_kwargs)
+        return cls(num_malicious=check_krum_f(config, cls.clients_per_attacker),
+                   num_selected=config.multi_krum_m, **flower_kwargs)
 
     def selection_size(self, num_uploads: int) -> int:
         return self.num_selected or max(1, num_uploads - self.num_malicious)
@@ -91,7 +95,7 @@ class Krum(MultiKrum):
 
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
-        return cls(num_malicious=check_krum_f(config, 2), **flower_kwargs)
+        return cls(num_malicious=check_krum_f(config), **flower_kwargs)
 
 
 @DEFENSES.register
@@ -102,19 +106,16 @@ class Bulyan(MultiKrum):
     most f attackers and n >= 4f + 3; with fewer uploads the round keeps the previous model."""
 
     name = "bulyan"
-
-    @classmethod
-    def from_config(cls, config, assets, **flower_kwargs):
-        return cls(num_malicious=check_krum_f(config, 4), **flower_kwargs)
+    clients_per_attacker = 4
 
     def selection_size(self, num_uploads: int) -> int:
         return bulyan_selection_size(num_uploads, self.num_malicious)[0]
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
-        if len(uploads) < 4 * self.num_malicious + 3:
+        needed = self.clients_per_attacker * self.num_malicious + 3
+        if len(uploads) < needed:
             return Detection(kept=[], details={
-                "f": self.num_malicious,
-                "skipped": f"Bulyan needs n >= 4f + 3 = {4 * self.num_malicious + 3} uploads",
+                "f": self.num_malicious, "skipped": f"Bulyan needs n >= 4f + 3 = {needed} uploads",
             })
         return super().detect(server_round, uploads)
 
