@@ -95,7 +95,8 @@ def training_seed(config: RunConfig, server_round: int, partition_id: int) -> in
 
 
 def _training_data(local, config: RunConfig, attacker: bool):
-    """The partition as this node trains on it: what a data-poisoning attack makes of it."""
+    """The partition as this node trained on it (for FAA-DL's verification, which has no model
+    to build every attack with): what a data-poisoning attack makes of it."""
     from attacks import ATTACKS, build_attack
 
     if not (attacker and ATTACKS.get(config.attack).poisons_data):
@@ -129,7 +130,8 @@ def train(msg: Message, context: Context) -> Message:
         # The harness will send this round's benign uploads in a "train.attack" message.
         metrics = MetricRecord({"num-examples": len(local), "attacker": 1.0, "awaits-benign": 1.0})
         return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
-    local = _training_data(local, config, attacker)
+    if attack is not None:
+        local = attack.poison(local)  # honest data unless the attack poisons it
     global_state = state_to_numpy(model)
     server_round = int(msg.content["config"]["server-round"])
     seed = training_seed(config, server_round, partition_id)
