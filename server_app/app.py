@@ -90,7 +90,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     log(INFO, "Results folder: %s", writer.path)
     log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
         config.num_server_rounds, config.defense)
-    round_log = RoundLog(writer, config.num_server_rounds)
+    round_log = RoundLog(writer, config.num_server_rounds)  # starts the rounds' clock
     strategy.on_record = lambda record: round_log.add_record(record, grid.truth)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -100,7 +100,6 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
         round_log.add_evaluation(server_round, accuracy, loss)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    round_log.begin()
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(global_model.state_dict()),

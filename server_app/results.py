@@ -91,16 +91,13 @@ class RoundLog:
     """One row of ``rounds.jsonl`` per round, written when the global model is evaluated: the
     evaluation, the defense's ``RoundRecord`` of the round (handed over by the strategy's
     ``on_record``), and the detection metrics against the harness's ground truth; a progress
-    line on stdout. The heat maps a record carries are saved as a PNG, then dropped."""
+    line on stdout. The heat maps a record carries are saved as a PNG, then dropped. The clock
+    of the rounds' ``seconds`` and ``elapsed`` starts when the log is made."""
 
     def __init__(self, writer: ResultsWriter, num_rounds: int) -> None:
         self.writer, self.num_rounds = writer, num_rounds
         self._records: dict[int, tuple[RoundRecord, dict[int, bool]]] = {}
         self.decisions: list[tuple[dict[int, bool], set[int], dict[int, float] | None]] = []
-        self.started = self._last = time.monotonic()
-
-    def begin(self) -> None:
-        """Start the clock (the rounds' ``seconds`` and ``elapsed``)."""
         self.started = self._last = time.monotonic()
 
     def add_record(self, record: RoundRecord, truth: Mapping[int, bool]) -> None:
@@ -125,13 +122,13 @@ class RoundLog:
                 record.heatmaps = None
         self.writer.append_round(row)
         self._last = now
-        removed = ""
+        counts = ""
         if record is not None:
-            removed = f", excluded {len(record.excluded)}"
+            counts = f", excluded {len(record.excluded)}"
             if record.rejected:  # malformed replies, or clients that failed (reasons: rounds.jsonl)
-                removed += f", rejected {len(record.rejected)}"
+                counts += f", rejected {len(record.rejected)}"
         print(f"[round {server_round}/{self.num_rounds}] elapsed {now - self.started:6.1f} s, "
-              f"accuracy {accuracy:.4f}, loss {loss:.4f}{removed}", flush=True)
+              f"accuracy {accuracy:.4f}, loss {loss:.4f}{counts}", flush=True)
         return row
 
     def pooled_detection(self) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from strategies.registry import DEFENSES
 from strategies.robust_math import (bulyan_selection_size, geometric_median, krum_scores,
                                     krum_select)
 from task.config import ConfigError, RunConfig
-from task.params import flatten_updates, unflatten
+from task.params import flatten_updates, float_names, unflatten
 
 
 def check_krum_f(config: RunConfig, factor: int = 2) -> int:
@@ -46,8 +46,8 @@ class _UpdateRule(DetectingFedAvg):
 
     def from_update(self, vector: np.ndarray, kept: list[ClientUpload]) -> dict[str, np.ndarray]:
         """w_g + vector for the float arrays; integer buffers from the kept uploads' mean."""
-        names = [k for k, v in self.global_state.items() if v.dtype.kind == "f"]
-        return unflatten(vector, names, self.global_state, buffers=weighted_average(kept))
+        return unflatten(vector, float_names(self.global_state), self.global_state,
+                         buffers=weighted_average(kept))
 
 
 @DEFENSES.register
