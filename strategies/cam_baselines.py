@@ -49,12 +49,14 @@ class LayerCamKrum(LayerCamAe):
         timings: dict[str, float] = {}
         start = time.perf_counter()
         with torch_threads(self.threads):
-            maps = self.heatmaps(uploads).flatten(1).double().cpu().numpy()
+            maps = self.heatmaps(uploads)
+        vectors = maps.flatten(1).double().cpu().numpy()
         timings["heatmaps"] = time.perf_counter() - start
         start = time.perf_counter()
-        scores = krum_scores(maps, self.num_malicious)
-        chosen = krum_select(maps, self.num_malicious, max(1, len(uploads) - self.num_malicious))
+        scores = krum_scores(vectors, self.num_malicious)
+        chosen = krum_select(vectors, self.num_malicious, max(1, len(uploads) - self.num_malicious))
         timings["decision"] = time.perf_counter() - start
         return Detection(kept=[uploads[i].node_id for i in chosen],
                          scores={u.node_id: float(s) for u, s in zip(uploads, scores)},
-                         details={"f": self.num_malicious, "engine": self.engine}, timings=timings)
+                         details={"f": self.num_malicious, "engine": self.engine}, timings=timings,
+                         heatmaps=self.heatmaps_to_keep(maps))

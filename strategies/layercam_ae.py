@@ -237,6 +237,10 @@ class LayerCamAe(DetectingFedAvg):
                                      self.target_layer, self.probe_classes(), self.combine,
                                      self.engine, upsample=self.map_size == "probe")
 
+    def heatmaps_to_keep(self, maps: torch.Tensor) -> np.ndarray | None:
+        """The first probe's maps (K, H, W) for the harness, with ``keep_heatmaps``."""
+        return maps[:, 0].cpu().numpy() if self.keep_heatmaps else None
+
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}
         node_ids = [u.node_id for u in uploads]
@@ -270,7 +274,7 @@ class LayerCamAe(DetectingFedAvg):
             "ae_epochs": epochs,
         }
         return Detection(kept=kept, scores=scores, details=details, timings=timings,
-                         heatmaps=maps[:, 0].cpu().numpy() if self.keep_heatmaps else None)
+                         heatmaps=self.heatmaps_to_keep(maps))
 
     def decide_by_evidence(self, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:

@@ -3,6 +3,7 @@ with the real ClientApp answering in-process (``tests.local_grid``): one round o
 of them flipping its update, written to a results folder as ``flwr run`` writes it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from tests.local_grid import LocalGrid
 pytestmark = pytest.mark.e2e
 
 CLIENTS = 7
+HEATMAP_DEFENSES = ("layercam-ae", "gradcam-ae", "layercam-krum")
 
 
 def run_locally(tmp_path, **keys) -> tuple[dict, list[dict]]:
@@ -23,6 +25,7 @@ def run_locally(tmp_path, **keys) -> tuple[dict, list[dict]]:
     config = RunConfig.from_run_config({
         "num-server-rounds": 1, "num-clients": CLIENTS, "num-attackers": 1, "attack": "sign-flip",
         "sign-flip-scale": 4.0, "krum-f": 1, "local-epochs": 1, "layercam-ae-epochs": 50,
+        "layercam-ae-save-heatmaps": True,
         "results-dir": str(tmp_path), **keys})
     grid = LocalGrid(config.to_run_config(), CLIENTS, config.num_attackers)
     summary = run_experiment(grid, config)
@@ -33,7 +36,7 @@ def run_locally(tmp_path, **keys) -> tuple[dict, list[dict]]:
 
 @pytest.mark.parametrize("defense", [d for d in DEFENSES.names() if d != "faa-dl"])
 def test_defense_runs_and_records_whom_it_kept(tmp_path, defense):
-    _, rows = run_locally(tmp_path, defense=defense)
+    summary, rows = run_locally(tmp_path, defense=defense)
     record, detection = rows[1]["defense"], rows[1]["detection"]
     assert record["defense"] == defense and record["aggregated"]
     assert len(record["received"]) == CLIENTS and sorted(record["kept"] + record["excluded"]) == sorted(
@@ -44,6 +47,8 @@ def test_defense_runs_and_records_whom_it_kept(tmp_path, defense):
     else:
         assert detection["auc"] is not None
     assert rows[-1]["accuracy"] > 0.3
+    heatmap_png = Path(summary["results_dir"]) / "heatmaps-round001.png"
+    assert heatmap_png.exists() == (defense in HEATMAP_DEFENSES)  # save-heatmaps is on
 
 
 # Solved exactly, the OC-SVM at nu = 0.5 puts most of six clients on its boundary and may flag
