@@ -12,13 +12,14 @@ to ``on_record``, the harness's way to log it.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -39,6 +40,13 @@ class DetectingFedAvg(FedAvg):
     max_update_ratio : float (default: 1e3)
         Uploads with ``||w - w_global|| > max_update_ratio * (||w_global|| + 1)`` are rejected
         as malformed before detection.
+    min_replies : int (default: 1)
+        A round aggregates only when at least this many uploads pass the screening (and at
+        least the rule's own ``min_uploads``); otherwise it keeps the previous global model.
+        Sampling waits for this many connected nodes, then samples among those connected.
+    sampling_timeout : float (default: 600)
+        Seconds sampling waits for ``min_replies`` connected nodes; after that the round sends
+        nothing and keeps the previous model, so sampling never waits forever.
     on_record : callable, optional
         Called with each round's ``RoundRecord`` at the end of ``aggregate_train``.
     **fedavg_kwargs
@@ -50,14 +58,35 @@ class DetectingFedAvg(FedAvg):
 
     name = "fedavg"
 
-    def __init__(self, *, max_update_ratio: float = MAX_UPDATE_RATIO,
+    min_uploads = 1
+    """The fewest uploads the rule can decide on (Krum family: n >= 2f + 3)."""
+    checkpointed: tuple[str, ...] = ()
+    """The attributes that carry the rule's state from round to round (vote history, evidence):
+    what a checkpoint saves and a resumed run restores (``checkpoint_state``)."""
+
+    def __init__(self, *, max_update_ratio: float = MAX_UPDATE_RATIO, min_replies: int = 1,
+                 sampling_timeout: float = 600.0,
                  on_record: Callable[[RoundRecord], None] | None = None, **fedavg_kwargs) -> None:
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", mean_of_kept_metrics)
         super().__init__(**fedavg_kwargs)
         self.max_update_ratio = max_update_ratio
+        self.min_replies, self.sampling_timeout = min_replies, sampling_timeout
         self.on_record = on_record
         self.global_state: dict[str, np.ndarray] | None = None
         self.records: list[RoundRecord] = []
+        self.sampled: dict[int, list[int]] = {}
+        self.participants: set[int] = set()
+        """Every node that has replied in some round: one missing from a later round is named."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The cross-round state a checkpoint saves (``checkpointed`` attributes, the nodes seen)."""
+        return {"participants": self.participants,
+                **{name: getattr(self, name) for name in self.checkpointed}}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Take back what ``checkpoint_state`` returned (a resumed run)."""
+        for name, value in state.items():
+            setattr(self, name, value)
 
     @classmethod
     def from_config(cls, config: RunConfig, assets: ServerAssets, **flower_kwargs: Any
@@ -73,9 +102,26 @@ class DetectingFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model the round starts from, then sample as FedAvg does."""
+        """Remember the global model the round starts from, then sample ``fraction_train`` of
+        the connected nodes (seeded by the round) once ``min_replies`` are connected. Unlike
+        Flower's ``sample_nodes`` this waits ``sampling_timeout`` at most: with too few nodes
+        the round sends nothing and keeps the previous model."""
         self.global_state = {k: v.numpy() for k, v in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        deadline = time.monotonic() + self.sampling_timeout
+        while len(connected := sorted(grid.get_node_ids())) < self.min_replies:
+            if time.monotonic() > deadline:
+                log(WARNING, "Round %d: %d node(s) connected, fewer than min-replies=%d: "
+                    "nothing sent", server_round, len(connected), self.min_replies)
+                self.sampled[server_round] = []
+                return []
+            time.sleep(0.5)
+        size = max(1, min(len(connected), int(len(connected) * self.fraction_train)))
+        nodes = sorted(random.Random(server_round).sample(connected, size))
+        self.sampled[server_round] = nodes
+        log(INFO, "configure_train: sampled %d nodes (out of %d)", len(nodes), len(connected))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, nodes, MessageType.TRAIN)
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         """Decide which uploads to aggregate. FedAvg keeps all."""
@@ -107,9 +153,15 @@ class DetectingFedAvg(FedAvg):
             log(WARNING, "Node %d claims %g examples: counted as %gx the median claim",
                 node_id, claim, MAX_CLAIM_RATIO)
         screening = time.perf_counter() - start
-        detection = (
-            self.detect(server_round, uploads) if uploads else Detection(kept=[])
-        )
+        replied = {u.node_id for u in uploads} | set(rejected)
+        missing = sorted((set(self.sampled.get(server_round, [])) | self.participants) - replied)
+        self.participants |= replied
+        needed = max(self.min_replies, self.min_uploads)
+        if len(uploads) >= needed:
+            detection = self.detect(server_round, uploads)
+        else:
+            detection = Detection(kept=[], details={
+                "skipped": f"{len(uploads)} valid upload(s), fewer than the {needed} needed"})
         kept_ids = set(detection.kept)
         kept = [u for u in uploads if u.node_id in kept_ids]
         arrays, metrics, note = None, None, ""
@@ -122,7 +174,8 @@ class DetectingFedAvg(FedAvg):
                     {**u.metrics, self.weighted_by_key: u.num_examples})}) for u in kept],
                 self.weighted_by_key)
         else:
-            note = "no upload kept: the previous global model is kept"
+            note = detection.details.get("skipped", "no upload kept")
+            note += ": the previous global model is kept"
             log(WARNING, "Round %d: %s", server_round, note)
         timings = {"screening": screening, **detection.timings,
                    "aggregation": time.perf_counter() - start}
@@ -132,13 +185,14 @@ class DetectingFedAvg(FedAvg):
             kept=sorted(kept_ids), excluded=sorted(u.node_id for u in uploads if u.node_id not in kept_ids),
             scores=detection.scores, details=detection.details, timings=timings,
             aggregated=arrays is not None, note=note, bounded_claims=bounded,
-            heatmaps=detection.heatmaps,
+            heatmaps=detection.heatmaps, missing=missing,
         )
         self.records.append(record)
         if self.on_record is not None:
             self.on_record(record)
-        log(INFO, "Round %d [%s]: kept %d of %d uploads, excluded %s, rejected %s",
-            server_round, self.name, len(kept), len(uploads), record.excluded, sorted(rejected))
+        log(INFO, "Round %d [%s]: kept %d of %d uploads, excluded %s, rejected %s, missing %s",
+            server_round, self.name, len(kept), len(uploads), record.excluded, sorted(rejected),
+            missing)
         return arrays, metrics
 
 

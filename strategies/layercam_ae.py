@@ -124,6 +124,7 @@ class LayerCamAe(DetectingFedAvg):
     """
 
     name = "layercam-ae"
+    checkpointed = ("history", "evidence", "spreads")
 
     def __init__(
         self,

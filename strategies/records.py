@@ -63,6 +63,8 @@ class RoundRecord:
     """Original ``num-examples`` of the kept or excluded uploads whose claim was bounded."""
     heatmaps: np.ndarray | None = field(default=None, repr=False, compare=False)
     """The detection's heat maps (``Detection.heatmaps``): an artifact, not serialised."""
+    missing: list[int] = field(default_factory=list)
+    """Nodes sampled this round, or seen in an earlier one, that sent no reply (dropouts)."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (node ids become strings as JSON object keys require); the heat-map

@@ -71,6 +71,10 @@ class MultiKrum(_UpdateRule):
         return cls(num_malicious=check_krum_f(config, cls.clients_per_attacker),
                    num_selected=config.multi_krum_m, **flower_kwargs)
 
+    @property
+    def min_uploads(self) -> int:  # type: ignore[override]
+        return self.clients_per_attacker * self.num_malicious + 3
+
     def selection_size(self, num_uploads: int) -> int:
         return self.num_selected or max(1, num_uploads - self.num_malicious)
 
@@ -110,14 +114,6 @@ class Bulyan(MultiKrum):
 
     def selection_size(self, num_uploads: int) -> int:
         return bulyan_selection_size(num_uploads, self.num_malicious)[0]
-
-    def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
-        needed = self.clients_per_attacker * self.num_malicious + 3
-        if len(uploads) < needed:
-            return Detection(kept=[], details={
-                "f": self.num_malicious, "skipped": f"Bulyan needs n >= 4f + 3 = {needed} uploads",
-            })
-        return super().detect(server_round, uploads)
 
     def aggregate(self, kept: list[ClientUpload]) -> dict[str, np.ndarray]:
         beta = len(kept) - 2 * self.num_malicious  # kept = theta = n - 2f, so beta = n - 4f

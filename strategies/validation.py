@@ -24,6 +24,7 @@ from logging import WARNING
 import numpy as np
 from flwr.app import Message
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 
 from strategies.records import ClientUpload
 from task.params import content_key
@@ -37,6 +38,10 @@ claims finite."""
 
 MAX_CLAIM_RATIO = 10.0
 """A claim above this many times the round's median claim counts as that bound."""
+
+NO_REPLY_ERRORS = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+"""Errors by which the SuperLink says a node or its reply is gone (sent in the SuperLink's
+name, not the node's): a dropout, which the round records as missing, not a rejection."""
 
 
 def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
@@ -127,6 +132,7 @@ def screen_replies(
     """Split training replies into accepted uploads, ``{node_id: reason}`` rejections and
     ``{node_id: claim}`` of the accepted uploads whose claim was bounded (``bound_claims``).
 
+    The SuperLink's ``NO_REPLY_ERRORS`` are skipped (the node is missing, not rejected).
     A node that replies twice keeps its first reply (accepted or rejected, an error reply
     included); later ones are ignored with a warning. Uploads come back in the order of their
     content (``task.params.content_key``), not of arrival or node id (random in Flower), so
@@ -140,6 +146,8 @@ def screen_replies(
     rejected: dict[int, str] = {}
     seen: set[int] = set()
     for msg in replies:
+        if msg.has_error() and msg.error.code in NO_REPLY_ERRORS:
+            continue
         node_id = int(msg.metadata.src_node_id)
         if node_id in seen or node_id in rejected:
             # One decision per node and round: a later reply, an error reply included, must not

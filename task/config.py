@@ -57,6 +57,8 @@ class RunConfig:
     results_dir: str = "results"
     round_timeout: float = 600.0
     node_wait_timeout: float = 120.0
+    min_replies: int = 2
+    resume_from: str = ""
     eavesdrop_in_deployment: bool = False
     # attacks (run on the attacking clients)
     sign_flip_scale: float = 1.0
@@ -154,6 +156,7 @@ class RunConfig:
             ("num-server-rounds", self.num_server_rounds, 1),
             ("num-clients", self.num_clients, 2),
             ("num-attackers", self.num_attackers, 0),
+            ("min-replies", self.min_replies, 1),
             ("local-epochs", self.local_epochs, 1),
             ("batch-size", self.batch_size, 1),
             ("layercam-ae-window", self.layercam_ae_window, 1),
@@ -208,6 +211,9 @@ class RunConfig:
             raise ConfigError(
                 f"num-attackers ({self.num_attackers}) must be < num-clients ({self.num_clients})"
             )
+        if self.min_replies > self.num_clients:
+            raise ConfigError(f"min-replies ({self.min_replies}) must be <= num-clients "
+                              f"({self.num_clients})")
         if self.num_attackers > 0 and self.attack == "none":
             raise ConfigError("num-attackers > 0 needs an attack other than 'none'")
         if self.layercam_ae_votes > self.layercam_ae_window:

@@ -13,6 +13,7 @@ from strategies.cosdefense import CosDefense, cosine_scores
 from strategies.records import ClientUpload
 from strategies.robust import Bulyan, GeoMed, Krum, Median, MultiKrum, TrimmedMean
 from strategies.robust_math import geometric_median, krum_scores, krum_select
+from tests.helpers import reply
 
 
 def test_krum_picks_the_expected_vector_among_five():
@@ -77,9 +78,17 @@ def test_bulyan_selects_n_minus_2f_and_averages_the_closest_to_the_median(round_
     np.testing.assert_allclose(state["w"], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_bulyan_keeps_the_previous_model_below_4f_plus_3(round_vectors):
-    detection, _ = _run(Bulyan(num_malicious=3), round_vectors[:14])
-    assert detection.kept == [] and "4f + 3" in detection.details["skipped"]
+@pytest.mark.parametrize("rule, needed", [(Bulyan(num_malicious=3), 15), (Krum(num_malicious=3), 9),
+                                          (MultiKrum(num_malicious=2), 7)])
+def test_the_krum_family_keeps_the_previous_model_below_its_n(rule, needed, round_vectors):
+    rule.global_state = {"w": np.zeros(round_vectors.shape[1], np.float32), "steps": np.array([2])}
+    replies = [reply(i + 10, {"w": v.astype(np.float32), "steps": np.array([3])}, {"num-examples": 1})
+               for i, v in enumerate(round_vectors[:needed])]
+    arrays, _ = rule.aggregate_train(1, replies[:-1])
+    assert arrays is None and not rule.last_record.aggregated
+    assert f"{needed - 1} valid upload(s), fewer than the {needed} needed" in rule.last_record.note
+    arrays, _ = rule.aggregate_train(2, replies)
+    assert arrays is not None and rule.last_record.kept
 
 
 def test_median_and_trimmed_mean_match_numpy_and_scipy(round_vectors):

@@ -45,6 +45,8 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("layercam-ae-robust-z", float("inf"), "layercam-ae-robust-z"),
     ("layercam-ae-target-class", -2, "layercam-ae-target-class"),
     ("faa-dl-aont-lambda", 10**9, "faa-dl-aont-lambda"),
+    ("min-replies", 0, "min-replies"),
+    ("min-replies", 25, "min-replies.*num-clients"),
 ])
 def test_bad_value_raises_naming_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):

@@ -34,7 +34,7 @@ def test_every_registered_defense_builds_from_the_default_config(name, reference
     config = RunConfig(defense=name)
     strategy = build_defense(config, server_assets(config, reference, UnusedGrid()))
     assert isinstance(strategy, DetectingFedAvg) and strategy.name == name
-    assert strategy.min_available_nodes == config.num_clients and strategy.fraction_evaluate == 0.0
+    assert strategy.min_replies == config.min_replies and strategy.fraction_evaluate == 0.0
 
 
 def test_every_attack_has_the_interface_the_client_uses():

@@ -40,7 +40,7 @@ def setting():
 
 
 def make_defense(name: str, data):
-    config = RunConfig(defense=name, num_clients=VALID, num_attackers=1, krum_f=1)
+    config = RunConfig(defense=name, num_clients=VALID, num_attackers=1, krum_f=1, min_replies=1)
     return build_defense(config, server_assets(config, data.test))
 
 
