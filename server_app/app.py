@@ -2,17 +2,20 @@
 
 Per round the configured strategy (``server_app.defenses``) trains the clients and aggregates
 in ``aggregate_train``; after each round the harness evaluates the global model on the server's
-held-out test set, prints progress and appends the round (metrics and the defense's record) to
-``rounds.jsonl`` in the run's results folder.
+held-out test set, prints progress, appends the round (metrics and the defense's record) to
+``rounds.jsonl`` in the run's results folder and checkpoints the run, which ``resume-from``
+continues after a crash.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from logging import ERROR, INFO
+from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -62,13 +65,49 @@ def main(grid: Grid, context: Context) -> None:
         sys.exit(f"Invalid run config: {err}")
 
 
+RESUMABLE_CHANGES = ("resume-from", "num-server-rounds", "round-timeout", "node-wait-timeout",
+                     "results-dir")
+"""Run-config keys a resumed run may set differently from the run it resumes (more rounds,
+other timeouts); any other difference would make the resumed run a different experiment."""
+
+
+def resumed_run(config: RunConfig):
+    """The writer and checkpoint of the run ``resume-from`` names; ``ConfigError`` when the
+    folder has no checkpoint or was run with a different config."""
+    from server_app.results import ResultsWriter
+
+    path = Path(config.resume_from).expanduser().resolve()
+    try:
+        saved = json.loads((path / "config.json").read_text())
+        checkpoint = ResultsWriter(path).load_checkpoint()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"resume-from={config.resume_from!r}: {err}") from err
+    current = config.to_run_config()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        raise ConfigError(f"resume-from={config.resume_from!r} was run with other values of "
+                          f"{changed}: resume with the same run config")
+    if checkpoint["round"] > config.num_server_rounds:
+        raise ConfigError(f"num-server-rounds={config.num_server_rounds} but the run to resume "
+                          f"has finished {checkpoint['round']} rounds")
+    return ResultsWriter.reopen(path, checkpoint["round"]), checkpoint
+
+
 def run_experiment(grid: Grid, config: RunConfig) -> dict:
-    """The experiment harness; returns the summary it writes."""
+    """The experiment harness; returns the summary it writes.
+
+    The rounds follow Flower's ``Strategy.start`` (train, aggregate, evaluate the global model
+    on the server; client-side evaluation is off), from round 1, or, with ``resume-from``, from
+    the round after the named run's last checkpoint: its global model, the strategy's
+    cross-round state, the detection log and the random generators are restored, so that the
+    resumed run ends as the uninterrupted one would. A checkpoint is written after every round.
+    """
     import torch
 
     from server_app.defenses import build_defense, server_assets
     from server_app.eavesdrop import EavesdroppingGrid, serves_benign_uploads
-    from server_app.results import ResultsWriter, RoundLog, new_run_dir
+    from server_app.results import (ResultsWriter, RoundLog, new_run_dir, restore_rng_states,
+                                    rng_states)
     from task.data import load_federated_data
     from task.train import evaluate, pick_device
 
@@ -83,33 +122,51 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     global_model = model_fn()
     config.validate_for(test.num_classes, global_model)
     strategy = build_defense(config, assets)
+    checkpoint = None
+    if config.resume_from:
+        writer, checkpoint = resumed_run(config)
 
     connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout, simulated)
-    writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
-    writer.write_config(config.to_run_config())
+    if checkpoint is None:
+        writer = ResultsWriter(new_run_dir(config.results_dir, config.defense, config.attack))
+        writer.write_config(config.to_run_config())
+        round_log = RoundLog(writer, config.num_server_rounds)  # starts the rounds' clock
+        arrays, first_round = ArrayRecord(global_model.state_dict()), 1
+    else:
+        round_log = RoundLog(writer, config.num_server_rounds, **checkpoint["log"])
+        arrays = ArrayRecord({k: Array(v) for k, v in checkpoint["arrays"].items()})
+        strategy.restore_state(checkpoint["strategy"])
+        restore_rng_states(checkpoint["rng"])
+        first_round = checkpoint["round"] + 1
+        log(INFO, "Resuming %s after round %d", writer.path, checkpoint["round"])
     log(INFO, "Results folder: %s", writer.path)
     log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
-        config.num_server_rounds, config.defense)
-    round_log = RoundLog(writer, config.num_server_rounds)  # starts the rounds' clock
+        config.num_server_rounds - first_round + 1, config.defense)
     strategy.on_record = lambda record: round_log.add_record(record, grid.truth)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
         model = model_fn()
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         loss, accuracy = evaluate(model, test, device)
         round_log.add_evaluation(server_round, accuracy, loss)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(global_model.state_dict()),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord({"local-epochs": config.local_epochs}),
-        evaluate_fn=evaluate_global,
-    )
-    final_state = {k: v.numpy() for k, v in result.arrays.items()}
-    writer.save_model(final_state)
+    if first_round == 1:
+        evaluate_global(0, arrays)
+    train_config = ConfigRecord({"local-epochs": config.local_epochs})
+    for server_round in range(first_round, config.num_server_rounds + 1):
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, train_config, grid),
+            timeout=config.round_timeout)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        evaluate_global(server_round, arrays)
+        writer.save_checkpoint({
+            "round": server_round, "arrays": {k: v.numpy() for k, v in arrays.items()},
+            "strategy": strategy.checkpoint_state(), "log": round_log.checkpoint_state(),
+            "rng": rng_states()})
+
+    writer.save_model({k: v.numpy() for k, v in arrays.items()})
     final = writer.rounds[-1]
     summary = {
         "rounds": config.num_server_rounds,

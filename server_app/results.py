@@ -1,9 +1,17 @@
-"""The results folder of one run: config.json, rounds.jsonl, summary.json, the final model;
-and the per-round log that fills rounds.jsonl."""
+"""The results folder of one run: config.json, rounds.jsonl, summary.json, the final model,
+the checkpoint a run resumes from; and the per-round log that fills rounds.jsonl.
+
+Crash safety: each round's row is appended to rounds.jsonl and flushed to disk; every whole file
+(config, summary, model, checkpoint, heat-map PNG) is written under a temporary name and then
+atomically renamed, so a server killed at any point leaves each file either complete or as it
+was. The checkpoint is written after the round's row: a resumed run drops rows past it.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,12 +36,33 @@ def new_run_dir(base: str | Path, defense: str, attack: str) -> Path:
     return path
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
 class ResultsWriter:
     """Writes one run's results as it goes, so a crashed run keeps the rounds it finished."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rounds: list[dict[str, Any]] = []
+
+    @classmethod
+    def reopen(cls, path: Path, last_round: int) -> ResultsWriter:
+        """The writer of an earlier run's folder, its rows cut back to ``last_round`` (rows a
+        crash wrote after the last checkpoint are dropped: the resumed run writes them again)."""
+        writer = cls(path)
+        rows_file = path / "rounds.jsonl"
+        lines = rows_file.read_text(encoding="utf-8").splitlines() if rows_file.exists() else []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the crash
+                break
+            if row["round"] > last_round:
+                break
+            writer.rounds.append(row)
+        _replace(rows_file, "".join(json.dumps(r) + "\n" for r in writer.rounds).encode())
+        return writer
 
     def write_config(self, config: dict[str, Any]) -> None:
         _write_json(self.path / "config.json", config)
@@ -42,6 +71,8 @@ class ResultsWriter:
         self.rounds.append(row)
         with open(self.path / "rounds.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _write_json(self.path / "summary.json", summary)
@@ -50,8 +81,25 @@ class ResultsWriter:
         import torch
 
         target = self.path / "model.pt"
-        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, target)
+        _save_atomically(target, lambda f: torch.save(
+            {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, f))
         return target
+
+    def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The state a resumed run starts from (``server_app.app``'s checkpoint dict)."""
+        import torch
+
+        _save_atomically(self.path / CHECKPOINT, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The last checkpoint of this folder. It holds pickled strategy state: load only a
+        results folder this server wrote (``torch.load(weights_only=False)``)."""
+        import torch
+
+        target = self.path / CHECKPOINT
+        if not target.exists():
+            raise FileNotFoundError(f"{target} does not exist: the run finished no round")
+        return torch.load(target, weights_only=False)
 
     def save_heatmap_grid(self, server_round: int, heatmaps: np.ndarray, node_ids: list[int],
                           flagged: set[int]) -> Path:
@@ -82,7 +130,7 @@ class ResultsWriter:
         fig.suptitle(f"LayerCAM heat maps, round {server_round}")
         fig.tight_layout()
         target = self.path / f"heatmaps-round{server_round:03d}.png"
-        fig.savefig(target, dpi=100)
+        _save_atomically(target, lambda f: fig.savefig(f, dpi=100, format="png"))
         plt.close(fig)
         return target
 
@@ -94,11 +142,18 @@ class RoundLog:
     line on stdout. The heat maps a record carries are saved as a PNG, then dropped. The clock
     of the rounds' ``seconds`` and ``elapsed`` starts when the log is made."""
 
-    def __init__(self, writer: ResultsWriter, num_rounds: int) -> None:
+    def __init__(self, writer: ResultsWriter, num_rounds: int, elapsed: float = 0.0,
+                 decisions: list | None = None) -> None:
         self.writer, self.num_rounds = writer, num_rounds
         self._records: dict[int, tuple[RoundRecord, dict[int, bool]]] = {}
-        self.decisions: list[tuple[dict[int, bool], set[int], dict[int, float] | None]] = []
-        self.started = self._last = time.monotonic()
+        self.decisions: list[tuple[dict[int, bool], set[int], dict[int, float] | None]] = (
+            decisions or [])
+        self._last = time.monotonic()
+        self.started = self._last - elapsed  # a resumed run counts the time already spent
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a resumed log continues from (``RoundLog(..., **state)``)."""
+        return {"elapsed": time.monotonic() - self.started, "decisions": self.decisions}
 
     def add_record(self, record: RoundRecord, truth: Mapping[int, bool]) -> None:
         """The defense's record of a round and who really attacked in it."""
@@ -127,6 +182,8 @@ class RoundLog:
             counts = f", excluded {len(record.excluded)}"
             if record.rejected:  # malformed replies, or clients that failed (reasons: rounds.jsonl)
                 counts += f", rejected {len(record.rejected)}"
+            if record.missing:  # dropouts: nodes that sent no reply
+                counts += f", missing {len(record.missing)}"
         print(f"[round {server_round}/{self.num_rounds}] elapsed {now - self.started:6.1f} s, "
               f"accuracy {accuracy:.4f}, loss {loss:.4f}{counts}", flush=True)
         return row
@@ -136,5 +193,35 @@ class RoundLog:
         return pooled_detection_metrics(self.decisions) if self.decisions else None
 
 
+def rng_states() -> dict[str, Any]:
+    """The server's random generators (Python, NumPy, torch), for a checkpoint."""
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
+def _save_atomically(path: Path, write) -> None:
+    """``write(file)`` to a temporary name beside ``path``, synced, then renamed over it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    _save_atomically(path, lambda f: f.write(data))
+
+
 def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    _replace(path, (json.dumps(value, indent=2) + "\n").encode())

@@ -3,8 +3,10 @@
 The ServerApp's harness (``server_app.app.run_experiment``) and a strategy's Flower loop
 (``Strategy.start``) run unchanged on it: every message goes to ``client_app.app.app`` with the
 node's own ``Context`` (partition, role), as a SuperNode would hand it over, and a handler that
-raises becomes an error reply, as in Flower. What it leaves out is Flower's transport (the
-SuperLink, Ray, gRPC), which the end-to-end tests run for real.
+raises becomes an error reply, as in Flower. ``offline`` nodes are not connected, ``silent``
+ones are connected but never reply (as a node that died mid-round until the timeout); a test
+sets them between rounds. What it leaves out is Flower's transport (the SuperLink, Ray, gRPC),
+which the end-to-end tests run for real.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ class LocalGrid:
                                        else "benign"})
             for node in range(1, num_nodes + 1)}
         self.sent: list[str] = []
+        self.offline: set[int] = set()
+        self.silent: set[int] = set()
 
     def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
+        return [node for node in self.contexts if node not in self.offline]
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
@@ -47,6 +51,8 @@ class LocalGrid:
         replies = []
         for message in messages:
             self.sent.append(message.metadata.message_type)
+            if message.metadata.dst_node_id in self.silent | self.offline:
+                continue
             context = self.contexts[message.metadata.dst_node_id]
             try:
                 replies.append(client_app(message, context))

@@ -1,6 +1,7 @@
-"""Every defense through the ServerApp's harness and Flower's strategy loop (``Strategy.start``),
-with the real ClientApp answering in-process (``tests.local_grid``): one round of 7 clients, one
-of them flipping its update, written to a results folder as ``flwr run`` writes it."""
+"""Every defense through the ServerApp's harness and its round loop (the steps of Flower's
+``Strategy.start``), with the real ClientApp answering in-process (``tests.local_grid``): one
+round of 7 clients, one of them flipping its update, written to a results folder as
+``flwr run`` writes it."""
 
 import json
 from pathlib import Path
