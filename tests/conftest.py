@@ -1,32 +1,20 @@
 """Shared fixtures: a self-started Flower SuperLink (simulation runtime) for end-to-end tests.
 
-Each test session gets its own FLWR_HOME and a free port; the SuperLink and everything it
-spawned are stopped in teardown so no Flower process outlives the tests.
+Each test session gets its own FLWR_HOME and a free port (started again on another if the
+port was taken before the SuperLink bound it); the SuperLink and everything it spawned are
+stopped in teardown so no Flower process outlives the tests.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.sessions import start_session
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.local_federation import BIN, ROOT, flower_env, start_listening, stop
 
 
 class SimulationLink:
@@ -36,9 +24,7 @@ class SimulationLink:
         self.home, self.port = home, port
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "FLWR_HOME": str(self.home),
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return flower_env(self.home)
 
     def run(self, run_config: str, num_supernodes: int, timeout: float = 600) -> tuple[str, Path]:
         """Submit ``flwr run`` (streamed) and return its output and the run's results folder.
@@ -58,35 +44,18 @@ class SimulationLink:
 @pytest.fixture(scope="session")
 def simulation_link(tmp_path_factory):
     home = tmp_path_factory.mktemp("flwr-home")
-    port = _free_port()
+
+    def command(port: int) -> list[str]:
+        return [str(BIN / "flower-superlink"), "--insecure", "--simulation",
+                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                "--port", str(port), "--database", str(home / "state.db")]
+
+    proc, port = start_listening(command, home / "superlink.log", flower_env(home))
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    link = SimulationLink(home, port)
-    log = open(home / "superlink.log", "w")
-    proc = start_session(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation",
-         "--disable-runtime-dependency-installation", "--port", str(port),
-         "--fleet-api-address", f"127.0.0.1:{_free_port()}",
-         "--database", str(home / "state.db")],
-        env=link.env(), stdout=log, stderr=subprocess.STDOUT, cwd=home,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("SuperLink did not start:\n" + (home / "superlink.log").read_text())
-    yield link
-    os.killpg(proc.pid, signal.SIGTERM)  # the SuperLink and the apps it spawned
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    yield SimulationLink(home, port)
+    stop(proc)  # the SuperLink and the apps it spawned
 
 
 def read_rounds(results: Path) -> tuple[Path, list[dict]]:

@@ -1,7 +1,7 @@
 """Hosts for deployment tests: Linux network namespaces joined to a hub namespace by veth pairs.
 
 Each host gets its own namespace and a point-to-point link 10.<net>.<i>.0/24 to the hub (hub side
-.1, host side .2), so traffic between hosts and hub crosses real interfaces with real addresses
+.1, host side .2; <net> one that no address here uses yet, so two runs don't collide), so traffic between hosts and hub crosses real interfaces with real addresses
 and no bridging or forwarding (whatever the machine's firewall says about those). Needs root
 and iproute2.
 """
@@ -35,12 +35,35 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
+def _addresses() -> str:
+    """Every IPv4 address on this machine, in the root namespace and every named one."""
+    def listing(*prefix: str) -> str:
+        return subprocess.run(["ip", *prefix, "-o", "-4", "addr"], capture_output=True,
+                              text=True).stdout
+
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return listing() + "".join(listing("-n", line.split()[0]) for line in names.splitlines()
+                               if line.strip())
+
+
+def free_net() -> int:
+    """A second octet ``n`` such that no address in 10.n.0.0/16 is in use here (another test
+    run's lab included), starting from one derived from this process id."""
+    used = _addresses()
+    start = os.getpid() % 200
+    for offset in range(200):
+        net = 20 + (start + offset) % 200
+        if f" 10.{net}." not in used:
+            return net
+    raise RuntimeError("no free 10.n.0.0/16 for a test lab")
+
+
 class Lab:
     """A hub namespace and hosts linked to it; ``close`` removes all of it."""
 
-    def __init__(self, net: int = 231) -> None:
+    def __init__(self, net: int | None = None) -> None:
         self.tag = f"{os.getpid() % 100000}"
-        self.net = net
+        self.net = free_net() if net is None else net
         self.hub = f"flhub{self.tag}"
         self.namespaces = [self.hub]
         self.processes: list[subprocess.Popen] = []

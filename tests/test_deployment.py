@@ -1,8 +1,8 @@
 """A real federation across hosts: a SuperLink and SuperNodes in separate network namespaces,
 joined by veth links with real addresses, TLS and SuperNode authentication on, made with the
 project's own deploy scripts; the user's CLI runs 2 rounds of LayerCAM-AE from the root
-namespace. Then nodes that must be refused: an unregistered key, and a CA the SuperLink's
-certificate doesn't chain to."""
+namespace, one client host going down after round 1. Then nodes that must be refused: an
+unregistered key, and a CA the SuperLink's certificate doesn't chain to."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.local_federation import stop
 from tests.netns import Lab, netns_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,29 +93,46 @@ def _online(cli_env) -> list[dict]:
 
 
 def test_two_rounds_of_layercam_ae_across_hosts_with_tls_and_authenticated_nodes(federation):
+    """... and a client host that goes down after round 1: round 2 goes on without it."""
     lab, tmp_path, certs, keys, node_links, cli_env, link = federation
-    for i, (name, role) in enumerate(NODES):
-        _start_node(lab, tmp_path, name, certs / "ca.crt", keys / name, node_links[name],
-                    f"partition-id={i} num-partitions={len(NODES)} role='{role}'")
+    nodes = {name: _start_node(lab, tmp_path, name, certs / "ca.crt", keys / name, node_links[name],
+                               f"partition-id={i} num-partitions={len(NODES)} role='{role}'")
+             for i, (name, role) in enumerate(NODES)}
     _wait_for(lambda: len(_online(cli_env)) == len(NODES), 90, "three SuperNodes online")
     results = tmp_path / "results"
-    # This checks the deployment path (TLS, node auth, roles from the node config, results),
-    # not detection quality: with three clients the robust score cannot separate one attacker
-    # within two rounds (the MAD is the distance between two clients; a 4x sign-flip measured
-    # z = -2.2), so the attacker is one that training survives whether or not it is excluded.
-    # Detection is tested in test_layercam_ae_strategy and measured by the detection matrix.
-    run = _cli(cli_env, "run", str(ROOT), "lab", "--stream", "--run-config",
-               f"num-server-rounds=2 num-clients={len(NODES)} num-attackers=1 attack='sign-flip' "
-               f"sign-flip-scale=1.0 defense='layercam-ae' local-epochs=1 layercam-ae-epochs=50 "
-               f"results-dir='{results}'", timeout=900)
+    # This checks the deployment path (TLS, node auth, roles from the node config, results,
+    # dropouts), not detection quality: with three clients the robust score cannot separate
+    # one attacker within two rounds (the MAD is the distance between two clients; a 4x
+    # sign-flip measured z = -2.2), so the attacker is one that training survives whether or
+    # not it is excluded. Detection is tested in test_layercam_ae_strategy and measured by the
+    # detection matrix.
+    with open(tmp_path / "cli.log", "w") as output:
+        run = subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(ROOT), "lab", "--stream", "--run-config",
+             f"num-server-rounds=2 num-clients={len(NODES)} num-attackers=1 attack='sign-flip' "
+             f"sign-flip-scale=1.0 defense='layercam-ae' local-epochs=1 layercam-ae-epochs=50 "
+             f"min-replies=2 results-dir='{results}'"],
+            env=cli_env, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            _wait_for(lambda: any(results.glob("*/checkpoint.pt")), 600, "round 1")
+            stop(nodes["node1"])  # a benign client's host goes down
+            run.wait(timeout=600)
+        finally:
+            if run.poll() is None:
+                run.kill()
     summaries = list(results.glob("*/summary.json"))
-    assert summaries, (run.stdout[-3000:] + run.stderr[-2000:]
+    assert summaries, ((tmp_path / "cli.log").read_text()[-3000:]
                        + (tmp_path / "superlink.log").read_text()[-3000:])
     summary = json.loads(summaries[0].read_text())
     assert summary["rounds"] == 2 and summary["defense"] == "layercam-ae"
     assert summary["final_accuracy"] > 0.5
     detection = summary["detection"]  # ground truth came from the node config's role
-    assert detection["tp"] + detection["fn"] == 2 and detection["fp"] + detection["tn"] == 4
+    assert detection["tp"] + detection["fn"] == 2 and detection["fp"] + detection["tn"] == 3
+    rows = [json.loads(line) for line in (summaries[0].parent / "rounds.jsonl").read_text().splitlines()]
+    first, second = rows[1]["defense"], rows[2]["defense"]
+    assert len(first["received"]) == 3 and not first["missing"]
+    assert len(second["received"]) == 2 and second["aggregated"]
+    assert len(second["missing"]) == 1 and second["missing"][0] in first["received"]
 
 
 def test_unregistered_key_and_wrong_ca_are_refused(federation, tmp_path_factory):
