@@ -21,7 +21,15 @@ nodes=(node-0 node-1 node-2 node-3)  # as docker-compose.yml: 3 benign, then 1 a
 
 [ -f deploy/certs/ca.crt ] || deploy/make-certificates.sh deploy/certs
 [ -f deploy/keys/node-0 ] || deploy/make-supernode-keys.sh deploy/keys "${nodes[@]}"
-chmod a+r deploy/keys/*  # Flower's official images run as a non-root user
+mkdir -p deploy/secrets results
+for name in superlink "${nodes[@]}"; do  # one SuperExec secret per Flower process
+  [ -s "deploy/secrets/$name" ] || head -c 32 /dev/urandom > "deploy/secrets/$name"
+done
+# The containers run as Flower's non-root user 49999: it owns what they read that is secret,
+# readable by it alone (docker-compose.yml mounts each file into the one container that needs it).
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+as_root chown 49999:49999 deploy/certs/server.key deploy/keys/node-? deploy/secrets/* results
+as_root chmod 600 deploy/certs/server.key deploy/keys/node-? deploy/secrets/*
 
 docker build --network host -t "$PROJECT_IMAGE" \
   --build-arg "BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}" \
@@ -32,7 +40,7 @@ marker=$(mktemp)
 trap 'docker-compose logs --no-color > results/compose.log 2>&1 || true; docker-compose down --remove-orphans; rm -f "$marker"' EXIT
 docker-compose up -d
 
-docker run --rm --network host -v "$PWD/deploy/certs:/certs:ro" "$PROJECT_IMAGE" bash -c '
+docker run --rm --network host -v "$PWD/deploy/certs/ca.crt:/certs/ca.crt:ro" "$PROJECT_IMAGE" bash -c '
   export FLWR_HOME=/tmp/flwr
   /app/deploy/add-connection.sh demo 127.0.0.1:8000 /certs/ca.crt
   for _ in $(seq 60); do [ "$(flwr supernode list demo --format json 2>/dev/null | grep -c "\"online\"")" -ge 4 ] && break; sleep 3; done

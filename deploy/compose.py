@@ -7,8 +7,19 @@ authentication), the ServerApp's SuperExec (project image; results in ./results)
 ``register`` service that adds every SuperNode's public key to the SuperLink's allowed list,
 and per SuperNode the official SuperNode image plus the ClientApp's SuperExec (project image).
 Every service uses the host's network (DOCKER.md of this project's docs: containers reach each
-other on loopback); the SuperLink listens on 0.0.0.0:8000 so that SuperNodes on other machines
-can join. Images can be replaced with SUPERLINK_IMAGE, SUPERNODE_IMAGE and PROJECT_IMAGE.
+other on loopback) and runs as Flower's non-root user (49999).
+
+What each container gets is only what it needs: every one the CA certificate; the SuperLink its
+certificate and key; each SuperNode its own private key (never another's); the register service
+the public keys; each Flower process and its SuperExec a shared secret
+(``--superexec-auth-secret-file``), so that no other process can take over their runtime API.
+``deploy/compose-demo.sh`` makes the keys and secrets owned by 49999 with mode 0600.
+
+The SuperLink serves its Fleet, Control and runtime APIs on one port, bound to
+``${SUPERLINK_HOST:-127.0.0.1}``: loopback unless the operator names an address for SuperNodes
+on other machines (its certificate must name that address; then firewall the port, since
+whoever reaches the Control API can submit runs). The other services reach it there too.
+Images can be replaced with SUPERLINK_IMAGE, SUPERNODE_IMAGE and PROJECT_IMAGE.
 """
 
 from __future__ import annotations
@@ -20,15 +31,26 @@ import yaml
 FLOWER_VERSION = "1.41.0"
 SUPERLINK_PORT = 8000
 FIRST_NODE_PORT = 9094
+FLOWER_USER = "49999:49999"
+"""The non-root user of Flower's official images; the project image runs as the same."""
+CA = "./deploy/certs/ca.crt:/certs/ca.crt:ro"
 
 
 def _service(image: str, entrypoint: str, command: list[str], volumes: list[str],
              depends_on: dict[str, str] | None = None, **extra) -> dict:
     service = {"image": image, "entrypoint": [entrypoint], "command": command,
-               "network_mode": "host", "volumes": volumes, **extra}
+               "network_mode": "host", "user": FLOWER_USER,
+               "environment": {"HOME": "/tmp", "FLWR_HOME": "/tmp/flwr"},  # any image, any user
+               "volumes": volumes, **extra}
     if depends_on:
         service["depends_on"] = {name: {"condition": c} for name, c in depends_on.items()}
     return service
+
+
+def _secret(name: str) -> tuple[str, list[str]]:
+    """The volume and flag that give a Flower process and its SuperExec the secret ``name``."""
+    return (f"./deploy/secrets/{name}:/secrets/{name}:ro",
+            ["--superexec-auth-secret-file", f"/secrets/{name}"])
 
 
 def compose(benign: int, attackers: int) -> dict:
@@ -36,40 +58,46 @@ def compose(benign: int, attackers: int) -> dict:
     if benign < 1 or attackers < 0:
         raise ValueError("need at least one benign SuperNode and a non-negative number of attackers")
     project = "${PROJECT_IMAGE:-layercam-ae-fl:latest}"
-    certs = "./deploy/certs:/certs:ro"
-    link = f"127.0.0.1:{SUPERLINK_PORT}"
+    link = f"${{SUPERLINK_HOST:-127.0.0.1}}:{SUPERLINK_PORT}"  # the services reach it there too
     nodes = benign + attackers
+    link_secret, link_secret_flag = _secret("superlink")
     services = {
         "superlink": _service(
             f"${{SUPERLINK_IMAGE:-flwr/superlink:{FLOWER_VERSION}}}", "flower-superlink",
-            ["--isolation", "process", "--host", "0.0.0.0", "--port", str(SUPERLINK_PORT),
+            ["--isolation", "process", "--host", link.rsplit(":", 1)[0],
+             "--port", str(SUPERLINK_PORT),
              "--ssl-ca-certfile", "/certs/ca.crt", "--ssl-certfile", "/certs/server.pem",
              "--ssl-keyfile", "/certs/server.key", "--enable-supernode-auth",
-             "--disable-runtime-dependency-installation"],
-            [certs]),
+             "--disable-runtime-dependency-installation", *link_secret_flag],
+            [CA, "./deploy/certs/server.pem:/certs/server.pem:ro",
+             "./deploy/certs/server.key:/certs/server.key:ro", link_secret]),
         "serverapp": _service(
             project, "flower-superexec",
-            ["--runtime-api-address", link, "--root-certificates", "/certs/ca.crt"],
-            [certs, "./results:/work/results"], {"superlink": "service_started"},
+            ["--runtime-api-address", link, "--root-certificates", "/certs/ca.crt",
+             *link_secret_flag],
+            [CA, link_secret, "./results:/work/results"], {"superlink": "service_started"},
             working_dir="/work", restart="on-failure"),
         "register": _service(
             project, "/app/deploy/register-supernodes.sh",
             [link, "/certs/ca.crt", *(f"/keys/node-{i}.pub" for i in range(nodes))],
-            [certs, "./deploy/keys:/keys:ro"], {"superlink": "service_started"}),
+            [CA, *(f"./deploy/keys/node-{i}.pub:/keys/node-{i}.pub:ro" for i in range(nodes))],
+            {"superlink": "service_started"}),
     }
     for i in range(nodes):
         role = "attacker" if i >= benign else "benign"
         port = FIRST_NODE_PORT + i
+        secret, secret_flag = _secret(f"node-{i}")
         services[f"supernode-{i}"] = _service(
             f"${{SUPERNODE_IMAGE:-flwr/supernode:{FLOWER_VERSION}}}", "flower-supernode",
             ["--superlink", link, "--root-certificates", "/certs/ca.crt",
              "--auth-supernode-private-key", f"/keys/node-{i}", "--isolation", "process",
-             "--port", str(port),
+             "--port", str(port), *secret_flag,
              "--node-config", f"partition-id={i} num-partitions={nodes} role='{role}'"],
-            [certs, "./deploy/keys:/keys:ro"], {"register": "service_completed_successfully"})
+            [CA, f"./deploy/keys/node-{i}:/keys/node-{i}:ro", secret],
+            {"register": "service_completed_successfully"})
         services[f"clientapp-{i}"] = _service(
             project, "flower-superexec",
-            ["--runtime-api-address", f"127.0.0.1:{port}", "--insecure"], [],
+            ["--runtime-api-address", f"127.0.0.1:{port}", "--insecure", *secret_flag], [secret],
             {f"supernode-{i}": "service_started"}, restart="on-failure")
     return {"services": services}
 
