@@ -26,3 +26,38 @@ def test_generator_gives_every_node_its_partition_role_key_and_clientapp():
     assert register[2:] == [f"/keys/node-{i}.pub" for i in range(7)]
     link = services["superlink"]["command"]
     assert "--enable-supernode-auth" in link and "--insecure" not in link
+
+
+def test_each_container_gets_only_the_secrets_it_needs():
+    services = compose(benign=2, attackers=1)["services"]
+    for name, service in services.items():
+        assert service["user"] == "49999:49999", name  # Flower's non-root user
+        hosts = [v.split(":")[0] for v in service["volumes"]]
+        assert "./deploy/certs" not in hosts and "./deploy/keys" not in hosts, name  # no folders
+        assert not any(h.endswith("ca.key") for h in hosts), name  # the CA's key stays out
+    link = services["superlink"]
+    assert {v.split(":")[0] for v in link["volumes"]} == {
+        "./deploy/certs/ca.crt", "./deploy/certs/server.pem", "./deploy/certs/server.key",
+        "./deploy/secrets/superlink"}
+    for i in range(3):
+        node = {v.split(":")[0] for v in services[f"supernode-{i}"]["volumes"]}
+        assert node == {"./deploy/certs/ca.crt", f"./deploy/keys/node-{i}",
+                        f"./deploy/secrets/node-{i}"}
+        assert {v.split(":")[0] for v in services[f"clientapp-{i}"]["volumes"]} == {
+            f"./deploy/secrets/node-{i}"}
+    assert all(v.split(":")[0].endswith(".pub") or v.startswith("./deploy/certs/ca.crt")
+               for v in services["register"]["volumes"])
+
+
+def test_flower_processes_and_their_superexecs_share_a_secret_and_the_link_binds_loopback():
+    services = compose(benign=1, attackers=1)["services"]
+
+    def secret(service):
+        command = services[service]["command"]
+        return command[command.index("--superexec-auth-secret-file") + 1]
+
+    assert secret("superlink") == secret("serverapp") == "/secrets/superlink"
+    for i in range(2):
+        assert secret(f"supernode-{i}") == secret(f"clientapp-{i}") == f"/secrets/node-{i}"
+    command = services["superlink"]["command"]
+    assert command[command.index("--host") + 1] == "${SUPERLINK_HOST:-127.0.0.1}"
