@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
@@ -135,7 +135,11 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     else:
         round_log = RoundLog(writer, config.num_server_rounds, **checkpoint["log"])
         arrays = ArrayRecord({k: Array(v) for k, v in checkpoint["arrays"].items()})
-        strategy.restore_state(checkpoint["strategy"])
+        if checkpoint["strategy"]["participants"] & set(grid.get_node_ids()):
+            strategy.restore_state(checkpoint["strategy"])
+        else:  # a restarted simulation: Flower gave its nodes new random ids
+            log(WARNING, "None of the resumed run's node ids is connected: the defense's "
+                "per-client state starts afresh")
         restore_rng_states(checkpoint["rng"])
         first_round = checkpoint["round"] + 1
         log(INFO, "Resuming %s after round %d", writer.path, checkpoint["round"])

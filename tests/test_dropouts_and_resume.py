@@ -28,8 +28,11 @@ class ScheduledGrid(LocalGrid):
     """A ``LocalGrid`` that applies ``schedule[r](grid)`` once round ``r`` has been answered
     and raises ``ServerKilled`` when round ``kill_before`` is sent (the server dies there)."""
 
-    def __init__(self, config: RunConfig, schedule=None, kill_before: int | None = None) -> None:
-        super().__init__(config.to_run_config(), CLIENTS, config.num_attackers)
+    def __init__(self, config: RunConfig, schedule=None, kill_before: int | None = None,
+                 node_offset: int = 0) -> None:
+        super().__init__(config.to_run_config(), CLIENTS, config.num_attackers,
+                         num_partitions=4 * CLIENTS)  # small partitions: quick local training
+        self.contexts = {node + node_offset: context for node, context in self.contexts.items()}
         self.schedule, self.kill_before = schedule or {}, kill_before
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -47,11 +50,11 @@ class ServerKilled(BaseException):
     """The ServerApp's process ends here (nothing in the harness may catch it)."""
 
 
-def run(tmp_path: Path, schedule=None, kill_before=None, **keys) -> Path:
+def run(tmp_path: Path, schedule=None, kill_before=None, node_offset=0, **keys) -> Path:
     """One run into ``tmp_path``; its run folder."""
     config = RunConfig.from_run_config({**KEYS, "results-dir": str(tmp_path), **keys})
     try:
-        summary = run_experiment(ScheduledGrid(config, schedule, kill_before), config)
+        summary = run_experiment(ScheduledGrid(config, schedule, kill_before, node_offset), config)
         return Path(summary["results_dir"])
     except ServerKilled:
         (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -110,6 +113,16 @@ def test_a_run_killed_after_round_k_and_resumed_ends_as_the_uninterrupted_run(tm
     assert all(torch.equal(final[k], expected[k]) for k in final)
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["detection"] == json.loads((uninterrupted / "summary.json").read_text())["detection"]
+
+
+def test_a_resumed_run_whose_nodes_have_new_ids_starts_their_history_afresh(tmp_path):
+    """As a restarted simulation, whose nodes Flower numbers anew: the old ids are not missing."""
+    killed = run(tmp_path / "b", kill_before=2, **{"num-server-rounds": 2})
+    resumed = run(tmp_path / "c", node_offset=100, **{"num-server-rounds": 2,
+                                                       "resume-from": str(killed)})
+    second = rows_without_timings(resumed)[2]["defense"]
+    assert sorted(second["received"]) == [101, 102, 103, 104, 105] and second["missing"] == []
+    assert second["aggregated"]
 
 
 def test_resume_refuses_another_config_and_a_folder_without_a_checkpoint(tmp_path):
