@@ -9,13 +9,11 @@ continues after a crash.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from logging import ERROR, INFO, WARNING
-from pathlib import Path
+from logging import ERROR, INFO
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -65,49 +63,20 @@ def main(grid: Grid, context: Context) -> None:
         sys.exit(f"Invalid run config: {err}")
 
 
-RESUMABLE_CHANGES = ("resume-from", "num-server-rounds", "round-timeout", "node-wait-timeout",
-                     "results-dir")
-"""Run-config keys a resumed run may set differently from the run it resumes (more rounds,
-other timeouts); any other difference would make the resumed run a different experiment."""
-
-
-def resumed_run(config: RunConfig):
-    """The writer and checkpoint of the run ``resume-from`` names; ``ConfigError`` when the
-    folder has no checkpoint or was run with a different config."""
-    from server_app.results import ResultsWriter
-
-    path = Path(config.resume_from).expanduser().resolve()
-    try:
-        saved = json.loads((path / "config.json").read_text())
-        checkpoint = ResultsWriter(path).load_checkpoint()
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"resume-from={config.resume_from!r}: {err}") from err
-    current = config.to_run_config()
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
-    if changed:
-        raise ConfigError(f"resume-from={config.resume_from!r} was run with other values of "
-                          f"{changed}: resume with the same run config")
-    if checkpoint["round"] > config.num_server_rounds:
-        raise ConfigError(f"num-server-rounds={config.num_server_rounds} but the run to resume "
-                          f"has finished {checkpoint['round']} rounds")
-    return ResultsWriter.reopen(path, checkpoint["round"]), checkpoint
-
-
 def run_experiment(grid: Grid, config: RunConfig) -> dict:
     """The experiment harness; returns the summary it writes.
 
     The rounds follow Flower's ``Strategy.start`` (train, aggregate, evaluate the global model
     on the server; client-side evaluation is off), from round 1, or, with ``resume-from``, from
-    the round after the named run's last checkpoint: its global model, the strategy's
-    cross-round state, the detection log and the random generators are restored, so that the
-    resumed run ends as the uninterrupted one would. A checkpoint is written after every round.
+    the round after the named run's last checkpoint (``server_app.checkpoint``), written after
+    every round.
     """
     import torch
 
+    from server_app.checkpoint import open_resumed_run, restore, save_checkpoint
     from server_app.defenses import build_defense, server_assets
     from server_app.eavesdrop import EavesdroppingGrid, serves_benign_uploads
-    from server_app.results import (ResultsWriter, RoundLog, new_run_dir, restore_rng_states,
-                                    rng_states)
+    from server_app.results import ResultsWriter, RoundLog, new_run_dir
     from task.data import load_federated_data
     from task.train import evaluate, pick_device
 
@@ -124,7 +93,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     strategy = build_defense(config, assets)
     checkpoint = None
     if config.resume_from:
-        writer, checkpoint = resumed_run(config)
+        writer, checkpoint = open_resumed_run(config)
 
     connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout, simulated)
     if checkpoint is None:
@@ -134,13 +103,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
         arrays, first_round = ArrayRecord(global_model.state_dict()), 1
     else:
         round_log = RoundLog(writer, config.num_server_rounds, **checkpoint["log"])
-        arrays = ArrayRecord({k: Array(v) for k, v in checkpoint["arrays"].items()})
-        if checkpoint["strategy"]["participants"] & set(grid.get_node_ids()):
-            strategy.restore_state(checkpoint["strategy"])
-        else:  # a restarted simulation: Flower gave its nodes new random ids
-            log(WARNING, "None of the resumed run's node ids is connected: the defense's "
-                "per-client state starts afresh")
-        restore_rng_states(checkpoint["rng"])
+        arrays = restore(checkpoint, strategy, set(grid.get_node_ids()))
         first_round = checkpoint["round"] + 1
         log(INFO, "Resuming %s after round %d", writer.path, checkpoint["round"])
     log(INFO, "Results folder: %s", writer.path)
@@ -165,10 +128,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
         if new_arrays is not None:
             arrays = new_arrays
         evaluate_global(server_round, arrays)
-        writer.save_checkpoint({
-            "round": server_round, "arrays": {k: v.numpy() for k, v in arrays.items()},
-            "strategy": strategy.checkpoint_state(), "log": round_log.checkpoint_state(),
-            "rng": rng_states()})
+        save_checkpoint(writer, server_round, arrays, strategy, round_log)
 
     writer.save_model({k: v.numpy() for k, v in arrays.items()})
     final = writer.rounds[-1]

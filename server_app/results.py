@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -191,22 +190,6 @@ class RoundLog:
     def pooled_detection(self) -> dict[str, Any] | None:
         """Detection metrics pooled over the rounds (``None`` without ground truth)."""
         return pooled_detection_metrics(self.decisions) if self.decisions else None
-
-
-def rng_states() -> dict[str, Any]:
-    """The server's random generators (Python, NumPy, torch), for a checkpoint."""
-    import torch
-
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    import torch
-
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
 
 
 def _save_atomically(path: Path, write) -> None:
