@@ -64,3 +64,12 @@ def read_rounds(results: Path) -> tuple[Path, list[dict]]:
     assert len(runs) == 1, f"expected one run folder in {results}, found {runs}"
     rows = [json.loads(line) for line in (runs[0] / "rounds.jsonl").read_text().splitlines()]
     return runs[0], rows
+
+
+def rows_without_timings(folder: Path) -> list[dict]:
+    """A run folder's rounds.jsonl rows without what differs from run to run (the timings)."""
+    rows = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+    for row in rows:
+        del row["seconds"], row["elapsed"]
+        row.get("defense", {}).pop("timings", None)
+    return rows

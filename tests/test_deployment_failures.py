@@ -7,7 +7,6 @@ goes down is in ``test_deployment.py``."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import rows_without_timings
 from tests.local_federation import LocalFederation
 
 pytestmark = pytest.mark.e2e
@@ -44,14 +44,6 @@ def run_folder(results: Path) -> Path | None:
 def finished(results: Path) -> bool:
     folder = run_folder(results)
     return folder is not None and (folder / "summary.json").exists()
-
-
-def rows(folder: Path) -> list[dict]:
-    out = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
-    for row in out:
-        del row["seconds"], row["elapsed"]
-        row.get("defense", {}).pop("timings", None)
-    return out
 
 
 @pytest.fixture
@@ -85,12 +77,12 @@ def test_a_killed_serverapp_resumes_to_the_full_run(federation, tmp_path):
     os.kill(serverapp, signal.SIGKILL)
     folder = run_folder(killed)
     assert not (folder / "summary.json").exists() and not (folder / "model.pt").exists()
-    assert rows(folder) == rows(run_folder(full))[:2]  # rounds 0 and 1: the same files
+    assert rows_without_timings(folder) == rows_without_timings(run_folder(full))[:2]  # rounds 0 and 1: the same files
     submit(federation, tmp_path / "unused", f"resume-from='{folder}'")
     wait_for(lambda: (folder / "summary.json").exists(), 300, "the resumed run", federation)
 
     expected = run_folder(full)
-    assert rows(folder) == rows(expected)
+    assert rows_without_timings(folder) == rows_without_timings(expected)
     final, wanted = torch.load(folder / "model.pt"), torch.load(expected / "model.pt")
     assert final.keys() == wanted.keys() and all(torch.equal(final[k], wanted[k]) for k in final)
     assert not (tmp_path / "unused").exists()  # the resumed run wrote into its own folder

@@ -15,6 +15,7 @@ import torch
 
 from server_app.app import run_experiment
 from task.config import ConfigError, RunConfig
+from tests.conftest import rows_without_timings
 from tests.local_grid import LocalGrid
 
 pytestmark = pytest.mark.e2e
@@ -59,14 +60,6 @@ def run(tmp_path: Path, schedule=None, kill_before=None, node_offset=0, **keys) 
     except ServerKilled:
         (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
         return folder
-
-
-def rows_without_timings(folder: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
-    for row in rows:
-        del row["seconds"], row["elapsed"]
-        row.get("defense", {}).pop("timings", None)
-    return rows
 
 
 def test_a_round_goes_on_without_a_silent_or_offline_node_and_uses_it_again_when_back(tmp_path):
