@@ -1,0 +1,370 @@
+"""``layercam-report``: tables and plots from results folders (a sweep's, or any runs').
+
+    layercam-report sweeps/cpu-small --out docs/example-report
+
+Every number is recomputed from the runs' ``rounds.jsonl`` (not read from ``summary.json``):
+detection metrics pool each run's (client, round) decisions against the ground truth the
+harness wrote in each row (``attackers``), exactly as the harness does
+(``server_app.metrics.pooled_detection_metrics``). Runs that differ only in ``seed`` form one
+row of the table, as mean ± sample std over seeds (the paper's Tables 2–5 and 7: Recall,
+Precision, FPR, Accuracy, F1, plus AUC, the final test accuracy and the detection time per
+round: the defense's steps, screening and aggregation aside). Writes ``report.md`` (tables, plots, and the command and grid that made them),
+``table.csv`` and the PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server_app.metrics import pooled_detection_metrics
+
+IGNORED_KEYS = {"seed", "results-dir", "resume-from", "round-timeout", "node-wait-timeout"}
+"""Config keys that don't make runs different settings."""
+METRICS = ("recall", "precision", "fpr", "accuracy", "f1", "auc", "final_accuracy",
+           "detection_seconds")
+HEADERS = {"recall": "Recall", "precision": "Precision", "fpr": "FPR", "accuracy": "Accuracy",
+           "f1": "F1", "auc": "AUC", "final_accuracy": "Test acc.",
+           "detection_seconds": "Detect ms/round"}
+NOT_DETECTION = {"screening", "aggregation"}
+"""Timings of a round that every defense pays alike (not part of its detection time)."""
+
+
+@dataclass
+class Run:
+    """One finished run folder, read."""
+
+    path: Path
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    metrics: dict[str, float | None] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> Run:
+        config = json.loads((path / "config.json").read_text())
+        rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
+        run = cls(path, config, rows)
+        run.metrics = run_metrics(rows)
+        return run
+
+
+def decisions(rows: list[dict[str, Any]]) -> list[tuple[dict[int, bool], set[int], dict | None]]:
+    """Each round's (truth, removed, scores), as the harness pooled them."""
+    out = []
+    for row in rows:
+        record = row.get("defense")
+        if record is None or "attackers" not in row:
+            continue
+        attackers = set(row["attackers"])
+        truth = {node: node in attackers for node in record["received"]}
+        removed = set(record["excluded"]) | {int(n) for n in record["rejected"]}
+        scores = ({int(n): s for n, s in record["scores"].items()}
+                  if record.get("scores") is not None else None)
+        out.append((truth, removed, scores))
+    return out
+
+
+def run_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """A run's pooled detection metrics, final test accuracy and detection seconds per round."""
+    pooled = decisions(rows)
+    detection = pooled_detection_metrics(pooled) if pooled else {}
+    seconds = [sum(v for k, v in row["defense"]["timings"].items() if k not in NOT_DETECTION)
+               for row in rows if "defense" in row]
+    return {**{k: detection.get(k) for k in ("recall", "precision", "fpr", "accuracy", "f1", "auc")},
+            "final_accuracy": rows[-1]["accuracy"],
+            "detection_seconds": statistics.fmean(seconds) if seconds else None}
+
+
+def find_runs(folders: list[Path]) -> list[Run]:
+    """Every finished run (a folder with summary.json, config.json, rounds.jsonl) below."""
+    paths = sorted({p.parent for folder in folders for p in folder.rglob("summary.json")
+                    if (p.parent / "rounds.jsonl").exists()})
+    return [Run.read(p) for p in paths]
+
+
+def settings(runs: list[Run]) -> tuple[list[str], dict[tuple, list[Run]]]:
+    """The config keys that vary between the runs (defense and attack first), and the runs
+    grouped by their values of those keys (seeds together)."""
+    keys = sorted({k for run in runs for k in run.config} - IGNORED_KEYS)
+    varying = [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+    varying = ([k for k in ("defense", "attack") if k in varying]
+               + [k for k in varying if k not in ("defense", "attack")])
+    if "defense" not in varying:
+        varying.insert(0, "defense")
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[tuple(run.config.get(k) for k in varying)].append(run)
+    return varying, dict(groups)
+
+
+def summarise(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std of the values present (std 0 for one value)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else 0.0
+
+
+def table(varying: list[str], groups: dict[tuple, list[Run]]) -> list[dict[str, Any]]:
+    """One row per setting: its values, the number of seeds, mean and std per metric."""
+    rows = []
+    for key, runs in groups.items():
+        row: dict[str, Any] = dict(zip(varying, key))
+        row["seeds"] = len(runs)
+        for metric in METRICS:
+            row[metric], row[f"{metric}_std"] = summarise([r.metrics[metric] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(varying: list[str], rows: list[dict[str, Any]]) -> str:
+    def cell(row, metric):
+        mean, std = row[metric], row[f"{metric}_std"]
+        if mean is None:
+            return "–"
+        if metric == "detection_seconds":  # shown in milliseconds
+            mean, std, digits = 1000 * mean, 1000 * std, 1
+        else:
+            digits = 3
+        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row["seeds"] > 1 else "")
+
+    head = [*varying, "seeds", *(HEADERS[m] for m in METRICS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lines.append("| " + " | ".join([*(str(row[k]) for k in varying), str(row["seeds"]),
+                                        *(cell(row, m) for m in METRICS)]) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, varying: list[str], rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    columns = [*varying, "seeds", *(c for m in METRICS for c in (m, f"{m}_std"))]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: row.get(c) for c in columns} for row in rows)
+
+
+def _label(varying: list[str], key: tuple, skip: tuple[str, ...]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in zip(varying, key) if k not in skip) or "all runs"
+
+
+def _panels(varying, groups):
+    """Runs by panel (the setting without the defense), then by defense."""
+    panels: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for key, runs in groups.items():
+        defense = dict(zip(varying, key))["defense"]
+        panels[_label(varying, key, ("defense",))][defense].extend(runs)
+    return panels
+
+
+def _figure(count: int, plt):
+    cols = min(3, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def plot_accuracy(panels, out: Path, plt) -> Path:
+    fig, axes = _figure(len(panels), plt)
+    for ax, (title, by_defense) in zip(axes, panels.items()):
+        for defense, runs in sorted(by_defense.items()):
+            rounds = [r["round"] for r in runs[0].rows]
+            mean = [statistics.fmean(run.rows[i]["accuracy"] for run in runs)
+                    for i in range(len(rounds))]
+            ax.plot(rounds, mean, marker="o", markersize=3, label=defense)
+        ax.set(title=title, xlabel="round", ylabel="test accuracy (mean over seeds)")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out / "accuracy.png", plt)
+
+
+def plot_roc(panels, out: Path, plt) -> Path:
+    from sklearn.metrics import roc_curve
+
+    fig, axes = _figure(len(panels), plt)
+    for ax, (title, by_defense) in zip(axes, panels.items()):
+        for defense, runs in sorted(by_defense.items()):
+            y, s = [], []
+            for run in runs:
+                for truth, _, scores in decisions(run.rows):
+                    if scores is None:
+                        break
+                    y += [int(truth[n]) for n in sorted(truth)]
+                    s += [scores[n] for n in sorted(truth)]
+            if 0 < sum(y) < len(y):
+                fpr, tpr, _ = roc_curve(y, s)
+                ax.plot(fpr, tpr, label=f"{defense} (AUC {run_auc(y, s):.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set(title=title, xlabel="false positive rate", ylabel="true positive rate")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, out / "roc.png", plt)
+
+
+def run_auc(y, s) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
+
+
+def plot_detection_seconds(panels, out: Path, plt) -> Path:
+    fig, axes = _figure(len(panels), plt)
+    for ax, (title, by_defense) in zip(axes, panels.items()):
+        for defense, runs in sorted(by_defense.items()):
+            rows = [row for row in runs[0].rows if "defense" in row]
+            ax.plot([row["round"] for row in rows],
+                    [1000 * statistics.fmean(
+                        sum(v for k, v in run.rows[row["round"]]["defense"]["timings"].items()
+                            if k not in NOT_DETECTION) for run in runs)
+                     for row in rows], marker="o", markersize=3, label=defense)
+        ax.set(title=title, xlabel="round", ylabel="detection ms per round (mean over seeds)")
+        ax.set_yscale("log")  # the rules differ by orders of magnitude
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out / "detection-seconds.png", plt)
+
+
+def plot_scores(panels, out: Path, plt) -> Path | None:
+    """Per-client scores per round of one run (the first seed) per defense that scores, the
+    attackers in red, with the rule's cut where its record names one (``threshold``)."""
+    title, by_defense = next(iter(panels.items()))
+    scoring = {d: runs[0] for d, runs in sorted(by_defense.items())
+               if all(row["defense"].get("scores") for row in runs[0].rows if "defense" in row)}
+    if not scoring:
+        return None
+    fig, axes = _figure(len(scoring), plt)
+    for ax, (defense, run) in zip(axes, scoring.items()):
+        cut = None
+        for row in (r for r in run.rows if "defense" in r):
+            attackers = set(row.get("attackers", []))
+            for node, score in row["defense"]["scores"].items():
+                bad = int(node) in attackers
+                ax.scatter(row["round"] + (0.12 if bad else -0.12), score, s=10,
+                           color="red" if bad else "tab:blue", alpha=0.7)
+            threshold = row["defense"]["details"].get("threshold")
+            cut = threshold if isinstance(threshold, (int, float)) else cut
+        if cut is not None:
+            two_sided = any(s < 0 for r in run.rows if "defense" in r
+                            for s in r["defense"]["scores"].values())
+            ax.axhline(cut, color="black", linestyle="--", linewidth=1,
+                       label=f"cut {'±' if two_sided else ''}{cut:g}")
+            if two_sided:
+                ax.axhline(-cut, color="black", linestyle="--", linewidth=1)
+        ax.scatter([], [], color="red", s=10, label="attacker")
+        ax.scatter([], [], color="tab:blue", s=10, label="benign")
+        ax.set(title=f"{defense}\n{title}", xlabel="round", ylabel="score (higher = more suspicious)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8)
+    return _save(fig, out / "scores.png", plt)
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap_example(runs: list[Run], out: Path) -> Path | None:
+    """A copy of one round's heat-map grid (attackers titled, excluded framed) if a run saved it."""
+    for run in runs:
+        pngs = sorted(run.path.glob("heatmaps-round*.png"))
+        if pngs:
+            target = out / "heatmaps.png"
+            shutil.copyfile(pngs[len(pngs) // 2], target)
+            return target
+    return None
+
+
+RUN_FILES = ("config.json", "rounds.jsonl", "summary.json")
+"""What ``--copy-runs`` keeps of each run: enough to make the report again."""
+
+
+def copy_runs(runs: list[Run], folders: list[Path], target: Path) -> None:
+    """The runs' ``RUN_FILES`` (and a sweep's grid.toml) under ``target``, paths kept."""
+    for run in runs:
+        base = next(f for f in folders if run.path.is_relative_to(f.resolve()))
+        destination = target / run.path.relative_to(base.resolve())
+        destination.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            shutil.copyfile(run.path / name, destination / name)
+    for folder in folders:
+        if (folder / "grid.toml").exists():
+            shutil.copyfile(folder / "grid.toml", target / "grid.toml")
+
+
+def report(folders: list[Path], out: Path, command: str, keep_runs: bool = False) -> Path:
+    """Write the report of the runs below ``folders`` into ``out`` (with ``keep_runs``, also
+    the runs' files under ``out/runs``, from which the same command remakes it); the path of
+    report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folders = [f.resolve() for f in folders]
+    runs = find_runs(folders)
+    if not runs:
+        raise FileNotFoundError(f"no finished run (summary.json) below {[str(f) for f in folders]}")
+    out.mkdir(parents=True, exist_ok=True)
+    if keep_runs and folders != [(out / "runs").resolve()]:
+        copy_runs(runs, folders, out / "runs")
+    varying, groups = settings(runs)
+    rows = table(varying, groups)
+    write_csv(out / "table.csv", varying, rows)
+    panels = _panels(varying, groups)
+    figures = [("Test accuracy per round", plot_accuracy(panels, out, plt)),
+               ("ROC of each defense's scores, pooled over rounds and seeds", plot_roc(panels, out, plt)),
+               ("Detection seconds per round", plot_detection_seconds(panels, out, plt)),
+               ("Per-client scores per round (one seed)", plot_scores(panels, out, plt)),
+               ("Heat maps of one round", heatmap_example(runs, out))]
+    text = ["# Detection report", "",
+            f"{len(runs)} runs, {len(groups)} settings. Made by:", "", "```bash", command, "```", ""]
+    grids = sorted({f / "grid.toml" for f in folders if (f / "grid.toml").exists()})
+    for grid in grids:
+        text += ["Grid:", "", "```toml", grid.read_text().strip(), "```", ""]
+    text += ["Mean ± sample std over seeds. Detection metrics pool every (client, round) "
+             "decision of a run: a client counts as detected in a round when its upload was "
+             "excluded or rejected; AUC ranks the defense's scores.", "",
+             markdown_table(varying, rows), "", "(Also as `table.csv`.)", ""]
+    for caption, path in figures:
+        if path is not None:
+            text += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
+    target = out / "report.md"
+    target.write_text("\n".join(text))
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="layercam-report", description=__doc__.splitlines()[0])
+    parser.add_argument("folders", type=Path, nargs="+", help="sweep or results folders")
+    parser.add_argument("--out", type=Path, required=True, help="where the report goes")
+    parser.add_argument("--copy-runs", action="store_true",
+                        help="also copy each run's config, rounds and summary to <out>/runs, so "
+                             "that 'layercam-report <out>/runs --out <out>' remakes the report")
+    args = parser.parse_args(argv)
+    command = "layercam-report " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        target = report(args.folders, args.out, command, args.copy_runs)
+    except FileNotFoundError as err:
+        print(f"layercam-report: {err}", file=sys.stderr)
+        return 2
+    print(f"Report: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
