@@ -101,8 +101,9 @@ class ResultsWriter:
         return torch.load(target, weights_only=False)
 
     def save_heatmap_grid(self, server_round: int, heatmaps: np.ndarray, node_ids: list[int],
-                          flagged: set[int]) -> Path:
-        """A PNG grid of one round's heat maps (first probe), flagged clients framed in red."""
+                          flagged: set[int], attackers: set[int] = frozenset()) -> Path:
+        """A PNG grid of one round's heat maps (first probe), flagged clients framed in red;
+        the ground truth's attackers are titled "attacker", the others "benign"."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -117,8 +118,9 @@ class ResultsWriter:
             ax.imshow(heatmap, cmap="jet", vmin=0.0, vmax=1.0)
             bad = node_id in flagged
             # Flower node ids are up to 64-bit; the last digits tell the panels apart
-            ax.set_title(f"…{node_id % 100000}{' flagged' if bad else ''}", fontsize=7,
-                         color="red" if bad else "black")
+            role = "attacker" if node_id in attackers else "benign" if attackers else ""
+            ax.set_title(f"…{node_id % 100000} {role}{' flagged' if bad else ''}".strip(),
+                         fontsize=7, color="red" if bad else "black")
             if bad:
                 ax.axis("on")
                 ax.set_xticks([])
@@ -126,7 +128,7 @@ class ResultsWriter:
                 for spine in ax.spines.values():
                     spine.set_color("red")
                     spine.set_linewidth(2)
-        fig.suptitle(f"LayerCAM heat maps, round {server_round}")
+        fig.suptitle(f"LayerCAM heat maps, round {server_round} (red frame: excluded)")
         fig.tight_layout()
         target = self.path / f"heatmaps-round{server_round:03d}.png"
         _save_atomically(target, lambda f: fig.savefig(f, dpi=100, format="png"))
@@ -166,13 +168,15 @@ class RoundLog:
         record, truth = self._records.pop(server_round, (None, {}))
         if record is not None:
             row["defense"] = record.to_json()
+            attackers = {node for node, attacked in truth.items() if attacked}
             if truth:
                 removed = set(record.excluded) | set(record.rejected)
                 row["detection"] = detection_metrics(truth, removed, record.scores)
+                row["attackers"] = sorted(attackers)  # the ground truth behind the metrics
                 self.decisions.append((truth, removed, record.scores))
             if record.heatmaps is not None:
-                self.writer.save_heatmap_grid(server_round, record.heatmaps,
-                                              record.received, set(record.excluded))
+                self.writer.save_heatmap_grid(server_round, record.heatmaps, record.received,
+                                              set(record.excluded), attackers)
                 record.heatmaps = None
         self.writer.append_round(row)
         self._last = now

@@ -158,7 +158,10 @@ class DetectingFedAvg(FedAvg):
         self.participants |= replied
         needed = max(self.min_replies, self.min_uploads)
         if len(uploads) >= needed:
+            start = time.perf_counter()
             detection = self.detect(server_round, uploads)
+            if not detection.timings:  # a rule that doesn't time its steps: its whole decision
+                detection.timings = {"detection": time.perf_counter() - start}
         else:
             detection = Detection(kept=[], details={
                 "skipped": f"{len(uploads)} valid upload(s), fewer than the {needed} needed"})
