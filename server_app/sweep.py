@@ -57,9 +57,10 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """A folder name: ``defense=fedavg,attack=gae,seed=42`` made safe for a path."""
-        text = ",".join(f"{key}={value}" for key, value in self.values)
-        return re.sub(r"[^A-Za-z0-9=,.+-]", "_", text)
+        """A folder name: ``defense=fedavg__attack=gae__seed=42``, safe for a path and for
+        Flower's app bundle (whose manifest is comma-separated: no commas)."""
+        return "__".join(re.sub(r"[^A-Za-z0-9=.+-]", "_", f"{key}={value}")
+                         for key, value in self.values)
 
 
 @dataclass(frozen=True)
