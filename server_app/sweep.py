@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,16 +157,17 @@ class Sweep:
                 self.command(cell, attempt), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, cwd=self.project, start_new_session=True)
             self.run_id = None
-            deadline = started + self.timeout
-            for line in process.stdout:  # noqa: SIM115 -- streamed as the run goes
-                output.write(line)
-                match = re.search(r"started run (\d+)", line)
-                if self.run_id is None and match:
-                    self.run_id = match.group(1)
-                if time.monotonic() > deadline:
-                    self.stop_run()
-                    break
-            process.wait()
+            watchdog = threading.Timer(self.timeout, self.stop_run)  # also for a silent run
+            watchdog.start()
+            try:
+                for line in process.stdout:  # streamed as the run goes
+                    output.write(line)
+                    match = re.search(r"started run (\d+)", line)
+                    if self.run_id is None and match:
+                        self.run_id = match.group(1)
+                process.wait()
+            finally:
+                watchdog.cancel()
         self.run_id = None
         run = finished_run(folder)
         record = {"cell": cell.name, "values": dict(cell.values),
@@ -181,7 +183,10 @@ class Sweep:
             command = ["flwr", "stop", self.run_id] + ([self.federation] if self.federation else [])
             subprocess.run(command, capture_output=True, cwd=self.project, timeout=60)
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            try:  # its session: the CLI and anything it started
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Every cell's state: ``done`` (with its run folder), ``failed`` (with the error of its
