@@ -44,14 +44,15 @@ class Run:
     path: Path
     config: dict[str, Any]
     rows: list[dict[str, Any]]
+    decisions: list[tuple[dict[int, bool], set[int], dict | None]] = field(default_factory=list)
     metrics: dict[str, float | None] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> Run:
         config = json.loads((path / "config.json").read_text())
         rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
-        run = cls(path, config, rows)
-        run.metrics = run_metrics(rows)
+        run = cls(path, config, rows, decisions(rows))
+        run.metrics = run_metrics(rows, run.decisions)
         return run
 
 
@@ -71,12 +72,16 @@ def decisions(rows: list[dict[str, Any]]) -> list[tuple[dict[int, bool], set[int
     return out
 
 
-def run_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """A run's pooled detection metrics, final test accuracy and detection seconds per round."""
-    pooled = decisions(rows)
+def detection_seconds(row: dict[str, Any]) -> float:
+    """The seconds a round's defense spent deciding (its steps, screening and aggregation aside)."""
+    return sum(v for k, v in row["defense"]["timings"].items() if k not in NOT_DETECTION)
+
+
+def run_metrics(rows: list[dict[str, Any]], pooled: list) -> dict[str, float | None]:
+    """A run's pooled detection metrics (over ``decisions(rows)``), final test accuracy and
+    detection seconds per round."""
     detection = pooled_detection_metrics(pooled) if pooled else {}
-    seconds = [sum(v for k, v in row["defense"]["timings"].items() if k not in NOT_DETECTION)
-               for row in rows if "defense" in row]
+    seconds = [detection_seconds(row) for row in rows if "defense" in row]
     return {**{k: detection.get(k) for k in ("recall", "precision", "fpr", "accuracy", "f1", "auc")},
             "final_accuracy": rows[-1]["accuracy"],
             "detection_seconds": statistics.fmean(seconds) if seconds else None}
@@ -191,32 +196,26 @@ def plot_accuracy(panels, out: Path, plt) -> Path:
 
 
 def plot_roc(panels, out: Path, plt) -> Path:
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, axes = _figure(len(panels), plt)
     for ax, (title, by_defense) in zip(axes, panels.items()):
         for defense, runs in sorted(by_defense.items()):
             y, s = [], []
-            for run in runs:
-                for truth, _, scores in decisions(run.rows):
-                    if scores is None:
-                        break
+            for run in runs:  # a run's scores count only when every round has them (as its AUC)
+                if any(scores is None for _, _, scores in run.decisions):
+                    continue
+                for truth, _, scores in run.decisions:
                     y += [int(truth[n]) for n in sorted(truth)]
                     s += [scores[n] for n in sorted(truth)]
             if 0 < sum(y) < len(y):
                 fpr, tpr, _ = roc_curve(y, s)
-                ax.plot(fpr, tpr, label=f"{defense} (AUC {run_auc(y, s):.3f})")
+                ax.plot(fpr, tpr, label=f"{defense} (AUC {roc_auc_score(y, s):.3f})")
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         ax.set(title=title, xlabel="false positive rate", ylabel="true positive rate")
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8, loc="lower right")
     return _save(fig, out / "roc.png", plt)
-
-
-def run_auc(y, s) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, s))
 
 
 def plot_detection_seconds(panels, out: Path, plt) -> Path:
@@ -225,9 +224,7 @@ def plot_detection_seconds(panels, out: Path, plt) -> Path:
         for defense, runs in sorted(by_defense.items()):
             rows = [row for row in runs[0].rows if "defense" in row]
             ax.plot([row["round"] for row in rows],
-                    [1000 * statistics.fmean(
-                        sum(v for k, v in run.rows[row["round"]]["defense"]["timings"].items()
-                            if k not in NOT_DETECTION) for run in runs)
+                    [1000 * statistics.fmean(detection_seconds(run.rows[row["round"]]) for run in runs)
                      for row in rows], marker="o", markersize=3, label=defense)
         ax.set(title=title, xlabel="round", ylabel="detection ms per round (mean over seeds)")
         ax.set_yscale("log")  # the rules differ by orders of magnitude
@@ -295,9 +292,9 @@ RUN_FILES = ("config.json", "rounds.jsonl", "summary.json")
 
 def copy_runs(runs: list[Run], folders: list[Path], target: Path) -> None:
     """The runs' ``RUN_FILES`` (and a sweep's grid.toml) under ``target``, paths kept."""
-    for run in runs:
-        base = next(f for f in folders if run.path.is_relative_to(f.resolve()))
-        destination = target / run.path.relative_to(base.resolve())
+    for run in runs:  # folders are resolved, as find_runs's paths
+        base = next(f for f in folders if run.path.is_relative_to(f))
+        destination = target / run.path.relative_to(base)
         destination.mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:
             shutil.copyfile(run.path / name, destination / name)

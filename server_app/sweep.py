@@ -208,27 +208,30 @@ class Sweep:
                 out[cell.name] = {"status": "pending"}
         return out
 
-    def write_status(self) -> None:
+    def write_status(self, state: dict[str, dict[str, Any]]) -> None:
         target = self.sweep_dir / "status.json"
         temporary = target.with_name(".status.json.tmp")
-        temporary.write_text(json.dumps(self.status(), indent=2) + "\n")
+        temporary.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(temporary, target)
 
     def run(self) -> list[dict[str, Any]]:
         """Every cell not done yet; the progress on stdout; the records. ``status.json`` says
-        where every cell stands after each one."""
+        where every cell stands after each one (read from the folders once, then updated)."""
         cells = self.grid.cells()
         todo = [c for c in cells if finished_run(self.sweep_dir / "cells" / c.name) is None]
         print(f"{len(cells)} cells, {len(cells) - len(todo)} already done; results in "
               f"{self.sweep_dir}", flush=True)
-        self.write_status()
+        state = self.status()
+        self.write_status(state)
         started, records = time.monotonic(), []
         for i, cell in enumerate(todo, 1):
             record = self.run_cell(cell)
             records.append(record)
             with open(self.sweep_dir / "cells.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.write_status()
+            state[cell.name] = {"status": record["status"],
+                                **{k: record[k] for k in ("run", "error") if k in record}}
+            self.write_status(state)
             elapsed = time.monotonic() - started
             remaining = elapsed / i * (len(todo) - i)
             print(f"[{len(cells) - len(todo) + i}/{len(cells)}] {cell.name}: {record['status']} "

@@ -74,7 +74,8 @@ class DetectingFedAvg(FedAvg):
         self.on_record = on_record
         self.global_state: dict[str, np.ndarray] | None = None
         self.records: list[RoundRecord] = []
-        self.sampled: dict[int, list[int]] = {}
+        self.sampled: list[int] = []
+        """The nodes the current round was sent to."""
         self.participants: set[int] = set()
         """Every node that has replied in some round: one missing from a later round is named."""
 
@@ -112,12 +113,12 @@ class DetectingFedAvg(FedAvg):
             if time.monotonic() > deadline:
                 log(WARNING, "Round %d: %d node(s) connected, fewer than min-replies=%d: "
                     "nothing sent", server_round, len(connected), self.min_replies)
-                self.sampled[server_round] = []
+                self.sampled = []
                 return []
             time.sleep(0.5)
         size = max(1, min(len(connected), int(len(connected) * self.fraction_train)))
         nodes = sorted(random.Random(server_round).sample(connected, size))
-        self.sampled[server_round] = nodes
+        self.sampled = nodes
         log(INFO, "configure_train: sampled %d nodes (out of %d)", len(nodes), len(connected))
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -154,7 +155,7 @@ class DetectingFedAvg(FedAvg):
                 node_id, claim, MAX_CLAIM_RATIO)
         screening = time.perf_counter() - start
         replied = {u.node_id for u in uploads} | set(rejected)
-        missing = sorted((set(self.sampled.get(server_round, [])) | self.participants) - replied)
+        missing = sorted((set(self.sampled) | self.participants) - replied)
         self.participants |= replied
         needed = max(self.min_replies, self.min_uploads)
         if len(uploads) >= needed:
