@@ -26,7 +26,8 @@ grad, autograd records only the head after the target layer. Two engines compute
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -88,6 +89,26 @@ def finish_maps(cams: torch.Tensor, size: tuple[int, int] | None) -> torch.Tenso
     return min_max_scale(up.reshape(*lead, *size))
 
 
+@contextmanager
+def channels_last_max_pool(model: nn.Module) -> Iterator[None]:
+    """Run the model's ``nn.MaxPool2d`` layers on channels-last copies of their inputs and hand
+    their outputs on in the usual layout: the same values, but on a CPU this torch's NCHW max
+    pooling is about 10x slower than its channels-last one (the CNN's first pool took a quarter
+    of the heat maps' time, 0.25 ms a model)."""
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.MaxPool2d):
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, inputs: (inputs[0].contiguous(memory_format=torch.channels_last),
+                                    *inputs[1:])))
+            handles.append(module.register_forward_hook(lambda _m, _i, output: output.contiguous()))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _activations_and_gradients_loop(
     model: nn.Module, states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
     probes: torch.Tensor, layer: str, classes: torch.Tensor,
@@ -102,8 +123,10 @@ def _activations_and_gradients_loop(
 
     handle = module.register_forward_hook(hook)
     activations, gradients = [], []
+    pooling = (channels_last_max_pool(model) if probes.device.type == "cpu" and probes.dim() == 4
+               else nullcontext())
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), pooling:
             for state in states:
                 captured.clear()
                 logits = functional_call(model, as_tensors(state, probes.device), (probes,))

@@ -106,3 +106,25 @@ def test_native_maps_are_the_probe_size_maps_before_upsampling(engine):
     torch.testing.assert_close(finish_maps(native, (28, 28)), full, atol=1e-6, rtol=0)
     oracle = _oracle(LayerCAM, models, "conv2", probes, classes)
     np.testing.assert_allclose(finish_maps(native, (28, 28)).numpy(), oracle, atol=1e-5)
+
+
+def test_channels_last_pooling_changes_no_value_and_leaves_no_hook(monkeypatch):
+    import contextlib
+
+    import strategies.heatmaps as heatmaps
+
+    models = _models("cnn", 1, 28, k=3)
+    states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+    probes = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    classes = torch.tensor([1, 2, 3, 4])
+    fast = heatmaps.class_activation_maps(models[0], states, probes, "conv2", classes, engine="loop")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in models[0].modules())
+    seen = []
+    with heatmaps.channels_last_max_pool(models[0]):
+        handle = models[0].pool.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+        models[0](probes)
+        handle.remove()
+    assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+    monkeypatch.setattr(heatmaps, "channels_last_max_pool", lambda _model: contextlib.nullcontext())
+    plain = heatmaps.class_activation_maps(models[0], states, probes, "conv2", classes, engine="loop")
+    assert torch.equal(fast, plain)
