@@ -3,9 +3,9 @@ cheaper settings do to the scores.
 
 **Speed** (``--part speed``): for each model and K, ``LayerCamAe.detect`` on K uploads, in a
 fresh process per measurement (its peak RSS growth is its own), under three settings:
-- ``paper``: maps upsampled to the probe size, torch's default threads;
+- ``paper``: maps upsampled to the probe size (the paper's input), torch's default threads;
 - ``paper-1-thread``: the same on one thread;
-- ``native``: maps at the target layer's resolution, one thread (the default).
+- ``native``: maps at the target layer's resolution, one thread (the defaults).
 With ``--busy N``, N processes that keep a core busy run beside every measurement (a shared
 server). Times are the median of ``--repeats`` rounds after one warm-up round.
 

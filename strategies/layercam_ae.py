@@ -77,9 +77,9 @@ class LayerCamAe(DetectingFedAvg):
         (``strategies.evidence``); ``"voting"``: the paper's per-round rule plus voting.
     memory : float (default: 0.8)
         Forgetting factor of the evidence (0: this round's score alone).
-    score_cap : float (default: 4.0)
+    score_cap : float (default: 3.0)
         Each round's score enters the evidence clipped to +-score_cap.
-    group_z, group_size : float, int (default: 2.25, 3)
+    group_z, group_size : float, int (default: 2.75, 3)
         Clients whose evidence is between -robust_z and -group_z are excluded together when
         there are at least group_size of them (colluders; 0 disables).
     scale_rounds : int (default: 5)
@@ -90,9 +90,9 @@ class LayerCamAe(DetectingFedAvg):
         std (eq. 13-14); ``"two-sided"``, |R - median| / (1.4826 MAD) > robust_z.
     beta : float (default: 1.0)
         The paper's beta for ``"upper"``.
-    robust_z : float (default: 3.0)
+    robust_z : float (default: 3.5)
         Cut of the robust score (and of the evidence), chosen with
-        ``benchmarks/detection_matrix.py``.
+        ``benchmarks/detection_matrix.py`` for native maps (``strategies.evidence``).
     window, votes : int (default: 3, 2)
         Voting every xi = ``window`` rounds; malicious with >= epsilon = ``votes`` outlier rounds.
     hidden, epochs, lr, weight_decay
@@ -101,11 +101,11 @@ class LayerCamAe(DetectingFedAvg):
         Stop the AE once its loss has not improved by this relative amount for 10 epochs
         (0: all ``epochs``, the paper's). At K = 24 a stop in the first 50-100 epochs reorders
         the errors (rank correlation with the full run about 0), so it is off by default.
-    map_size : str (default: "probe")
-        ``"probe"``: maps upsampled to the probe size (the paper's); ``"native"``: at the target
-        layer's resolution, the same information in 12x fewer values for the CNN and 5x
-        cheaper detection, but benign clients' scores persist more from round to round: more
-        attackers caught, and more benign clients excluded when there is no attack (README).
+    map_size : str (default: "native")
+        ``"native"``: maps at the target layer's resolution (8x8 for the CNN: the same
+        information as the probe-size map, which is it upsampled, in 12x fewer values, and 5x
+        cheaper detection); ``"probe"``: upsampled to the probe size, the paper's input (README,
+        Benchmarks: both on the same rounds).
     threads : int (default: 1)
         CPU threads for detection (0: torch's setting); one suits these small dense problems
         and keeps detection fast when other processes share the cores.
@@ -136,13 +136,13 @@ class LayerCamAe(DetectingFedAvg):
         probe_labels: torch.Tensor | None = None,
         decision: str = "evidence",
         memory: float = 0.8,
-        score_cap: float = 4.0,
+        score_cap: float = 3.0,
         scale_rounds: int = 5,
-        group_z: float = 2.25,
+        group_z: float = 2.75,
         group_size: int = 3,
         threshold: str = "two-sided",
         beta: float = 1.0,
-        robust_z: float = 3.0,
+        robust_z: float = 3.5,
         window: int = 3,
         votes: int = 2,
         hidden: int = 128,
@@ -150,7 +150,7 @@ class LayerCamAe(DetectingFedAvg):
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         tolerance: float = 0.0,
-        map_size: str = "probe",
+        map_size: str = "native",
         threads: int = 1,
         engine: str = "auto",
         keep_heatmaps: bool = False,

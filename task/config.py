@@ -94,13 +94,13 @@ class RunConfig:
     # LayerCAM-AE (paper section 4; equation numbers of the ACM TOPS version)
     layercam_ae_decision: str = "evidence"
     layercam_ae_memory: float = 0.8
-    layercam_ae_score_cap: float = 4.0
+    layercam_ae_score_cap: float = 3.0
     layercam_ae_scale_rounds: int = 5
-    layercam_ae_group_z: float = 2.25
+    layercam_ae_group_z: float = 2.75
     layercam_ae_group_size: int = 3
     layercam_ae_threshold: str = "two-sided"
     layercam_ae_beta: float = 1.0
-    layercam_ae_robust_z: float = 3.0
+    layercam_ae_robust_z: float = 3.5
     layercam_ae_window: int = 3
     layercam_ae_votes: int = 2
     layercam_ae_probes: int = 4
@@ -112,7 +112,7 @@ class RunConfig:
     layercam_ae_lr: float = 1e-3
     layercam_ae_weight_decay: float = 1e-5
     layercam_ae_tolerance: float = 0.0
-    layercam_ae_map_size: str = "probe"
+    layercam_ae_map_size: str = "native"
     layercam_ae_threads: int = 1
     layercam_ae_engine: str = "auto"
     layercam_ae_save_heatmaps: bool = False

@@ -12,6 +12,7 @@ from strategies.autoencoder import PATIENCE, reconstruction_errors, torch_thread
 from strategies.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
 from strategies.records import ClientUpload
 from strategies.thresholds import robust_z, two_sided_rule, upper_rule
+from task.config import RunConfig
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.params import content_key
 from tests.helpers import autograd_reconstruction_errors
@@ -254,3 +255,24 @@ def test_content_key_orders_by_what_a_state_holds():
     assert content_key(strided) == content_key(a)
     strided["w"][2] += 1.0
     assert content_key(strided) != content_key(a)
+
+
+def test_the_default_cut_tolerates_a_persistent_benign_offset_but_not_a_persistent_outlier():
+    """Benign scores persist (a client's data stays its own): a client held 1.2 sd below the
+    median (z about -1.1) reaches |E| of about 3.2 over the rounds, inside the default cut of
+    3.5 but beyond the previous 3 (cap 4). With the clip (3) below the cut, one wild round
+    alone does not exclude; two do."""
+    defaults = RunConfig()
+    keys = dict(memory=defaults.layercam_ae_memory, cut=defaults.layercam_ae_robust_z,
+                cap=defaults.layercam_ae_score_cap, scale_rounds=defaults.layercam_ae_scale_rounds,
+                group_z=defaults.layercam_ae_group_z, group_size=defaults.layercam_ae_group_size)
+    rng = np.random.default_rng(3)
+    offset = [benign_errors(rng) for _ in range(20)]
+    for errors in offset:
+        errors[5] = 1.0 - 1.2 * 0.05
+    assert all(5 not in e for e in excluded_per_round(offset, **keys))
+    previous = excluded_per_round(offset, cut=3.0, cap=4.0, group_z=2.25)
+    assert sum(5 in e for e in previous) == 10  # from round 11 on
+    wild = [benign_errors(rng) for _ in range(4)]
+    wild[0][7] = wild[1][7] = 1.0 + 8 * 0.05
+    assert [7 in e for e in excluded_per_round(wild, **keys)][:2] == [False, True]
