@@ -14,7 +14,8 @@ the defense or the attack, so each worker does it once per seed and partitioning
 whatever the defense decides (what a perfect round would cost nothing for).
 
     python benchmarks/detection_matrix.py --defenses layercam-ae --attacks gae sign-flip
-    python benchmarks/detection_matrix.py --set layercam-ae-decision=paper --out paper.json
+    python benchmarks/detection_matrix.py --set layercam-ae-decision=voting \
+        --set layercam-ae-threshold=upper --set layercam-ae-map-size=probe --out paper.json
 """
 
 from __future__ import annotations
