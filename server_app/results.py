@@ -64,7 +64,7 @@ class ResultsWriter:
         return writer
 
     def write_config(self, config: dict[str, Any]) -> None:
-        _write_json(self.path / "config.json", config)
+        write_json(self.path / "config.json", config)
 
     def append_round(self, row: dict[str, Any]) -> None:
         self.rounds.append(row)
@@ -74,7 +74,7 @@ class ResultsWriter:
             os.fsync(f.fileno())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _write_json(self.path / "summary.json", summary)
+        write_json(self.path / "summary.json", summary)
 
     def save_model(self, state: dict[str, np.ndarray]) -> Path:
         import torch
@@ -210,5 +210,6 @@ def _replace(path: Path, data: bytes) -> None:
     _save_atomically(path, lambda f: f.write(data))
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON, written atomically (a crash leaves the old file or the new)."""
     _replace(path, (json.dumps(value, indent=2) + "\n").encode())

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server_app.results import write_json
 from task.config import ConfigError, RunConfig
 
 try:
@@ -209,20 +210,17 @@ class Sweep:
         return out
 
     def write_status(self, state: dict[str, dict[str, Any]]) -> None:
-        target = self.sweep_dir / "status.json"
-        temporary = target.with_name(".status.json.tmp")
-        temporary.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(temporary, target)
+        write_json(self.sweep_dir / "status.json", state)
 
     def run(self) -> list[dict[str, Any]]:
         """Every cell not done yet; the progress on stdout; the records. ``status.json`` says
         where every cell stands after each one (read from the folders once, then updated)."""
         cells = self.grid.cells()
-        todo = [c for c in cells if finished_run(self.sweep_dir / "cells" / c.name) is None]
-        print(f"{len(cells)} cells, {len(cells) - len(todo)} already done; results in "
-              f"{self.sweep_dir}", flush=True)
         state = self.status()
         self.write_status(state)
+        todo = [c for c in cells if state[c.name]["status"] != "done"]
+        print(f"{len(cells)} cells, {len(cells) - len(todo)} already done; results in "
+              f"{self.sweep_dir}", flush=True)
         started, records = time.monotonic(), []
         for i, cell in enumerate(todo, 1):
             record = self.run_cell(cell)
