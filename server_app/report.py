@@ -275,19 +275,25 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
+def heatmap_grid(run: Run) -> Path | None:
+    """The heat-map grid a run saved for its middle round (of those saved), if any."""
+    pngs = sorted(run.path.glob("heatmaps-round*.png"))
+    return pngs[len(pngs) // 2] if pngs else None
+
+
 def heatmap_example(runs: list[Run], out: Path) -> Path | None:
     """A copy of one round's heat-map grid (attackers titled, excluded framed) if a run saved it."""
-    for run in runs:
-        pngs = sorted(run.path.glob("heatmaps-round*.png"))
-        if pngs:
-            target = out / "heatmaps.png"
-            shutil.copyfile(pngs[len(pngs) // 2], target)
-            return target
-    return None
+    grid = next((png for run in runs if (png := heatmap_grid(run)) is not None), None)
+    if grid is None:
+        return None
+    target = out / "heatmaps.png"
+    shutil.copyfile(grid, target)
+    return target
 
 
 RUN_FILES = ("config.json", "rounds.jsonl", "summary.json")
-"""What ``--copy-runs`` keeps of each run: enough to make the report again."""
+"""What ``--copy-runs`` keeps of each run, with its ``heatmap_grid``: enough to make the report
+again."""
 
 
 def copy_runs(runs: list[Run], folders: list[Path], target: Path) -> None:
@@ -298,6 +304,8 @@ def copy_runs(runs: list[Run], folders: list[Path], target: Path) -> None:
         destination.mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:
             shutil.copyfile(run.path / name, destination / name)
+        if (grid := heatmap_grid(run)) is not None:
+            shutil.copyfile(grid, destination / grid.name)
     for folder in folders:
         if (folder / "grid.toml").exists():
             shutil.copyfile(folder / "grid.toml", target / "grid.toml")

@@ -18,6 +18,6 @@ def read_table(path: Path) -> list[dict[str, str]]:
 def test_the_example_report_is_remade_from_its_runs(tmp_path):
     report([EXAMPLE / "runs"], tmp_path, "layercam-report docs/example-report/runs")
     assert read_table(tmp_path / "table.csv") == read_table(EXAMPLE / "table.csv")
-    for plot in ("accuracy.png", "roc.png", "detection-seconds.png", "scores.png"):
+    for plot in ("accuracy.png", "roc.png", "detection-seconds.png", "scores.png", "heatmaps.png"):
         assert (tmp_path / plot).stat().st_size > 0
     assert "layercam-report" in (EXAMPLE / "report.md").read_text()
