@@ -66,7 +66,9 @@ def test_evidence_is_the_exponentially_weighted_stouffer_sum():
 
 def excluded_per_round(rounds: list[np.ndarray], memory=0.8, cut=3.0, cap=4.0, scale_rounds=5,
                        group_z=2.25, group_size=3) -> list[set[int]]:
-    """The default decision on a sequence of rounds' reconstruction errors."""
+    """The evidence decision on a sequence of rounds' reconstruction errors; the keys default
+    to the values these tests were written for (cut 3, clip 4, band from -2.25), the defaults
+    before native maps (``RunConfig`` holds the current ones)."""
     ledger, spreads, out = EvidenceLedger(memory, cap), SpreadHistory(scale_rounds), []
     for errors in rounds:
         evidence = ledger.update(dict(enumerate(spreads.scores(errors))))
