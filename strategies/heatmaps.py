@@ -17,7 +17,10 @@ grad, autograd records only the head after the target layer. Two engines compute
 
 - ``loop``: a Python loop over models with ``torch.autograd.grad``; it reads each state in place
   (zero-copy views of numpy arrays on a CPU), so it needs no memory beyond one model's
-  activations (fastest on a CPU for ResNet-sized models);
+  activations (fastest on a CPU). Given several copies of the template, it runs one thread per
+  copy, each on a contiguous share of the models: coarse parallelism, one join per call, so a
+  thread that the OS pauses delays only its own share (torch's intra-op threads synchronise
+  after every operation, and stall on every pause when other processes share the cores);
 - ``vmap``: ``torch.func.vmap(torch.func.grad(...))`` over the states stacked along a leading K
   axis, one batched pass (convolutions become grouped ones; faster for small models and the
   natural way to fill a GPU), at the cost of one stacked copy of the K models.
@@ -25,8 +28,10 @@ grad, autograd records only the head after the target layer. Two engines compute
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -51,14 +56,17 @@ def gradcam_combine(activations: torch.Tensor, gradients: torch.Tensor) -> torch
 def stack_states(
     states: Sequence[Mapping[str, np.ndarray | torch.Tensor]], device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Stack K state dicts into one dict of tensors with a leading K axis (float32 for floats)."""
+    """Stack K state dicts into one dict of tensors with a leading K axis (float32 for floats).
+
+    Each tensor goes to the device first and is stacked there: on a GPU the stacking is then
+    nearly free, where on the host it would copy all K models once more before the transfer."""
     if not states:
         raise ValueError("no models to stack")
-    tensors = [as_tensors(state) for state in states]  # zero-copy views; stacking copies once
+    tensors = [as_tensors(state) for state in states]  # zero-copy views of numpy arrays
     out = {}
     for name in tensors[0]:
-        stacked = torch.stack([t[name] for t in tensors])
-        out[name] = (stacked.float() if stacked.is_floating_point() else stacked).to(device)
+        stacked = torch.stack([t[name].to(device) for t in tensors])
+        out[name] = stacked.float() if stacked.is_floating_point() else stacked
     return out
 
 
@@ -139,6 +147,35 @@ def _activations_and_gradients_loop(
     return torch.stack(activations), torch.stack(gradients)
 
 
+@functools.cache
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """A long-lived pool per size: a fresh thread's first operations cost extra (2-3 ms a round
+    for the CNN at K = 24 when every round started new threads)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="heatmaps")
+
+
+def _activations_and_gradients_threads(
+    models: Sequence[nn.Module], states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
+    probes: torch.Tensor, layer: str, classes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop on one thread per template copy in ``models`` (a copy each: a forward hook and
+    ``functional_call`` modify the module they run on), each on a contiguous share of the
+    states; every model's maps are computed alone, so they equal the single loop's."""
+    share = -(-len(states) // len(models))
+    jobs = [(model, states[i * share:(i + 1) * share]) for i, model in enumerate(models)]
+    jobs = [(model, part) for model, part in jobs if part]
+    if len(jobs) == 1:
+        return _activations_and_gradients_loop(jobs[0][0], jobs[0][1], probes, layer, classes)
+    threads = torch.get_num_threads()
+
+    def run(job):  # a new thread starts with the OpenMP/MKL defaults, not the caller's count
+        torch.set_num_threads(threads)
+        return _activations_and_gradients_loop(job[0], job[1], probes, layer, classes)
+
+    parts = list(_worker_pool(len(jobs)).map(run, jobs))
+    return torch.cat([a for a, _ in parts]), torch.cat([g for _, g in parts])
+
+
 def _target_shape(model: nn.Module, state: Mapping[str, torch.Tensor], probes: torch.Tensor,
                   layer: str) -> torch.Size:
     shape: list[torch.Size] = []
@@ -206,7 +243,7 @@ def engine_for(device: torch.device) -> str:
 
 
 def class_activation_maps(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
     probes: torch.Tensor,
     layer: str,
@@ -219,22 +256,29 @@ def class_activation_maps(
     target layer's resolution h x w).
 
     ``model`` is the architecture template (its own weights are ignored), on the probes'
-    device; ``states`` holds the K models' parameters and buffers (numpy arrays or tensors);
+    device, or several copies of it: the loop engine then runs one thread per copy; ``states`` holds the K models' parameters and buffers (numpy arrays or tensors);
     ``probes`` is (P, C, H, W); ``classes`` (P,) the class c scored for each probe; ``layer`` the
     dotted name of the target module. ``engine`` is ``loop``, ``vmap`` or ``auto`` (vmap on a
     GPU, loop on a CPU).
     """
     if engine == "auto":
         engine = engine_for(probes.device)
-    compute = {"loop": _activations_and_gradients_loop, "vmap": _activations_and_gradients_vmap}
-    if engine not in compute:
+    if engine not in ("loop", "vmap"):
         raise ValueError(f"unknown heat-map engine {engine!r}; choose loop, vmap or auto")
-    was_training = model.training
-    model.eval()
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
-        activations, gradients = compute[engine](model, states, probes, layer, classes.long())
+        if engine == "vmap":
+            activations, gradients = _activations_and_gradients_vmap(
+                models[0], states, probes, layer, classes.long())
+        else:
+            activations, gradients = _activations_and_gradients_threads(
+                models, states, probes, layer, classes.long())
     finally:
-        model.train(was_training)
+        for m, training in zip(models, was_training):
+            m.train(training)
     if activations.dim() != 5:
         raise ValueError(
             f"target layer {layer!r} gives {tuple(activations.shape[1:])}-shaped outputs; a "

@@ -107,8 +107,13 @@ class LayerCamAe(DetectingFedAvg):
         cheaper detection); ``"probe"``: upsampled to the probe size, the paper's input (README,
         Benchmarks: both on the same rounds).
     threads : int (default: 1)
-        CPU threads for detection (0: torch's setting); one suits these small dense problems
-        and keeps detection fast when other processes share the cores.
+        Intra-op CPU threads of each detection operation (0: torch's setting); one suits these
+        small dense problems and keeps detection fast when other processes share the cores.
+    workers : int (default: 2)
+        Threads that compute the heat maps on a CPU, each on its share of the uploads and its
+        own copy of the template (``strategies.heatmaps``): they join once per round, so
+        unlike intra-op threads they cost little when the cores are shared. The autoencoder,
+        one sequence of small steps, runs on one thread.
     engine : str (default: "auto")
         Heat-map engine ``loop`` or ``vmap``; ``auto`` picks by device (vmap on a GPU, the loop
         on a CPU), never by timing: both give the same maps to 1e-6, and a choice that depended
@@ -152,6 +157,7 @@ class LayerCamAe(DetectingFedAvg):
         tolerance: float = 0.0,
         map_size: str = "native",
         threads: int = 1,
+        workers: int = 2,
         engine: str = "auto",
         keep_heatmaps: bool = False,
         seed: int = 0,
@@ -170,6 +176,8 @@ class LayerCamAe(DetectingFedAvg):
         if votes > window:
             raise ValueError(f"votes ({votes}) must be <= window ({window})")
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.template = model_fn().to(self.device).eval()
         self.template.get_submodule(target_layer)  # fail now on a wrong layer name
         self.probes = probes.to(self.device)
@@ -193,6 +201,9 @@ class LayerCamAe(DetectingFedAvg):
         if engine not in ("auto", "loop", "vmap"):
             raise ValueError(f"engine must be 'auto', 'loop' or 'vmap', got {engine!r}")
         self.engine = engine_for(self.device) if engine == "auto" else engine
+        parallel = self.engine == "loop" and self.device.type == "cpu"
+        self.templates = [self.template] + [model_fn().to(self.device).eval()
+                                            for _ in range(workers - 1 if parallel else 0)]
         self.keep_heatmaps = keep_heatmaps
         self.seed = seed
         self.combine = combine
@@ -216,9 +227,9 @@ class LayerCamAe(DetectingFedAvg):
                 if self.decision == "evidence" else
                 f"{self.threshold} (beta {self.beta:.2f}, z {self.robust_z:.2f}), "
                 f"vote {self.votes} of {self.window}")
-        log(INFO, "\t└──> %s: layer %s, probes %d, decision %s, AE %s, engine %s, device %s",
-            self.name, self.target_layer, len(self.probes), rule, self.ae_params, self.engine,
-            self.device)
+        log(INFO, "\t└──> %s: layer %s, probes %d, decision %s, AE %s, engine %s (%d "
+            "thread(s)), device %s", self.name, self.target_layer, len(self.probes), rule,
+            self.ae_params, self.engine, len(self.templates), self.device)
 
     def probe_classes(self) -> torch.Tensor:
         """Class c per probe (y^c, eq. 9): fixed, the probe's label, or what the current global
@@ -234,7 +245,7 @@ class LayerCamAe(DetectingFedAvg):
 
     def heatmaps(self, uploads: list[ClientUpload]) -> torch.Tensor:
         """(K, P, H, W) maps of the uploads with the configured engine."""
-        return class_activation_maps(self.template, [u.arrays for u in uploads], self.probes,
+        return class_activation_maps(self.templates, [u.arrays for u in uploads], self.probes,
                                      self.target_layer, self.probe_classes(), self.combine,
                                      self.engine, upsample=self.map_size == "probe")
 
@@ -249,6 +260,8 @@ class LayerCamAe(DetectingFedAvg):
         with torch_threads(self.threads):
             start = time.perf_counter()
             maps = self.heatmaps(uploads)
+            if maps.is_cuda:  # GPU work is asynchronous: time it, not its launch
+                torch.cuda.synchronize(maps.device)
             timings["heatmaps"] = time.perf_counter() - start
 
             start = time.perf_counter()
@@ -325,6 +338,7 @@ def heatmap_defense_kwargs(config: RunConfig, assets: ServerAssets) -> dict[str,
         epochs=config.layercam_ae_epochs, lr=config.layercam_ae_lr,
         weight_decay=config.layercam_ae_weight_decay, tolerance=config.layercam_ae_tolerance,
         map_size=config.layercam_ae_map_size, threads=config.layercam_ae_threads,
+        workers=config.layercam_ae_workers,
         engine=config.layercam_ae_engine, keep_heatmaps=config.layercam_ae_save_heatmaps,
         seed=config.seed,
     )

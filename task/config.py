@@ -114,6 +114,7 @@ class RunConfig:
     layercam_ae_tolerance: float = 0.0
     layercam_ae_map_size: str = "native"
     layercam_ae_threads: int = 1
+    layercam_ae_workers: int = 2
     layercam_ae_engine: str = "auto"
     layercam_ae_save_heatmaps: bool = False
 
@@ -167,6 +168,7 @@ class RunConfig:
             ("layercam-ae-hidden", self.layercam_ae_hidden, 1),
             ("layercam-ae-epochs", self.layercam_ae_epochs, 1),
             ("layercam-ae-threads", self.layercam_ae_threads, 0),
+            ("layercam-ae-workers", self.layercam_ae_workers, 1),
             ("gae-graph-nodes", self.gae_graph_nodes, 2),
             ("gae-candidate-nodes", self.gae_candidate_nodes, self.gae_graph_nodes),
             ("gae-epochs", self.gae_epochs, 0),

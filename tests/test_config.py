@@ -30,6 +30,7 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("layercam-ae-map-size", "huge", "layercam-ae-map-size"),
     ("layercam-ae-tolerance", -0.1, "layercam-ae-tolerance"),
     ("layercam-ae-threads", -1, "layercam-ae-threads"),
+    ("layercam-ae-workers", 0, "layercam-ae-workers"),
     ("layercam-ae-decision", "majority", "layercam-ae-decision"),
     ("layercam-ae-memory", 1.0, "layercam-ae-memory"),
     ("layercam-ae-memory", -0.1, "layercam-ae-memory"),

@@ -128,3 +128,30 @@ def test_channels_last_pooling_changes_no_value_and_leaves_no_hook(monkeypatch):
     monkeypatch.setattr(heatmaps, "channels_last_max_pool", lambda _model: contextlib.nullcontext())
     plain = heatmaps.class_activation_maps(models[0], states, probes, "conv2", classes, engine="loop")
     assert torch.equal(fast, plain)
+
+
+def test_worker_threads_give_the_single_loops_maps_bit_for_bit():
+    """One thread per template copy, each on a contiguous share of the states: every model's
+    maps are computed alone, so they equal the single loop's exactly, in the states' order,
+    also with more copies than states; every copy with a share runs, and the copies get their
+    modes and hooks back."""
+    from strategies.heatmaps import class_activation_maps
+
+    models = _models("cnn", 1, 28, k=5)
+    states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+    probes = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    classes = torch.tensor([4, 9])
+    copies = [build_model("cnn", 1, 10, 28) for _ in range(4)]  # in training mode
+    single = class_activation_maps(copies[0], states, probes, "conv2", classes, engine="loop")
+    ran = []
+    for i, copy in enumerate(copies):
+        copy.conv2.register_forward_hook(lambda *_, i=i: ran.append(i))
+    for n, used in ((2, [3, 2]), (3, [2, 2, 1]), (4, [2, 2, 1])):  # models per copy
+        ran.clear()
+        maps = class_activation_maps(copies[:n], states, probes, "conv2", classes, engine="loop")
+        assert torch.equal(maps, single)
+        assert [ran.count(i) for i in range(len(used))] == used and len(ran) == len(states)
+    few = class_activation_maps(copies, states[:2], probes, "conv2", classes, engine="loop")
+    assert torch.equal(few, single[:2])
+    assert all(c.training and len(c.conv2._forward_hooks) == 1 and not c.pool._forward_hooks
+               for c in copies)

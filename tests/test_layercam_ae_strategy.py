@@ -160,6 +160,17 @@ def test_auto_engine_is_chosen_by_device_and_recorded(trajectory):
         make_strategy(data, map_size="huge")
 
 
+def test_each_heatmap_worker_gets_its_own_template_copy_on_a_cpu(trajectory):
+    _, _, _, data = trajectory
+    cpu = torch.device("cpu")
+    templates = make_strategy(data, workers=3, device=cpu).templates
+    assert len({id(t) for t in templates}) == 3
+    assert all(not t.training for t in templates)
+    assert len(make_strategy(data, workers=3, engine="vmap", device=cpu).templates) == 1
+    with pytest.raises(ValueError, match="workers"):
+        make_strategy(data, workers=0)
+
+
 def test_decisions_and_the_aggregate_depend_neither_on_arrival_order_nor_on_node_ids(trajectory):
     """Flower delivers replies in arrival order and draws node ids at random each run; the
     round's bits must not change with either."""
