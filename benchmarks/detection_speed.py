@@ -2,10 +2,12 @@
 cheaper settings do to the scores.
 
 **Speed** (``--part speed``): for each model and K, ``LayerCamAe.detect`` on K uploads, in a
-fresh process per measurement (its peak RSS growth is its own), under three settings:
+fresh process per measurement (its peak RSS growth is its own), under four settings:
 - ``paper``: maps upsampled to the probe size (the paper's input), torch's default threads;
 - ``paper-1-thread``: the same on one thread;
-- ``native``: maps at the target layer's resolution, one thread (the defaults).
+- ``native-1-thread``: maps at the target layer's resolution, one thread, one heat-map worker;
+- ``native``: the same with two heat-map workers (the defaults).
+On a GPU only ``paper`` and ``native`` run (threads and workers are CPU settings).
 With ``--busy N``, N processes that keep a core busy run beside every measurement (a shared
 server). Times are the median of ``--repeats`` rounds after one warm-up round.
 
@@ -20,7 +22,8 @@ of the paper's score per round, and which clients each setting's rule flags.
 
     python benchmarks/detection_speed.py                         # CPU: all parts
     python benchmarks/detection_speed.py --part speed --busy 2
-    python benchmarks/detection_speed.py --part speed --device cuda --models resnet50 --k 24
+    python benchmarks/detection_speed.py --part speed --device cuda --models resnet50 --k-large 24 \
+        --image-size 224
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 SHAPES = {"cnn": (1, 28), "resnet18": (3, 32), "resnet50": (3, 32)}
 SETTINGS = {
-    "paper": {"map_size": "probe", "threads": 0},
-    "paper-1-thread": {"map_size": "probe", "threads": 1},
-    "native": {"map_size": "native", "threads": 1},
+    "paper": {"map_size": "probe", "threads": 0, "workers": 1},
+    "paper-1-thread": {"map_size": "probe", "threads": 1, "workers": 1},
+    "native-1-thread": {"map_size": "native", "threads": 1, "workers": 1},
+    "native": {"map_size": "native", "threads": 1, "workers": 2},
 }
 
 
@@ -50,7 +54,7 @@ def _strategy(model_name: str, setting: str, tolerance: float, device: str, prob
     from strategies.layercam_ae import LayerCamAe
     from task.models import build_model, default_cam_layer
 
-    channels, size = SHAPES[model_name]
+    channels, size = SHAPES[model_name][0], probes.shape[-1]
     layer = default_cam_layer(model_name)
     options = dict(SETTINGS[setting], tolerance=tolerance)
     return LayerCamAe(model_fn=lambda: build_model(model_name, channels, 10, size),
@@ -67,7 +71,7 @@ def _burn() -> None:
         a = np.tanh(a @ a)
 
 
-def measure_speed(model_name, k, setting, tolerance, device, repeats, queue) -> None:
+def measure_speed(model_name, k, setting, tolerance, device, repeats, image_size, queue) -> None:
     import numpy as np
     import torch
 
@@ -76,6 +80,7 @@ def measure_speed(model_name, k, setting, tolerance, device, repeats, queue) -> 
     from task.train import state_to_numpy
 
     channels, size = SHAPES[model_name]
+    size = image_size or size
     torch.manual_seed(0)
     global_state = state_to_numpy(build_model(model_name, channels, 10, size))
     rng = np.random.default_rng(0)
@@ -85,7 +90,12 @@ def measure_speed(model_name, k, setting, tolerance, device, repeats, queue) -> 
     probes = torch.rand(4, channels, size, size)
     strategy = _strategy(model_name, setting, tolerance, device, probes)
     strategy.global_state = global_state
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def peak_mb() -> float:  # host RSS on a CPU, allocated device memory on a GPU
+        if device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    before = peak_mb()
     strategy.detect(1, uploads)  # warm-up
     rows = []
     for r in range(repeats):
@@ -94,7 +104,7 @@ def measure_speed(model_name, k, setting, tolerance, device, repeats, queue) -> 
         rows.append({**detection.timings, "total": time.perf_counter() - start,
                      "epochs": detection.details["ae_epochs"]})
     queue.put({key: statistics.median(row[key] for row in rows) for key in rows[0]}
-              | {"extra_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before})
+              | {"extra_mb": peak_mb() - before})
 
 
 def speed(args) -> None:
@@ -103,16 +113,20 @@ def speed(args) -> None:
     for burner in burners:
         burner.start()
     load = f"{args.busy} busy process(es) beside it" if args.busy else "quiet"
-    print(f"\nDetection per round ({args.device}, {load}; median of {args.repeats}):\n")
+    # threads and workers are CPU settings: a GPU runs "paper" and "native" alone
+    settings = [s for s in SETTINGS if args.device == "cpu" or s in ("paper", "native")]
+    size = f", images {args.image_size}x{args.image_size}" if args.image_size else ""
+    print(f"\nDetection per round ({args.device}{size}, {load}; median of {args.repeats}):\n")
     print("| model | K | setting | heat maps s | AE s (epochs) | decision s | total s | "
           "ms per client | extra MB |\n|---|---|---|---|---|---|---|---|---|")
     try:
         for model_name in args.models:
             for k in args.k if model_name == "cnn" else args.k_large:
-                for setting in SETTINGS:
+                for setting in settings:
                     queue = context.Queue()
                     process = context.Process(target=measure_speed, args=(
-                        model_name, k, setting, args.tolerance, args.device, args.repeats, queue))
+                        model_name, k, setting, args.tolerance, args.device, args.repeats,
+                        args.image_size, queue))
                     process.start()
                     row = queue.get()
                     process.join()
@@ -234,7 +248,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[24, 100, 300, 1000])
     parser.add_argument("--k-large", type=int, nargs="+", default=[24, 100],
                         help="K for the ResNets")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="probe size for the ResNets (0: 32; SPEC's GPU target: 224)")
     parser.add_argument("--busy", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=0.0,
