@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -172,7 +172,9 @@ def _activations_and_gradients_threads(
         torch.set_num_threads(threads)
         return _activations_and_gradients_loop(job[0], job[1], probes, layer, classes)
 
-    parts = list(_worker_pool(len(jobs)).map(run, jobs))
+    futures = [_worker_pool(len(jobs)).submit(run, job) for job in jobs]
+    wait(futures)  # all shares end before an error propagates: no copy serves two calls at once
+    parts = [future.result() for future in futures]
     return torch.cat([a for a, _ in parts]), torch.cat([g for _, g in parts])
 
 

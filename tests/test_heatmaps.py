@@ -153,5 +153,12 @@ def test_worker_threads_give_the_single_loops_maps_bit_for_bit():
         assert [ran.count(i) for i in range(len(used))] == used and len(ran) == len(states)
     few = class_activation_maps(copies, states[:2], probes, "conv2", classes, engine="loop")
     assert torch.equal(few, single[:2])
+    broken = [{**states[0], "fc1.weight": states[0]["fc1.weight"][:, :7]}] + states[1:]
+    ran.clear()
+    with pytest.raises(RuntimeError):  # the first share's error, once the second has ended
+        class_activation_maps(copies[:2], broken, probes, "conv2", classes, engine="loop")
+    assert ran.count(0) == 1 and ran.count(1) == 2
+    assert torch.equal(class_activation_maps(copies[:2], states, probes, "conv2", classes,
+                                             engine="loop"), single)
     assert all(c.training and len(c.conv2._forward_hooks) == 1 and not c.pool._forward_hooks
                for c in copies)
