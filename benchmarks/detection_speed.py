@@ -250,7 +250,8 @@ def main() -> None:
                         help="K for the ResNets")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--image-size", type=int, default=0,
-                        help="probe size for the ResNets (0: 32; SPEC's GPU target: 224)")
+                        help="probe and model input size for every model (0: each model's "
+                             "usual: 28 for the CNN, 32 for the ResNets; SPEC's GPU target: 224)")
     parser.add_argument("--busy", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=0.0,

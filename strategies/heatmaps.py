@@ -258,7 +258,8 @@ def class_activation_maps(
     target layer's resolution h x w).
 
     ``model`` is the architecture template (its own weights are ignored), on the probes'
-    device, or several copies of it: the loop engine then runs one thread per copy; ``states`` holds the K models' parameters and buffers (numpy arrays or tensors);
+    device, or several copies of it: the loop engine then runs one thread per copy; ``states``
+    holds the K models' parameters and buffers (numpy arrays or tensors);
     ``probes`` is (P, C, H, W); ``classes`` (P,) the class c scored for each probe; ``layer`` the
     dotted name of the target module. ``engine`` is ``loop``, ``vmap`` or ``auto`` (vmap on a
     GPU, loop on a CPU).
