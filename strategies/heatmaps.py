@@ -16,11 +16,13 @@ Gradients start at the target layer: a forward hook swaps the layer's output for
 grad, autograd records only the head after the target layer. Two engines compute the same maps:
 
 - ``loop``: a Python loop over models with ``torch.autograd.grad``; it reads each state in place
-  (zero-copy views of numpy arrays on a CPU), so it needs no memory beyond one model's
-  activations (fastest on a CPU). Given several copies of the template, it runs one thread per
-  copy, each on a contiguous share of the models: coarse parallelism, one join per call, so a
-  thread that the OS pauses delays only its own share (torch's intra-op threads synchronise
-  after every operation, and stall on every pause when other processes share the cores);
+  (zero-copy views of numpy arrays on a CPU) and combines each model's activations and
+  gradients while they are in cache, so it needs no memory beyond one model's activations
+  (fastest on a CPU). Given several copies of the template, it runs one thread per copy (the
+  caller's own thread takes the first), each on a contiguous share of the models: coarse
+  parallelism, one join per call, so a thread that the OS pauses delays only its own share
+  (torch's intra-op threads synchronise after every operation, and stall on every pause when
+  other processes share the cores);
 - ``vmap``: ``torch.func.vmap(torch.func.grad(...))`` over the states stacked along a leading K
   axis, one batched pass (convolutions become grouped ones; faster for small models and the
   natural way to fill a GPU), at the cost of one stacked copy of the K models.
@@ -75,7 +77,8 @@ def as_tensors(state: Mapping[str, np.ndarray | torch.Tensor],
     """One model's state as tensors on ``device``, sharing memory with numpy arrays on a CPU."""
     with warnings.catch_warnings():  # read-only buffers (Flower's arrays) are only read here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {n: torch.as_tensor(v).to(device) for n, v in state.items()}
+        return {n: (torch.from_numpy(v) if isinstance(v, np.ndarray) else torch.as_tensor(v))
+                .to(device) for n, v in state.items()}
 
 
 def min_max_scale(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -117,10 +120,22 @@ def channels_last_max_pool(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-def _activations_and_gradients_loop(
+def _check_feature_map(layer: str, shape: torch.Size) -> None:
+    """A class-activation map needs the target layer to give a (P, C, h, w) feature map."""
+    if len(shape) != 4:
+        raise ValueError(
+            f"target layer {layer!r} gives {tuple(shape)}-shaped outputs; a "
+            f"class-activation map needs a convolutional (P, C, h, w) feature map"
+        )
+
+
+def _cams_loop(
     model: nn.Module, states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
-    probes: torch.Tensor, layer: str, classes: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    probes: torch.Tensor, layer: str, classes: torch.Tensor, combine: CamCombine,
+) -> torch.Tensor:
+    """(K, P, h, w) combined maps, one model at a time: each model's activations and gradients
+    are combined while they are in cache (stacking all of them first, then combining, cost
+    3-4 ms more a round for the CNN at K = 24)."""
     module = model.get_submodule(layer)
     captured: list[torch.Tensor] = []
 
@@ -130,21 +145,23 @@ def _activations_and_gradients_loop(
         return leaf.clone()  # later in-place ops must not touch the captured activations
 
     handle = module.register_forward_hook(hook)
-    activations, gradients = [], []
+    cams = []
     pooling = (channels_last_max_pool(model) if probes.device.type == "cpu" and probes.dim() == 4
                else nullcontext())
     try:
         with torch.enable_grad(), pooling:
             for state in states:
                 captured.clear()
-                logits = functional_call(model, as_tensors(state, probes.device), (probes,))
+                # every state holds every name, tied ones included: no tying to work out
+                logits = functional_call(model, as_tensors(state, probes.device), (probes,),
+                                         tie_weights=False)
                 score = logits.gather(1, classes[:, None]).sum()  # probes are independent in eval
                 (gradient,) = torch.autograd.grad(score, captured[0])
-                activations.append(captured[0].detach())
-                gradients.append(gradient)
+                _check_feature_map(layer, gradient.shape)
+                cams.append(combine(captured[0].detach(), gradient))
     finally:
         handle.remove()
-    return torch.stack(activations), torch.stack(gradients)
+    return torch.stack(cams)
 
 
 @functools.cache
@@ -154,10 +171,10 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="heatmaps")
 
 
-def _activations_and_gradients_threads(
+def _cams_threads(
     models: Sequence[nn.Module], states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
-    probes: torch.Tensor, layer: str, classes: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    probes: torch.Tensor, layer: str, classes: torch.Tensor, combine: CamCombine,
+) -> torch.Tensor:
     """The loop on one thread per template copy in ``models`` (a copy each: a forward hook and
     ``functional_call`` modify the module they run on), each on a contiguous share of the
     states; every model's maps are computed alone, so they equal the single loop's."""
@@ -165,17 +182,20 @@ def _activations_and_gradients_threads(
     jobs = [(model, states[i * share:(i + 1) * share]) for i, model in enumerate(models)]
     jobs = [(model, part) for model, part in jobs if part]
     if len(jobs) == 1:
-        return _activations_and_gradients_loop(jobs[0][0], jobs[0][1], probes, layer, classes)
+        return _cams_loop(jobs[0][0], jobs[0][1], probes, layer, classes, combine)
     threads = torch.get_num_threads()
 
     def run(job):  # a new thread starts with the OpenMP/MKL defaults, not the caller's count
         torch.set_num_threads(threads)
-        return _activations_and_gradients_loop(job[0], job[1], probes, layer, classes)
+        return _cams_loop(job[0], job[1], probes, layer, classes, combine)
 
-    futures = [_worker_pool(len(jobs)).submit(run, job) for job in jobs]
-    wait(futures)  # all shares end before an error propagates: no copy serves two calls at once
-    parts = [future.result() for future in futures]
-    return torch.cat([a for a, _ in parts]), torch.cat([g for _, g in parts])
+    # the calling thread takes the first share: its core is awake, a pool thread's may not be
+    futures = [_worker_pool(len(jobs) - 1).submit(run, job) for job in jobs[1:]]
+    try:
+        first = _cams_loop(jobs[0][0], jobs[0][1], probes, layer, classes, combine)
+    finally:
+        wait(futures)  # all shares end before an error propagates: no copy serves two calls
+    return torch.cat([first, *(future.result() for future in futures)])
 
 
 def _target_shape(model: nn.Module, state: Mapping[str, torch.Tensor], probes: torch.Tensor,
@@ -197,19 +217,20 @@ VMAP_CHUNK = 24
 convolutions were slower per model on a CPU (benchmarks/heatmap_speed.py)."""
 
 
-def _activations_and_gradients_vmap(
+def _cams_vmap(
     model: nn.Module, states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
-    probes: torch.Tensor, layer: str, classes: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    probes: torch.Tensor, layer: str, classes: torch.Tensor, combine: CamCombine,
+) -> torch.Tensor:
+    """(K, P, h, w) combined maps, ``VMAP_CHUNK`` models per vmapped pass."""
     # The target layer's output shape is the same for every model: one probing forward.
-    zero = torch.zeros(_target_shape(model, as_tensors(states[0], probes.device), probes, layer),
-                       device=probes.device)
-    chunks = [
-        _activations_and_gradients_vmap_chunk(model, states[i : i + VMAP_CHUNK], probes, layer,
-                                              classes, zero)
+    shape = _target_shape(model, as_tensors(states[0], probes.device), probes, layer)
+    _check_feature_map(layer, shape)
+    zero = torch.zeros(shape, device=probes.device)
+    return torch.cat([
+        combine(*_activations_and_gradients_vmap_chunk(
+            model, states[i : i + VMAP_CHUNK], probes, layer, classes, zero))
         for i in range(0, len(states), VMAP_CHUNK)
-    ]
-    return torch.cat([a for a, _ in chunks]), torch.cat([g for _, g in chunks])
+    ])
 
 
 def _activations_and_gradients_vmap_chunk(
@@ -273,22 +294,13 @@ def class_activation_maps(
     for m in models:
         m.eval()
     try:
-        if engine == "vmap":
-            activations, gradients = _activations_and_gradients_vmap(
-                models[0], states, probes, layer, classes.long())
-        else:
-            activations, gradients = _activations_and_gradients_threads(
-                models, states, probes, layer, classes.long())
+        cams = (_cams_vmap(models[0], states, probes, layer, classes.long(), combine)
+                if engine == "vmap" else
+                _cams_threads(models, states, probes, layer, classes.long(), combine))
     finally:
         for m, training in zip(models, was_training):
             m.train(training)
-    if activations.dim() != 5:
-        raise ValueError(
-            f"target layer {layer!r} gives {tuple(activations.shape[1:])}-shaped outputs; a "
-            f"class-activation map needs a convolutional (P, C, h, w) feature map"
-        )
-    return finish_maps(combine(activations, gradients),
-                       tuple(probes.shape[-2:]) if upsample else None)
+    return finish_maps(cams, tuple(probes.shape[-2:]) if upsample else None)
 
 
 States = Sequence[Mapping[str, np.ndarray | torch.Tensor]]

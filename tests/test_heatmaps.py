@@ -65,11 +65,12 @@ def test_engines_agree_and_template_weights_are_ignored(monkeypatch):
     assert not torch.allclose(a[4], a[5])
 
 
-def test_non_convolutional_layer_is_refused():
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_non_convolutional_layer_is_refused(engine):
     models = _models("cnn", 1, 28, k=2)
-    with pytest.raises(ValueError, match="fc1"):
+    with pytest.raises(ValueError, match=r"'fc1' gives \(1, 320\)-shaped outputs"):
         layercam_heatmaps(build_model("cnn", 1, 10, 28), [m.state_dict() for m in models],
-                          torch.randn(1, 1, 28, 28), "fc1", torch.tensor([0]), "loop")
+                          torch.randn(1, 1, 28, 28), "fc1", torch.tensor([0]), engine)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "regnety-800mf"])
