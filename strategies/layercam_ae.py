@@ -31,11 +31,7 @@ from flwr.common import log
 from torch import nn
 from torch.func import functional_call
 
-from strategies.autoencoder import (
-    load_optimizer_machinery,
-    reconstruction_errors,
-    torch_threads,
-)
+from strategies.autoencoder import reconstruction_errors, torch_threads
 from strategies.base import DetectingFedAvg
 from strategies.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
 from strategies.heatmaps import (
@@ -212,7 +208,6 @@ class LayerCamAe(DetectingFedAvg):
         self.evidence = EvidenceLedger(memory, score_cap)
         self.spreads = SpreadHistory(scale_rounds)
         self.group_z, self.group_size = group_z, group_size
-        load_optimizer_machinery()
 
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
