@@ -6,11 +6,11 @@ weight decay 1e-5, 200 epochs, hidden 128). R_l = mean_ij |L_l - L'_l| (eq. 12).
 
 The network is this small, so its gradients are written out (``_backward``) instead of
 recorded by autograd, into preallocated buffers, and Adam is torch's fused kernel on one flat
-buffer, called through the functional ``torch.optim.adam.adam`` (no ``Optimizer`` object:
-its per-step bookkeeping cost a third of the step): the same updates as ``nn.Sequential`` + autograd + ``torch.optim.Adam`` (the tests
-compare them), at the cost of the five matrix products an epoch needs: at K = 24, 2-3x faster
-than autograd on one CPU thread; at K = 1,000 the products dominate both
-(``benchmarks/detection_speed.py --part autoencoder``).
+buffer, called through the functional ``torch.optim.adam.adam`` (an ``Optimizer`` object's
+per-step bookkeeping cost a third of the step): the same updates as ``nn.Sequential`` +
+autograd + ``torch.optim.Adam`` (the tests compare them), at the cost of the five matrix
+products an epoch needs: at K = 24, 2.4x faster than autograd on one CPU thread; at K = 1,000
+the products dominate both (``benchmarks/detection_speed.py --part autoencoder``).
 
 On a GPU an epoch is a CUDA graph (``captured``): its kernels are microseconds each at these
 sizes, and launching them one by one from Python cost more than running them (the CNN's AE at
@@ -123,7 +123,8 @@ class _Training:
                          fused=maps.device.type in ("cpu", "cuda") or None)
         # Adam's state exists before the first step, so a captured step does not create it
         self.step = torch.zeros((), device=maps.device)
-        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.ae.flat), torch.zeros_like(self.ae.flat)
+        self.exp_avg = torch.zeros_like(self.ae.flat)
+        self.exp_avg_sq = torch.zeros_like(self.ae.flat)
         self.hidden, self.out = maps.new_empty(len(maps), hidden), torch.empty_like(maps)
         self.delta, self.hidden_delta = torch.empty_like(maps), torch.empty_like(self.hidden)
         self.loss = maps.new_zeros(())
