@@ -118,6 +118,7 @@ class _Training:
                  seed: int, track_loss: bool) -> None:
         self.maps, self.track_loss = maps, track_loss
         self.ae = FlatAutoencoder(heatmap_autoencoder(maps.shape[1], hidden, seed).to(maps.device))
+        # betas and eps: torch.optim.Adam's defaults, which the paper keeps
         self.adam = dict(lr=lr, weight_decay=weight_decay, beta1=0.9, beta2=0.999, eps=1e-8,
                          amsgrad=False, maximize=False, capturable=maps.is_cuda,
                          fused=maps.device.type in ("cpu", "cuda") or None)

@@ -181,8 +181,6 @@ def _cams_threads(
     share = -(-len(states) // len(models))
     jobs = [(model, states[i * share:(i + 1) * share]) for i, model in enumerate(models)]
     jobs = [(model, part) for model, part in jobs if part]
-    if len(jobs) == 1:
-        return _cams_loop(jobs[0][0], jobs[0][1], probes, layer, classes, combine)
     threads = torch.get_num_threads()
 
     def run(job):  # a new thread starts with the OpenMP/MKL defaults, not the caller's count
@@ -190,6 +188,7 @@ def _cams_threads(
         return _cams_loop(job[0], job[1], probes, layer, classes, combine)
 
     # the calling thread takes the first share: its core is awake, a pool thread's may not be
+    # (with one share no pool is made)
     futures = [_worker_pool(len(jobs) - 1).submit(run, job) for job in jobs[1:]]
     try:
         first = _cams_loop(jobs[0][0], jobs[0][1], probes, layer, classes, combine)
