@@ -2,8 +2,11 @@
 
 Each host gets its own namespace and a point-to-point link 10.<net>.<i>.0/24 to the hub (hub side
 .1, host side .2; <net> one that no address here uses yet, so two runs don't collide), so traffic between hosts and hub crosses real interfaces with real addresses
-and no bridging or forwarding (whatever the machine's firewall says about those). Needs root
-and iproute2.
+and no bridging or forwarding (whatever the machine's firewall says about those). Each host
+namespace routes everything through its link to the hub, so it can reach every address the hub
+has, as a machine whose gateway is the server could (Linux accepts a packet for any of its
+addresses on any interface): only what listens on the hub's loopback is out of its reach. Needs
+root and iproute2.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ class Lab:
             prefix = ["-n", ns]
         _ip(*prefix, "addr", "add", f"{host_address}/24", "dev", host_end)
         _ip(*prefix, "link", "set", host_end, "up")
+        if name is not None:  # the hub is this host's gateway: it reaches every hub address
+            _ip("-n", f"fl{self.tag}{name}", "route", "add", "default", "via", hub_address)
         return hub_address, host_address
 
     def namespace(self, name: str) -> str:
