@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,9 @@ from tests.netns import Lab, netns_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-WHY_NOT = netns_unavailable()
+WHY_NOT = netns_unavailable() or (
+    None if shutil.which("nginx") or os.access("/usr/sbin/nginx", os.X_OK) else
+    "needs nginx for the Fleet API proxy (Debian: apt-get install nginx-light; .ci/run does)")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))]
 
