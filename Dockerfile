@@ -1,6 +1,7 @@
 # The project image: Flower, PyTorch and this package. In the compose demo it runs the ServerApp
 # and the ClientApps (flower-superexec) beside Flower's official SuperLink and SuperNode images,
-# registers SuperNode keys and launches runs (the `flwr` CLI).
+# registers SuperNode keys, launches runs (the `flwr` CLI) and runs the Fleet API proxy (Debian's
+# nginx, deploy/fleet-proxy.sh; a base image without apt access must carry nginx already).
 #
 #   docker build -t layercam-ae-fl:latest .
 #
@@ -13,6 +14,8 @@ ARG PIP_OFFLINE=
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 RUN python3 -m venv /opt/venv
+RUN command -v nginx || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+      --no-install-recommends nginx-light && rm -rf /var/lib/apt/lists/*; }
 
 COPY docker/wheels/ /tmp/wheels/
 RUN pip install ${PIP_OFFLINE:+--no-index} --find-links /tmp/wheels "torch==2.14.1" "torchvision==0.29.1"
@@ -25,6 +28,6 @@ COPY attacks/ attacks/
 COPY crypto/ crypto/
 COPY server_app/ server_app/
 COPY client_app/ client_app/
-COPY deploy/*.sh deploy/
+COPY deploy/*.sh deploy/fleet-proxy.conf.template deploy/
 RUN pip install ${PIP_OFFLINE:+--no-index} --find-links /tmp/wheels /app && rm -rf /tmp/wheels
 WORKDIR /work

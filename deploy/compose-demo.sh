@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The docker-compose demo in one command: make TLS material and SuperNode keys (if missing),
-# build the project image, start the federation of docker-compose.yml (SuperLink, ServerApp,
-# 3 benign + 1 attacking SuperNode, TLS and SuperNode authentication on), run 2 rounds of
-# LayerCAM-AE from a CLI container, check the results in ./results, and stop everything.
+# build the project image, start the federation of docker-compose.yml (SuperLink on loopback,
+# the Fleet API proxy the SuperNodes connect through, ServerApp, 3 benign + 1 attacking
+# SuperNode, TLS and SuperNode authentication on), run 2 rounds of LayerCAM-AE from a CLI
+# container on the SuperLink's loopback address, check that the SuperNodes' address refuses the
+# Control API and the results in ./results, and stop everything.
 #
 #   deploy/compose-demo.sh
 #
@@ -14,6 +16,7 @@
 #                    where no registry is reachable set both to $PROJECT_IMAGE (it carries Flower)
 #   PIP_OFFLINE=1    build the image from the wheels in docker/wheels only
 #   DEMO_RUN_CONFIG  extra --run-config for the experiment
+#   SUPERLINK_HOST   the address SuperNodes use to reach the server (default 127.0.0.1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PROJECT_IMAGE=${PROJECT_IMAGE:-layercam-ae-fl:latest}
@@ -47,6 +50,21 @@ docker run --rm --network host -v "$PWD/deploy/certs/ca.crt:/certs/ca.crt:ro" "$
   flwr supernode list demo
   flwr run /app demo --stream --run-config "num-server-rounds=2 num-clients=4 num-attackers=1 attack='"'"'sign-flip'"'"' sign-flip-scale=4.0 defense='"'"'layercam-ae'"'"' local-epochs=1 layercam-ae-epochs=50 '"${DEMO_RUN_CONFIG:-}"'"
 '
+
+# The address the SuperNodes use serves the Fleet API only: a Control call gets the proxy's 404.
+python3 - "${SUPERLINK_HOST:-127.0.0.1}" <<'PY'
+import ssl, sys, urllib.error, urllib.request
+url = f"https://{sys.argv[1]}:9092/v1/control/list-runs"
+context = ssl.create_default_context(cafile="deploy/certs/ca.crt")
+try:
+    urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=10,
+                           context=context)
+except urllib.error.HTTPError as error:
+    if error.code != 404:
+        raise SystemExit(f"FAILED: {url} answered {error.code}, not the proxy's 404")
+else:
+    raise SystemExit(f"FAILED: {url} answered: the Control API is open to SuperNodes")
+PY
 
 summary=$(find results -name summary.json -newer "$marker" | head -1)
 [ -n "$summary" ] || { echo "FAILED: no summary.json was written; see results/compose.log" >&2; exit 1; }
