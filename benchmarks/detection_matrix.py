@@ -149,7 +149,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
             kept_ids = set(detection.kept) - (attackers if server_round in oracle_rounds else set())
             kept = [u for u in uploads if u.node_id in kept_ids]
             if kept:
-                global_state = {k: np.ascontiguousarray(v) for k, v in
+                global_state = {k: np.asarray(v, order="C") for k, v in
                                 strategy.new_global_state(detection, kept).items()}
             truth = {u.node_id: u.node_id in attackers for u in uploads}
             excluded = {u.node_id for u in uploads} - set(detection.kept)

@@ -109,7 +109,9 @@ def _model_reply(msg: Message, state: dict, metrics: dict) -> Message:
     import numpy as np
     import torch
 
-    arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    # np.asarray keeps 0-d buffers (BatchNorm's num_batches_tracked) 0-d; ascontiguousarray
+    # would make them 1-d, which the server's screening rightly refuses
+    arrays = ArrayRecord({k: torch.from_numpy(np.asarray(v, order="C")) for k, v in state.items()})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

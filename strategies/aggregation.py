@@ -25,5 +25,6 @@ def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
         total = np.zeros(first.shape, dtype=np.float64)
         for weight, upload in zip(weights, uploads):
             total += weight * upload.arrays[name]
-        out[name] = total.astype(first.dtype) if first.dtype.kind == "f" else np.rint(total).astype(first.dtype)
+        out[name] = (total.astype(first.dtype) if first.dtype.kind == "f"
+                     else np.asarray(np.rint(total)).astype(first.dtype))  # 0-d stays an array
     return out

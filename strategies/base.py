@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from strategies.aggregation import weighted_average
 from strategies.records import ClientUpload, Detection, RoundRecord
 from strategies.registry import DEFENSES, ServerAssets
-from strategies.validation import MAX_CLAIM_RATIO, MAX_UPDATE_RATIO, screen_replies
+from strategies.validation import MAX_UPDATE_RATIO, MAX_WEIGHT_SHARE, screen_replies
 from task.config import RunConfig
 
 
@@ -151,8 +151,9 @@ class DetectingFedAvg(FedAvg):
         for node_id, reason in rejected.items():
             log(WARNING, "Rejected upload from node %d: %s", node_id, reason)
         for node_id, claim in bounded.items():
-            log(WARNING, "Node %d claims %g examples: counted as %gx the median claim",
-                node_id, claim, MAX_CLAIM_RATIO)
+            log(WARNING, "Node %d claims %g examples: counted as %g, %g/K of the round's weight",
+                node_id, claim, next(u.num_examples for u in uploads if u.node_id == node_id),
+                MAX_WEIGHT_SHARE)
         screening = time.perf_counter() - start
         replied = {u.node_id for u in uploads} | set(rejected)
         missing = sorted((set(self.sampled) | self.participants) - replied)
@@ -166,12 +167,16 @@ class DetectingFedAvg(FedAvg):
         else:
             detection = Detection(kept=[], details={
                 "skipped": f"{len(uploads)} valid upload(s), fewer than the {needed} needed"})
-        kept_ids = set(detection.kept)
+        for node_id, reason in detection.rejected.items():
+            log(WARNING, "Rejected upload from node %d: %s", node_id, reason)
+            rejected[node_id] = reason
+        uploads = [u for u in uploads if u.node_id not in detection.rejected]
+        kept_ids = set(detection.kept) - set(detection.rejected)
         kept = [u for u in uploads if u.node_id in kept_ids]
         arrays, metrics, note = None, None, ""
         start = time.perf_counter()
         if kept:
-            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v))
+            arrays = ArrayRecord({k: Array(np.asarray(v, order="C"))  # 0-d stays 0-d
                                   for k, v in self.new_global_state(detection, kept).items()})
             metrics = self.train_metrics_aggr_fn(
                 [RecordDict({"metrics": MetricRecord(

@@ -49,9 +49,12 @@ class LayerCamKrum(LayerCamAe):
         timings: dict[str, float] = {}
         start = time.perf_counter()
         with torch_threads(self.threads):
-            maps = self.heatmaps(uploads)
+            maps, uploads, rejected = self.finite_heatmaps(uploads)
         vectors = maps.flatten(1).double().cpu().numpy()
         timings["heatmaps"] = time.perf_counter() - start
+        if not uploads:
+            return Detection(kept=[], rejected=rejected, timings=timings,
+                             details={"skipped": "no finite heat map"})
         start = time.perf_counter()
         scores = krum_scores(vectors, self.num_malicious)
         chosen = krum_select(vectors, self.num_malicious, max(1, len(uploads) - self.num_malicious))
@@ -59,4 +62,4 @@ class LayerCamKrum(LayerCamAe):
         return Detection(kept=[uploads[i].node_id for i in chosen],
                          scores={u.node_id: float(s) for u, s in zip(uploads, scores)},
                          details={"f": self.num_malicious, "engine": self.engine}, timings=timings,
-                         heatmaps=self.heatmaps_to_keep(maps))
+                         heatmaps=self.heatmaps_to_keep(maps), rejected=rejected)

@@ -244,26 +244,54 @@ class LayerCamAe(DetectingFedAvg):
                                      self.target_layer, self.probe_classes(), self.combine,
                                      self.engine, upsample=self.map_size == "probe")
 
+    def finite_heatmaps(self, uploads: list[ClientUpload]
+                        ) -> tuple[torch.Tensor, list[ClientUpload], dict[int, str]]:
+        """``heatmaps`` of the uploads whose maps are finite, those uploads, and the others
+        rejected with the reason. A finite upload can still make the model's output on the
+        probes overflow (weights scaled up layer after layer, a BatchNorm variance near zero):
+        its NaN/Inf map would poison the autoencoder every other map trains with."""
+        maps = self.heatmaps(uploads)
+        finite = torch.isfinite(maps.flatten(1)).all(dim=1).tolist()
+        if all(finite):
+            return maps, uploads, {}
+        rejected = {u.node_id: "heat map is not finite (the model's output on the server's "
+                    "probes overflows or is NaN)" for u, ok in zip(uploads, finite) if not ok}
+        return (maps[torch.tensor(finite, device=maps.device)],
+                [u for u, ok in zip(uploads, finite) if ok], rejected)
+
     def heatmaps_to_keep(self, maps: torch.Tensor) -> np.ndarray | None:
         """The first probe's maps (K, H, W) for the harness, with ``keep_heatmaps``."""
         return maps[:, 0].cpu().numpy() if self.keep_heatmaps else None
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}
-        node_ids = [u.node_id for u in uploads]
 
         with torch_threads(self.threads):
             start = time.perf_counter()
-            maps = self.heatmaps(uploads)
+            maps, uploads, rejected = self.finite_heatmaps(uploads)
             if maps.is_cuda:  # GPU work is asynchronous: time it, not its launch
                 torch.cuda.synchronize(maps.device)
             timings["heatmaps"] = time.perf_counter() - start
+            if not uploads:
+                return Detection(kept=[], rejected=rejected, timings=timings,
+                                 details={"skipped": "no finite heat map"})
 
             start = time.perf_counter()
             errors, epochs = reconstruction_errors(
                 maps.flatten(1), seed=self.seed + server_round, **self.ae_params)
             errors = errors.cpu().numpy()
             timings["autoencoder"] = time.perf_counter() - start
+        if not np.isfinite(errors).all():  # finite maps in [0, 1] keep the AE finite; never
+            # let it reach the evidence if they did not
+            rejected.update({u.node_id: "reconstruction error is not finite"
+                             for u, e in zip(uploads, errors) if not np.isfinite(e)})
+            keep = np.isfinite(errors)
+            maps, errors = maps[torch.from_numpy(keep).to(maps.device)], errors[keep]
+            uploads = [u for u, ok in zip(uploads, keep) if ok]
+            if not uploads:
+                return Detection(kept=[], rejected=rejected, timings=timings,
+                                 details={"skipped": "no finite reconstruction error"})
+        node_ids = [u.node_id for u in uploads]
 
         start = time.perf_counter()
         kept, scores, rule_details = (
@@ -283,7 +311,7 @@ class LayerCamAe(DetectingFedAvg):
             "ae_epochs": epochs,
         }
         return Detection(kept=kept, scores=scores, details=details, timings=timings,
-                         heatmaps=self.heatmaps_to_keep(maps))
+                         heatmaps=self.heatmaps_to_keep(maps), rejected=rejected)
 
     def decide_by_evidence(self, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:

@@ -41,7 +41,11 @@ class Detection:
     """The new global state, when the rule computes it while deciding (the coordinate-wise
     rules); ``None``: the strategy's ``aggregate`` of the kept uploads."""
     heatmaps: np.ndarray | None = None
-    """The round's heat maps (K, H, W; first probe) in upload order, for the harness to save."""
+    """The round's heat maps (K, H, W; first probe) of the uploads decided on, in upload order,
+    for the harness to save."""
+    rejected: dict[int, str] = field(default_factory=dict)
+    """Uploads the rule found unusable while deciding (a heat map that is not finite), with the
+    reason: they are neither kept nor scored, and the round records them as rejected."""
 
 
 @dataclass

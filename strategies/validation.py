@@ -8,9 +8,14 @@ or claims an implausible ``num-examples``; and any exception while screening one
 that reply, never the round. Rejected uploads never reach aggregation; the reasons go into the
 round's record.
 
-``num-examples`` weighs a client in FedAvg, so a claim is also bounded by the others: a claim
-above ``MAX_CLAIM_RATIO`` times the round's median claim counts as that bound (the original
-claim is recorded), so that one client cannot take the weight of the rest by saying so.
+Buffers are checked for what they are: a BatchNorm ``running_var`` is a variance (a negative
+one makes evaluation take the root of a negative number: NaN everywhere), ``num_batches_tracked``
+a count, and every integer array stays within +-2^53, where averaging in float64 is exact and
+casting back cannot overflow.
+
+``num-examples`` weighs a client in FedAvg, so a claim is also bounded by the others: no client
+carries more than ``MAX_WEIGHT_SHARE`` / K of the round's K valid claims (twice the share of K
+equal claims; ``bound_claims``), whatever it says; the original claim is recorded.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from logging import WARNING
 
 import numpy as np
@@ -36,8 +41,14 @@ MAX_EXAMPLES = 1e12
 """A ``num-examples`` claim above this is implausible (rejected); it also keeps every sum of
 claims finite."""
 
-MAX_CLAIM_RATIO = 10.0
-"""A claim above this many times the round's median claim counts as that bound."""
+MAX_WEIGHT_SHARE = 2.0
+"""No client's claim carries more than this many times 1/K of the round's total weight."""
+
+MAX_INTEGER = 2**53
+"""Integer arrays must stay within +-MAX_INTEGER (exact in float64, where they are averaged)."""
+
+NON_NEGATIVE_BUFFERS = ("running_var", "num_batches_tracked")
+"""Buffer names (the last part of an array's name; torch's BatchNorm) that cannot be negative."""
 
 NO_REPLY_ERRORS = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 """Errors by which the SuperLink says a node or its reply is gone (sent in the SuperLink's
@@ -101,6 +112,9 @@ def check_upload(
             return None, f"array {name!r} cannot be decoded ({err})"
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             return None, f"array {name!r} contains NaN or Inf"
+        problem = buffer_problem(name, value)
+        if problem:
+            return None, problem
         if value.dtype.kind == "f":
             squared_distance += float(np.sum((value.astype(np.float64) - expected) ** 2))
         arrays[name] = value
@@ -113,13 +127,47 @@ def check_upload(
     return ClientUpload(node_id, arrays, float(num_examples), dict(metrics)), ""
 
 
-def bound_claims(uploads: list[ClientUpload], ratio: float = MAX_CLAIM_RATIO
+def buffer_problem(name: str, value: np.ndarray) -> str:
+    """Why a (finite) array cannot be what its name says, or ""."""
+    if value.dtype.kind in "iu" and value.size and (
+            value.min() < -MAX_INTEGER or value.max() > MAX_INTEGER):
+        return f"array {name!r} holds integers beyond +-2^53"
+    if name.rsplit(".", 1)[-1] in NON_NEGATIVE_BUFFERS and value.size and value.min() < 0:
+        return f"array {name!r} is negative (min {value.min():.3g}): it cannot be"
+    return ""
+
+
+def claim_bound(claims: Sequence[float], share: float = MAX_WEIGHT_SHARE) -> float:
+    """The largest t such that, each claim counted as min(claim, t), no claim carries more
+    than ``share`` / K of their sum (``inf`` when none does; ``share`` >= 1).
+
+    With the j largest claims cut to t and R the sum of the rest, t / (j t + R) = share / K
+    gives t = c R / (1 - j c), c = share / K: the first j for which t is at least the next
+    claim down is the one where the cut stops."""
+    k = len(claims)
+    c = share / k if k else 1.0
+    ordered = sorted(claims, reverse=True)
+    if c >= 1 or ordered[0] <= c * sum(ordered):
+        return math.inf
+    rest = sum(ordered)
+    for j in range(1, k):
+        rest -= ordered[j - 1]
+        if j * c >= 1:
+            break
+        bound = c * rest / (1 - j * c)
+        if bound >= ordered[j]:
+            return bound
+    return ordered[-1]  # every claim cut to the smallest: equal weights, 1/K each
+
+
+def bound_claims(uploads: list[ClientUpload], share: float = MAX_WEIGHT_SHARE
                  ) -> tuple[list[ClientUpload], dict[int, float]]:
-    """Count each ``num-examples`` claim as at most ``ratio`` x the median claim; return the
-    uploads with their bounded claims and ``{node_id: original claim}`` of those bounded."""
+    """Count each ``num-examples`` claim as at most ``claim_bound`` of the round's claims;
+    return the uploads with their bounded claims and ``{node_id: original claim}`` of those
+    bounded."""
     if not uploads:
         return uploads, {}
-    bound = ratio * float(np.median([u.num_examples for u in uploads]))
+    bound = claim_bound([u.num_examples for u in uploads], share)
     bounded = {u.node_id: u.num_examples for u in uploads if u.num_examples > bound}
     return [dataclasses.replace(u, num_examples=bound) if u.node_id in bounded else u
             for u in uploads], bounded

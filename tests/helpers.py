@@ -31,7 +31,7 @@ def reply(node_id: int, arrays: dict[str, np.ndarray] | None, metrics: dict) -> 
     instruction = Message(RecordDict(), dst_node_id=node_id, message_type="train")
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        content["arrays"] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
     return Message(content, reply_to=instruction)
 
 

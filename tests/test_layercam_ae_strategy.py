@@ -230,3 +230,39 @@ def test_probes_are_scored_for_their_labels_unless_a_class_is_fixed(trajectory):
         assert torch.equal(predicted.probe_classes(), model.eval()(predicted.probes).argmax(dim=1))
     with pytest.raises(ValueError, match="probe_labels"):
         make_strategy(data, probe_labels=labels[:3])
+
+
+def test_an_upload_whose_heat_map_overflows_is_rejected_and_the_round_goes_on():
+    """A ResNet-18 scaled x100 passes the screening (its distance is inside the norm bound) but
+    its outputs on the probes overflow to NaN: its heat map is not finite. It is rejected with
+    the reason, the other uploads are decided on as if it had not come, and nothing non-finite
+    reaches a score, the evidence or the model."""
+    torch.manual_seed(0)
+    model_fn = lambda: build_model("resnet18", 1, 10, 16)  # noqa: E731
+    global_state = {k: v.numpy().copy() for k, v in model_fn().state_dict().items()}
+    rng = np.random.default_rng(0)
+    benign = [{k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype) if v.dtype.kind == "f"
+               else v for k, v in global_state.items()} for _ in range(5)]
+    scaled = {k: v * np.float32(100) if v.dtype.kind == "f" and not k.endswith("running_var")
+              else v for k, v in benign[0].items()}
+    probes = torch.rand(2, 1, 16, 16)
+
+    def decide(states):
+        strategy = LayerCamAe(model_fn=model_fn, probes=probes,
+                              target_layer="layer4", seed=0, epochs=20, min_replies=2)
+        strategy.global_state = global_state
+        arrays, _ = strategy.aggregate_train(1, [reply(c, s, {"num-examples": 10})
+                                                 for c, s in enumerate(states)])
+        return arrays, strategy
+
+    arrays, strategy = decide(benign + [scaled])
+    record = strategy.last_record
+    assert record.rejected == {5: "heat map is not finite (the model's output on the server's "
+                                  "probes overflows or is NaN)"}
+    assert 5 not in record.kept + record.excluded and 5 in record.received
+    assert all(np.isfinite(s) for s in record.scores.values()) and 5 not in record.scores
+    assert all(np.isfinite(e) for e in strategy.evidence.sums.values()) and 5 not in strategy.evidence.sums
+    _, clean = decide(benign)
+    assert record.kept == clean.last_record.kept
+    assert record.scores == pytest.approx(clean.last_record.scores)
+    assert all(np.isfinite(v.numpy()).all() for v in arrays.values())

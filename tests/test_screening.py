@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from server_app.defenses import build_defense, server_assets
 from strategies.registry import DEFENSES
-from strategies.validation import MAX_CLAIM_RATIO, MAX_EXAMPLES
+from strategies.records import ClientUpload
+from strategies.validation import MAX_EXAMPLES, MAX_WEIGHT_SHARE, bound_claims, claim_bound
 from task.config import RunConfig
 from task.data import load_federated_data
 from task.models import build_model
@@ -62,7 +63,7 @@ def raw_reply(node_id: int, arrays: dict[str, Array] | None, metrics: dict | Non
 
 
 def arrays_of(state: dict[str, np.ndarray]) -> dict[str, Array]:
-    return {k: Array(np.ascontiguousarray(v)) for k, v in state.items()}
+    return {k: Array(np.asarray(v, order="C")) for k, v in state.items()}
 
 
 def malformed(kind: str, node_id: int, state: dict[str, np.ndarray], draw) -> Message:
@@ -204,20 +205,53 @@ def test_an_error_after_an_accepted_reply_is_ignored(setting):
     assert record.kept == [1, 2] and not record.rejected
 
 
-def test_a_claim_far_above_the_median_counts_as_the_bound(setting):
-    """Two clients claiming 1e308 would overflow the weight sum; one claiming 1e11 would take
-    nearly all the weight. Rejected and bounded respectively, the others keep their share."""
+def test_a_huge_claim_is_rejected_and_a_large_one_carries_at_most_twice_the_fair_share(setting):
+    """Two clients claiming 1e308 would overflow the weight sum (rejected); one claiming 1e11
+    would take nearly all the weight: it is counted as the t with t / (t + 500) = 2 / 4."""
     images, global_state, valid = setting
     claims = {0: 100.0, 1: 100.0, 2: 300.0, 3: 1e11, 4: 1e308, 5: 1e308}
     got, record = aggregate("fedavg", images, global_state,
                             [reply(c, valid[c], {"num-examples": n}) for c, n in claims.items()])
     assert set(record.rejected) == {4, 5} and record.bounded_claims == {3: 1e11}
-    bound = MAX_CLAIM_RATIO * float(np.median([100.0, 100.0, 300.0, 1e11]))  # 10 x 200
-    weights = np.array([100.0, 100.0, 300.0, bound])
+    weights = np.array([100.0, 100.0, 300.0, 500.0])  # 500 / 1000 = 2 / K, K = 4
     expected = sum(w * valid[c]["fc2.bias"].astype(np.float64) for c, w in enumerate(weights))
     np.testing.assert_allclose(got["fc2.bias"], expected / weights.sum(), rtol=1e-6)
     assert np.isfinite(got["fc2.bias"]).all()
     assert dataclasses.asdict(record)["bounded_claims"] == {3: 1e11}
+
+
+@pytest.mark.parametrize("clients", [8, 24])
+def test_one_liar_among_honest_clients_gets_twice_the_fair_share_at_most(clients):
+    """A liar claiming 1e11 among honest clients of 300-400 examples: FedAvg gives it 2/K of
+    the weight (with the previous bound, 10x the median, it got 59% among 8), and the honest
+    clients keep their proportions."""
+    rng = np.random.default_rng(clients)
+    honest = rng.integers(300, 400, clients - 1).astype(float)
+    uploads = [ClientUpload(c, {}, n) for c, n in enumerate(honest)]
+    uploads.append(ClientUpload(clients - 1, {}, 1e11))
+    bounded, original = bound_claims(uploads)
+    weights = np.array([u.num_examples for u in bounded])
+    share = weights / weights.sum()
+    assert original == {clients - 1: 1e11}
+    assert share[-1] == pytest.approx(MAX_WEIGHT_SHARE / clients)
+    np.testing.assert_allclose(weights[:-1], honest)  # honest claims untouched
+    assert share[:-1].max() < MAX_WEIGHT_SHARE / clients
+
+
+def test_the_claim_bound_is_the_largest_cut_that_keeps_every_share_within_2_over_k():
+    """Against a brute-force search over cuts, on claims with several large ones."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k = int(rng.integers(3, 12))
+        claims = list(rng.lognormal(5, 2, k))
+        bound = claim_bound(claims)
+        cut = np.minimum(claims, bound)
+        assert (cut / cut.sum()).max() <= MAX_WEIGHT_SHARE / k + 1e-9
+        if np.isfinite(bound):  # any larger cut gives some claim more than 2/K
+            larger = np.minimum(claims, bound * 1.001)
+            assert (larger / larger.sum()).max() > MAX_WEIGHT_SHARE / k
+        else:
+            assert max(claims) / sum(claims) <= MAX_WEIGHT_SHARE / k
 
 
 def test_an_npy_header_claiming_a_huge_array_is_rejected_before_it_is_allocated(setting):
@@ -234,3 +268,119 @@ def test_an_npy_header_claiming_a_huge_array_is_rejected_before_it_is_allocated(
                            reply(1, valid[1], {"num-examples": 100})])
     assert record.kept == [1] and "decodes to float32[1048576, 1048576]" in record.rejected[0]
 
+
+
+# BatchNorm uploads: buffers are data too
+
+@pytest.fixture(scope="module")
+def bn_setting():
+    """The CNN with BatchNorm after each convolution (FAA-DL's Fashion-MNIST variant), made
+    selectable as ``model = "cnn-bn"`` for these tests, and valid uploads of it."""
+    from task.models import MODELS, FaaDlCnn, ModelSpec
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(MODELS, "cnn-bn", ModelSpec(
+            lambda c, n, s: FaaDlCnn(c, n, s, batch_norm=True), "conv2"))
+        torch.manual_seed(0)
+        data = load_federated_data("mnist-embedded", 0)
+        global_state = state_to_numpy(build_model("cnn-bn", 1, 10, 28))
+        rng = np.random.default_rng(0)
+        valid = [{k: (v + np.abs(rng.normal(0, 0.01, v.shape))).astype(v.dtype)
+                  if v.dtype.kind == "f" else v + 3 for k, v in global_state.items()}
+                 for _ in range(VALID)]
+        yield data, global_state, valid
+
+
+def bn_aggregate(name, data, global_state, replies):
+    config = RunConfig(defense=name, model="cnn-bn", num_clients=VALID, num_attackers=1,
+                       krum_f=1, min_replies=1)
+    strategy = build_defense(config, server_assets(config, data.test))
+    strategy.global_state = global_state
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return (None if arrays is None else {k: v.numpy() for k, v in arrays.items()}), strategy.last_record
+
+
+BUFFERS = ("bn1.running_mean", "bn1.running_var", "bn2.running_var", "bn1.num_batches_tracked")
+
+
+def broken_buffer(state: dict[str, np.ndarray], draw) -> dict[str, np.ndarray]:
+    """``state`` with one buffer that cannot be: NaN/Inf, a negative variance or count, an
+    integer past 2^53."""
+    name = draw(st.sampled_from(BUFFERS))
+    bad = {k: v.copy() for k, v in state.items()}
+    if name.endswith("num_batches_tracked"):
+        bad[name] = np.array(draw(st.sampled_from([-1, -(2**62), 2**53 + 1, 2**63 - 1])),
+                             dtype=np.int64)
+    elif name.endswith("running_var"):
+        bad[name].flat[draw(st.integers(0, bad[name].size - 1))] = draw(st.sampled_from(
+            [-100.0, -1e-6, np.nan, np.inf, -np.inf]))
+    else:
+        bad[name].flat[0] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return bad
+
+
+@pytest.mark.parametrize("defense", SCREENED_DEFENSES)
+@settings(max_examples=5, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_impossible_buffers_are_rejected_and_change_nothing(defense, bn_setting, data):
+    images, global_state, valid = bn_setting
+    count = data.draw(st.integers(1, 3), label="broken uploads")
+    bad = [reply(100 + i, broken_buffer(valid[i], data.draw), {"num-examples": 100})
+           for i in range(count)]
+    good = [reply(c, state, {"num-examples": 100 + c}) for c, state in enumerate(valid)]
+    expected, clean_record = bn_aggregate(defense, images, global_state, good)
+    got, record = bn_aggregate(defense, images, global_state, good + bad)
+
+    assert set(record.rejected) == {100 + i for i in range(count)}, record.rejected
+    assert all("NaN or Inf" in r or "negative" in r or "2^53" in r
+               for r in record.rejected.values()), record.rejected
+    assert record.kept == clean_record.kept and record.excluded == clean_record.excluded
+    assert got is not None and all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert got["bn1.num_batches_tracked"].shape == ()  # 0-d buffers stay 0-d
+
+
+def extreme_buffers(state: dict[str, np.ndarray], draw) -> dict[str, np.ndarray]:
+    """``state`` with buffers at the edge of what they can be: zero variances, large means,
+    a count of 2^53, or every weight scaled up (the model's outputs may overflow)."""
+    out = {k: v.copy() for k, v in state.items()}
+    kind = draw(st.sampled_from(["zero variance", "large mean", "huge count", "scaled"]))
+    if kind == "zero variance":
+        out["bn1.running_var"][:] = 0.0
+        out["bn2.running_var"][:] = 0.0
+    elif kind == "large mean":
+        out["bn2.running_mean"][:] = draw(st.sampled_from([-30.0, 30.0]))
+    elif kind == "huge count":
+        out["bn2.num_batches_tracked"] = np.array(2**53, dtype=np.int64)
+    else:
+        factor = draw(st.sampled_from([50.0, 400.0]))
+        for name in ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"):
+            out[name] = out[name] * np.float32(factor)
+        out["bn1.running_var"][:] = 1e-12
+        out["bn2.running_var"][:] = 1e-12
+    return out
+
+
+@pytest.mark.parametrize("defense", SCREENED_DEFENSES)
+@settings(max_examples=4, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_extreme_but_possible_buffers_leave_everything_finite(defense, bn_setting, data):
+    """Every defense decides, nothing raises, and no NaN/Inf reaches a score, the record or the
+    model; an upload that a defense cannot use is rejected with the reason."""
+    import json
+
+    images, global_state, valid = bn_setting
+    count = data.draw(st.integers(1, 2), label="extreme uploads")
+    extreme = [reply(100 + i, extreme_buffers(valid[i], data.draw), {"num-examples": 100})
+               for i in range(count)]
+    good = [reply(c, state, {"num-examples": 100 + c}) for c, state in enumerate(valid)]
+    got, record = bn_aggregate(defense, images, global_state, good + extreme)
+
+    assert got is not None
+    assert all(np.isfinite(v).all() for v in got.values() if v.dtype.kind == "f")
+    assert (got["bn1.running_var"] >= 0).all() and (got["bn2.running_var"] >= 0).all()
+    assert all(np.isfinite(s) for s in (record.scores or {}).values()), record.scores
+    json.dumps(record.to_json(), allow_nan=False)  # nothing non-finite in the record
+    assert set(record.received) == set(range(VALID)) | {100 + i for i in range(count)}
+    assert all(isinstance(r, str) and r for r in record.rejected.values())
