@@ -18,6 +18,7 @@ them gets nothing and is passed on as sent.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -39,10 +40,27 @@ def _metric(reply: Message, key: str):
     return reply.content["metrics"].get(key)
 
 
-def _content_order(reply: Message) -> tuple[bytes, int]:
-    """Order of a benign upload: its content, not its (random) node id or arrival."""
-    arrays = reply.content["arrays"]
-    return content_key({k: v.numpy() for k, v in arrays.items()}), reply.metadata.src_node_id
+def _number(value) -> float | None:
+    """``value`` as a finite float, or ``None`` (a client's metric can be anything)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _forwardable(reply: Message) -> tuple[bytes, int] | None:
+    """A benign reply's place among those forwarded (its content, not its random node id or
+    arrival), or ``None`` when it is no well-formed upload: arrays that decode and a positive
+    ``num-examples``. The strategy's screening rejects such a reply; the harness must not
+    fail on it first."""
+    if (not reply.has_content() or _metric(reply, "attacker") != 0.0
+            or "arrays" not in reply.content.array_records
+            or not (_number(_metric(reply, "num-examples")) or 0) > 0):
+        return None
+    try:
+        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        return content_key(arrays), reply.metadata.src_node_id
+    except Exception:  # noqa: BLE001 -- bytes that do not decode: not forwarded
+        return None
 
 
 def strip_ground_truth(reply: Message) -> Message:
@@ -94,9 +112,9 @@ class EavesdroppingGrid:
             # their replies go on as sent
         if not waiting:
             return [strip_ground_truth(r) for r in replies]
-        benign = sorted((r for r in replies if r.has_content() and _metric(r, "attacker") == 0.0
-                         and "arrays" in r.content.array_records),
-                        key=_content_order)  # crafts are reproducible from run to run
+        order = {id(r): _forwardable(r) for r in replies}
+        benign = sorted((r for r in replies if order[id(r)] is not None),
+                        key=lambda r: order[id(r)])  # crafts are reproducible from run to run
         crafted = self._eavesdrop(messages, waiting, benign, timeout)
         waiting_ids = {r.metadata.src_node_id for r in waiting}
         kept = [r for r in replies if r.metadata.src_node_id not in waiting_ids]
@@ -109,9 +127,8 @@ class EavesdroppingGrid:
                    timeout: float | None) -> dict[int, Message]:
         """Send each waiting attacker the benign uploads; return its crafted reply by node id."""
         global_arrays = {m.metadata.dst_node_id: m.content["arrays"] for m in messages}
-        sizes = [float(_metric(r, "num-examples") or 0) for r in benign]
-        losses = [float(_metric(r, "train-loss")) for r in benign
-                  if isinstance(_metric(r, "train-loss"), (int, float))]
+        sizes = [_number(_metric(r, "num-examples")) for r in benign]  # positive: _forwardable
+        losses = [loss for r in benign if (loss := _number(_metric(r, "train-loss"))) is not None]
         content = RecordDict({f"benign-{i}": r.content["arrays"] for i, r in enumerate(benign)})
         content["config"] = ConfigRecord({
             "server-round": messages[0].content["config"]["server-round"],

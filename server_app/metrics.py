@@ -2,12 +2,14 @@
 
 Positive class = attacker. A client counts as detected when the defense excluded its upload
 (a rejected upload never entered the model either, so it counts as excluded). AUC uses the
-defense's continuous scores (higher = more suspicious), never the hard decisions; it is absent
-when the defense has no scores or only one class took part.
+defense's continuous scores (higher = more suspicious), never the hard decisions; a client
+removed without a finite score (a rejected upload) ranks above every score. AUC is absent when
+the defense has no scores, a kept client has none, or only one class took part.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -32,9 +34,21 @@ def detection_metrics(
         "f1": float(f1_score(y_true, y_pred, zero_division=0.0)),
         "auc": None,
     }
-    if scores is not None and 0 < y_true.sum() < len(y_true) and all(n in scores for n in nodes):
-        out["auc"] = float(roc_auc_score(y_true, [scores[n] for n in nodes]))
+    ranking = None if scores is None else ranking_scores(nodes, scores, excluded)
+    if ranking is not None and 0 < y_true.sum() < len(y_true):
+        out["auc"] = float(roc_auc_score(y_true, ranking))
     return out
+
+
+def ranking_scores(nodes: list, scores: Mapping, removed: set) -> list[float] | None:
+    """Each node's score for the ROC; a removed node without a finite score ranks above all
+    (``None`` when a kept node has none: the ranking is not known)."""
+    finite = {n: float(s) for n, s in scores.items()
+              if isinstance(s, (int, float)) and math.isfinite(s)}
+    top = max(finite.values(), default=0.0) + 1.0
+    if any(n not in finite and n not in removed for n in nodes):
+        return None
+    return [finite.get(n, top) for n in nodes]
 
 
 def pooled_detection_metrics(rounds: Iterable[tuple[Mapping[int, bool], Iterable[int],

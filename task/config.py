@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
 from task.data import DATASETS
-from task.models import MODELS
+from task.models import MODELS, default_cam_layer, feature_map_problem
 from task.partition import PARTITIONINGS
 
 FAA_DL_ATTACKER_RESPONSES = ("true-data", "forged-data")
@@ -153,62 +154,15 @@ class RunConfig:
         _choice("layercam-ae-threshold", self.layercam_ae_threshold, LAYERCAM_AE_THRESHOLDS)
         _choice("layercam-ae-engine", self.layercam_ae_engine, HEATMAP_ENGINES)
         _choice("layercam-ae-map-size", self.layercam_ae_map_size, HEATMAP_SIZES)
-        for key, value, low in (
-            ("num-server-rounds", self.num_server_rounds, 1),
-            ("num-clients", self.num_clients, 2),
-            ("num-attackers", self.num_attackers, 0),
-            ("min-replies", self.min_replies, 1),
-            ("local-epochs", self.local_epochs, 1),
-            ("batch-size", self.batch_size, 1),
-            ("layercam-ae-window", self.layercam_ae_window, 1),
-            ("layercam-ae-scale-rounds", self.layercam_ae_scale_rounds, 1),
-            ("layercam-ae-group-size", self.layercam_ae_group_size, 0),
-            ("layercam-ae-votes", self.layercam_ae_votes, 1),
-            ("layercam-ae-probes", self.layercam_ae_probes, 1),
-            ("layercam-ae-hidden", self.layercam_ae_hidden, 1),
-            ("layercam-ae-epochs", self.layercam_ae_epochs, 1),
-            ("layercam-ae-threads", self.layercam_ae_threads, 0),
-            ("layercam-ae-workers", self.layercam_ae_workers, 1),
-            ("gae-graph-nodes", self.gae_graph_nodes, 2),
-            ("gae-candidate-nodes", self.gae_candidate_nodes, self.gae_graph_nodes),
-            ("gae-epochs", self.gae_epochs, 0),
-            ("gae-adversarial-epochs", self.gae_adversarial_epochs, 0),
-            ("krum-f", self.krum_f, 0),
-            ("multi-krum-m", self.multi_krum_m, 0),
-            ("auror-features", self.auror_features, 1),
-        ):
-            if value < low:
-                raise ConfigError(f"{key} must be >= {low}, got {value}")
-        for key, value in (
-            ("dirichlet-alpha", self.dirichlet_alpha),
-            ("learning-rate", self.learning_rate),
-            ("round-timeout", self.round_timeout),
-            ("node-wait-timeout", self.node_wait_timeout),
-            ("layercam-ae-robust-z", self.layercam_ae_robust_z),
-            ("layercam-ae-score-cap", self.layercam_ae_score_cap),
-            ("layercam-ae-group-z", self.layercam_ae_group_z),
-            ("layercam-ae-lr", self.layercam_ae_lr),
-            ("sign-flip-scale", self.sign_flip_scale),
-            ("gaussian-sigma", self.gaussian_sigma),
-            ("uniform-noise-scale", self.uniform_noise_scale),
-            ("ipm-epsilon", self.ipm_epsilon),
-            ("gae-budget", self.gae_budget),
-            ("gae-learning-rate", self.gae_learning_rate),
-            ("faa-dl-tolerance", self.faa_dl_tolerance),
-        ):
-            if not value > 0:
-                raise ConfigError(f"{key} must be > 0, got {value}")
-        for key, value in (
-            ("weight-decay", self.weight_decay),
-            ("layercam-ae-beta", self.layercam_ae_beta),
-            ("layercam-ae-weight-decay", self.layercam_ae_weight_decay),
-            ("layercam-ae-tolerance", self.layercam_ae_tolerance),
-            ("alie-z", self.alie_z),
-            ("gae-radius", self.gae_radius),
-            ("cosdefense-margin", self.cosdefense_margin),
-        ):
-            if not value >= 0:
-                raise ConfigError(f"{key} must be >= 0, got {value}")
+        for key, bounds in NUMERIC_RANGES.items():
+            bounds.check(key, getattr(self, key.replace("-", "_")))
+        if self.gae_candidate_nodes < self.gae_graph_nodes:
+            raise ConfigError(f"gae-candidate-nodes ({self.gae_candidate_nodes}) must be >= "
+                              f"gae-graph-nodes ({self.gae_graph_nodes})")
+        for key, value in (("defense", self.defense), ("attack", self.attack)):
+            if not NAME.fullmatch(value):  # names the run's folder: nothing but a plain name
+                raise ConfigError(f"{key}={value!r} is not a name (lower-case letters, digits "
+                                  f"and '-')")
         if self.num_attackers >= self.num_clients:
             raise ConfigError(
                 f"num-attackers ({self.num_attackers}) must be < num-clients ({self.num_clients})"
@@ -223,56 +177,123 @@ class RunConfig:
                 f"layercam-ae-votes ({self.layercam_ae_votes}) must be <= layercam-ae-window "
                 f"({self.layercam_ae_window})"
             )
-        if not 0 <= self.layercam_ae_memory < 1:
-            raise ConfigError(f"layercam-ae-memory must be in [0, 1), got {self.layercam_ae_memory}")
         if self.layercam_ae_decision == "evidence" and self.layercam_ae_threshold != "two-sided":
             raise ConfigError(
                 "layercam-ae-threshold='upper' (the paper's rule) needs "
                 "layercam-ae-decision='voting'; the evidence decision accumulates the two-sided score"
             )
-        if not 0 <= self.trimmed_mean_beta < 0.5:
-            raise ConfigError(f"trimmed-mean-beta must be in [0, 0.5), got {self.trimmed_mean_beta}")
-        for key, value in (("auror-separation", self.auror_separation),
-                           ("auror-tau", self.auror_tau)):
-            if not 0 < value <= 1:
-                raise ConfigError(f"{key} must be in (0, 1], got {value}")
-        if not -1 <= self.gae_edge_threshold <= 1:
-            raise ConfigError(f"gae-edge-threshold must be a cosine in [-1, 1], got "
-                              f"{self.gae_edge_threshold}")
-        if not 0 <= self.gae_edge_ramp <= 1:
-            raise ConfigError(f"gae-edge-ramp must be in [0, 1], got {self.gae_edge_ramp}")
-        if not 0 < self.gae_perturbation <= 1:
-            raise ConfigError(f"gae-perturbation must be in (0, 1], got {self.gae_perturbation}")
-        if not 0 < self.faa_dl_nu <= 1:
-            raise ConfigError(f"faa-dl-nu must be in (0, 1], got {self.faa_dl_nu}")
-        if self.layercam_ae_target_class < -1:
-            raise ConfigError("layercam-ae-target-class must be -1 (the probe's label or the "
-                              "predicted class) or a class")
         if not self.results_dir:
             raise ConfigError("results-dir must not be empty")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must be in [0, 2^32), got {self.seed}")
-        if abs(self.faa_dl_aont_lambda) > MAX_AONT_LAMBDA:
-            raise ConfigError(f"faa-dl-aont-lambda must be within +-{MAX_AONT_LAMBDA} (it sizes "
-                              f"the server's discrete-log table), got {self.faa_dl_aont_lambda}")
 
-    def validate_for(self, num_classes: int, model: Any) -> None:
-        """The checks that need the dataset and model: the target class exists, the target
-        layer is a module of the model."""
+    def validate_for(self, num_classes: int, model: Any, example: Any) -> None:
+        """The checks that need the dataset and model: the target class exists, and the heat
+        maps' layer (``layercam-ae-target-layer``, else the model's default) gives a
+        convolutional feature map for ``example``, a (1, C, H, W) input."""
         if self.layercam_ae_target_class >= num_classes:
             raise ConfigError(f"layercam-ae-target-class must be < {num_classes} (the classes of "
                               f"{self.dataset}), got {self.layercam_ae_target_class}")
-        if self.layercam_ae_target_layer:
-            try:
-                model.get_submodule(self.layercam_ae_target_layer)
-            except AttributeError:
-                raise ConfigError(
-                    f"layercam-ae-target-layer={self.layercam_ae_target_layer!r} is not a module "
-                    f"of {self.model}") from None
+        layer = self.layercam_ae_target_layer or default_cam_layer(self.model)
+        try:
+            model.get_submodule(layer)
+        except AttributeError:
+            raise ConfigError(f"layercam-ae-target-layer={layer!r} is not a module of "
+                              f"{self.model}") from None
+        problem = feature_map_problem(model, layer, example)
+        if problem:
+            raise ConfigError(f"layercam-ae-target-layer={layer!r} {problem}")
 
 
 MAX_AONT_LAMBDA = 1000
 """Bound on |faa-dl-aont-lambda|: the server's discrete-log table grows with it."""
+
+NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+"""What a registry name looks like (``defense``, ``attack``): it names the run's folder."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: [low, high], either end open."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+
+    def check(self, key: str, value: float) -> None:
+        above = self.low < value if self.open_low else self.low <= value
+        below = value < self.high if self.open_high else value <= self.high
+        if not (above and below):
+            raise ConfigError(f"{key} must be in {'(' if self.open_low else '['}{self.low:g}, "
+                              f"{self.high:g}{')' if self.open_high else ']'}, got {value}")
+
+
+POSITIVE = Range(0, 1e6, open_low=True)
+"""A scale or strength with no natural ceiling: any value past 1e6 is a typo."""
+WEEK = 7 * 24 * 3600.0
+"""The longest a timeout may be, in seconds."""
+
+NUMERIC_RANGES: dict[str, Range] = {
+    # the federation: sizes that allocate per client, per round or per batch
+    "num-server-rounds": Range(1, 100_000),
+    "num-clients": Range(2, 100_000),
+    "num-attackers": Range(0, 100_000),
+    "min-replies": Range(1, 100_000),
+    "local-epochs": Range(1, 10_000),
+    "batch-size": Range(1, 100_000),
+    "learning-rate": Range(0, 10, open_low=True),
+    "weight-decay": Range(0, 10),
+    "dirichlet-alpha": Range(0, 1e4, open_low=True),
+    "seed": Range(0, 2**32 - 1),
+    "round-timeout": Range(0, WEEK, open_low=True),
+    "node-wait-timeout": Range(0, WEEK, open_low=True),
+    # attacks
+    "sign-flip-scale": POSITIVE,
+    "gaussian-sigma": POSITIVE,
+    "uniform-noise-scale": POSITIVE,
+    "alie-z": Range(0, 1e3),
+    "ipm-epsilon": POSITIVE,
+    "gae-graph-nodes": Range(2, 10_000),  # the graph's dense M x M adjacency
+    "gae-candidate-nodes": Range(2, 1_000_000),
+    "gae-edge-threshold": Range(-1, 1),  # a cosine
+    "gae-edge-ramp": Range(0, 1),
+    "gae-epochs": Range(0, 100_000),
+    "gae-adversarial-epochs": Range(0, 100_000),
+    "gae-perturbation": Range(0, 1, open_low=True),
+    "gae-learning-rate": Range(0, 10, open_low=True),
+    "gae-budget": Range(0, 1, open_low=True),  # a share of the distances' sum
+    "gae-radius": Range(0, 1e6),
+    # baseline defenses
+    "krum-f": Range(0, 100_000),
+    "multi-krum-m": Range(0, 100_000),
+    "trimmed-mean-beta": Range(0, 0.5, open_high=True),
+    "auror-features": Range(1, 1_000_000),
+    "auror-separation": Range(0, 1, open_low=True),
+    "auror-tau": Range(0, 1, open_low=True),
+    "cosdefense-margin": Range(0, 1e3),
+    "faa-dl-nu": Range(0, 1, open_low=True),
+    "faa-dl-tolerance": Range(0, 1, open_low=True),
+    "faa-dl-aont-lambda": Range(-MAX_AONT_LAMBDA, MAX_AONT_LAMBDA),  # the discrete-log table
+    # LayerCAM-AE
+    "layercam-ae-memory": Range(0, 1, open_high=True),
+    "layercam-ae-score-cap": Range(0, 100, open_low=True),
+    "layercam-ae-scale-rounds": Range(1, 10_000),
+    "layercam-ae-group-z": Range(0, 100, open_low=True),
+    "layercam-ae-group-size": Range(0, 100_000),
+    "layercam-ae-beta": Range(0, 100),
+    "layercam-ae-robust-z": Range(0, 100, open_low=True),
+    "layercam-ae-window": Range(1, 10_000),
+    "layercam-ae-votes": Range(1, 10_000),
+    "layercam-ae-probes": Range(1, 1024),  # K x probes maps per round
+    "layercam-ae-target-class": Range(-1, 1_000_000),  # -1: the probe's label or prediction
+    "layercam-ae-hidden": Range(1, 65_536),
+    "layercam-ae-epochs": Range(1, 1_000_000),
+    "layercam-ae-lr": Range(0, 10, open_low=True),
+    "layercam-ae-weight-decay": Range(0, 10),
+    "layercam-ae-tolerance": Range(0, 1),
+    "layercam-ae-threads": Range(0, 1024),
+    "layercam-ae-workers": Range(1, 256),  # each holds a copy of the model
+}
+"""Every numeric key's range: what makes sense, and nothing that can exhaust the machine."""
 
 
 def _coerce(key: str, raw: Any, kind: type) -> Any:

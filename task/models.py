@@ -115,3 +115,25 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
 def default_cam_layer(name: str) -> str:
     """Dotted module name of the model's default LayerCAM target layer."""
     return MODELS[name].cam_layer
+
+
+def feature_map_problem(model: nn.Module, layer: str, example: torch.Tensor) -> str:
+    """Why ``layer`` of ``model`` cannot be a class-activation map's target for ``example``
+    (a (1, C, H, W) input), or "": it must run once per forward pass (a module used twice,
+    such as a shared pooling layer, has no single map) and give a (N, C, h, w) feature map."""
+    outputs: list[tuple[int, ...]] = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, output: outputs.append(tuple(getattr(output, "shape", ()))))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if len(outputs) != 1:
+        return f"runs {len(outputs)} times in a forward pass; a class-activation map needs one"
+    if len(outputs[0]) != 4 or min(outputs[0][2:]) < 1:
+        return (f"gives {outputs[0]}-shaped outputs; a class-activation map needs a "
+                f"convolutional (N, C, h, w) feature map")
+    return ""

@@ -48,6 +48,19 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("faa-dl-aont-lambda", 10**9, "faa-dl-aont-lambda"),
     ("min-replies", 0, "min-replies"),
     ("min-replies", 25, "min-replies.*num-clients"),
+    # upper bounds: values that would exhaust the machine or make no sense
+    ("layercam-ae-workers", 1_000_000, r"layercam-ae-workers must be in \[1, 256\]"),
+    ("learning-rate", 1e9, r"learning-rate must be in \(0, 10\]"),
+    ("dirichlet-alpha", 1e9, "dirichlet-alpha must be in"),
+    ("round-timeout", 1e12, "round-timeout must be in"),
+    ("node-wait-timeout", 1e9, "node-wait-timeout must be in"),
+    ("layercam-ae-robust-z", 1e9, "layercam-ae-robust-z must be in"),
+    ("layercam-ae-lr", 1e9, "layercam-ae-lr must be in"),
+    ("gae-graph-nodes", 10**6, "gae-graph-nodes must be in"),
+    ("gae-candidate-nodes", 10, "gae-candidate-nodes"),
+    # names that would build a path
+    ("attack", "x/../../../outside", "attack='x/../../../outside' is not a name"),
+    ("defense", "../up", "defense='../up' is not a name"),
 ])
 def test_bad_value_raises_naming_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -67,14 +80,31 @@ def test_the_papers_upper_threshold_needs_the_voting_decision():
 
 
 def test_dataset_and_model_dependent_keys_are_checked_once_both_are_known():
+    import torch
+
     from task.models import build_model
 
-    model = build_model("cnn", 1, 10, 28)
-    RunConfig().validate_for(10, model)
+    model, example = build_model("cnn", 1, 10, 28), torch.zeros(1, 1, 28, 28)
+    RunConfig().validate_for(10, model, example)
     cases = [({"layercam-ae-target-class": 10}, "layercam-ae-target-class must be < 10"),
-             ({"layercam-ae-target-layer": "conv9"}, "layercam-ae-target-layer='conv9'")]
+             ({"layercam-ae-target-layer": "conv9"}, "layercam-ae-target-layer='conv9'"),
+             ({"layercam-ae-target-layer": "fc1"}, r"'fc1' gives \(1, 320\)-shaped outputs"),
+             ({"layercam-ae-target-layer": "fc2"}, r"'fc2' gives \(1, 10\)-shaped outputs"),
+             ({"layercam-ae-target-layer": "pool"}, "'pool' runs 2 times in a forward pass")]
     for keys, match in cases:
         config = RunConfig.from_run_config(keys)
         with pytest.raises(ConfigError, match=match):
-            config.validate_for(10, model)
-    RunConfig.from_run_config({"layercam-ae-target-layer": "conv1"}).validate_for(10, model)
+            config.validate_for(10, model, example)
+    RunConfig.from_run_config({"layercam-ae-target-layer": "conv1"}).validate_for(10, model, example)
+
+
+def test_every_numeric_key_has_a_range_and_the_defaults_are_inside():
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from task.config import NUMERIC_RANGES
+
+    hints = get_type_hints(RunConfig)
+    numeric = {RunConfig.key_of(f.name) for f in fields(RunConfig) if hints[f.name] in (int, float)}
+    assert set(NUMERIC_RANGES) == numeric
+    RunConfig().validate()  # the defaults are inside every range

@@ -133,3 +133,53 @@ def test_a_node_that_is_no_configured_attacker_gets_nothing_when_it_asks():
     assert not set(HARNESS_KEYS) & set(replies[2].content["metrics"])  # passed on as sent
     trained = replies[2].content["arrays"]
     assert any(not np.array_equal(trained[k].numpy(), arrays[k].numpy()) for k in arrays.keys())
+
+
+class LyingBenignNodes(LocalGrid):
+    """Benign nodes 1 and 2 reply with claims a modified client could send: a list for
+    ``num-examples``, and bytes that decode to nothing."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.message_type != "train" or not reply.has_content():
+                continue
+            if reply.metadata.src_node_id == 1:
+                reply.content["metrics"]["num-examples"] = [1, 2]
+            if reply.metadata.src_node_id == 2:
+                name = next(iter(reply.content["arrays"].keys()))
+                reply.content["arrays"][name].data = b"not npy"
+        return replies
+
+
+def test_malformed_benign_replies_are_not_served_to_attackers_and_break_nothing():
+    """The eavesdropping channel forwards only well-formed benign uploads; the malformed ones
+    go on to the strategy as sent, whose screening rejects them."""
+    act_as_serverapp()
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
+    nodes = (1, 2, 3, 4, 5)  # 5 attacks, with the uploads of 3 and 4 (it needs two)
+    run_config = {**RunConfig().to_run_config(), "local-epochs": 1, "num-clients": 5,
+                  "num-attackers": 1, "attack": "undo-update"}
+    inner = LyingBenignNodes(run_config, len(nodes), 1, num_partitions=24)
+    forwarded = []
+    inner_send = inner.send_and_receive
+
+    def spy(messages, *, timeout=None):
+        messages = list(messages)
+        forwarded.extend(m.content["config"]["num-benign"] for m in messages
+                         if m.metadata.message_type == ATTACK_MESSAGE)
+        return inner_send(messages, timeout=timeout)
+
+    inner.send_and_receive = spy
+    grid = EavesdroppingGrid(inner, serve_benign=True)
+    messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                        dst_node_id=node, message_type="train", group_id="1") for node in nodes]
+    replies = list(grid.send_and_receive(messages))
+    assert forwarded == [2]  # the uploads of 3 and 4
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3, 4, 5]
+    strategy = DetectingFedAvg()
+    strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
+    strategy.aggregate_train(1, replies)
+    assert sorted(strategy.last_record.rejected) == [1, 2]
+    assert sorted(strategy.last_record.kept) == [3, 4, 5]
