@@ -55,12 +55,17 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, simulated: bool) -> 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run one experiment as configured by ``context.run_config``."""
+    from server_app.results import ResultsError
+
     try:
         config = RunConfig.from_run_config(context.run_config)
         run_experiment(grid, config)
     except ConfigError as err:
         log(ERROR, "Invalid run config: %s", err)
         sys.exit(f"Invalid run config: {err}")
+    except ResultsError as err:  # the results folder can't be written: one line naming it
+        log(ERROR, "%s", err)
+        sys.exit(str(err))
 
 
 def run_experiment(grid: Grid, config: RunConfig) -> dict:

@@ -4,26 +4,58 @@ the checkpoint a run resumes from; and the per-round log that fills rounds.jsonl
 Crash safety: each round's row is appended to rounds.jsonl and flushed to disk; every whole file
 (config, summary, model, checkpoint, heat-map PNG) is written under a temporary name and then
 atomically renamed, so a server killed at any point leaves each file either complete or as it
-was. The checkpoint is written after the round's row: a resumed run drops rows past it.
+was. The checkpoint is written after the round's row: a resumed run drops rows past it. A file that cannot be written (no space left, read-only, permission denied) raises
+``ResultsError``, one line naming the folder.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from server_app.metrics import detection_metrics, pooled_detection_metrics
 from strategies.records import RoundRecord
+from task.config import ConfigError
+
+
+class ResultsError(OSError):
+    """A results file could not be written; the message is one line naming the folder and why."""
+
+
+WRITE_FAILURES = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+                  errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EDQUOT: "disk quota exceeded"}
+
+
+def write_failure(path: Path, err: OSError) -> ResultsError:
+    """The one-line error for a failed write of ``path``: its folder and the reason in words."""
+    reason = WRITE_FAILURES.get(err.errno) or err.strerror or str(err)
+    return ResultsError(f"cannot write the results folder {path.parent}: {reason} "
+                        f"(writing {path.name})")
+
+
+SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+"""What a run folder's name is built from: a registered-style name (letters, digits, '-')."""
 
 
 def new_run_dir(base: str | Path, defense: str, attack: str) -> Path:
-    """A fresh folder ``<base>/<UTC time>-<defense>-<attack>`` (suffixed if it exists)."""
+    """A fresh folder ``<base>/<UTC time>-<defense>-<attack>`` (suffixed if it exists).
+
+    ``defense`` and ``attack`` become part of a path: anything but a plain name (a '/', '..')
+    is refused with ``ConfigError``, and the folder must resolve inside ``base``."""
+    for key, name in (("defense", defense), ("attack", attack)):
+        if not isinstance(name, str) or not SLUG.fullmatch(name):
+            raise ConfigError(f"{key}={name!r} is not a plain name (letters, digits and '-'): "
+                              "the run folder is named after it")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     root = Path(base).expanduser().resolve()
     path = root / f"{stamp}-{defense}-{attack}"
@@ -31,12 +63,16 @@ def new_run_dir(base: str | Path, defense: str, attack: str) -> Path:
     while path.exists():
         suffix += 1
         path = root / f"{stamp}-{defense}-{attack}-{suffix}"
-    path.mkdir(parents=True)
+    if path.resolve().parent != root:
+        raise ConfigError(f"results-dir: the run folder {path} would lie outside {root}")
+    try:
+        path.mkdir(parents=True)
+    except OSError as err:
+        raise write_failure(path, err) from err
     return path
 
 
 CHECKPOINT = "checkpoint.pt"
-
 
 class ResultsWriter:
     """Writes one run's results as it goes, so a crashed run keeps the rounds it finished."""
@@ -67,11 +103,16 @@ class ResultsWriter:
         write_json(self.path / "config.json", config)
 
     def append_round(self, row: dict[str, Any]) -> None:
+        """Append the round's row and flush it to disk (``ResultsError`` if it can't be)."""
+        target = self.path / "rounds.jsonl"
+        try:
+            with open(target, "ab") as f:
+                f.write((json.dumps(row) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise write_failure(target, err) from err
         self.rounds.append(row)
-        with open(self.path / "rounds.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.path / "summary.json", summary)
@@ -131,8 +172,10 @@ class ResultsWriter:
         fig.suptitle(f"LayerCAM heat maps, round {server_round} (red frame: excluded)")
         fig.tight_layout()
         target = self.path / f"heatmaps-round{server_round:03d}.png"
-        _save_atomically(target, lambda f: fig.savefig(f, dpi=100, format="png"))
-        plt.close(fig)
+        try:
+            _save_atomically(target, lambda f: fig.savefig(f, dpi=100, format="png"))
+        finally:
+            plt.close(fig)
         return target
 
 
@@ -196,14 +239,33 @@ class RoundLog:
         return pooled_detection_metrics(self.decisions) if self.decisions else None
 
 
-def _save_atomically(path: Path, write) -> None:
-    """``write(file)`` to a temporary name beside ``path``, synced, then renamed over it."""
+def _save_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(file)`` to a temporary name beside ``path``, synced, then renamed over it.
+
+    The content is made in memory first, so that a failing disk raises the ``OSError`` of a
+    plain write (``torch.save`` turns it into an opaque message), and then ``ResultsError``
+    naming the folder; the temporary file is removed."""
+    buffer = io.BytesIO()
+    write(buffer)
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as err:
+        _remove_quietly(temporary)
+        raise write_failure(path, err) from err
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove ``path`` if it is there and can be: cleaning up after a failed write must not
+    hide the failure's own error."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _replace(path: Path, data: bytes) -> None:
