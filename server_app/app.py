@@ -98,7 +98,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     strategy = build_defense(config, assets)
     checkpoint = None
     if config.resume_from:
-        writer, checkpoint = open_resumed_run(config)
+        writer, checkpoint = open_resumed_run(config, global_model.state_dict(), strategy)
 
     connected = wait_for_nodes(grid, config.num_clients, config.node_wait_timeout, simulated)
     if checkpoint is None:

@@ -4,7 +4,8 @@ the checkpoint a run resumes from; and the per-round log that fills rounds.jsonl
 Crash safety: each round's row is appended to rounds.jsonl and flushed to disk; every whole file
 (config, summary, model, checkpoint, heat-map PNG) is written under a temporary name and then
 atomically renamed, so a server killed at any point leaves each file either complete or as it
-was. The checkpoint is written after the round's row: a resumed run drops rows past it. A file that cannot be written (no space left, read-only, permission denied) raises
+was. The checkpoint is written after the round's row: a resumed run drops rows past it (and
+says so). A file that cannot be written (no space left, read-only, permission denied) raises
 ``ResultsError``, one line naming the folder.
 """
 
@@ -17,10 +18,12 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
+from logging import WARNING
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from flwr.common import log
 
 from server_app.metrics import detection_metrics, pooled_detection_metrics
 from strategies.records import RoundRecord
@@ -73,6 +76,60 @@ def new_run_dir(base: str | Path, defense: str, attack: str) -> Path:
 
 
 CHECKPOINT = "checkpoint.pt"
+ROWS = "rounds.jsonl"
+
+
+def row_line(row: dict[str, Any]) -> bytes:
+    """One row of rounds.jsonl as written (JSON, newline-terminated)."""
+    return (json.dumps(row) + "\n").encode()
+
+
+def parse_rows(path: Path, data: bytes) -> tuple[list[dict[str, Any]], bytes]:
+    """The rows of a rounds.jsonl, and its unterminated last line (``b""`` if none), which is
+    what a crash while appending leaves. A complete line that is not a JSON row with an integer
+    ``round`` raises ``ConfigError`` naming the file and line number."""
+    lines = data.split(b"\n")
+    cut = lines.pop()  # after the last newline: empty unless a crash cut the last line short
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"resume-from: {path}:{number}: not a JSON row ({err}); resume "
+                              "stops rather than drop it and the rows after it") from err
+        if not (isinstance(row, dict) and type(row.get("round")) is int):
+            raise ConfigError(f"resume-from: {path}:{number}: a row without an integer "
+                              "'round'; resume stops rather than drop it")
+        rows.append(row)
+    return rows, cut
+
+
+def split_rows(path: Path, rows: list[dict[str, Any]], last_round: int
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of rounds 0..``last_round`` (which must all be there, in order) and the rows
+    after them, which a crash wrote after the last checkpoint."""
+    kept = [r for r in rows if r["round"] <= last_round]
+    later = rows[len(kept):]
+    if [r["round"] for r in kept] != list(range(last_round + 1)) or any(
+            r["round"] <= last_round for r in later):
+        raise ConfigError(f"resume-from: {path} holds rounds {[r['round'] for r in rows]}, "
+                          f"not rounds 0-{last_round} of the checkpoint in order")
+    return kept, later
+
+
+def load_failure(err: Exception) -> str:
+    """What ``torch.load(weights_only=True)``'s error says about a file, in one line: pickled
+    objects (refused: loading them could run code), or damage (torch's reason)."""
+    text = str(err)
+    if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return (f"holds pickled objects ({found.group(1)}): a checkpoint of an earlier version "
+                "or not a checkpoint, refused as loading it could run code")
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    detail = found.group(1) if found else (text.strip().splitlines() or [""])[0]
+    detail = detail.split(". ")[0].strip()[:200]  # torch's first sentence says what failed
+    return (f"is damaged or not a checkpoint ({type(err).__name__}"
+            f"{': ' + detail if detail else ''})")
+
 
 class ResultsWriter:
     """Writes one run's results as it goes, so a crashed run keeps the rounds it finished."""
@@ -83,20 +140,31 @@ class ResultsWriter:
 
     @classmethod
     def reopen(cls, path: Path, last_round: int) -> ResultsWriter:
-        """The writer of an earlier run's folder, its rows cut back to ``last_round`` (rows a
-        crash wrote after the last checkpoint are dropped: the resumed run writes them again)."""
+        """The writer of an earlier run's folder, its rows cut back to ``last_round``.
+
+        Only what a crash leaves is dropped, each said in a log line: a last line cut short
+        (no newline), and rows past the checkpoint's round (the resumed run writes them again).
+        Anything else (a corrupt line in the middle, a missing round) raises ``ConfigError``
+        naming the file and line: the rows are the run's results, never deleted silently."""
+        rows_file = path / ROWS
+        try:
+            data = rows_file.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"resume-from: cannot read {rows_file}: "
+                              f"{err.strerror or err}") from err
+        rows, cut = parse_rows(rows_file, data)
+        if cut:
+            log(WARNING, "%s: dropping its last line, cut short by a crash (%d bytes, no "
+                "newline)", rows_file, len(cut))
+        kept, later = split_rows(rows_file, rows, last_round)
+        if later:
+            log(WARNING, "%s: dropping the rows of round(s) %s, written after the last "
+                "checkpoint (round %d): the resumed run computes them again", rows_file,
+                [r["round"] for r in later], last_round)
         writer = cls(path)
-        rows_file = path / "rounds.jsonl"
-        lines = rows_file.read_text(encoding="utf-8").splitlines() if rows_file.exists() else []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the crash
-                break
-            if row["round"] > last_round:
-                break
-            writer.rounds.append(row)
-        _replace(rows_file, "".join(json.dumps(r) + "\n" for r in writer.rounds).encode())
+        writer.rounds = kept
+        if cut or later:
+            _replace(rows_file, b"".join(row_line(r) for r in kept))
         return writer
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -104,10 +172,10 @@ class ResultsWriter:
 
     def append_round(self, row: dict[str, Any]) -> None:
         """Append the round's row and flush it to disk (``ResultsError`` if it can't be)."""
-        target = self.path / "rounds.jsonl"
+        target = self.path / ROWS
         try:
             with open(target, "ab") as f:
-                f.write((json.dumps(row) + "\n").encode())
+                f.write(row_line(row))
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
@@ -126,20 +194,27 @@ class ResultsWriter:
         return target
 
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The state a resumed run starts from (``server_app.app``'s checkpoint dict)."""
+        """The state a resumed run starts from: tensors and plain data only
+        (``server_app.checkpoint.to_plain``), so that loading it runs no code."""
         import torch
 
         _save_atomically(self.path / CHECKPOINT, lambda f: torch.save(checkpoint, f))
 
-    def load_checkpoint(self) -> dict[str, Any]:
-        """The last checkpoint of this folder. It holds pickled strategy state: load only a
-        results folder this server wrote (``torch.load(weights_only=False)``)."""
+    def load_checkpoint(self) -> Any:
+        """The last checkpoint of this folder as saved, loaded with ``weights_only=True``:
+        tensors and plain data, never code. ``ConfigError`` naming the file when it is
+        missing, damaged, or holds pickled objects (an earlier version's checkpoint)."""
         import torch
 
         target = self.path / CHECKPOINT
         if not target.exists():
-            raise FileNotFoundError(f"{target} does not exist: the run finished no round")
-        return torch.load(target, weights_only=False)
+            raise ConfigError(f"resume-from: {target} does not exist: the run finished no round")
+        if target.stat().st_size == 0:
+            raise ConfigError(f"resume-from: {target} is empty")
+        try:
+            return torch.load(target, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 -- any failure to read it is a damaged file
+            raise ConfigError(f"resume-from: {target} {load_failure(err)}") from err
 
     def save_heatmap_grid(self, server_round: int, heatmaps: np.ndarray, node_ids: list[int],
                           flagged: set[int], attackers: set[int] = frozenset()) -> Path:
