@@ -98,6 +98,9 @@ def test_a_run_killed_after_round_k_and_resumed_ends_as_the_uninterrupted_run(tm
     killed = run(tmp_path / "b", kill_before=3, **{"num-server-rounds": 3})
     assert [r["round"] for r in rows_without_timings(killed)] == [0, 1, 2]
     assert not (killed / "model.pt").exists()
+    rows = (killed / "rounds.jsonl").read_text().splitlines()
+    crashed = {**json.loads(rows[-1]), "round": 3}  # a crash between round 3's row and checkpoint
+    (killed / "rounds.jsonl").write_text("\n".join([*rows, json.dumps(crashed)]) + "\n")
     resumed = run(tmp_path / "c", **{"num-server-rounds": 3, "resume-from": str(killed)})
     assert resumed == killed  # the resumed run continues in the same folder
     assert rows_without_timings(resumed) == rows_without_timings(uninterrupted)
