@@ -94,7 +94,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     assets = server_assets(config, test, grid)
     model_fn = assets.model_fn
     global_model = model_fn()
-    config.validate_for(test.num_classes, global_model)
+    config.validate_for(test.num_classes, global_model, assets.probes[:1])
     strategy = build_defense(config, assets)
     checkpoint = None
     if config.resume_from:
