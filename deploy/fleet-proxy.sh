@@ -45,7 +45,10 @@ conf=${conf//@LISTEN@$'\n'/$listen}
 printf '%s\n' "$conf" > "$run_dir/nginx.conf"
 
 nginx=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
-[ -x "$nginx" ] || { echo "fleet-proxy: nginx not found (Debian: apt-get install nginx-light)" >&2; exit 1; }
+if [ ! -x "$nginx" ]; then
+  echo "fleet-proxy: nginx not found (Debian: apt-get install nginx-light)" >&2
+  exit 1
+fi
 "$nginx" -q -t -p "$run_dir" -c "$run_dir/nginx.conf" -e stderr
 [ "${FLEET_PROXY_CHECK:-}" = 1 ] && exit 0
 echo "fleet-proxy: Fleet API on $* -> SuperLink $superlink (config $run_dir/nginx.conf)"

@@ -121,4 +121,5 @@ def test_the_proxy_configuration_nginx_accepts_forwards_only_the_fleet_api(tmp_p
     assert [line for line in lines if line.startswith("proxy_pass ")] == [
         "proxy_pass https://superlink;"]
     assert "server 127.0.0.1:8000;" in lines and "proxy_ssl_verify on;" in lines
-    assert 'return 404 "not found: this address serves only the Fleet API (/v1/fleet/)\\n";' in lines
+    refusal = 'return 404 "not found: this address serves only the Fleet API (/v1/fleet/)\\n";'
+    assert refusal in lines
