@@ -20,11 +20,18 @@ cell is recorded (``<sweep-dir>/cells.jsonl``: the cell, ``failed``, the error's
 and the sweep goes on; ``<sweep-dir>/status.json`` says where every cell stands. Run the same command again to resume: done cells are skipped, the
 others run again in a fresh attempt folder. Stopped with Ctrl-C (or SIGTERM), the sweep stops
 the run in flight on the SuperLink (``flwr stop``) before it exits.
+
+Nothing runs until the whole grid is checked: the tables and their types, every cell's run config
+(``RunConfig.from_run_config``, the defense and attack registries) and that ``flwr run`` receives
+every value exactly; a bad grid stops with one line naming the file and the field (exit 2). A
+cell's folder name is its ``key=value`` pairs, plus ``~`` and a short hash of the exact values
+when that text would not read back as them (so two cells never share a folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -35,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +59,59 @@ SIMULATION_RESOURCES = "client-resources-num-cpus=1 init-args-num-cpus=2"
 """The simulation's resources per run (2 cores: Ray runs more clients than cores)."""
 
 
+NAME_LIMIT = 120
+"""Characters of a cell name's readable part (a path component must stay under 255 bytes)."""
+UNSAFE_IN_NAME = re.compile(r"[^a-z0-9.+-]")
+"""What a cell name replaces by ``_`` in a value: a path and Flower's app-bundle manifest (which is
+comma-separated) take the rest, and a case-insensitive file system cannot confuse them."""
+SET_BY_SWEEP = {"seed": "set the seeds in [sweep] seeds",
+                "results-dir": "the sweep gives every cell a folder of its own"}
+"""Run-config keys the sweep sets for every cell: a grid file may not set them."""
+
+
+def value_text(value: Any) -> str:
+    """A value as a cell name shows it (booleans as TOML writes them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def read_value(text: str) -> Any:
+    """A cell name's value text read back: a TOML boolean or number, else the text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def typed(values: Iterable[tuple[str, Any]]) -> list[tuple[str, str, str]]:
+    """Values compared exactly: ``1``, ``1.0``, ``True`` and ``"1"`` all differ."""
+    return [(key, type(value).__name__, repr(value)) for key, value in values]
+
+
+def read_slug(slug: str) -> list[tuple[str, Any]] | None:
+    """The ``(key, value)`` pairs a readable cell name says, or ``None`` if it is not one."""
+    pairs = []
+    for part in slug.split("__"):
+        key, equals, text = part.partition("=")
+        if not equals:
+            return None
+        pairs.append((key, read_value(text)))
+    return pairs
+
+
+def cell_name(values: tuple[tuple[str, Any], ...]) -> str:
+    """``defense=fedavg__attack=gae__seed=42``; when that text would not read back as exactly
+    these values (a character replaced, a string that reads as a number, too long), ``~`` and 8
+    hex digits of their hash follow, so distinct values never share a name."""
+    slug = "__".join(f"{key}={UNSAFE_IN_NAME.sub('_', value_text(value))}" for key, value in values)
+    if len(slug) <= NAME_LIMIT and (read := read_slug(slug)) is not None \
+            and typed(read) == typed(values):
+        return slug
+    digest = hashlib.sha256(json.dumps(typed(values)).encode()).hexdigest()[:8]
+    return f"{slug[:NAME_LIMIT]}~{digest}"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of the grid: its run-config values (grid values plus the seed)."""
@@ -59,10 +120,92 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """A folder name: ``defense=fedavg__attack=gae__seed=42``, safe for a path and for
-        Flower's app bundle (whose manifest is comma-separated: no commas)."""
-        return "__".join(re.sub(r"[^A-Za-z0-9=.+-]", "_", f"{key}={value}")
-                         for key, value in self.values)
+        """Its folder name (``cell_name``): one per distinct cell, safe for a path and for
+        Flower's app bundle."""
+        return cell_name(self.values)
+
+
+def read_grid_file(path: Path) -> dict[str, Any]:
+    """The grid file's TOML; ``ConfigError`` naming the file when it cannot be read or parsed."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text: {err}") from err
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+
+
+def check_tables(path: Path, spec: dict[str, Any]) -> None:
+    """The grid file's shape: only the tables sweep, base and grid, each a table; ``[sweep]``
+    holds only ``seeds``; ``[grid]`` has a key with a value; no key set twice or set by the
+    sweep itself."""
+    for name in spec:
+        if name not in ("sweep", "base", "grid"):
+            raise ConfigError(f"{path}: {name}: unknown table; use sweep, base, grid")
+        if not isinstance(spec[name], dict):
+            raise ConfigError(f"{path}: {name}: must be a table ([{name}] and its keys), "
+                              f"got {spec[name]!r}")
+    for key in spec.get("sweep", {}):
+        if key != "seeds":
+            raise ConfigError(f"{path}: sweep.{key}: unknown key; [sweep] has only seeds")
+    grid = spec.get("grid", {})
+    if not grid or any(value == [] for value in grid.values()):
+        raise ConfigError(f"{path}: grid: [grid] needs at least one key with at least one value")
+    for table in ("base", "grid"):
+        for key in spec.get(table, {}):
+            if key in SET_BY_SWEEP:
+                raise ConfigError(f"{path}: {table}.{key}: {SET_BY_SWEEP[key]}")
+    for key in set(spec.get("base", {})) & set(grid):
+        raise ConfigError(f"{path}: base.{key}: also a key of [grid]; set it in one of them")
+
+
+def grid_seeds(path: Path, sweep: dict[str, Any]) -> list[int]:
+    """``[sweep] seeds``: a non-empty list of distinct integers (the run config's default seed
+    when absent)."""
+    seeds = sweep.get("seeds", [RunConfig.seed])
+    if (not isinstance(seeds, list) or not seeds
+            or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"{path}: sweep.seeds: must be a list of integer seeds, e.g. [42, 1], "
+                          f"got {seeds!r}")
+    check_distinct(path, "sweep.seeds", seeds)
+    return seeds
+
+
+def check_distinct(path: Path, field_name: str, values: list[Any]) -> None:
+    """No value listed twice (it would be one cell run twice, in one folder)."""
+    seen: list[list[tuple[str, str, str]]] = []
+    for value in values:
+        exact = typed([("", value)])
+        if exact in seen:
+            raise ConfigError(f"{path}: {field_name}: {value!r} is listed twice")
+        seen.append(exact)
+
+
+def check_names(config: RunConfig) -> None:
+    """The defense and attack exist in their registries (``ConfigError`` naming the key and
+    the choices): what the ServerApp and ClientApps look up when they build them."""
+    from attacks import ATTACKS
+    from strategies.registry import DEFENSES
+
+    DEFENSES.get(config.defense)
+    ATTACKS.get(config.attack)
+
+
+def check_passes_through(values: dict[str, Any]) -> None:
+    """``flwr run --run-config`` gets exactly these values (its own parser reads them back);
+    ``ConfigError`` naming the first key that would change."""
+    from flwr.common.config import parse_config_args
+
+    arg = run_config_arg(values)
+    read = parse_config_args([arg])
+    for key, value in values.items():
+        if key not in read or typed([(key, read[key])]) != typed([(key, value)]):
+            raise ConfigError(f"{key}={value!r} does not pass through flwr run's --run-config "
+                              f"intact")
 
 
 @dataclass(frozen=True)
@@ -75,22 +218,28 @@ class Grid:
 
     @classmethod
     def load(cls, path: Path) -> Grid:
-        """Read and check a grid file: every key must be a run-config key and every cell a
-        valid run config (``ConfigError`` names the cell and the key)."""
-        spec = tomllib.loads(path.read_text())
-        unknown = set(spec) - {"sweep", "base", "grid"}
-        if unknown:
-            raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; use sweep, base, grid")
-        axes = {k: v if isinstance(v, list) else [v] for k, v in spec.get("grid", {}).items()}
-        if not axes or any(not values for values in axes.values()):
-            raise ConfigError(f"{path}: [grid] needs at least one key with at least one value")
-        seeds = spec.get("sweep", {}).get("seeds", [RunConfig.seed])
-        grid = cls(base=dict(spec.get("base", {})), axes=axes, seeds=list(seeds))
+        """Read and check a grid file, every cell included, before anything runs: its shape,
+        every cell a valid run config naming a registered defense and attack, passed intact to
+        ``flwr run``, and no two cells the same run. ``ConfigError`` names the file and the
+        field (a cell's error, the cell and the key)."""
+        spec = read_grid_file(path)
+        check_tables(path, spec)
+        axes = {k: v if isinstance(v, list) else [v] for k, v in spec["grid"].items()}
+        for key, values in axes.items():
+            check_distinct(path, f"grid.{key}", values)
+        seeds = grid_seeds(path, spec.get("sweep", {}))
+        grid = cls(base=dict(spec.get("base", {})), axes=axes, seeds=seeds)
+        configs: dict[RunConfig, Cell] = {}
         for cell in grid.cells():
             try:
-                RunConfig.from_run_config(grid.run_config(cell))
+                config = RunConfig.from_run_config(grid.run_config(cell))
+                check_names(config)
+                check_passes_through(grid.run_config(cell))
             except ConfigError as err:
                 raise ConfigError(f"{path}: cell {cell.name}: {err}") from err
+            if config in configs:
+                raise same_run(path, configs[config], cell)
+            configs[config] = cell
         return grid
 
     def cells(self) -> list[Cell]:
@@ -103,22 +252,75 @@ class Grid:
         return {**self.base, **dict(cell.values)}
 
 
+def same_run(path: Path, first: Cell, second: Cell) -> ConfigError:
+    """Two cells whose values differ only in how they are written (``3`` and ``3.0``)."""
+    keys = [k for (k, a), (_, b) in zip(first.values, second.values)
+            if typed([(k, a)]) != typed([(k, b)])]
+    values = " and ".join(repr(dict(cell.values)[keys[0]]) for cell in (first, second))
+    return ConfigError(f"{path}: grid.{keys[0]}: {values} are the same value "
+                       f"(cells {first.name} and {second.name} would be one run)")
+
+
 def run_config_arg(values: dict[str, Any]) -> str:
-    """Flower's ``--run-config`` string (TOML values: strings quoted, booleans lower-case)."""
-    def literal(value: Any) -> str:
+    """Flower's ``--run-config`` string (TOML values: booleans lower-case, strings quoted:
+    between ``'`` as they are, or between ``"`` and escaped when they hold a ``'`` or a control
+    character; ``flwr run`` cannot take one holding both quotes: ``ConfigError``)."""
+    def literal(key: str, value: Any) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, str):
-            return "'" + value.replace("'", "") + "'"
+            plain = "'" not in value and not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value)
+            if plain:
+                return f"'{value}'"
+            if '"' in value:
+                raise ConfigError(f"{key}={value!r}: flwr run's --run-config cannot pass a "
+                                  f"string holding both ' and \"")
+            return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
         return repr(value)
 
-    return " ".join(f"{key}={literal(value)}" for key, value in values.items())
+    return " ".join(f"{key}={literal(key, value)}" for key, value in values.items())
 
 
 def finished_run(folder: Path) -> Path | None:
     """The run folder with a ``summary.json`` under a cell's folder, if any."""
     summaries = sorted(folder.glob("attempt-*/*/summary.json"))
     return summaries[0].parent if summaries else None
+
+
+def read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """The last record of each cell in ``cells.jsonl`` (absent: none). A line that is not a
+    cell's record (a write cut short by a crash) is left out with a warning naming it: the
+    records only say why a cell failed; whether it is done is read from its folder."""
+    last: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return last
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            warn(f"{path}: line {number}: not JSON ({err.msg}); left out")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("cell"), str):
+            warn(f"{path}: line {number}: cell: missing; left out")
+            continue
+        last[record["cell"]] = record
+    return last
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append a cell's record as one line (after a newline if a crash left the last line
+    without one, so the new record is not glued to the broken one)."""
+    with open(path, "ab+") as f:
+        if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+            f.write(b"\n")
+        f.write(json.dumps(record).encode() + b"\n")
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"layercam-sweep: warning: {message}", file=sys.stderr, flush=True)
 
 
 class Sweep:
@@ -128,6 +330,10 @@ class Sweep:
                  federation: str | None, federation_config: str | None, timeout: float) -> None:
         self.grid, self.sweep_dir, self.project = grid, sweep_dir, project
         self.federation, self.federation_config, self.timeout = federation, federation_config, timeout
+        try:
+            check_passes_through({"results-dir": str(sweep_dir)})
+        except ConfigError as err:
+            raise ConfigError(f"--sweep-dir {sweep_dir}: {err}") from err
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if not (sweep_dir / "grid.toml").exists():
             shutil.copyfile(grid_file, sweep_dir / "grid.toml")
@@ -192,12 +398,7 @@ class Sweep:
     def status(self) -> dict[str, dict[str, Any]]:
         """Every cell's state: ``done`` (with its run folder), ``failed`` (with the error of its
         last attempt, from ``cells.jsonl``) or ``pending``."""
-        last: dict[str, dict[str, Any]] = {}
-        records = self.sweep_dir / "cells.jsonl"
-        if records.exists():
-            for line in records.read_text().splitlines():
-                record = json.loads(line)
-                last[record["cell"]] = record
+        last = read_records(self.sweep_dir / "cells.jsonl")
         out = {}
         for cell in self.grid.cells():
             run = finished_run(self.sweep_dir / "cells" / cell.name)
@@ -225,8 +426,7 @@ class Sweep:
         for i, cell in enumerate(todo, 1):
             record = self.run_cell(cell)
             records.append(record)
-            with open(self.sweep_dir / "cells.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(self.sweep_dir / "cells.jsonl", record)
             state[cell.name] = {"status": record["status"],
                                 **{k: record[k] for k in ("run", "error") if k in record}}
             self.write_status(state)
@@ -240,6 +440,15 @@ class Sweep:
             print(f"{len(failed)} cell(s) failed (errors in {self.sweep_dir / 'status.json'}): "
                   f"{failed}", flush=True)
         return records
+
+
+def check_federation_config(template: str) -> None:
+    """``--federation-config`` names no placeholder but ``{num_clients}``."""
+    try:
+        template.format(num_clients=2)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"--federation-config: {template!r}: only {{num_clients}} may be in "
+                          f"braces ({err!r})") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,11 +469,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         grid = Grid.load(args.grid)
-    except (ConfigError, OSError, tomllib.TOMLDecodeError) as err:
+        check_federation_config(args.federation_config)
+        sweep = Sweep(grid, args.grid, args.sweep_dir.resolve(), args.project.resolve(),
+                      args.federation, args.federation_config or None, args.cell_timeout)
+    except ConfigError as err:
         print(f"layercam-sweep: {err}", file=sys.stderr)
         return 2
-    sweep = Sweep(grid, args.grid, args.sweep_dir.resolve(), args.project.resolve(),
-                  args.federation, args.federation_config or None, args.cell_timeout)
+    except OSError as err:  # the sweep folder cannot be made or written
+        print(f"layercam-sweep: {err.filename or args.sweep_dir}: {err.strerror or err}",
+              file=sys.stderr)
+        return 2
 
     def interrupted(signum, frame):
         sweep.stop_run()
@@ -273,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, interrupted)
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    records = sweep.run()
+    try:
+        records = sweep.run()
+    except OSError as err:  # flwr missing, the sweep folder unwritable
+        print(f"layercam-sweep: {err.filename or args.sweep_dir}: {err.strerror or err}",
+              file=sys.stderr)
+        return 2
     return 1 if any(r["status"] == "failed" for r in records) else 0
 
 
