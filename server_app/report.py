@@ -10,12 +10,24 @@ row of the table, as mean ± sample std over seeds (the paper's Tables 2–5 and
 Precision, FPR, Accuracy, F1, plus AUC, the final test accuracy and the detection time per
 round: the defense's steps, screening and aggregation aside). Writes ``report.md`` (tables, plots, and the command and grid that made them),
 ``table.csv`` and the PNGs.
+
+A run folder is one holding ``summary.json``. A run whose files cannot be used (a
+``config.json`` or ``rounds.jsonl`` that is not JSON, a row without its round, accuracy or
+timings, a NaN, fewer rounds than ``num-server-rounds``) is left out with a warning line naming
+the file and the field, and ``report.md`` lists it. A run is counted once: ``<out>/runs`` (the
+report's own copies) is not read unless the input is that folder, and a copy of a run already
+read (identical ``config.json`` and ``rounds.jsonl``) is left out with a warning. What cannot be
+decided for the user stops the report with one line (exit 2): two different runs of one
+setting with one seed, runs of one setting with different rounds, ``<out>/runs`` holding runs
+of another report.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -37,6 +49,18 @@ NOT_DETECTION = {"screening", "aggregation"}
 """Timings of a round that every defense pays alike (not part of its detection time)."""
 
 
+class ReportError(ValueError):
+    """An input the report cannot use; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A run folder the report does not count, and why (the file and the field)."""
+
+    path: Path
+    reason: str
+
+
 @dataclass
 class Run:
     """One finished run folder, read."""
@@ -46,14 +70,138 @@ class Run:
     rows: list[dict[str, Any]]
     decisions: list[tuple[dict[int, bool], set[int], dict | None]] = field(default_factory=list)
     metrics: dict[str, float | None] = field(default_factory=dict)
+    identity: str = ""
+    """A hash of its config.json and rounds.jsonl: the same for a copy of the run."""
 
     @classmethod
     def read(cls, path: Path) -> Run:
-        config = json.loads((path / "config.json").read_text())
-        rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
-        run = cls(path, config, rows, decisions(rows))
+        """Read and check a run folder; ``ReportError`` naming the file and the field."""
+        config = read_config(path / "config.json")
+        rows = read_rows(path / "rounds.jsonl")
+        rounds = config.get("num-server-rounds")
+        if isinstance(rounds, int) and not isinstance(rounds, bool) and rows[-1]["round"] != rounds:
+            raise ReportError(f"{path / 'rounds.jsonl'}: round: the last is {rows[-1]['round']}, "
+                              f"but config.json has num-server-rounds = {rounds}")
+        run = cls(path, config, rows, decisions(rows), identity=run_identity(path))
         run.metrics = run_metrics(rows, run.decisions)
         return run
+
+
+def run_identity(path: Path) -> str:
+    """What a run and its copies share: a hash of its config.json and rounds.jsonl."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "rounds.jsonl"):
+        digest.update((path / name).read_bytes())
+    return digest.hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; ``ReportError`` naming it when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise ReportError(f"{path}: cannot read it: {err.strerror or err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"{path}: not JSON ({err})") from err
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A run's config.json: an object of single values naming its defense and seed."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ReportError(f"{path}: not a JSON object of run-config keys")
+    for key, value in config.items():
+        if value is not None and not isinstance(value, (str, int, float)):
+            raise ReportError(f"{path}: {key}: {value!r} is not a single value")
+    if not isinstance(config.get("defense"), str):
+        raise ReportError(f"{path}: defense: missing or not a name")
+    if not isinstance(config.get("seed"), int) or isinstance(config["seed"], bool):
+        raise ReportError(f"{path}: seed: missing or not an integer")
+    return config
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's rounds.jsonl: one row per round, 0, 1, 2, ... (blank lines aside), each as the
+    report reads it (``row_problem``); ``ReportError`` naming the file, the line and the field."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise ReportError(f"{path}: cannot read it: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ReportError(f"{path}: not UTF-8 text ({err})") from err
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}: line {number}: not JSON ({err.msg}; a write cut short?)"
+                              ) from err
+        problem = row_problem(row)
+        if problem is None and row["round"] != len(rows):
+            problem = f"round: {row['round']}, expected {len(rows)} (rounds are 0, 1, 2, ...)"
+        if problem is not None:
+            raise ReportError(f"{path}: line {number}: {problem}")
+        rows.append(row)
+    if not rows:
+        raise ReportError(f"{path}: no rounds")
+    return rows
+
+
+def _finite(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _node_ids(values: Any) -> bool:
+    """A list of node ids, or an object keyed by them (``rejected``: node id -> reason)."""
+    if not isinstance(values, (list, dict)):
+        return False
+    return all((isinstance(node, int) and not isinstance(node, bool))
+               or (isinstance(node, str) and node.isascii() and node.isdigit()) for node in values)
+
+
+def row_problem(row: Any) -> str | None:
+    """``field: what is wrong`` with a row of rounds.jsonl for the report, or ``None``: its round,
+    a finite accuracy, and when it has a defense record, the nodes, finite timings and a
+    finite score for every node received (or no scores)."""
+    if not isinstance(row, dict):
+        return "row: not a JSON object"
+    if not isinstance(row.get("round"), int) or isinstance(row["round"], bool):
+        return f"round: {row.get('round', 'missing')!r} is not a round number"
+    if not _finite(row.get("accuracy")):
+        return f"accuracy: {row.get('accuracy', 'missing')!r} is not a finite number"
+    attackers = row.get("attackers", [])
+    if not (isinstance(attackers, list) and _node_ids(attackers)):
+        return "attackers: not a list of node ids"
+    if "defense" not in row:
+        return None
+    record = row["defense"]
+    if not isinstance(record, dict):
+        return "defense: not an object"
+    for key in ("received", "excluded", "rejected"):
+        if not _node_ids(record.get(key)):
+            return f"defense.{key}: {'missing' if key not in record else 'not node ids'}"
+    timings = record.get("timings")
+    if not isinstance(timings, dict):
+        return "defense.timings: missing"
+    for step, seconds in timings.items():
+        if not _finite(seconds):
+            return f"defense.timings.{step}: {seconds!r} is not a finite number"
+    if not isinstance(record.get("details", {}), dict):
+        return "defense.details: not an object"
+    scores = record.get("scores")
+    if scores is None:
+        return None
+    if not isinstance(scores, dict) or not _node_ids(scores):
+        return "defense.scores: not an object of node ids"
+    for node in record["received"]:
+        score = scores.get(str(node))
+        if not _finite(score):
+            return (f"defense.scores.{node}: "
+                    f"{'missing' if score is None else repr(score)} is not a finite number")
+    return None
 
 
 def decisions(rows: list[dict[str, Any]]) -> list[tuple[dict[int, bool], set[int], dict | None]]:
@@ -87,11 +235,74 @@ def run_metrics(rows: list[dict[str, Any]], pooled: list) -> dict[str, float | N
             "detection_seconds": statistics.fmean(seconds) if seconds else None}
 
 
+def run_folders(folders: list[Path]) -> list[Path]:
+    """Every run folder (one holding summary.json) below ``folders``, resolved, once each."""
+    return sorted({p.parent.resolve() for folder in folders for p in folder.rglob("summary.json")})
+
+
+def own_copies(paths: list[Path], folders: list[Path], copies: Path) -> list[Path]:
+    """Of ``paths``, those below ``copies`` (``<out>/runs``: the copies this report keeps) when
+    no input folder is in it: the report would read back its own copies as more seeds."""
+    if any(f.resolve().is_relative_to(copies) for f in folders):
+        return []  # the report remade from its copies
+    return [p for p in paths if p.is_relative_to(copies)]
+
+
+def read_runs(paths: list[Path]) -> tuple[list[Run], list[LeftOut]]:
+    """The runs in ``paths``; those left out: a run that cannot be read (``Run.read``'s error,
+    naming the file and field), or a copy of one already read (the same identity)."""
+    runs: list[Run] = []
+    left_out: list[LeftOut] = []
+    first: dict[str, Path] = {}
+    for path in paths:
+        try:
+            run = Run.read(path)
+        except ReportError as err:
+            left_out.append(LeftOut(path, str(err)))
+            continue
+        if run.identity in first:
+            reason = (f"{path}: the same run as {first[run.identity]} (identical config.json "
+                      f"and rounds.jsonl); counted once")
+            left_out.append(LeftOut(path, reason))
+            continue
+        first[run.identity] = path
+        runs.append(run)
+    return runs, left_out
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"layercam-report: warning: {message}", file=sys.stderr, flush=True)
+
+
 def find_runs(folders: list[Path]) -> list[Run]:
-    """Every finished run (a folder with summary.json, config.json, rounds.jsonl) below."""
-    paths = sorted({p.parent for folder in folders for p in folder.rglob("summary.json")
-                    if (p.parent / "rounds.jsonl").exists()})
-    return [Run.read(p) for p in paths]
+    """Every finished run below ``folders``, each once; one left out is warned of."""
+    runs, left_out = read_runs(run_folders(folders))
+    for item in left_out:
+        warn(f"{item.reason}; left out")
+    return runs
+
+
+def check_groups(groups: dict[tuple, list[Run]]) -> None:
+    """The runs of one setting are distinct seeds with the same rounds (a mean over them is
+    over like things); ``ReportError`` naming both runs' files otherwise."""
+    for runs in groups.values():
+        by_seed: dict[Any, Run] = {}
+        for run in runs:
+            seed = run.config["seed"]
+            if seed in by_seed:
+                raise ReportError(
+                    f"{by_seed[seed].path / 'config.json'} and {run.path / 'config.json'}: "
+                    f"seed: two different runs of one setting with seed {seed}; pass the "
+                    f"folders of one of them")
+            by_seed[seed] = run
+        shape = [(row["round"], "defense" in row) for row in runs[0].rows]
+        for run in runs[1:]:
+            if [(row["round"], "defense" in row) for row in run.rows] != shape:
+                raise ReportError(
+                    f"{runs[0].path / 'rounds.jsonl'} and {run.path / 'rounds.jsonl'}: round: "
+                    f"one setting, but rounds 0-{runs[0].rows[-1]['round']} and "
+                    f"0-{run.rows[-1]['round']}, or defense records in different rounds")
 
 
 def settings(runs: list[Run]) -> tuple[list[str], dict[tuple, list[Run]]]:
@@ -251,7 +462,7 @@ def plot_scores(panels, out: Path, plt) -> Path | None:
                 bad = int(node) in attackers
                 ax.scatter(row["round"] + (0.12 if bad else -0.12), score, s=10,
                            color="red" if bad else "tab:blue", alpha=0.7)
-            threshold = row["defense"]["details"].get("threshold")
+            threshold = row["defense"].get("details", {}).get("threshold")
             cut = threshold if isinstance(threshold, (int, float)) else cut
         if cut is not None:
             two_sided = any(s < 0 for r in run.rows if "defense" in r
@@ -297,8 +508,11 @@ again."""
 
 
 def copy_runs(runs: list[Run], folders: list[Path], target: Path) -> None:
-    """The runs' ``RUN_FILES`` (and a sweep's grid.toml) under ``target``, paths kept."""
-    for run in runs:  # folders are resolved, as find_runs's paths
+    """The runs' ``RUN_FILES`` (and a sweep's grid.toml) under ``target``, paths kept; runs
+    already below ``target`` stay as they are."""
+    for run in runs:  # folders are resolved, as run_folders's paths
+        if run.path.is_relative_to(target):
+            continue
         base = next(f for f in folders if run.path.is_relative_to(f))
         destination = target / run.path.relative_to(base)
         destination.mkdir(parents=True, exist_ok=True)
@@ -307,27 +521,69 @@ def copy_runs(runs: list[Run], folders: list[Path], target: Path) -> None:
         if (grid := heatmap_grid(run)) is not None:
             shutil.copyfile(grid, destination / grid.name)
     for folder in folders:
-        if (folder / "grid.toml").exists():
+        if (folder / "grid.toml").exists() and not folder.is_relative_to(target):
             shutil.copyfile(folder / "grid.toml", target / "grid.toml")
+
+
+def check_copies(runs: list[Run], folders: list[Path], target: Path, inputs: set[Path]) -> None:
+    """``copy_runs`` can keep these runs under ``target`` so that a report made from it is this
+    one: no two runs go to one folder, and ``target`` holds no run of another report (it would be
+    counted there), ``inputs`` (the run folders this report read) aside. ``ReportError`` naming
+    the folder otherwise."""
+    destinations: dict[Path, Path] = {}
+    for run in runs:
+        if run.path.is_relative_to(target):
+            continue
+        base = next(f for f in folders if run.path.is_relative_to(f))
+        destination = target / run.path.relative_to(base)
+        if destination in destinations:
+            raise ReportError(f"{destination}: runs {destinations[destination]} and {run.path} "
+                              f"would both be copied there; report their folders separately")
+        destinations[destination] = run.path
+    ours = {run.identity for run in runs}
+    for path in run_folders([target]) if target.exists() else []:
+        try:
+            identity = run_identity(path)
+        except OSError:
+            identity = ""
+        if identity not in ours and path not in inputs:
+            raise ReportError(f"{target}: holds {path}, which is not one of this report's runs "
+                              f"(an earlier report's?); remove it or choose another --out")
 
 
 def report(folders: list[Path], out: Path, command: str, keep_runs: bool = False) -> Path:
     """Write the report of the runs below ``folders`` into ``out`` (with ``keep_runs``, also
     the runs' files under ``out/runs``, from which the same command remakes it); the path of
-    report.md."""
+    report.md. Everything is checked before anything is written: ``ReportError`` naming the
+    file and the field."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folders = [f.resolve() for f in folders]
-    runs = find_runs(folders)
+    for folder in folders:
+        if not folder.is_dir():
+            raise ReportError(f"{folder}: no such folder")
+    copies = (out / "runs").resolve()
+    paths = run_folders(folders)
+    skipped = own_copies(paths, folders, copies)
+    if skipped:
+        warn(f"{copies}: this report's own copies of {len(skipped)} run(s), not read as input")
+    inputs = [p for p in paths if p not in skipped]
+    runs, left_out = read_runs(inputs)
+    for item in left_out:
+        warn(f"{item.reason}; left out")
     if not runs:
-        raise FileNotFoundError(f"no finished run (summary.json) below {[str(f) for f in folders]}")
-    out.mkdir(parents=True, exist_ok=True)
-    if keep_runs and folders != [(out / "runs").resolve()]:
-        copy_runs(runs, folders, out / "runs")
+        raise ReportError(f"{', '.join(map(str, folders))}: no finished run (summary.json) to "
+                          f"report" + (f"; {len(left_out)} left out" if left_out else ""))
     varying, groups = settings(runs)
+    check_groups(groups)
+    if keep_runs:
+        check_copies(runs, folders, copies, set(inputs))
+    out.mkdir(parents=True, exist_ok=True)
+    if keep_runs:
+        copy_runs(runs, folders, copies)
     rows = table(varying, groups)
     write_csv(out / "table.csv", varying, rows)
     panels = _panels(varying, groups)
@@ -338,6 +594,8 @@ def report(folders: list[Path], out: Path, command: str, keep_runs: bool = False
                ("Heat maps of one round", heatmap_example(runs, out))]
     text = ["# Detection report", "",
             f"{len(runs)} runs, {len(groups)} settings. Made by:", "", "```bash", command, "```", ""]
+    if left_out:
+        text += [f"Left out ({len(left_out)}):", "", *(f"- {item.reason}" for item in left_out), ""]
     grids = sorted({f / "grid.toml" for f in folders if (f / "grid.toml").exists()})
     for grid in grids:
         text += ["Grid:", "", "```toml", grid.read_text().strip(), "```", ""]
@@ -364,8 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "layercam-report " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         target = report(args.folders, args.out, command, args.copy_runs)
-    except FileNotFoundError as err:
+    except ReportError as err:
         print(f"layercam-report: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output folder cannot be written
+        print(f"layercam-report: {err.filename or args.out}: {err.strerror or err}",
+              file=sys.stderr)
         return 2
     print(f"Report: {target}")
     return 0
