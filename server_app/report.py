@@ -168,10 +168,13 @@ def row_problem(row: Any) -> str | None:
     finite score for every node received (or no scores)."""
     if not isinstance(row, dict):
         return "row: not a JSON object"
-    if not isinstance(row.get("round"), int) or isinstance(row["round"], bool):
-        return f"round: {row.get('round', 'missing')!r} is not a round number"
-    if not _finite(row.get("accuracy")):
-        return f"accuracy: {row.get('accuracy', 'missing')!r} is not a finite number"
+    for key in ("round", "accuracy"):
+        if key not in row:
+            return f"{key}: missing"
+    if not isinstance(row["round"], int) or isinstance(row["round"], bool):
+        return f"round: {row['round']!r} is not a round number"
+    if not _finite(row["accuracy"]):
+        return f"accuracy: {row['accuracy']!r} is not a finite number"
     attackers = row.get("attackers", [])
     if not (isinstance(attackers, list) and _node_ids(attackers)):
         return "attackers: not a list of node ids"
@@ -198,9 +201,10 @@ def row_problem(row: Any) -> str | None:
         return "defense.scores: not an object of node ids"
     for node in record["received"]:
         score = scores.get(str(node))
+        if score is None:
+            return f"defense.scores.{node}: missing"
         if not _finite(score):
-            return (f"defense.scores.{node}: "
-                    f"{'missing' if score is None else repr(score)} is not a finite number")
+            return f"defense.scores.{node}: {score!r} is not a finite number"
     return None
 
 
