@@ -21,6 +21,10 @@ graph, no cycle. A defense knows no attack and does no I/O; the server's harness
 messages (attacks run on clients); the one exception: an adaptive, white-box attack may use the
 defense's heat-map function."""
 
+HOST_TOOLS = {"server_app/sweep.py": {"attacks"}}
+"""Modules outside the ServerApp (nothing it runs imports them) with a wider reach: the sweep,
+run on the operator's host, checks a grid's attack names before any cell runs."""
+
 
 def _modules() -> dict[str, Path]:
     return {f"{package}.{path.stem}" if path.stem != "__init__" else package: path
@@ -49,11 +53,12 @@ def test_each_package_imports_only_the_layers_below_it(package):
     for path in (ROOT / package).glob("*.py"):
         for name in _imports(path, top_level_only=False):
             used = name.split(".")[0]
+            reach = MAY_IMPORT[package] | HOST_TOOLS.get(str(path.relative_to(ROOT)), set())
             allowed = used == package or any(name == a or name.startswith(f"{a}.") or (
-                "." not in a and used == a) for a in MAY_IMPORT[package])
+                "." not in a and used == a) for a in reach)
             assert allowed, (
                 f"{path.relative_to(ROOT)} imports {name}: {package} may import "
-                f"{sorted(MAY_IMPORT[package])}")
+                f"{sorted(reach)}")
 
 
 def test_the_layers_form_no_cycle():
@@ -87,3 +92,11 @@ def test_no_module_imports_itself_back_at_import_time():
 
     for module in graph:
         visit(module, [])
+
+
+def test_no_part_of_the_server_app_imports_a_host_tool():
+    """The host tools' wider reach stays out of the ServerApp: no other module imports them."""
+    tools = {path[:-3].replace("/", ".") for path in HOST_TOOLS}
+    for module, path in _modules().items():
+        if f"{module}" not in tools:
+            assert not _imports(path, top_level_only=False) & tools, f"{module} imports {tools}"
