@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import re
 import time
@@ -281,7 +282,10 @@ class RoundLog:
     def add_evaluation(self, server_round: int, accuracy: float, loss: float) -> dict[str, Any]:
         """Write the round's row (round 0: the initial model) and print its progress line."""
         now = time.monotonic()
-        row: dict[str, Any] = {"round": server_round, "accuracy": accuracy, "loss": loss,
+        # a model that outputs NaN/Inf (a defense that kept an overflowing upload) has no
+        # loss: written as null, never as the NaN that strict JSON readers refuse
+        row: dict[str, Any] = {"round": server_round, "accuracy": accuracy,
+                               "loss": loss if math.isfinite(loss) else None,
                                "seconds": now - self._last, "elapsed": now - self.started}
         record, truth = self._records.pop(server_round, (None, {}))
         if record is not None:

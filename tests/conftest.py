@@ -1,4 +1,5 @@
-"""Shared fixtures: a self-started Flower SuperLink (simulation runtime) for end-to-end tests.
+"""Shared fixtures: a self-started Flower SuperLink (simulation runtime) for end-to-end tests,
+and torch's thread count kept from leaking from one test into the next.
 
 Each test session gets its own FLWR_HOME and a free port (started again on another if the
 port was taken before the SuperLink bound it); the SuperLink and everything it spawned are
@@ -15,6 +16,18 @@ from pathlib import Path
 import pytest
 
 from tests.local_federation import BIN, ROOT, flower_env, start_listening, stop
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_as_found():
+    """The ClientApp sets torch's intra-op threads to 1 (a simulated client shares the cores);
+    called in-process by a test, that setting would reach every later test, whose numbers
+    then depend on which tests ran before (float sums reduce in another order)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 class SimulationLink:

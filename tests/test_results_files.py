@@ -290,3 +290,19 @@ def test_a_run_folder_of_registered_names_lies_inside_the_base(tmp_path):
     second = new_run_dir(tmp_path, "layercam-ae", "sign-flip")
     assert first.parent == second.parent == tmp_path.resolve() and first != second
     assert first.name.endswith("-layercam-ae-sign-flip")
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf")])
+def test_a_loss_that_is_not_finite_is_written_as_null(tmp_path, loss):
+    """A global model whose outputs overflow has no loss: the row says null, strict JSON."""
+    from server_app.results import ResultsWriter, RoundLog
+
+    log = RoundLog(ResultsWriter(tmp_path), num_rounds=1)
+    log.add_evaluation(1, 0.1, loss)
+    line = (tmp_path / "rounds.jsonl").read_text().strip()
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    row = json.loads(line, parse_constant=refuse)
+    assert row["loss"] is None and row["accuracy"] == 0.1
