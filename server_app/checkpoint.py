@@ -71,9 +71,9 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in NUMERIC_KINDS:
             raise TypeError(f"cannot checkpoint a numpy array of dtype {value.dtype}")
-        data = np.ascontiguousarray(value)
+        data = np.asarray(value, order="C")  # a 0-d array stays 0-d
         return {TAG: "ndarray", "dtype": data.dtype.str, "shape": list(data.shape),
-                "data": torch.frombuffer(bytearray(data.tobytes()), dtype=torch.uint8)}
+                "data": torch.from_numpy(np.frombuffer(data.tobytes(), dtype=np.uint8).copy())}
     if isinstance(value, deque):
         return {TAG: "deque", "items": [to_plain(v) for v in value], "maxlen": value.maxlen}
     if type(value) is dict:

@@ -45,7 +45,7 @@ def ranking_scores(nodes: list, scores: Mapping, removed: set) -> list[float] | 
     (``None`` when a kept node has none: the ranking is not known)."""
     finite = {n: float(s) for n, s in scores.items()
               if isinstance(s, (int, float)) and math.isfinite(s)}
-    top = max(finite.values(), default=0.0) + 1.0
+    top = float(np.nextafter(max(finite.values(), default=0.0), np.inf))  # above every score
     if any(n not in finite and n not in removed for n in nodes):
         return None
     return [finite.get(n, top) for n in nodes]

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from strategies.aggregation import weighted_average
 from strategies.records import ClientUpload, Detection, RoundRecord
 from strategies.registry import DEFENSES, ServerAssets
-from strategies.validation import MAX_UPDATE_RATIO, MAX_WEIGHT_SHARE, screen_replies
+from strategies.validation import MAX_UPDATE_RATIO, MAX_WEIGHT_SHARE, bound_claims, screen_replies
 from task.config import RunConfig
 
 
@@ -173,6 +173,10 @@ class DetectingFedAvg(FedAvg):
         uploads = [u for u in uploads if u.node_id not in detection.rejected]
         kept_ids = set(detection.kept) - set(detection.rejected)
         kept = [u for u in uploads if u.node_id in kept_ids]
+        # the claims' bound again among the kept: with uploads excluded, a claim cut among all
+        # K could carry more than 2/K of what is aggregated
+        kept, rebounded = bound_claims(kept)
+        bounded.update({n: c for n, c in rebounded.items() if n not in bounded})
         arrays, metrics, note = None, None, ""
         start = time.perf_counter()
         if kept:

@@ -15,7 +15,8 @@ casting back cannot overflow.
 
 ``num-examples`` weighs a client in FedAvg, so a claim is also bounded by the others: no client
 carries more than ``MAX_WEIGHT_SHARE`` / K of the round's K valid claims (twice the share of K
-equal claims; ``bound_claims``), whatever it says; the original claim is recorded.
+equal claims; ``bound_claims``), whatever it says; the original claim is recorded. The
+strategy cuts again among the uploads its rule keeps, so the bound holds for what is aggregated.
 """
 
 from __future__ import annotations

@@ -306,3 +306,12 @@ def test_a_loss_that_is_not_finite_is_written_as_null(tmp_path, loss):
 
     row = json.loads(line, parse_constant=refuse)
     assert row["loss"] is None and row["accuracy"] == 0.1
+
+
+def test_plain_data_keeps_the_shape_of_0_d_arrays():
+    from server_app.checkpoint import from_plain, to_plain
+
+    for value in (np.array(5.0), np.array(3, dtype=np.int64), np.zeros((2, 0)), np.ones((2, 3))):
+        back = from_plain(to_plain(value))
+        assert back.shape == value.shape and back.dtype == value.dtype
+        np.testing.assert_array_equal(back, value)

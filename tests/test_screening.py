@@ -238,6 +238,32 @@ def test_one_liar_among_honest_clients_gets_twice_the_fair_share_at_most(clients
     assert share[:-1].max() < MAX_WEIGHT_SHARE / clients
 
 
+def test_the_claim_bound_holds_among_the_uploads_a_defense_keeps(setting):
+    """Honest claims of 1,000 (nodes 0-2) and 100 (3-6), a liar claiming 1e11: cut among all 8
+    it counts as 1,133. The defense excludes nodes 0-2; among the 5 kept, 1,133 would carry 74%
+    of the aggregate, so it is cut again, to 266.7: 2/5."""
+    from strategies.base import DetectingFedAvg
+    from strategies.records import Detection
+
+    class ExcludesThree(DetectingFedAvg):
+        def detect(self, server_round, uploads):
+            return Detection(kept=[u.node_id for u in uploads if u.node_id not in (0, 1, 2)])
+
+    images, global_state, valid = setting
+    strategy = ExcludesThree()
+    strategy.global_state = global_state
+    claims = [1000.0, 1000.0, 1000.0, 100.0, 100.0, 100.0, 100.0]
+    replies = [reply(c, valid[c], {"num-examples": n}) for c, n in enumerate(claims)]
+    replies.append(reply(7, valid[0], {"num-examples": 1e11}))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    weights = {3: 100.0, 4: 100.0, 5: 100.0, 6: 100.0, 7: 0.4 * 400 / 0.6}
+    assert weights[7] / sum(weights.values()) == pytest.approx(2 / 5)
+    expected = sum(w * valid[0 if c == 7 else c]["fc2.bias"].astype(np.float64)
+                   for c, w in weights.items()) / sum(weights.values())
+    np.testing.assert_allclose(arrays["fc2.bias"].numpy(), expected, rtol=1e-5)
+    assert strategy.last_record.bounded_claims == {7: 1e11}
+
+
 def test_the_claim_bound_is_the_largest_cut_that_keeps_every_share_within_2_over_k():
     """Against a brute-force search over cuts, on claims with several large ones."""
     rng = np.random.default_rng(0)
