@@ -18,16 +18,25 @@ import pytest
 from tests.local_federation import BIN, ROOT, flower_env, start_listening, stop
 
 
-@pytest.fixture(autouse=True)
-def torch_threads_as_found():
-    """The ClientApp sets torch's intra-op threads to 1 (a simulated client shares the cores);
-    called in-process by a test, that setting would reach every later test, whose numbers
-    then depend on which tests ran before (float sums reduce in another order)."""
+@pytest.fixture(scope="session")
+def initial_torch_threads() -> int:
+    """torch's intra-op thread count as the session found it (set up before any module's
+    fixtures: the session scope comes first)."""
     import torch
 
-    threads = torch.get_num_threads()
+    return torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_reset(initial_torch_threads):
+    """The ClientApp sets torch's intra-op threads to 1 (a simulated client shares the cores),
+    and so do the heat-map workers; called in-process by a test or a module's fixture, that
+    setting would reach every later test, whose numbers then depend on which tests ran before
+    (float sums reduce in another order). After each test, the session's count is set back."""
+    import torch
+
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(initial_torch_threads)
 
 
 class SimulationLink:
