@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies.aggregation import weighted_average
-from strategies.autoencoder import PATIENCE
+from strategies.autoencoder import PATIENCE, torch_threads
 from strategies.records import ClientUpload
 from task.data import load_federated_data
 from task.models import build_model
@@ -37,7 +37,9 @@ def reply(node_id: int, arrays: dict[str, np.ndarray] | None, metrics: dict) -> 
 
 def benign_trajectory(rounds: int, num_clients: int, seed: int = 0):
     """Per round: the global model and every client's honestly trained state (1 local epoch),
-    following clean FedAvg. Returns (list of global states, list of lists of states, sizes)."""
+    following clean FedAvg. Returns (list of global states, list of lists of states, sizes).
+    Clients train on one intra-op thread, as the ClientApp does: the states do not depend on
+    the machine's thread count."""
     torch.manual_seed(seed)
     data = load_federated_data("mnist-embedded", seed)
     labels = data.train.labels.numpy()
@@ -50,8 +52,9 @@ def benign_trajectory(rounds: int, num_clients: int, seed: int = 0):
         for c, local in enumerate(locals_):
             model = build_model("cnn", 1, 10, 28)
             load_numpy_state(model, global_state)
-            train(model, local, epochs=1, batch_size=64, learning_rate=1e-3, weight_decay=0.0,
-                  device=torch.device("cpu"), seed=seed * 997 + t * 31 + c)
+            with torch_threads(1):
+                train(model, local, epochs=1, batch_size=64, learning_rate=1e-3,
+                      weight_decay=0.0, device=torch.device("cpu"), seed=seed * 997 + t * 31 + c)
             round_states.append(state_to_numpy(model))
         globals_.append(global_state)
         states.append(round_states)
