@@ -150,10 +150,6 @@ class DetectingFedAvg(FedAvg):
         )
         for node_id, reason in rejected.items():
             log(WARNING, "Rejected upload from node %d: %s", node_id, reason)
-        for node_id, claim in bounded.items():
-            log(WARNING, "Node %d claims %g examples: counted as %g, %g/K of the round's weight",
-                node_id, claim, next(u.num_examples for u in uploads if u.node_id == node_id),
-                MAX_WEIGHT_SHARE)
         screening = time.perf_counter() - start
         replied = {u.node_id for u in uploads} | set(rejected)
         missing = sorted((set(self.sampled) | self.participants) - replied)
@@ -177,6 +173,10 @@ class DetectingFedAvg(FedAvg):
         # K could carry more than 2/K of what is aggregated
         kept, rebounded = bound_claims(kept)
         bounded.update({n: c for n, c in rebounded.items() if n not in bounded})
+        counted = {u.node_id: u.num_examples for u in [*uploads, *kept]}  # kept last: final
+        for node_id, claim in bounded.items():  # once per node, with what it finally counts as
+            log(WARNING, "Node %d claims %g examples: counted as %g (at most %g/K of the weight)",
+                node_id, claim, counted.get(node_id, claim), MAX_WEIGHT_SHARE)
         arrays, metrics, note = None, None, ""
         start = time.perf_counter()
         if kept:
