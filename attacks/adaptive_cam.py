@@ -13,6 +13,14 @@ pushes the aggregate back past w_g, as IPM does), and takes the largest gamma fo
 so that neither the heat-map detector nor a distance rule sees an outlier. gamma is found by
 Shejwalkar & Houmansadr's doubling-and-bisection search (Min-Max, NDSS 2021), which assumes
 feasibility is monotone in gamma.
+
+Against the update views (``layercam-ae-views``, ``strategies.update_views``) it knows each view
+and keeps every view's value within the benign uploads' range (so its robust score stays below
+the largest benign one, whatever the cut). Reversing the mean update cannot pass the direction
+view, so its candidates turn away from the mean instead: w(gamma) = w_g + (1 - gamma) u_bar +
+gamma ||u_bar|| e, with e the unit ALIE direction -sign(u_bar) * sigma (sigma the benign
+updates' per-coordinate deviation) made orthogonal to u_bar, and against the collusion view
+each attacker adds its own random offset of half the benign nearest-neighbour distance.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch.func import functional_call
 from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.eavesdropping import largest_gamma
 from strategies.heatmaps import as_tensors, layercam_heatmaps
+from strategies.update_views import VIEWS, nearest_distances
 from task.models import default_cam_layer
 from task.params import State, flatten_updates, unflatten
 
@@ -37,14 +46,15 @@ class AdaptiveCam(Attack):
     needs_benign_uploads = True
     needs_local_probes = True
 
-    def __init__(self, model: nn.Module, layer: str) -> None:
-        self.model, self.layer = model.eval(), layer
+    def __init__(self, model: nn.Module, layer: str, views: tuple[str, ...] = ()) -> None:
+        self.model, self.layer, self.views = model.eval(), layer, tuple(views)
 
     @classmethod
     def from_config(cls, config, model=None):
         if model is None:
             raise ValueError("adaptive-cam needs the model architecture")
-        return cls(model, config.layercam_ae_target_layer or default_cam_layer(config.model))
+        return cls(model, config.layercam_ae_target_layer or default_cam_layer(config.model),
+                   config.layercam_ae_view_names)
 
     def craft(self, attack_input: AttackInput) -> State:
         benign, global_state = attack_input.benign_states, attack_input.global_state
@@ -68,12 +78,53 @@ class AdaptiveCam(Attack):
         distance_bound = float(np.linalg.norm(updates - mean_update, axis=1).max())
         update_norm = float(np.linalg.norm(mean_update))
 
+        step, offset = self.turn(updates, attack_input.rng)
+
+        def update(gamma: float) -> np.ndarray:
+            return (1.0 - gamma) * mean_update + gamma * update_norm * step + offset
+
         def candidate(gamma: float) -> State:
-            return unflatten((1.0 - gamma) * mean_update, names, global_state)
+            return unflatten(update(gamma), names, global_state)
+
+        within_views = self.view_bounds(updates)
 
         def fits(gamma: float) -> bool:
-            if gamma * update_norm > distance_bound:
+            if np.linalg.norm(update(gamma) - mean_update) > distance_bound:
+                return False
+            if not within_views(update(gamma)):
                 return False
             return float((maps([candidate(gamma)])[0] - center).norm()) <= map_bound
 
+        for _ in range(30):  # an offset that alone leaves a view's range is halved
+            if fits(0.0):
+                break
+            offset *= 0.5
         return candidate(largest_gamma(fits, gamma_init=1.0, tolerance=1e-3))
+
+    def turn(self, updates: np.ndarray, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """The direction the candidates turn to and this attacker's own offset (module
+        docstring); without views neither: the candidates reverse the mean update."""
+        mean = updates.mean(axis=0)
+        if not self.views:
+            return np.zeros_like(mean), np.zeros_like(mean)
+        alie = -np.sign(mean) * updates.std(axis=0)
+        alie -= (alie @ mean) / max(float(mean @ mean), 1e-30) * mean
+        step = alie / max(float(np.linalg.norm(alie)), 1e-12)
+        offset = np.zeros_like(mean)
+        if "collusion" in self.views:
+            noise = rng.normal(0.0, 1.0, mean.shape)
+            offset = 0.5 * float(np.median(nearest_distances(updates))) * noise / np.linalg.norm(noise)
+        return step, offset
+
+    def view_bounds(self, updates: np.ndarray):
+        """A test that an update's value in every view lies within the benign uploads' range
+        (each view computed against the benign coordinate-wise median)."""
+        centre = np.median(updates, axis=0)
+        views = [v for v in self.views if v != "collusion"]  # the offset answers collusion
+        highest = {v: float(VIEWS[v](updates, centre).max()) for v in views}
+
+        def within(update: np.ndarray) -> bool:
+            stacked = np.vstack([updates, update])
+            return all(float(VIEWS[v](stacked, centre)[-1]) <= highest[v] for v in views)
+        return within

@@ -46,6 +46,8 @@ class AttackInput:
     """Claimed data sizes of ``benign_states`` (empty: equal weights)."""
     probes: torch.Tensor | None = None
     """A batch of the attacker's own images (N, C, H, W), for attacks that need them."""
+    server_round: int = 0
+    """The round the upload is for (0: unknown)."""
 
 
 @ATTACKS.register

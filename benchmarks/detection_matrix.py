@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cli import run_config_override  # noqa: E402
 
 NUM_CLIENTS = 24
-ATTACKS = ("gae", "sign-flip", "alie", "ipm", "min-max", "min-sum", "gaussian", "adaptive-cam",
-           "radius-noise", "undo-update")
+ATTACKS = ("gae", "sign-flip", "gaussian", "uniform-noise", "label-flip", "alie", "ipm", "min-max",
+           "min-sum", "adaptive-cam", "model-replacement", "radius-noise", "undo-update")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,8 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
                 state = trained(config, global_state, server_round, client, local)
                 if client in attackers:
                     rng = np.random.default_rng(training_seed(config, server_round, client))
-                    state = attack.craft(AttackInput(global_state, state, rng))
+                    state = attack.craft(AttackInput(global_state, state, rng,
+                                                     server_round=server_round))
                 else:
                     benign_states.append(state)
                     benign_sizes.append(float(len(local)))
@@ -141,7 +142,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
                     probes_own = local_probes(own, attack)
                     state = attack.craft(AttackInput(global_state, global_state, rng,
                                                      tuple(benign_states), tuple(benign_sizes),
-                                                     probes_own))
+                                                     probes_own, server_round))
                     uploads.append(ClientUpload(client, state, claimed))
             uploads.sort(key=lambda u: (content_key(u.arrays), u.node_id))  # as screen_replies
             strategy.global_state = global_state

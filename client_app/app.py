@@ -145,7 +145,8 @@ def train(msg: Message, context: Context) -> Message:
     state = state_to_numpy(model.cpu())
     if attack is not None:
         state = attack.craft(AttackInput(global_state, state, np.random.default_rng(seed),
-                                         probes=local_probes(local, attack)))
+                                         probes=local_probes(local, attack),
+                                         server_round=server_round))
     metrics = {"train-loss": loss, "num-examples": len(local), "attacker": float(attacker)}
     return _model_reply(msg, state, metrics)
 
@@ -201,7 +202,8 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     sizes = tuple(float(n) for n in settings.get("benign-num-examples", []))
     seed = training_seed(config, server_round, partition_id)
     state = attack.craft(
-        AttackInput(global_state, global_state, np.random.default_rng(seed), benign, sizes, probes)
+        AttackInput(global_state, global_state, np.random.default_rng(seed), benign, sizes, probes,
+                    server_round)
     )
     # The fields of a benign reply: the median benign data size and training loss of the round.
     metrics = {"train-loss": float(settings["claimed-train-loss"]),

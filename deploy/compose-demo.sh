@@ -4,7 +4,8 @@
 # the Fleet API proxy the SuperNodes connect through, ServerApp, 3 benign + 1 attacking
 # SuperNode, TLS and SuperNode authentication on), run 2 rounds of LayerCAM-AE from a CLI
 # container on the SuperLink's loopback address, check that the SuperNodes' address refuses the
-# Control API and the results in ./results, and stop everything.
+# Control API and the results in ./results (the attacker's upload removed in every round), and
+# stop everything.
 #
 #   deploy/compose-demo.sh
 #
@@ -74,6 +75,9 @@ summary = json.load(open(sys.argv[1]))
 detection = summary["detection"]
 assert summary["rounds"] == 2 and summary["defense"] == "layercam-ae", summary
 assert detection["tp"] + detection["fn"] == 2, detection  # 1 attacker x 2 rounds
+if detection["tp"] != 2:  # the demo shows the defense working, or says it did not
+    raise SystemExit(f"FAILED: the attacker's upload was aggregated in {detection['fn']} of 2 "
+                     f"rounds (final accuracy {summary['final_accuracy']:.4f}): {detection}")
 print(f"OK: {summary['rounds']} rounds, final accuracy {summary['final_accuracy']:.4f}, "
       f"attacker uploads removed {detection['tp']}/2, benign removed {detection['fp']}/6; "
       f"{summary['results_dir']}")

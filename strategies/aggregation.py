@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
 from strategies.records import ClientUpload
+from task.params import State, flatten_updates, unflatten
 
 
 def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
@@ -27,4 +29,22 @@ def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
             total += weight * upload.arrays[name]
         out[name] = (total.astype(first.dtype) if first.dtype.kind == "f"
                      else np.asarray(np.rint(total)).astype(first.dtype))  # 0-d stays an array
+    return out
+
+
+def clipped_to(uploads: Sequence[ClientUpload], global_state: State, bound: float
+               ) -> list[ClientUpload]:
+    """The uploads with every update w - w_global longer than ``bound`` scaled down to it
+    (float arrays; integer buffers as uploaded). Scaling towards w_global keeps BatchNorm
+    variances positive: each clipped value lies between the global's and the upload's."""
+    if not uploads:
+        return []
+    updates, names = flatten_updates([u.arrays for u in uploads], global_state)
+    norms = np.linalg.norm(updates, axis=1)
+    out = []
+    for upload, update, norm in zip(uploads, updates, norms):
+        if norm > bound:
+            arrays = unflatten(update * (bound / norm), names, global_state, buffers=upload.arrays)
+            upload = dataclasses.replace(upload, arrays=arrays)
+        out.append(upload)
     return out

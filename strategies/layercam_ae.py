@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from strategies.autoencoder import reconstruction_errors, torch_threads
+from strategies.aggregation import clipped_to, weighted_average
 from strategies.base import DetectingFedAvg
 from strategies.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
 from strategies.heatmaps import (
@@ -44,8 +45,10 @@ from strategies.heatmaps import (
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.thresholds import robust_z, two_sided_rule, upper_rule
+from strategies.update_views import VIEWS, signed_robust_z, view_scores
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import RunConfig
+from task.params import flatten_updates
 
 
 @DEFENSES.register
@@ -116,6 +119,18 @@ class LayerCamAe(DetectingFedAvg):
         on the machine's load could flip a decision that sits near its cut.
     keep_heatmaps : bool (default: False)
         Hand the round's maps (first probe) to the harness in ``Detection.heatmaps``.
+    views : tuple of str (default: every view of ``strategies.update_views``)
+        Views of the updates beside the heat maps, each a robust score per client and round
+        (``details["views"]``). Their per-client maximum, as a robust score over the round,
+        feeds a second evidence ledger (same memory and cap) that excludes above
+        ``view_z``; and an upload whose largest view score exceeds ``far_z`` is excluded the
+        round it arrives. Empty: the paper's heat maps alone.
+    view_z : float (default: 4.5)
+        Cut of the views' evidence.
+    far_z : float (default: 8.0)
+        A view score beyond which an upload is excluded in the round it arrives.
+    clip : bool (default: True)
+        Clip every kept update to the median norm of the round's uploads before averaging.
     seed : int
         Seeds the autoencoder initialisation (plus the round number).
     device : torch.device, optional
@@ -125,7 +140,7 @@ class LayerCamAe(DetectingFedAvg):
     """
 
     name = "layercam-ae"
-    checkpointed = ("history", "evidence", "spreads")
+    checkpointed = ("history", "evidence", "spreads", "view_evidence")
 
     def __init__(
         self,
@@ -156,6 +171,10 @@ class LayerCamAe(DetectingFedAvg):
         workers: int = 2,
         engine: str = "auto",
         keep_heatmaps: bool = False,
+        views: tuple[str, ...] = tuple(VIEWS),
+        view_z: float = 4.5,
+        far_z: float = 8.0,
+        clip: bool = True,
         seed: int = 0,
         device: torch.device | None = None,
         combine: CamCombine = layercam_combine,
@@ -208,6 +227,11 @@ class LayerCamAe(DetectingFedAvg):
         self.evidence = EvidenceLedger(memory, score_cap)
         self.spreads = SpreadHistory(scale_rounds)
         self.group_z, self.group_size = group_z, group_size
+        unknown = sorted(set(views) - set(VIEWS))
+        if unknown:
+            raise ValueError(f"unknown update views {unknown}; known: {sorted(VIEWS)}")
+        self.views, self.view_z, self.far_z, self.clip = tuple(views), view_z, far_z, clip
+        self.view_evidence = EvidenceLedger(memory, score_cap)
 
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
@@ -299,6 +323,10 @@ class LayerCamAe(DetectingFedAvg):
             else self.decide_by_vote(server_round, node_ids, errors))
         timings["decision"] = time.perf_counter() - start
 
+        start = time.perf_counter()
+        kept, scores, view_details = self.decide_by_views(uploads, kept, scores)
+        timings["views"] = time.perf_counter() - start
+
         upper = upper_rule(errors, self.beta)
         details = {
             "decision": self.decision,
@@ -307,6 +335,7 @@ class LayerCamAe(DetectingFedAvg):
             "upper_scores": dict(zip(node_ids, upper.scores.tolist())),
             "two_sided_scores": dict(zip(node_ids, np.abs(robust_z(errors)).tolist())),
             **rule_details,
+            **view_details,
             "engine": self.engine,
             "ae_epochs": epochs,
         }
@@ -325,6 +354,40 @@ class LayerCamAe(DetectingFedAvg):
             "evidence": evidence, "threshold": self.robust_z, "memory": self.evidence.memory,
             "score_cap": self.evidence.cap, "group_z": self.group_z, "group_size": self.group_size,
             "z": dict(zip(node_ids, z.tolist()))}
+
+    def decide_by_views(self, uploads: list[ClientUpload], kept: list[int],
+                        scores: dict[int, float]) -> tuple[list[int], dict[int, float], dict]:
+        """Add the update views' exclusions to the heat maps' (``views``): the views' evidence
+        beyond ``view_z``, and this round's largest view score beyond ``far_z``. A client's
+        score becomes the larger of its heat-map and view evidence. Also the clipping bound."""
+        updates, _ = flatten_updates([u.arrays for u in uploads], self.global_state)
+        details: dict[str, Any] = {"clip_bound": float(np.median(np.linalg.norm(updates, axis=1)))
+                                   if self.clip else None}
+        if not self.views:
+            return kept, scores, details
+        node_ids = [u.node_id for u in uploads]
+        views = view_scores(updates, self.views)
+        largest = np.max(np.stack(list(views.values())), axis=0)
+        evidence = self.view_evidence.update(dict(zip(node_ids, signed_robust_z(largest).tolist())))
+        far = {n for n, z in zip(node_ids, largest) if z > self.far_z}
+        excluded = far | {n for n, e in evidence.items() if e > self.view_z}
+        scores = {n: max(scores[n], evidence[n], float(z) - self.far_z + self.view_z)
+                  for n, z in zip(node_ids, largest)}
+        details.update({
+            "views": {v: dict(zip(node_ids, z.tolist())) for v, z in views.items()},
+            "view_evidence": evidence, "view_z": self.view_z, "far_z": self.far_z,
+            "far": sorted(far)})
+        return [n for n in kept if n not in excluded], scores, details
+
+    def new_global_state(self, detection: Detection, kept: list[ClientUpload]
+                         ) -> dict[str, np.ndarray]:
+        """FedAvg of the kept uploads, each update first clipped to the round's median norm
+        (``clip``) so that an upload no view caught moves the model no more than a median
+        client."""
+        bound = detection.details.get("clip_bound")
+        if bound is None or self.global_state is None:
+            return super().new_global_state(detection, kept)
+        return weighted_average(clipped_to(kept, self.global_state, bound))
 
     def decide_by_vote(self, server_round: int, node_ids: list[int], errors: np.ndarray
                        ) -> tuple[list[int], dict[int, float], dict]:
@@ -363,5 +426,7 @@ def heatmap_defense_kwargs(config: RunConfig, assets: ServerAssets) -> dict[str,
         map_size=config.layercam_ae_map_size, threads=config.layercam_ae_threads,
         workers=config.layercam_ae_workers,
         engine=config.layercam_ae_engine, keep_heatmaps=config.layercam_ae_save_heatmaps,
+        views=config.layercam_ae_view_names, view_z=config.layercam_ae_view_z,
+        far_z=config.layercam_ae_far_z, clip=config.layercam_ae_clip,
         seed=config.seed,
     )

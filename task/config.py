@@ -31,6 +31,8 @@ LAYERCAM_AE_DECISIONS = ("evidence", "voting")
 LAYERCAM_AE_THRESHOLDS = ("upper", "two-sided")
 HEATMAP_ENGINES = ("auto", "loop", "vmap")
 HEATMAP_SIZES = ("probe", "native")
+UPDATE_VIEWS = ("norm", "direction", "outside-range", "collusion")
+"""The views of the updates beside the heat maps (``strategies.update_views``)."""
 
 
 class ConfigError(ValueError):
@@ -118,6 +120,20 @@ class RunConfig:
     layercam_ae_workers: int = 2
     layercam_ae_engine: str = "auto"
     layercam_ae_save_heatmaps: bool = False
+    layercam_ae_views: str = ",".join(UPDATE_VIEWS)
+    layercam_ae_view_z: float = 4.5
+    layercam_ae_far_z: float = 8.0
+    layercam_ae_clip: bool = True
+    # model replacement (attacks/model_replacement.py)
+    model_replacement_boost: float = 0.0
+    model_replacement_round: int = 0
+    # FLAME (strategies/flame.py)
+    flame_noise: float = 0.001
+
+    @property
+    def layercam_ae_view_names(self) -> tuple[str, ...]:
+        """``layercam-ae-views`` as a tuple of view names (empty: the heat maps alone)."""
+        return tuple(v.strip() for v in self.layercam_ae_views.split(",") if v.strip())
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -154,6 +170,8 @@ class RunConfig:
         _choice("layercam-ae-threshold", self.layercam_ae_threshold, LAYERCAM_AE_THRESHOLDS)
         _choice("layercam-ae-engine", self.layercam_ae_engine, HEATMAP_ENGINES)
         _choice("layercam-ae-map-size", self.layercam_ae_map_size, HEATMAP_SIZES)
+        for view in self.layercam_ae_view_names:
+            _choice("layercam-ae-views", view, UPDATE_VIEWS)
         for key, bounds in NUMERIC_RANGES.items():
             bounds.check(key, getattr(self, key.replace("-", "_")))
         if self.gae_candidate_nodes < self.gae_graph_nodes:
@@ -292,6 +310,11 @@ NUMERIC_RANGES: dict[str, Range] = {
     "layercam-ae-tolerance": Range(0, 1),
     "layercam-ae-threads": Range(0, 1024),
     "layercam-ae-workers": Range(1, 256),  # each holds a copy of the model
+    "layercam-ae-view-z": Range(0, 100, open_low=True),
+    "layercam-ae-far-z": Range(0, 1e6, open_low=True),
+    "model-replacement-boost": Range(0, 1e6),  # 0: the number of clients
+    "model-replacement-round": Range(0, 100_000),  # 0: every round
+    "flame-noise": Range(0, 1),  # lambda: sigma = lambda * median norm
 }
 """Every numeric key's range: what makes sense, and nothing that can exhaust the machine."""
 

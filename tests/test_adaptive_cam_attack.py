@@ -22,7 +22,7 @@ def trained_round():
 def test_adaptive_cam_stays_within_the_benign_heat_map_and_distance_spread(trained_round):
     global_state, benign, data = trained_round
     model = build_model("cnn", 1, 10, 28)
-    attack = build_attack(RunConfig(attack="adaptive-cam"), model)
+    attack = build_attack(RunConfig(attack="adaptive-cam", layercam_ae_views=""), model)
     probes = data.train.as_float(torch.arange(16))
     crafted = attack.craft(AttackInput(global_state, global_state, np.random.default_rng(0),
                                        benign, probes=probes))
@@ -57,3 +57,26 @@ def _add(global_state, vector):
 def test_adaptive_cam_needs_the_architecture():
     with pytest.raises(ValueError, match="architecture"):
         build_attack(RunConfig(attack="adaptive-cam"))
+
+
+def test_adaptive_cam_that_knows_the_views_stays_within_each_views_benign_range(trained_round):
+    from strategies.update_views import VIEWS, nearest_distances
+
+    global_state, benign, data = trained_round
+    model = build_model("cnn", 1, 10, 28)
+    attack = build_attack(RunConfig(attack="adaptive-cam"), model)  # every view, the default
+    probes = data.train.as_float(torch.arange(16))
+    crafted = [attack.craft(AttackInput(global_state, global_state, np.random.default_rng(s),
+                                        benign, probes=probes)) for s in (0, 1)]
+    updates, _ = flatten_updates(benign, global_state)
+    malicious, _ = flatten_updates(crafted, global_state)
+    centre = np.median(updates, axis=0)
+    for view in ("norm", "direction", "outside-range"):
+        highest = VIEWS[view](updates, centre).max()
+        for m in malicious:
+            assert VIEWS[view](np.vstack([updates, m]), centre)[-1] <= highest * (1 + 1e-9), view
+    mean = updates.mean(axis=0)
+    # it does turn away from the benign mean: less progress along it than the mean makes
+    assert all(m @ mean < 0.99 * (mean @ mean) for m in malicious)
+    # two attackers are no closer to each other than benign clients are to their nearest
+    assert np.linalg.norm(malicious[0] - malicious[1]) > 0

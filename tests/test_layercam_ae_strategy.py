@@ -266,3 +266,34 @@ def test_an_upload_whose_heat_map_overflows_is_rejected_and_the_round_goes_on():
     assert record.kept == clean.last_record.kept
     assert record.scores == pytest.approx(clean.last_record.scores)
     assert all(np.isfinite(v.numpy()).all() for v in arrays.values())
+
+
+def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a_kept_one(trajectory):
+    from attacks.model_replacement import ModelReplacement
+    from task.params import flatten_updates
+
+    globals_, states, sizes, data = trajectory
+    round_states = list(states[0])
+    boosted = ModelReplacement(boost=CLIENTS).craft(
+        AttackInput(globals_[0], states[0][-1], np.random.default_rng(0), server_round=1))
+    round_states[-1] = boosted
+    replies = [reply(node(c), s, {"num-examples": sizes[c]}) for c, s in enumerate(round_states)]
+
+    strategy = make_strategy(data)  # every view, clipping on
+    strategy.global_state = globals_[0]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    record = strategy.last_record
+    assert node(CLIENTS - 1) in record.excluded and record.details["far"] == [node(CLIENTS - 1)]
+    assert record.details["views"]["norm"][node(CLIENTS - 1)] > strategy.far_z
+    assert len(record.excluded) <= 3
+
+    # the heat maps alone: whatever they decide, a kept update moves the model no farther than
+    # the round's median norm
+    strategy = make_strategy(data, views=(), clip=True)
+    strategy.global_state = globals_[0]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    record = strategy.last_record
+    new_global = {k: v.numpy() for k, v in arrays.items()}
+    step = flatten_updates([new_global], globals_[0])[0][0]
+    assert np.linalg.norm(step) <= record.details["clip_bound"] * (1 + 1e-6)
+    assert "views" not in record.details

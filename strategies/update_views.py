@@ -1,0 +1,106 @@
+"""Views of the round's updates beside the heat maps: one robust score per client and view.
+
+Each view turns the (K, D) matrix of updates Delta_i = w_i - w_global into one number per client,
+and ``view_scores`` makes it a signed robust score z = (x - median) / (1.4826 MAD) over the
+round's clients, oriented so that a large positive z is suspicious:
+
+- ``norm``: log ||Delta_i||. Boosted (model replacement) and noise uploads are long.
+- ``direction``: 1 - cos(Delta_i, m), m the coordinate-wise median update: a robust centre
+  that more than half the clients would have to move. Sign-flip and random directions point
+  away from it.
+- ``outside-range``: the share of ||Delta_i - m||^2 that lies in coordinates where Delta_i is
+  beyond ``RANGE_WIDTH`` robust standard deviations of that coordinate's values. A benign
+  client's distance is spread over many coordinates; an upload that writes large values into
+  a few coordinates the benign clients leave small (the GAE's graph coordinates) has most of
+  its distance there.
+- ``collusion``: log(median nearest-neighbour distance / own nearest-neighbour distance).
+  Clients that upload one crafted model (ALIE, IPM, Min-Max, Min-Sum) sit far closer to each
+  other than independent benign clients do.
+
+The views are pure functions of the numbers, so they are tested on crafted rounds without
+Flower; ``strategies.layercam_ae`` fuses them with the heat maps' evidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from strategies.thresholds import MAD_TO_STD
+
+RANGE_WIDTH = 4.0
+"""Robust standard deviations from the coordinate's median beyond which a value is outside
+the round's range (``outside-range``)."""
+
+TINY = 1e-12
+
+
+def norm_view(updates: np.ndarray) -> np.ndarray:
+    """log ||Delta_i|| (a zero update scores as the smallest float's log, never -inf)."""
+    return np.log(np.maximum(np.linalg.norm(updates, axis=1), TINY))
+
+
+def direction_view(updates: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """1 - cos(Delta_i, m): 0 along the median update, 1 orthogonal to it, 2 against it."""
+    norms = np.linalg.norm(updates, axis=1) * np.linalg.norm(centre)
+    return 1.0 - (updates @ centre) / np.maximum(norms, TINY)
+
+
+def outside_range_view(updates: np.ndarray, centre: np.ndarray,
+                       width: float = RANGE_WIDTH) -> np.ndarray:
+    """Share of ||Delta_i - m||^2 in the coordinates where |Delta_ij - m_j| > width * sigma_j,
+    sigma_j = 1.4826 MAD of coordinate j over the clients (ties: the mean absolute deviation)."""
+    deviations = updates - centre
+    magnitude = np.abs(deviations)
+    sigma = MAD_TO_STD * np.median(magnitude, axis=0)
+    sigma = np.where(sigma > 0, sigma, magnitude.mean(axis=0))
+    squared = deviations ** 2
+    outside = np.where(magnitude > width * sigma, squared, 0.0).sum(axis=1)
+    return outside / np.maximum(squared.sum(axis=1), TINY)
+
+
+def nearest_distances(updates: np.ndarray) -> np.ndarray:
+    """Each update's distance to its nearest other update (via the Gram matrix)."""
+    gram = updates @ updates.T
+    squared = np.diag(gram)[:, None] + np.diag(gram)[None, :] - 2.0 * gram
+    np.fill_diagonal(squared, np.inf)
+    return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+
+
+def collusion_view(updates: np.ndarray) -> np.ndarray:
+    """log(median_j nn_j / nn_i), nn_i the distance to the client's nearest other upload:
+    identical uploads score the largest finite value the floor allows."""
+    nearest = nearest_distances(updates)
+    scale = float(np.median(nearest))
+    floor = max(scale, TINY) * 1e-6
+    return np.log(max(scale, TINY) / np.maximum(nearest, floor))
+
+
+VIEWS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "norm": lambda updates, centre: norm_view(updates),
+    "direction": direction_view,
+    "outside-range": outside_range_view,
+    "collusion": lambda updates, centre: collusion_view(updates),
+}
+"""Every view by its run-config name; each takes the updates and their coordinate-wise median."""
+
+
+def signed_robust_z(values: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 MAD); a zero MAD falls back to the mean absolute deviation, and
+    all-equal values score 0."""
+    values = np.asarray(values, dtype=np.float64)
+    deviation = values - np.median(values)
+    scale = MAD_TO_STD * float(np.median(np.abs(deviation)))
+    if not scale > 0:
+        scale = float(np.mean(np.abs(deviation)))
+    return deviation / scale if scale > 0 else np.zeros_like(values)
+
+
+def view_scores(updates: np.ndarray, views: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each named view's signed robust score per client (rows of ``updates``). Needs K >= 3:
+    with two clients there is no majority to be robust with."""
+    if len(updates) < 3:
+        return {view: np.zeros(len(updates)) for view in views}
+    centre = np.median(updates, axis=0)
+    return {view: signed_robust_z(VIEWS[view](updates, centre)) for view in views}

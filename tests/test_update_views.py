@@ -1,0 +1,133 @@
+"""The views of the updates beside the heat maps, the clipping and FLAME, on crafted rounds
+whose answers are computed by hand or by an independent route."""
+
+import numpy as np
+import pytest
+
+from attacks import AttackInput, build_attack
+from strategies.aggregation import clipped_to
+from strategies.flame import cosine_distances, flame_admitted, flame_update
+from strategies.records import ClientUpload
+from strategies.update_views import (VIEWS, collusion_view, direction_view, norm_view,
+                                     outside_range_view, signed_robust_z, view_scores)
+from task.config import UPDATE_VIEWS, RunConfig
+
+
+def benign_round(k=24, d=2000, seed=0):
+    """k updates sharing a direction, each with its own noise (independent benign clients)."""
+    rng = np.random.default_rng(seed)
+    return 0.1 * rng.normal(0.0, 1.0, d) + 0.05 * rng.normal(0.0, 1.0, (k, d))
+
+
+def test_the_views_are_the_ones_the_config_names():
+    assert tuple(VIEWS) == UPDATE_VIEWS
+
+
+def test_signed_robust_z_by_hand():
+    z = signed_robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))  # median 3, MAD 1
+    np.testing.assert_allclose(z, (np.array([1, 2, 3, 4, 100]) - 3) / 1.4826)
+    np.testing.assert_array_equal(signed_robust_z(np.ones(4)), np.zeros(4))
+    # MAD 0 but not all equal: the mean absolute deviation (0.25 here) scales
+    np.testing.assert_allclose(signed_robust_z(np.array([0.0, 0.0, 0.0, 1.0])), [0, 0, 0, 4])
+
+
+def test_norm_and_direction_views_by_hand():
+    updates = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
+    np.testing.assert_allclose(norm_view(updates), np.log([5.0, 1.0, 2.0, 1.0]))
+    centre = np.array([1.0, 0.0])
+    np.testing.assert_allclose(direction_view(updates, centre), [1 - 0.6, 0.0, 1.0, 2.0])
+
+
+def test_outside_range_counts_the_share_of_distance_in_outlying_coordinates():
+    # 5 clients, 3 coordinates; coordinate medians 0, MADs 1 (sigma 1.4826): client 4's 10 in
+    # coordinate 0 lies outside 4 sigma, its 1 in coordinate 1 does not
+    updates = np.array([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [0.0, 0.0, 0.0],
+                        [-1.0, -1.0, 1.0], [10.0, 1.0, 0.0]])
+    share = outside_range_view(updates, np.median(updates, axis=0))
+    np.testing.assert_allclose(share, [0, 0, 0, 0, 100 / 101])
+
+
+def test_collusion_view_scores_identical_uploads_highest():
+    updates = benign_round(k=10)
+    updates[7:] = updates[7]  # three colluders upload one model
+    z = signed_robust_z(collusion_view(updates))
+    assert z[7:].min() > 10 * max(1.0, z[:7].max())
+
+
+@pytest.mark.parametrize("case, view", [("boost", "norm"), ("flip", "direction"),
+                                        ("graph", "outside-range"), ("copies", "collusion")])
+def test_each_view_singles_out_the_upload_it_is_built_for(case, view):
+    updates = benign_round()
+    rng = np.random.default_rng(1)
+    if case == "boost":
+        updates[-1] *= 24  # model replacement
+    elif case == "flip":
+        updates[-1] = -updates[-1]  # sign flip: same norm, opposite direction
+    elif case == "graph":  # a GAE-like upload: benign elsewhere, large values on 50 coordinates
+        updates[-1, rng.choice(updates.shape[1], 50, replace=False)] += 0.6
+    else:
+        updates[-3:] = updates[:-3].mean(axis=0)
+    scores = view_scores(updates, UPDATE_VIEWS)
+    crafted = slice(-3, None) if case == "copies" else slice(-1, None)
+    benign = slice(0, -3) if case == "copies" else slice(0, -1)
+    assert scores[view][crafted].min() > 8.0, scores[view][crafted]
+    assert np.abs(scores[view][benign]).max() < 4.0
+
+
+def test_the_views_are_quiet_on_a_benign_round_and_need_three_clients():
+    scores = view_scores(benign_round(), UPDATE_VIEWS)
+    assert max(float(np.max(z)) for z in scores.values()) < 4.0
+    assert all((z == 0).all() for z in view_scores(benign_round(k=2), UPDATE_VIEWS).values())
+
+
+def test_clipping_by_hand_keeps_integer_buffers_and_short_updates():
+    global_state = {"w": np.zeros(2, np.float32), "steps": np.array(5, np.int64)}
+    long = ClientUpload(1, {"w": np.array([3.0, 4.0], np.float32), "steps": np.array(9, np.int64)}, 1.0)
+    short = ClientUpload(2, {"w": np.array([0.3, 0.4], np.float32), "steps": np.array(7, np.int64)}, 1.0)
+    clipped = clipped_to([long, short], global_state, bound=2.5)
+    np.testing.assert_allclose(clipped[0].arrays["w"], [1.5, 2.0])
+    assert clipped[0].arrays["steps"] == 9 and clipped[0].arrays["steps"].shape == ()
+    assert clipped[1] is short
+
+
+def test_flame_on_a_hand_computed_case():
+    # three updates along +x, two against it: cosine distances ~0 within, ~2 across
+    updates = np.array([[1.0, 0.0], [2.0, 0.1], [3.0, -0.1], [-4.0, 0.0], [-5.0, 0.2]])
+    distances = cosine_distances(updates)
+    assert distances[0, 3] == pytest.approx(2.0) and distances[0, 1] == pytest.approx(
+        1 - 2 / np.hypot(2, 0.1))
+    admitted = flame_admitted(updates)
+    np.testing.assert_array_equal(admitted, [True, True, True, False, False])
+    # norms 1, 2.0025, 3.0017, 4, 5.004: median S = 3.0017; the admitted are within S except
+    # none, so the mean is their plain mean; no noise
+    vector, bound = flame_update(updates, admitted, 0.0, np.random.default_rng(0))
+    assert bound == pytest.approx(np.hypot(3.0, 0.1))
+    np.testing.assert_allclose(vector, updates[:3].mean(axis=0))
+    # a long admitted update is clipped to S before averaging
+    updates[2] = [30.0, 0.0]
+    vector, bound = flame_update(updates, admitted, 0.0, np.random.default_rng(0))
+    assert bound == pytest.approx(4.0)
+    np.testing.assert_allclose(vector, (updates[0] + updates[1] + [4.0, 0.0]) / 3)
+
+
+def test_flame_noise_has_lambda_times_the_median_norm_as_its_deviation():
+    updates = benign_round(k=9, d=200_000)
+    admitted = np.ones(9, dtype=bool)
+    plain, bound = flame_update(updates, admitted, 0.0, np.random.default_rng(0))
+    noisy, _ = flame_update(updates, admitted, 0.01, np.random.default_rng(0))
+    assert np.std(noisy - plain) == pytest.approx(0.01 * bound, rel=0.01)
+
+
+def test_model_replacement_boosts_the_reversed_update_in_its_round_only():
+    global_state = {"w": np.array([1.0, 2.0], np.float32)}
+    own = {"w": np.array([1.5, 1.0], np.float32)}
+    attack = build_attack(RunConfig(attack="model-replacement", num_clients=8,
+                                    model_replacement_round=5))
+    crafted = attack.craft(AttackInput(global_state, own, np.random.default_rng(0), server_round=5))
+    np.testing.assert_allclose(crafted["w"], [1.0 - 8 * 0.5, 2.0 + 8 * 1.0])
+    quiet = attack.craft(AttackInput(global_state, own, np.random.default_rng(0), server_round=4))
+    assert quiet is own
+    every = build_attack(RunConfig(attack="model-replacement", model_replacement_boost=2.0))
+    np.testing.assert_allclose(
+        every.craft(AttackInput(global_state, own, np.random.default_rng(0), server_round=3))["w"],
+        [0.0, 4.0])
