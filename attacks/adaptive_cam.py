@@ -15,6 +15,7 @@ Shejwalkar & Houmansadr's doubling-and-bisection search (Min-Max, NDSS 2021), wh
 feasibility is monotone in gamma.
 
 Against the update views (``layercam-ae-views``, ``strategies.update_views``) it knows each view
+(``adaptive-cam-knows-views``; false: the views-blind attack above, its control)
 and keeps every view's value within the benign uploads' range (so its robust score stays below
 the largest benign one, whatever the cut). Reversing the mean update cannot pass the direction
 view, so its candidates turn away from the mean instead: w(gamma) = w_g + (1 - gamma) u_bar +
@@ -33,7 +34,7 @@ from torch.func import functional_call
 from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.eavesdropping import largest_gamma
 from strategies.heatmaps import as_tensors, layercam_heatmaps
-from strategies.update_views import VIEWS, nearest_distances
+from strategies.update_views import VIEWS, coordinate_median, nearest_distances
 from task.models import default_cam_layer
 from task.params import State, flatten_updates, unflatten
 
@@ -54,7 +55,7 @@ class AdaptiveCam(Attack):
         if model is None:
             raise ValueError("adaptive-cam needs the model architecture")
         return cls(model, config.layercam_ae_target_layer or default_cam_layer(config.model),
-                   config.layercam_ae_view_names)
+                   config.layercam_ae_view_names if config.adaptive_cam_knows_views else ())
 
     def craft(self, attack_input: AttackInput) -> State:
         benign, global_state = attack_input.benign_states, attack_input.global_state
@@ -120,7 +121,7 @@ class AdaptiveCam(Attack):
     def view_bounds(self, updates: np.ndarray):
         """A test that an update's value in every view lies within the benign uploads' range
         (each view computed against the benign coordinate-wise median)."""
-        centre = np.median(updates, axis=0)
+        centre = coordinate_median(updates)
         views = [v for v in self.views if v != "collusion"]  # the offset answers collusion
         highest = {v: float(VIEWS[v](updates, centre).max()) for v in views}
 

@@ -1,6 +1,6 @@
 """Detection matrix: defenses x attacks x attacker counts x partitionings x seeds.
 
-Every cell runs R rounds of 24 clients in-process, as ``flwr run`` runs them with default keys
+Every cell runs R rounds of 24 clients (``--clients``) in-process, as ``flwr run`` runs them with default keys
 otherwise (the ServerApp's seeding, partitions, probes and strategy; the ClientApp's training
 seeds, attack inputs and claimed sizes), and prints one Markdown table: pooled detection
 recall, precision, FPR, F1 and AUC over all client-rounds, and the final accuracy next to the
@@ -54,7 +54,8 @@ class Cell:
         return f"{self.defense}{' ' + extra if extra else ''}"
 
 
-def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = ()) -> list[dict]:
+def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (),
+              num_clients: int = NUM_CLIENTS) -> list[dict]:
     """Every cell of one (seed, partitioning), in order; round 1's benign training shared."""
     import numpy as np
     import torch
@@ -73,7 +74,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
 
     torch.set_num_threads(1)
     seed, partitioning = cells[0].seed, cells[0].partitioning
-    base = RunConfig(num_clients=NUM_CLIENTS, partitioning=partitioning, seed=seed,
+    base = RunConfig(num_clients=num_clients, partitioning=partitioning, seed=seed,
                      num_server_rounds=rounds)
     torch.manual_seed(seed)  # as the ServerApp: seed, data, model, probes
     data = load_federated_data(base.dataset, seed)
@@ -84,9 +85,9 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
 
     initial = state_to_numpy(model_fn())
     labels = data.train.labels.numpy()
-    partitions = [data.train.subset(client_indices(labels, c, NUM_CLIENTS, partitioning,
+    partitions = [data.train.subset(client_indices(labels, c, num_clients, partitioning,
                                                    base.dirichlet_alpha, seed))
-                  for c in range(NUM_CLIENTS)]
+                  for c in range(num_clients)]
     model = model_fn()
     first_round: dict[int, dict] = {}
 
@@ -110,12 +111,12 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
         config = RunConfig.from_run_config({**config.to_run_config(), **dict(cell.overrides)})
         strategy = build_defense(config, server_assets(config, test))
         attack = build_attack(config, model_fn())
-        attackers = set(range(NUM_CLIENTS - cell.attackers, NUM_CLIENTS))
+        attackers = set(range(num_clients - cell.attackers, num_clients))
         global_state, decisions, per_round = initial, [], []
         started = time.perf_counter()
         for server_round in range(1, rounds + 1):
             uploads, benign_states, benign_sizes = [], [], []
-            for client in range(NUM_CLIENTS):
+            for client in range(num_clients):
                 if client in attackers and attack.needs_benign_uploads:
                     continue
                 local = partitions[client]
@@ -162,7 +163,8 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
         load_numpy_state(model, global_state)
         accuracy = evaluate(model, test, torch.device("cpu"))[1]
         pooled = pooled_detection_metrics(decisions)
-        results.append({**dataclasses.asdict(cell), "accuracy": accuracy, "pooled": pooled,
+        results.append({**dataclasses.asdict(cell), "clients": num_clients,
+                        "accuracy": accuracy, "pooled": pooled,
                         "rounds": per_round, "seconds": time.perf_counter() - started})
         print(f"  {cell.label:28s} {cell.attack:12s} m={cell.attackers:2d} {partitioning:9s} "
               f"seed {seed:3d}: acc {accuracy:.4f} recall {pooled['recall']:.3f} "
@@ -221,6 +223,41 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def views_table(results: list[dict]) -> str:
+    """Per attack and attacker count, the pooled AUC (mean over seeds) of each side's own score:
+    the heat maps' |evidence|, each update view's z and the views' evidence; empty without views."""
+    from sklearn.metrics import roc_auc_score
+
+    sides: dict[tuple, dict[str, list[float]]] = {}
+    for r in results:
+        if not r["attackers"] or "views" not in r["rounds"][0]["details"]:
+            continue
+        clients = r.get("clients", NUM_CLIENTS)
+        attackers = {str(c) for c in range(clients - r["attackers"], clients)}
+        pooled: dict[str, tuple[list, list]] = {}
+        for row in r["rounds"]:
+            d = row["details"]
+            signals = {"heat maps |E|": {c: abs(e) for c, e in d["evidence"].items()},
+                       **{f"{v} z": z for v, z in d["views"].items()},
+                       "views' E": d["view_evidence"]}
+            for name, values in signals.items():
+                truth, scores = pooled.setdefault(name, ([], []))
+                truth += [c in attackers for c in values]
+                scores += list(values.values())
+        cell = sides.setdefault((r["partitioning"], r["attack"], r["attackers"]), {})
+        for name, (truth, scores) in pooled.items():
+            cell.setdefault(name, []).append(roc_auc_score(truth, scores))
+    if not sides:
+        return ""
+    names = list(next(iter(sides.values())))
+    lines = ["| partitioning | attack | attackers | " + " | ".join(f"AUC {n}" for n in names) + " |",
+             "|" + "---|" * (3 + len(names))]
+    for (partitioning, attack, attackers), cell in sides.items():
+        lines.append(f"| {partitioning} | {attack} | {attackers} | "
+                     + " | ".join(f"{statistics.fmean(cell[n]):.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--defenses", nargs="+", default=["layercam-ae"])
@@ -233,6 +270,7 @@ def main() -> None:
                         metavar="KEY=VALUE", help="a run-config key for every cell (repeatable)")
     parser.add_argument("--oracle-rounds", type=int, nargs="*", default=[],
                         help="rounds in which the attackers' uploads are dropped (a control)")
+    parser.add_argument("--clients", type=int, default=NUM_CLIENTS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the raw results (every round) as JSON")
     parser.add_argument("--flwr-check", action="store_true",
@@ -250,20 +288,22 @@ def main() -> None:
     if args.flwr_check:
         c = groups[0][1]
         keys = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides)
-        print('flwr run . --stream --federation-config "num-supernodes=24 '
+        print(f'flwr run . --stream --federation-config "num-supernodes={args.clients} '
               'client-resources-num-cpus=1 init-args-num-cpus=2" --run-config '
               f"\"defense='{c.defense}' attack='{c.attack}' num-attackers={c.attackers} "
+              f"num-clients={args.clients} "
               f"partitioning='{c.partitioning}' seed={c.seed} num-server-rounds={args.rounds} "
               f"{keys}\"")
         return
     started = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        results = [r for group in pool.starmap(run_group, [(g, args.rounds, tuple(args.oracle_rounds))
-                                                           for g in groups])
+        results = [r for group in pool.starmap(run_group, [(g, args.rounds, tuple(args.oracle_rounds),
+                                                            args.clients) for g in groups])
                    for r in group]
-    print(f"\n{args.rounds} rounds, {NUM_CLIENTS} clients, seeds {args.seeds}; "
+    print(f"\n{args.rounds} rounds, {args.clients} clients, seeds {args.seeds}; "
           f"{time.perf_counter() - started:.0f} s\n")
     print(table(results))
+    print("\n" + views_table(results))
     if args.out:
         args.out.write_text(json.dumps(results))
 

@@ -1,7 +1,8 @@
 """LayerCAM-AE's detection cost per round (heat maps + autoencoder + decision), and what the
 cheaper settings do to the scores.
 
-**Speed** (``--part speed``): for each model and K, ``LayerCamAe.detect`` on K uploads, in a
+**Speed** (``--part speed``): for each model and K, ``LayerCamAe.detect`` (every update view
+included) on K uploads, in a
 fresh process per measurement (its peak RSS growth is its own), under four settings:
 - ``paper``: maps upsampled to the probe size (the paper's input), torch's default threads;
 - ``paper-1-thread``: the same on one thread;
@@ -117,8 +118,8 @@ def speed(args) -> None:
     settings = [s for s in SETTINGS if args.device == "cpu" or s in ("paper", "native")]
     size = f", images {args.image_size}x{args.image_size}" if args.image_size else ""
     print(f"\nDetection per round ({args.device}{size}, {load}; median of {args.repeats}):\n")
-    print("| model | K | setting | heat maps s | AE s (epochs) | decision s | total s | "
-          "ms per client | extra MB |\n|---|---|---|---|---|---|---|---|---|")
+    print("| model | K | setting | heat maps s | AE s (epochs) | decision s | update views s | "
+          "total s | ms per client | extra MB |\n|---|---|---|---|---|---|---|---|---|---|")
     try:
         for model_name in args.models:
             for k in args.k if model_name == "cnn" else args.k_large:
@@ -132,6 +133,7 @@ def speed(args) -> None:
                     process.join()
                     print(f"| {model_name} | {k} | {setting} | {row['heatmaps']:.3f} | "
                           f"{row['autoencoder']:.3f} ({row['epochs']:.0f}) | {row['decision']:.4f} | "
+                          f"{row['views']:.4f} | "
                           f"{row['total']:.3f} | {1000 * row['total'] / k:.2f} | "
                           f"{row['extra_mb']:.0f} |", flush=True)
     finally:

@@ -50,14 +50,36 @@ def direction_view(updates: np.ndarray, centre: np.ndarray) -> np.ndarray:
 def outside_range_view(updates: np.ndarray, centre: np.ndarray,
                        width: float = RANGE_WIDTH) -> np.ndarray:
     """Share of ||Delta_i - m||^2 in the coordinates where |Delta_ij - m_j| > width * sigma_j,
-    sigma_j = 1.4826 MAD of coordinate j over the clients (ties: the mean absolute deviation)."""
-    deviations = updates - centre
-    magnitude = np.abs(deviations)
-    sigma = MAD_TO_STD * np.median(magnitude, axis=0)
-    sigma = np.where(sigma > 0, sigma, magnitude.mean(axis=0))
-    squared = deviations ** 2
-    outside = np.where(magnitude > width * sigma, squared, 0.0).sum(axis=1)
-    return outside / np.maximum(squared.sum(axis=1), TINY)
+    sigma_j = 1.4826 MAD of coordinate j over the clients (ties: the mean absolute deviation).
+    Computed a block of coordinates at a time: the temporaries stay small for any model."""
+    outside, total = np.zeros(len(updates)), np.zeros(len(updates))
+    for block in column_blocks(updates):
+        deviations = updates[:, block] - centre[block]
+        magnitude = np.abs(deviations)
+        sigma = MAD_TO_STD * np.median(magnitude, axis=0)
+        sigma = np.where(sigma > 0, sigma, magnitude.mean(axis=0))
+        squared = deviations ** 2
+        outside += np.where(magnitude > width * sigma, squared, 0.0).sum(axis=1)
+        total += squared.sum(axis=1)
+    return outside / np.maximum(total, TINY)
+
+
+BLOCK_VALUES = 1 << 22
+"""Values (K x columns) per block of ``column_blocks``: 32 MB of float64."""
+
+
+def column_blocks(updates: np.ndarray) -> list[slice]:
+    """Slices of the coordinates, each holding at most ``BLOCK_VALUES`` values of ``updates``."""
+    width = max(1, BLOCK_VALUES // max(1, len(updates)))
+    return [slice(start, start + width) for start in range(0, updates.shape[1], width)]
+
+
+def coordinate_median(updates: np.ndarray) -> np.ndarray:
+    """The coordinate-wise median update, a block at a time (``np.median`` copies its input)."""
+    centre = np.empty(updates.shape[1])
+    for block in column_blocks(updates):
+        centre[block] = np.median(updates[:, block], axis=0)
+    return centre
 
 
 def nearest_distances(updates: np.ndarray) -> np.ndarray:
@@ -102,5 +124,5 @@ def view_scores(updates: np.ndarray, views: Sequence[str]) -> dict[str, np.ndarr
     with two clients there is no majority to be robust with."""
     if len(updates) < 3:
         return {view: np.zeros(len(updates)) for view in views}
-    centre = np.median(updates, axis=0)
+    centre = coordinate_median(updates)
     return {view: signed_robust_z(VIEWS[view](updates, centre)) for view in views}

@@ -124,6 +124,7 @@ class RunConfig:
     layercam_ae_view_z: float = 4.5
     layercam_ae_far_z: float = 8.0
     layercam_ae_clip: bool = True
+    adaptive_cam_knows_views: bool = True  # attacks/adaptive_cam.py; false: its views-blind start
     # model replacement (attacks/model_replacement.py)
     model_replacement_boost: float = 0.0
     model_replacement_round: int = 0

@@ -58,6 +58,10 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("layercam-ae-lr", 1e9, "layercam-ae-lr must be in"),
     ("gae-graph-nodes", 10**6, "gae-graph-nodes must be in"),
     ("gae-candidate-nodes", 10, "gae-candidate-nodes"),
+    ("layercam-ae-views", "norm,heatmap", "layercam-ae-views='heatmap' is not one of"),
+    ("layercam-ae-far-z", 0.0, "layercam-ae-far-z"),
+    ("flame-noise", 2.0, "flame-noise"),
+    ("model-replacement-boost", -1.0, "model-replacement-boost"),
     # names that would build a path
     ("attack", "x/../../../outside", "attack='x/../../../outside' is not a name"),
     ("defense", "../up", "defense='../up' is not a name"),
@@ -65,6 +69,13 @@ def test_pyproject_declares_every_key_with_the_typed_default():
 def test_bad_value_raises_naming_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_run_config({key: value})
+
+
+def test_views_parse_to_names_and_empty_is_the_heat_maps_alone():
+    assert RunConfig().layercam_ae_view_names == ("norm", "direction", "outside-range", "collusion")
+    assert RunConfig.from_run_config({"layercam-ae-views": " norm , collusion"}
+                                     ).layercam_ae_view_names == ("norm", "collusion")
+    assert RunConfig.from_run_config({"layercam-ae-views": ""}).layercam_ae_view_names == ()
 
 
 def test_ints_given_as_whole_floats_are_accepted():

@@ -131,3 +131,16 @@ def test_model_replacement_boosts_the_reversed_update_in_its_round_only():
     np.testing.assert_allclose(
         every.craft(AttackInput(global_state, own, np.random.default_rng(0), server_round=3))["w"],
         [0.0, 4.0])
+
+
+def test_block_wise_median_and_outside_range_equal_the_whole_array_computation(monkeypatch):
+    import strategies.update_views as views
+
+    updates = benign_round(k=7, d=1001)
+    updates[3, :40] += 1.0
+    whole = np.median(updates, axis=0)
+    expected = outside_range_view(updates, whole)
+    monkeypatch.setattr(views, "BLOCK_VALUES", 7 * 64)  # 16 blocks, the last one short
+    assert len(views.column_blocks(updates)) == 16
+    np.testing.assert_array_equal(views.coordinate_median(updates), whole)
+    np.testing.assert_allclose(views.outside_range_view(updates, whole), expected, rtol=1e-12)
