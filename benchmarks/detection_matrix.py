@@ -15,7 +15,8 @@ whatever the defense decides (what a perfect round would cost nothing for).
 
     python benchmarks/detection_matrix.py --defenses layercam-ae --attacks gae sign-flip
     python benchmarks/detection_matrix.py --set layercam-ae-decision=voting \
-        --set layercam-ae-threshold=upper --set layercam-ae-map-size=probe --out paper.json
+        --set layercam-ae-threshold=upper --set layercam-ae-map-size=probe \
+        --set layercam-ae-views= --set layercam-ae-clip=false --out paper.json
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def table(results: list[dict]) -> str:
 
 def views_table(results: list[dict]) -> str:
     """Per attack and attacker count, the pooled AUC (mean over seeds) of each side's own score:
-    the heat maps' |evidence|, each update view's z and the views' evidence; empty without views."""
+    the heat maps' |evidence| and each update view's z; empty without views."""
     from sklearn.metrics import roc_auc_score
 
     sides: dict[tuple, dict[str, list[float]]] = {}
@@ -238,8 +239,7 @@ def views_table(results: list[dict]) -> str:
         for row in r["rounds"]:
             d = row["details"]
             signals = {"heat maps |E|": {c: abs(e) for c, e in d["evidence"].items()},
-                       **{f"{v} z": z for v, z in d["views"].items()},
-                       "views' E": d["view_evidence"]}
+                       **{f"{v} z": z for v, z in d["views"].items()}}
             for name, values in signals.items():
                 truth, scores = pooled.setdefault(name, ([], []))
                 truth += [c in attackers for c in values]
@@ -302,10 +302,10 @@ def main() -> None:
                    for r in group]
     print(f"\n{args.rounds} rounds, {args.clients} clients, seeds {args.seeds}; "
           f"{time.perf_counter() - started:.0f} s\n")
-    print(table(results))
-    print("\n" + views_table(results))
     if args.out:
         args.out.write_text(json.dumps(results))
+    print(table(results))
+    print("\n" + views_table(results))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from strategies.heatmaps import (
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.thresholds import robust_z, two_sided_rule, upper_rule
-from strategies.update_views import VIEWS, signed_robust_z, view_scores
+from strategies.update_views import VIEW_TAILS, VIEWS, norm_bound, view_scores
 from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import RunConfig
 from task.params import flatten_updates
@@ -89,7 +89,7 @@ class LayerCamAe(DetectingFedAvg):
         std (eq. 13-14); ``"two-sided"``, |R - median| / (1.4826 MAD) > robust_z.
     beta : float (default: 1.0)
         The paper's beta for ``"upper"``.
-    robust_z : float (default: 3.5)
+    robust_z : float (default: 3.75)
         Cut of the robust score (and of the evidence), chosen with
         ``benchmarks/detection_matrix.py`` for native maps (``strategies.evidence``).
     window, votes : int (default: 3, 2)
@@ -121,16 +121,16 @@ class LayerCamAe(DetectingFedAvg):
         Hand the round's maps (first probe) to the harness in ``Detection.heatmaps``.
     views : tuple of str (default: every view of ``strategies.update_views``)
         Views of the updates beside the heat maps, each a robust score per client and round
-        (``details["views"]``). Their per-client maximum, as a robust score over the round,
-        feeds a second evidence ledger (same memory and cap) that excludes above
-        ``view_z``; and an upload whose largest view score exceeds ``far_z`` is excluded the
-        round it arrives. Empty: the paper's heat maps alone.
-    view_z : float (default: 4.5)
-        Cut of the views' evidence.
-    far_z : float (default: 8.0)
-        A view score beyond which an upload is excluded in the round it arrives.
+        (``details["views"]``). An upload with a view score beyond ``view_z`` times that view's
+        ``VIEW_TAILS`` factor is excluded in the round it arrives. Empty: the paper's heat
+        maps alone.
+    view_z : float (default: 6.0)
+        The views' cut.
     clip : bool (default: True)
-        Clip every kept update to the median norm of the round's uploads before averaging.
+        Clip every kept update to ``norm_bound(updates, clip_z)`` before averaging: the norm
+        a benign client at ``clip_z`` robust standard deviations of the round's log norms has.
+    clip_z : float (default: 2.0)
+        0: the median norm (FLAME's bound).
     seed : int
         Seeds the autoencoder initialisation (plus the round number).
     device : torch.device, optional
@@ -140,7 +140,7 @@ class LayerCamAe(DetectingFedAvg):
     """
 
     name = "layercam-ae"
-    checkpointed = ("history", "evidence", "spreads", "view_evidence")
+    checkpointed = ("history", "evidence", "spreads")
 
     def __init__(
         self,
@@ -158,7 +158,7 @@ class LayerCamAe(DetectingFedAvg):
         group_size: int = 3,
         threshold: str = "two-sided",
         beta: float = 1.0,
-        robust_z: float = 3.5,
+        robust_z: float = 3.75,
         window: int = 3,
         votes: int = 2,
         hidden: int = 128,
@@ -172,9 +172,9 @@ class LayerCamAe(DetectingFedAvg):
         engine: str = "auto",
         keep_heatmaps: bool = False,
         views: tuple[str, ...] = tuple(VIEWS),
-        view_z: float = 4.5,
-        far_z: float = 8.0,
+        view_z: float = 6.0,
         clip: bool = True,
+        clip_z: float = 2.0,
         seed: int = 0,
         device: torch.device | None = None,
         combine: CamCombine = layercam_combine,
@@ -230,8 +230,7 @@ class LayerCamAe(DetectingFedAvg):
         unknown = sorted(set(views) - set(VIEWS))
         if unknown:
             raise ValueError(f"unknown update views {unknown}; known: {sorted(VIEWS)}")
-        self.views, self.view_z, self.far_z, self.clip = tuple(views), view_z, far_z, clip
-        self.view_evidence = EvidenceLedger(memory, score_cap)
+        self.views, self.view_z, self.clip, self.clip_z = tuple(views), view_z, clip, clip_z
 
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
@@ -357,33 +356,34 @@ class LayerCamAe(DetectingFedAvg):
 
     def decide_by_views(self, uploads: list[ClientUpload], kept: list[int],
                         scores: dict[int, float]) -> tuple[list[int], dict[int, float], dict]:
-        """Add the update views' exclusions to the heat maps' (``views``): the views' evidence
-        beyond ``view_z``, and this round's largest view score beyond ``far_z``. A client's
-        score becomes the larger of its heat-map and view evidence. Also the clipping bound."""
+        """Add the update views' exclusions to the heat maps' (``views``): an upload with a
+        view score beyond ``view_z`` (times the view's tail factor) is excluded this round.
+        With ``decision="evidence"`` a client's score is the larger of its heat-map evidence
+        and its largest view score, each relative to its cut (times ``robust_z``). Also the
+        clipping bound."""
+        if not (self.views or self.clip):
+            return kept, scores, {"clip_bound": None}
         updates, _ = flatten_updates([u.arrays for u in uploads], self.global_state)
-        details: dict[str, Any] = {"clip_bound": float(np.median(np.linalg.norm(updates, axis=1)))
+        details: dict[str, Any] = {"clip_bound": norm_bound(updates, self.clip_z)
                                    if self.clip else None}
         if not self.views:
             return kept, scores, details
         node_ids = [u.node_id for u in uploads]
         views = view_scores(updates, self.views)
-        largest = np.max(np.stack(list(views.values())), axis=0)
-        evidence = self.view_evidence.update(dict(zip(node_ids, signed_robust_z(largest).tolist())))
-        far = {n for n, z in zip(node_ids, largest) if z > self.far_z}
-        excluded = far | {n for n, e in evidence.items() if e > self.view_z}
-        scores = {n: max(scores[n], evidence[n], float(z) - self.far_z + self.view_z)
-                  for n, z in zip(node_ids, largest)}
-        details.update({
-            "views": {v: dict(zip(node_ids, z.tolist())) for v, z in views.items()},
-            "view_evidence": evidence, "view_z": self.view_z, "far_z": self.far_z,
-            "far": sorted(far)})
-        return [n for n in kept if n not in excluded], scores, details
+        relative = np.max(np.stack([z / (self.view_z * VIEW_TAILS[v]) for v, z in views.items()]),
+                          axis=0)  # > 1: beyond the cut of some view
+        flagged = {n for n, r in zip(node_ids, relative) if r > 1.0}
+        if self.decision == "evidence":  # (the vote's scores are errors: left as they are)
+            scores = {n: self.robust_z * max(scores[n] / self.robust_z, float(r))
+                      for n, r in zip(node_ids, relative)}
+        details.update({"views": {v: dict(zip(node_ids, z.tolist())) for v, z in views.items()},
+                        "view_z": self.view_z, "flagged_by_views": sorted(flagged)})
+        return [n for n in kept if n not in flagged], scores, details
 
     def new_global_state(self, detection: Detection, kept: list[ClientUpload]
                          ) -> dict[str, np.ndarray]:
-        """FedAvg of the kept uploads, each update first clipped to the round's median norm
-        (``clip``) so that an upload no view caught moves the model no more than a median
-        client."""
+        """FedAvg of the kept uploads, each update first clipped to the round's bound (``clip``)
+        so that an upload no view caught moves the model no more than a benign client does."""
         bound = detection.details.get("clip_bound")
         if bound is None or self.global_state is None:
             return super().new_global_state(detection, kept)
@@ -427,6 +427,6 @@ def heatmap_defense_kwargs(config: RunConfig, assets: ServerAssets) -> dict[str,
         workers=config.layercam_ae_workers,
         engine=config.layercam_ae_engine, keep_heatmaps=config.layercam_ae_save_heatmaps,
         views=config.layercam_ae_view_names, view_z=config.layercam_ae_view_z,
-        far_z=config.layercam_ae_far_z, clip=config.layercam_ae_clip,
+        clip=config.layercam_ae_clip, clip_z=config.layercam_ae_clip_z,
         seed=config.seed,
     )

@@ -107,6 +107,12 @@ VIEWS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 """Every view by its run-config name; each takes the updates and their coordinate-wise median."""
 
+VIEW_TAILS: dict[str, float] = {"norm": 1.0, "direction": 1.0, "outside-range": 2.0, "collusion": 1.0}
+"""Each view's cut is ``layercam-ae-view-z`` times its factor. Under non-IID data a benign client
+whose classes few others hold writes much of its update into coordinates the others leave
+small, so the outside-range view's benign tail is about twice the others' (measured in
+docs/defense-in-depth.md); a GAE upload's share lies far beyond either."""
+
 
 def signed_robust_z(values: np.ndarray) -> np.ndarray:
     """(x - median) / (1.4826 MAD); a zero MAD falls back to the mean absolute deviation, and
@@ -126,3 +132,12 @@ def view_scores(updates: np.ndarray, views: Sequence[str]) -> dict[str, np.ndarr
         return {view: np.zeros(len(updates)) for view in views}
     centre = coordinate_median(updates)
     return {view: signed_robust_z(VIEWS[view](updates, centre)) for view in views}
+
+
+def norm_bound(updates: np.ndarray, z: float) -> float:
+    """exp(median + z * 1.4826 MAD) of the updates' log norms: the norm of a client ``z``
+    robust standard deviations above the round's median (z = 0: the median norm). Attackers
+    who are a minority move neither the median nor the MAD far, however long their uploads."""
+    logs = norm_view(updates)
+    centre = float(np.median(logs))
+    return float(np.exp(centre + z * MAD_TO_STD * float(np.median(np.abs(logs - centre)))))

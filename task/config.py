@@ -103,7 +103,7 @@ class RunConfig:
     layercam_ae_group_size: int = 3
     layercam_ae_threshold: str = "two-sided"
     layercam_ae_beta: float = 1.0
-    layercam_ae_robust_z: float = 3.5
+    layercam_ae_robust_z: float = 3.75
     layercam_ae_window: int = 3
     layercam_ae_votes: int = 2
     layercam_ae_probes: int = 4
@@ -121,9 +121,9 @@ class RunConfig:
     layercam_ae_engine: str = "auto"
     layercam_ae_save_heatmaps: bool = False
     layercam_ae_views: str = ",".join(UPDATE_VIEWS)
-    layercam_ae_view_z: float = 4.5
-    layercam_ae_far_z: float = 8.0
+    layercam_ae_view_z: float = 6.0
     layercam_ae_clip: bool = True
+    layercam_ae_clip_z: float = 2.0
     adaptive_cam_knows_views: bool = True  # attacks/adaptive_cam.py; false: its views-blind start
     # model replacement (attacks/model_replacement.py)
     model_replacement_boost: float = 0.0
@@ -311,8 +311,8 @@ NUMERIC_RANGES: dict[str, Range] = {
     "layercam-ae-tolerance": Range(0, 1),
     "layercam-ae-threads": Range(0, 1024),
     "layercam-ae-workers": Range(1, 256),  # each holds a copy of the model
-    "layercam-ae-view-z": Range(0, 100, open_low=True),
-    "layercam-ae-far-z": Range(0, 1e6, open_low=True),
+    "layercam-ae-view-z": Range(0, 1e6, open_low=True),
+    "layercam-ae-clip-z": Range(0, 100),
     "model-replacement-boost": Range(0, 1e6),  # 0: the number of clients
     "model-replacement-round": Range(0, 100_000),  # 0: every round
     "flame-noise": Range(0, 1),  # lambda: sigma = lambda * median norm

@@ -59,7 +59,7 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("gae-graph-nodes", 10**6, "gae-graph-nodes must be in"),
     ("gae-candidate-nodes", 10, "gae-candidate-nodes"),
     ("layercam-ae-views", "norm,heatmap", "layercam-ae-views='heatmap' is not one of"),
-    ("layercam-ae-far-z", 0.0, "layercam-ae-far-z"),
+    ("layercam-ae-view-z", 0.0, "layercam-ae-view-z"),
     ("flame-noise", 2.0, "flame-noise"),
     ("model-replacement-boost", -1.0, "model-replacement-boost"),
     # names that would build a path

@@ -201,7 +201,7 @@ def test_decisions_and_the_aggregate_depend_neither_on_arrival_order_nor_on_node
 
 def test_the_papers_rule_stays_selectable_and_both_scores_are_recorded(trajectory):
     globals_, states, sizes, data = trajectory
-    paper = make_strategy(data, decision="voting", threshold="upper")
+    paper = make_strategy(data, decision="voting", threshold="upper", views=(), clip=False)
     paper.global_state = globals_[0]
     paper.aggregate_train(1, [reply(node(c), s, {"num-examples": sizes[c]})
                               for c, s in enumerate(states[0])])
@@ -209,6 +209,7 @@ def test_the_papers_rule_stays_selectable_and_both_scores_are_recorded(trajector
     assert details["decision"] == "voting" and details["rule"] == "upper"
     assert paper.last_record.scores == details["upper_scores"]
     assert len(details["two_sided_scores"]) == CLIENTS and "evidence" not in details
+    assert "views" not in details and details["clip_bound"] is None
     with pytest.raises(ValueError, match="voting"):
         make_strategy(data, threshold="upper")
 
@@ -283,8 +284,9 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     strategy.global_state = globals_[0]
     arrays, _ = strategy.aggregate_train(1, replies)
     record = strategy.last_record
-    assert node(CLIENTS - 1) in record.excluded and record.details["far"] == [node(CLIENTS - 1)]
-    assert record.details["views"]["norm"][node(CLIENTS - 1)] > strategy.far_z
+    assert node(CLIENTS - 1) in record.excluded
+    assert record.details["flagged_by_views"] == [node(CLIENTS - 1)]
+    assert record.details["views"]["norm"][node(CLIENTS - 1)] > strategy.view_z
     assert len(record.excluded) <= 3
 
     # the heat maps alone: whatever they decide, a kept update moves the model no farther than

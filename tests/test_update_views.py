@@ -8,7 +8,7 @@ from attacks import AttackInput, build_attack
 from strategies.aggregation import clipped_to
 from strategies.flame import cosine_distances, flame_admitted, flame_update
 from strategies.records import ClientUpload
-from strategies.update_views import (VIEWS, collusion_view, direction_view, norm_view,
+from strategies.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, direction_view, norm_view,
                                      outside_range_view, signed_robust_z, view_scores)
 from task.config import UPDATE_VIEWS, RunConfig
 
@@ -20,7 +20,7 @@ def benign_round(k=24, d=2000, seed=0):
 
 
 def test_the_views_are_the_ones_the_config_names():
-    assert tuple(VIEWS) == UPDATE_VIEWS
+    assert tuple(VIEWS) == UPDATE_VIEWS == tuple(VIEW_TAILS)
 
 
 def test_signed_robust_z_by_hand():
@@ -144,3 +144,15 @@ def test_block_wise_median_and_outside_range_equal_the_whole_array_computation(m
     assert len(views.column_blocks(updates)) == 16
     np.testing.assert_array_equal(views.coordinate_median(updates), whole)
     np.testing.assert_allclose(views.outside_range_view(updates, whole), expected, rtol=1e-12)
+
+
+def test_the_norm_bound_by_hand_and_against_a_boosted_minority():
+    updates = np.diag([1.0, 2.0, 4.0, 8.0, 16.0])  # log norms 0, ln2, 2 ln2, 3 ln2, 4 ln2
+    assert norm_bound(updates, 0.0) == pytest.approx(4.0)  # the median norm
+    # MAD of the log norms = ln 2: z = 1 lies 1.4826 ln 2 above the median
+    assert norm_bound(updates, 1.0) == pytest.approx(4.0 * 2 ** 1.4826)
+    boosted = benign_round()
+    bound = norm_bound(boosted, 2.0)
+    boosted[-3:] *= 1000  # three model-replacement uploads barely move it
+    assert norm_bound(boosted, 2.0) == pytest.approx(bound, rel=0.1)
+    assert bound < np.linalg.norm(benign_round(), axis=1).max() * 1.5
