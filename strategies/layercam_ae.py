@@ -129,7 +129,7 @@ class LayerCamAe(DetectingFedAvg):
     clip : bool (default: True)
         Clip every kept update to ``norm_bound(updates, clip_z)`` before averaging: the norm
         a benign client at ``clip_z`` robust standard deviations of the round's log norms has.
-    clip_z : float (default: 2.0)
+    clip_z : float (default: 3.0)
         0: the median norm (FLAME's bound).
     seed : int
         Seeds the autoencoder initialisation (plus the round number).
@@ -174,7 +174,7 @@ class LayerCamAe(DetectingFedAvg):
         views: tuple[str, ...] = tuple(VIEWS),
         view_z: float = 6.0,
         clip: bool = True,
-        clip_z: float = 2.0,
+        clip_z: float = 3.0,
         seed: int = 0,
         device: torch.device | None = None,
         combine: CamCombine = layercam_combine,

@@ -123,7 +123,7 @@ class RunConfig:
     layercam_ae_views: str = ",".join(UPDATE_VIEWS)
     layercam_ae_view_z: float = 6.0
     layercam_ae_clip: bool = True
-    layercam_ae_clip_z: float = 2.0
+    layercam_ae_clip_z: float = 3.0
     adaptive_cam_knows_views: bool = True  # attacks/adaptive_cam.py; false: its views-blind start
     # model replacement (attacks/model_replacement.py)
     model_replacement_boost: float = 0.0
