@@ -11,7 +11,7 @@ MAY_IMPORT = {
     "task": set(),
     "crypto": set(),
     "strategies": {"task", "crypto"},
-    "attacks": {"task", "strategies.heatmaps"},
+    "attacks": {"task", "strategies.heatmaps", "strategies.update_views"},
     "client_app": {"task", "attacks", "crypto"},
     "server_app": {"task", "strategies", "crypto"},
     "deploy": set(),
@@ -19,7 +19,7 @@ MAY_IMPORT = {
 """The project packages (or single modules) each package may use besides itself: a layered
 graph, no cycle. A defense knows no attack and does no I/O; the server's harness only forwards
 messages (attacks run on clients); the one exception: an adaptive, white-box attack may use the
-defense's heat-map function."""
+defense's heat-map function and its views of the updates."""
 
 HOST_TOOLS = {"server_app/sweep.py": {"attacks"}}
 """Modules outside the ServerApp (nothing it runs imports them) with a wider reach: the sweep,
