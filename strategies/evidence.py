@@ -21,11 +21,11 @@ one-round robust cut. The clip bounds what one round can say: measured benign ro
 heavy tails (a benign client at z = 5.5 now and then), and without it such a round would keep a
 benign client out for several rounds. Benign scores are not independent either: a client's
 data stays its own, and with maps at the target layer's resolution some benign clients sit at
-|z| = 1-1.5 round after round. The defaults (cut 3.5, cap 3) are set for that: a persistent
-benign |z| of 1.1 stays inside, and with cap < cut one round alone excludes a client only as
+|z| = 1-1.5 round after round. The defaults (cut 3.75, cap 3) are set for that: a persistent
+benign |z| of 1.2 stays inside, and with cap < cut one round alone excludes a client only as
 part of a low group (below); two rounds at the cap reach E = 4.2. Measured without attackers
 (IID, 8 rounds, seeds 42 and 1), the previous cut 3 with cap 4 excluded 3.6% of benign
-client-rounds with native maps, these defaults 1.3%.
+client-rounds with native maps, cut 3.5 with cap 3 1.3%.
 A client that skips a round keeps its evidence unchanged.
 
 ``excluded_by_evidence`` turns evidence into exclusions: beyond +-cut alone, or together with a
