@@ -21,7 +21,8 @@ the largest benign one, whatever the cut). Reversing the mean update cannot pass
 view, so its candidates turn away from the mean instead: w(gamma) = w_g + (1 - gamma) u_bar +
 gamma ||u_bar|| e, with e the unit ALIE direction -sign(u_bar) * sigma (sigma the benign
 updates' per-coordinate deviation) made orthogonal to u_bar, and against the collusion view
-each attacker adds its own random offset of half the benign nearest-neighbour distance.
+each attacker adds its own random offset, sized so that two attackers sit as far apart as a
+benign upload from its nearest neighbour (halved while the offset alone leaves a view's range).
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ class AdaptiveCam(Attack):
         offset = np.zeros_like(mean)
         if "collusion" in self.views:
             noise = rng.normal(0.0, 1.0, mean.shape)
-            offset = 0.5 * float(np.median(nearest_distances(updates))) * noise / np.linalg.norm(noise)
+            # two attackers' independent offsets of length r lie about r * sqrt(2) apart: as far
+            # apart as a benign upload from its nearest neighbour
+            radius = float(np.median(nearest_distances(updates))) / np.sqrt(2.0)
+            offset = radius * noise / np.linalg.norm(noise)
         return step, offset
 
     def view_bounds(self, updates: np.ndarray):
