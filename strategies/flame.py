@@ -33,12 +33,14 @@ def cosine_distances(updates: np.ndarray) -> np.ndarray:
     return distances
 
 
-def flame_admitted(updates: np.ndarray) -> np.ndarray:
-    """Boolean mask of the uploads in HDBSCAN's largest cluster (step 1). When HDBSCAN finds
-    no cluster (every point noise), all are admitted, as without the filter."""
+def flame_admitted(updates: np.ndarray, distances: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of the uploads in HDBSCAN's largest cluster (step 1), over ``distances``
+    (default: ``cosine_distances(updates)``). When HDBSCAN finds no cluster (every point
+    noise), all are admitted, as without the filter."""
     n = len(updates)
+    distances = cosine_distances(updates) if distances is None else distances
     labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", copy=True,
-                     allow_single_cluster=True).fit(cosine_distances(updates)).labels_
+                     allow_single_cluster=True).fit(distances).labels_
     clustered = labels[labels >= 0]
     if clustered.size == 0:
         return np.ones(n, dtype=bool)
@@ -83,11 +85,11 @@ class Flame(DetectingFedAvg):
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         updates, names = flatten_updates([u.arrays for u in uploads], self.global_state)
-        admitted = flame_admitted(updates)
+        distances = cosine_distances(updates)
+        admitted = flame_admitted(updates, distances)
         rng = np.random.default_rng([self.seed, server_round])
         vector, bound = flame_update(updates, admitted, self.noise, rng)
         kept = [u for u, ok in zip(uploads, admitted) if ok]
-        distances = cosine_distances(updates)
         scores = {u.node_id: float(np.median(row)) for u, row in zip(uploads, distances)}
         aggregate = unflatten(vector, float_names(self.global_state), self.global_state,
                               buffers=weighted_average(kept))
