@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from strategies.thresholds import MAD_TO_STD
+from strategies.thresholds import MAD_TO_STD, robust_z
 
 RANGE_WIDTH = 4.0
 """Robust standard deviations from the coordinate's median beyond which a value is outside
@@ -114,24 +114,13 @@ small, so the outside-range view's benign tail is about twice the others' (measu
 docs/defense-in-depth.md); a GAE upload's share lies far beyond either."""
 
 
-def signed_robust_z(values: np.ndarray) -> np.ndarray:
-    """(x - median) / (1.4826 MAD); a zero MAD falls back to the mean absolute deviation, and
-    all-equal values score 0."""
-    values = np.asarray(values, dtype=np.float64)
-    deviation = values - np.median(values)
-    scale = MAD_TO_STD * float(np.median(np.abs(deviation)))
-    if not scale > 0:
-        scale = float(np.mean(np.abs(deviation)))
-    return deviation / scale if scale > 0 else np.zeros_like(values)
-
-
 def view_scores(updates: np.ndarray, views: Sequence[str]) -> dict[str, np.ndarray]:
     """Each named view's signed robust score per client (rows of ``updates``). Needs K >= 3:
     with two clients there is no majority to be robust with."""
     if len(updates) < 3:
         return {view: np.zeros(len(updates)) for view in views}
     centre = coordinate_median(updates)
-    return {view: signed_robust_z(VIEWS[view](updates, centre)) for view in views}
+    return {view: robust_z(VIEWS[view](updates, centre)) for view in views}
 
 
 def norm_bound(updates: np.ndarray, z: float) -> float:

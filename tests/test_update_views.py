@@ -9,7 +9,7 @@ from strategies.aggregation import clipped_to
 from strategies.flame import cosine_distances, flame_admitted, flame_update
 from strategies.records import ClientUpload
 from strategies.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, direction_view, norm_view,
-                                     outside_range_view, signed_robust_z, view_scores)
+                                     outside_range_view, robust_z, view_scores)
 from task.config import UPDATE_VIEWS, RunConfig
 
 
@@ -23,12 +23,12 @@ def test_the_views_are_the_ones_the_config_names():
     assert tuple(VIEWS) == UPDATE_VIEWS == tuple(VIEW_TAILS)
 
 
-def test_signed_robust_z_by_hand():
-    z = signed_robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))  # median 3, MAD 1
+def test_robust_z_by_hand():
+    z = robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))  # median 3, MAD 1
     np.testing.assert_allclose(z, (np.array([1, 2, 3, 4, 100]) - 3) / 1.4826)
-    np.testing.assert_array_equal(signed_robust_z(np.ones(4)), np.zeros(4))
+    np.testing.assert_array_equal(robust_z(np.ones(4)), np.zeros(4))
     # MAD 0 but not all equal: the mean absolute deviation (0.25 here) scales
-    np.testing.assert_allclose(signed_robust_z(np.array([0.0, 0.0, 0.0, 1.0])), [0, 0, 0, 4])
+    np.testing.assert_allclose(robust_z(np.array([0.0, 0.0, 0.0, 1.0])), [0, 0, 0, 4])
 
 
 def test_norm_and_direction_views_by_hand():
@@ -50,7 +50,7 @@ def test_outside_range_counts_the_share_of_distance_in_outlying_coordinates():
 def test_collusion_view_scores_identical_uploads_highest():
     updates = benign_round(k=10)
     updates[7:] = updates[7]  # three colluders upload one model
-    z = signed_robust_z(collusion_view(updates))
+    z = robust_z(collusion_view(updates))
     assert z[7:].min() > 10 * max(1.0, z[:7].max())
 
 
