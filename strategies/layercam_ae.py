@@ -103,8 +103,8 @@ class LayerCamAe(DetectingFedAvg):
     map_size : str (default: "native")
         ``"native"``: maps at the target layer's resolution (8x8 for the CNN: the same
         information as the probe-size map, which is it upsampled, in 12x fewer values, and 5x
-        cheaper detection); ``"probe"``: upsampled to the probe size, the paper's input (README,
-        Benchmarks: both on the same rounds).
+        cheaper detection); ``"probe"``: upsampled to the probe size, the paper's input
+        (docs/benchmarks.md: both on the same rounds).
     threads : int (default: 1)
         Intra-op CPU threads of each detection operation (0: torch's setting); one suits these
         small dense problems and keeps detection fast when other processes share the cores.

@@ -1,6 +1,6 @@
 """A real federation across hosts: a SuperLink and SuperNodes in separate network namespaces,
 joined by veth links with real addresses, TLS and SuperNode authentication on, made with the
-project's own deploy scripts as the README's deployment recipe runs them: the SuperLink listens
+project's own deploy scripts as docs/deployment.md's recipe runs them: the SuperLink listens
 on the server's loopback only and the SuperNodes reach it through the Fleet API proxy
 (deploy/fleet-proxy.sh, nginx), the operator's CLI runs on the server. The operator runs 2
 rounds of LayerCAM-AE, one client host going down after round 1, while a SuperNode's host tries
