@@ -1,10 +1,15 @@
 """The run configuration: one typed, validated object built once from Flower's run config.
 
 Keys are Flower-style kebab-case (``num-server-rounds``); each field of ``RunConfig`` is the
-snake_case spelling of its key. ``RunConfig.from_run_config`` is the only place that reads raw
-run-config values; a bad key or value raises ``ConfigError`` naming it. The names ``defense``
-and ``attack`` select from the registries of ``strategies`` and ``attacks``, which check them
-(and what a defense needs of the other keys) when they build one.
+snake_case spelling of its key. Each key is declared once, on its field (``setting``): default,
+meaning, and the range of a numeric key or the values of a string key. The checks of single
+keys (``NUMERIC_RANGES`` and the choices) and the key table of ``docs/configuration.md``
+(``key_table``, ``python -m task.config --table``) are derived from those declarations; the
+checks that relate several keys are written out in ``RunConfig.validate``.
+``RunConfig.from_run_config`` is the only place that reads raw run-config values; a bad key or
+value raises ``ConfigError`` naming it. The names ``defense`` and ``attack`` select from the
+registries of ``strategies`` and ``attacks``, which check them (and what a defense needs of the
+other keys) when they build one.
 
 Defaults are those of the embedded default experiment (``pyproject.toml`` declares the same
 values). The LayerCAM-AE keys default to the paper's settings (section 5.1): autoencoder hidden
@@ -18,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
@@ -39,102 +45,305 @@ class ConfigError(ValueError):
     """A run-config key or value is invalid; the message names the key."""
 
 
+MAX_AONT_LAMBDA = 1000
+"""Bound on |faa-dl-aont-lambda|: the server's discrete-log table grows with it."""
+
+NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+"""What a registry name looks like (``defense``, ``attack``): it names the run's folder."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: [low, high], either end open."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+
+    def check(self, key: str, value: float) -> None:
+        above = self.low < value if self.open_low else self.low <= value
+        below = value < self.high if self.open_high else value <= self.high
+        if not (above and below):
+            raise ConfigError(f"{key} must be in {self.interval()}, got {value}")
+
+    def interval(self, number: Callable[[float], str] = "{:g}".format) -> str:
+        """``[low, high]`` with ``(`` or ``)`` at an open end, each bound written by ``number``."""
+        return (f"{'(' if self.open_low else '['}{number(self.low)}, "
+                f"{number(self.high)}{')' if self.open_high else ']'}")
+
+
+POSITIVE = Range(0, 1e6, open_low=True)
+"""A scale or strength with no natural ceiling: any value past 1e6 is a typo."""
+WEEK = 7 * 24 * 3600.0
+"""The longest a timeout may be, in seconds."""
+
+
+def setting(default: Any, help: str, *, bounds: Range | None = None,
+            choices: Collection[str] | None = None, separator: str | None = None) -> Any:
+    """Declare one run-config key on its ``RunConfig`` field: its default; ``help``, its meaning
+    (markdown, rendered into ``docs/configuration.md``; links relative to ``docs/``); ``bounds``,
+    the range of a numeric key (every numeric key has one); ``choices``, the values a string key
+    may take: a tuple, or a registry (a mapping of names) read when a value is checked.
+    ``separator``: the value is a list of choices joined by it (blanks around them ignored, an
+    empty list allowed)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "bounds": bounds, "choices": choices, "separator": separator})
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """Every run-config key of the project, typed, with its default."""
+    """Every run-config key of the project, typed, with its default and declaration."""
 
-    num_server_rounds: int = 12
-    num_clients: int = 24
-    num_attackers: int = 3
-    dataset: str = "mnist-embedded"
-    model: str = "cnn"
-    partitioning: str = "iid"
-    dirichlet_alpha: float = 0.5
-    local_epochs: int = 2
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 42
-    defense: str = "layercam-ae"
-    attack: str = "gae"
-    results_dir: str = "results"
-    round_timeout: float = 600.0
-    node_wait_timeout: float = 120.0
-    min_replies: int = 2
-    resume_from: str = ""
-    eavesdrop_in_deployment: bool = False
+    num_server_rounds: int = setting(12, "federated rounds", bounds=Range(1, 100_000))
+    num_clients: int = setting(
+        24, "clients (SuperNodes) per round; the server waits for this many",
+        bounds=Range(2, 100_000))
+    num_attackers: int = setting(
+        3, "attacking clients (needs an `attack`; set 0 with `attack='none'`); in simulation "
+        "the last `num-attackers` partitions", bounds=Range(0, 100_000))
+    dataset: str = setting(
+        "mnist-embedded", "`mnist-embedded` (ships with the package, offline), `mnist`, "
+        "`fashion-mnist`, `svhn`, `cifar10`, `cifar100`, `tiny-imagenet`, `celeba` (downloaded "
+        "on first use into `~/.cache/layercam-ae/data` or `$LAYERCAM_AE_DATA`)", choices=DATASETS)
+    model: str = setting(
+        "cnn", "`cnn` (FAA-DL's MNIST CNN), `resnet18`, `resnet50`, `regnety-800mf` "
+        "(torchvision, adapted to channels, size and classes)", choices=MODELS)
+    partitioning: str = setting(
+        "iid", "`iid` or `dirichlet` (flwr-datasets partitioners, by `seed`)",
+        choices=PARTITIONINGS)
+    dirichlet_alpha: float = setting(
+        0.5, "Dirichlet concentration (smaller = more skewed; the paper uses 0.1 … 0.9)",
+        bounds=Range(0, 1e4, open_low=True))
+    local_epochs: int = setting(2, "local Adam training: epochs per round",
+                                bounds=Range(1, 10_000))
+    batch_size: int = setting(64, "local Adam training: batch size", bounds=Range(1, 100_000))
+    learning_rate: float = setting(1e-3, "local Adam training: learning rate",
+                                   bounds=Range(0, 10, open_low=True))
+    weight_decay: float = setting(0.0, "local Adam training: weight decay", bounds=Range(0, 10))
+    seed: int = setting(42, "data split, partitions, initialisation, autoencoder",
+                        bounds=Range(0, 2**32 - 1))
+    defense: str = setting(
+        "layercam-ae", "`layercam-ae`, `flame`, `fedavg`, `krum`, `multi-krum`, `bulyan`, "
+        "`median`, `trimmed-mean`, `geomed`, `auror`, `faa-dl`, `gradcam-ae`, `layercam-krum`, "
+        "`cosdefense` (see [Defenses](defenses.md))")
+    attack: str = setting(
+        "gae", "`none`, `gae`, `sign-flip`, `gaussian`, `uniform-noise`, `label-flip`, `alie`, "
+        "`ipm`, `min-max`, `min-sum`, `adaptive-cam`, `model-replacement`, and GAE's controls "
+        "`radius-noise`, `undo-update` (see [Attackers](attacks.md)); the attacking clients "
+        "check the name (the server imports no attack): with an unknown one their replies are "
+        "rejected, each with the reason naming the key")
+    results_dir: str = setting(
+        "results", "parent folder of each run's results (relative to where the SuperLink was "
+        "started)")
+    round_timeout: float = setting(
+        600.0, "seconds a round waits for replies (and sampling for `min-replies` connected "
+        "nodes)", bounds=Range(0, WEEK, open_low=True))
+    node_wait_timeout: float = setting(
+        120.0, "seconds the run waits at its start for `num-clients` SuperNodes",
+        bounds=Range(0, WEEK, open_low=True))
+    min_replies: int = setting(
+        2, "a round aggregates when at least this many uploads pass the screening (and the "
+        "defense's own minimum: Krum family n ≥ 2f + 3, Bulyan 4f + 3); with fewer it keeps the "
+        "previous global model. See [Dropouts](experiments.md#dropouts-and-crashes)",
+        bounds=Range(1, 100_000))
+    resume_from: str = setting(
+        "", "a results folder to continue after a crash, from its last checkpoint (same run "
+        "config; `num-server-rounds` and the timeouts may differ). See "
+        "[Crashes](experiments.md#dropouts-and-crashes)")
+    eavesdrop_in_deployment: bool = setting(
+        False, "serve the benign uploads to attacks that eavesdrop (GAE, ALIE, IPM, min-max, "
+        "min-sum, adaptive-cam, the GAE controls) in a deployment too; in a simulation they "
+        "always are. Off, a node that asks gets nothing: in a real federation this channel would "
+        "leak every upload")
     # attacks (run on the attacking clients)
-    sign_flip_scale: float = 1.0
-    gaussian_sigma: float = 0.1
-    uniform_noise_scale: float = 0.1
-    alie_z: float = 0.0
-    ipm_epsilon: float = 0.5
+    sign_flip_scale: float = setting(1.0, "attack strength (`sign-flip`)", bounds=POSITIVE)
+    gaussian_sigma: float = setting(0.1, "attack strength (`gaussian`)", bounds=POSITIVE)
+    uniform_noise_scale: float = setting(0.1, "attack strength (`uniform-noise`)",
+                                         bounds=POSITIVE)
+    alie_z: float = setting(0.0, "ALIE's z (0: Baruch et al.'s z_max from n and m)",
+                            bounds=Range(0, 1e3))
+    ipm_epsilon: float = setting(0.5, "IPM's ε", bounds=POSITIVE)
     # GAE (attacks/gae.py) and its controls (attacks/controls.py, which share gae-radius)
-    gae_graph_nodes: int = 500
-    gae_candidate_nodes: int = 1000
-    gae_edge_threshold: float = 0.5
-    gae_edge_ramp: float = 0.2
-    gae_epochs: int = 150
-    gae_adversarial: bool = True
-    gae_adversarial_epochs: int = 20
-    gae_perturbation: float = 0.05
-    gae_learning_rate: float = 0.005
-    gae_budget: float = 0.5
-    gae_radius: float = 0.0
+    gae_graph_nodes: int = setting(
+        500, "GAE: the graph's nodes (M), drawn at random from the `gae-candidate-nodes` "
+        "coordinates", bounds=Range(2, 10_000))  # the graph's dense M x M adjacency
+    gae_candidate_nodes: int = setting(
+        1000, "GAE: the graph's nodes are drawn at random from this many coordinates with the "
+        "largest mean benign update magnitude", bounds=Range(2, 1_000_000))
+    gae_edge_threshold: float = setting(
+        0.5, "GAE: correlation across clients at which two coordinates are linked (τ)",
+        bounds=Range(-1, 1))  # a cosine
+    gae_edge_ramp: float = setting(
+        0.2, "GAE: edge weights rise linearly from 0 to 1 over τ ± ramp/2 (0: a binary cut)",
+        bounds=Range(0, 1))
+    gae_epochs: int = setting(
+        150, "GAE: Adam steps training the graph autoencoder to reconstruct the graph",
+        bounds=Range(0, 100_000))
+    gae_adversarial: bool = setting(
+        True, "GAE: then ascend its reconstruction loss (the paper's adversarial step; false "
+        "keeps the reconstruction)")
+    gae_adversarial_epochs: int = setting(
+        20, "GAE: the adversarial step's projected steps on the latent embedding",
+        bounds=Range(0, 100_000))
+    gae_perturbation: float = setting(
+        0.05, "GAE: the adversarial step changes the decoded graph by at most this mean "
+        "absolute amount", bounds=Range(0, 1, open_low=True))
+    gae_learning_rate: float = setting(
+        0.005, "GAE: rate of the Adam steps training the graph autoencoder",
+        bounds=Range(0, 10, open_low=True))
+    gae_budget: float = setting(
+        0.5, "GAE: knapsack capacity Γ as a fraction of the benign models' summed distances to "
+        "their mean", bounds=Range(0, 1, open_low=True))  # a share of the distances' sum
+    gae_radius: float = setting(
+        0.0, "GAE, `radius-noise`, `undo-update`: d_T in ‖w′ − w_g‖ ≤ d_T (0: the largest benign "
+        "distance ‖w_i − w_g‖ this round)", bounds=Range(0, 1e6))
     # baseline defenses (strategies/robust.py, auror.py, cosdefense.py, cam_baselines.py)
-    krum_f: int = 3
-    multi_krum_m: int = 0
-    trimmed_mean_beta: float = 0.2
-    auror_features: int = 100
-    auror_separation: float = 0.8
-    auror_tau: float = 0.5
-    cosdefense_margin: float = 1.0
+    krum_f: int = setting(3, "attackers assumed by Krum, Multi-Krum, Bulyan and LayerCAM-Krum",
+                          bounds=Range(0, 100_000))
+    multi_krum_m: int = setting(0, "uploads Multi-Krum averages (0: n − f)",
+                                bounds=Range(0, 100_000))
+    trimmed_mean_beta: float = setting(0.2, "fraction trimmed from each end per coordinate",
+                                       bounds=Range(0, 0.5, open_high=True))
+    auror_features: int = setting(100, "AUROR: indicative features", bounds=Range(1, 1_000_000))
+    auror_separation: float = setting(0.8, "AUROR: variance a 2-means split must explain",
+                                      bounds=Range(0, 1, open_low=True))
+    auror_tau: float = setting(0.5, "AUROR: fraction of marks that excludes",
+                               bounds=Range(0, 1, open_low=True))
+    cosdefense_margin: float = setting(
+        1.0, "CosDefense: exclude normalised scores above mean + margin · std",
+        bounds=Range(0, 1e3))
     # FAA-DL (strategies/faa_dl.py; paper section IV: OC-SVM nu, AONT lambda)
-    faa_dl_nu: float = 0.5
-    faa_dl_tolerance: float = 1e-3
-    faa_dl_aont_lambda: int = 2
-    faa_dl_attacker_response: str = "true-data"
+    faa_dl_nu: float = setting(0.5, "FAA-DL: OC-SVM ν", bounds=Range(0, 1, open_low=True))
+    faa_dl_tolerance: float = setting(
+        1e-3, "FAA-DL: largest relative difference of a cleared suspect's recomputed update",
+        bounds=Range(0, 1, open_low=True))
+    faa_dl_aont_lambda: int = setting(
+        2, "FAA-DL: λ of the AONT",
+        bounds=Range(-MAX_AONT_LAMBDA, MAX_AONT_LAMBDA))  # the discrete-log table
+    faa_dl_attacker_response: str = setting(
+        "true-data", "what attackers answer FAA-DL's verification with: their real data, or "
+        "`forged-data` (labels they did not train on)", choices=FAA_DL_ATTACKER_RESPONSES)
     # LayerCAM-AE (paper section 4; equation numbers of the ACM TOPS version)
-    layercam_ae_decision: str = "evidence"
-    layercam_ae_memory: float = 0.8
-    layercam_ae_score_cap: float = 3.0
-    layercam_ae_scale_rounds: int = 5
-    layercam_ae_group_z: float = 2.75
-    layercam_ae_group_size: int = 3
-    layercam_ae_threshold: str = "two-sided"
-    layercam_ae_beta: float = 1.0
-    layercam_ae_robust_z: float = 3.75
-    layercam_ae_window: int = 3
-    layercam_ae_votes: int = 2
-    layercam_ae_probes: int = 4
-    layercam_ae_target_layer: str = ""
-    layercam_ae_target_class: int = -1
-    layercam_ae_probe_labels: bool = True
-    layercam_ae_hidden: int = 128
-    layercam_ae_epochs: int = 200
-    layercam_ae_lr: float = 1e-3
-    layercam_ae_weight_decay: float = 1e-5
-    layercam_ae_tolerance: float = 0.0
-    layercam_ae_map_size: str = "native"
-    layercam_ae_threads: int = 1
-    layercam_ae_workers: int = 2
-    layercam_ae_engine: str = "auto"
-    layercam_ae_save_heatmaps: bool = False
-    layercam_ae_views: str = ",".join(UPDATE_VIEWS)
-    layercam_ae_view_z: float = 6.0
-    layercam_ae_clip: bool = True
-    layercam_ae_clip_z: float = 3.0
-    adaptive_cam_knows_views: bool = True  # attacks/adaptive_cam.py; false: its views-blind start
+    layercam_ae_decision: str = setting(
+        "evidence", "`evidence` = robust scores accumulated over rounds (see [the "
+        "decision](defenses.md#the-decision-evidence-over-rounds)); `voting` = a per-round rule "
+        "plus the paper's vote", choices=LAYERCAM_AE_DECISIONS)
+    layercam_ae_memory: float = setting(
+        0.8, "forgetting factor of the evidence (0: this round's score alone)",
+        bounds=Range(0, 1, open_high=True))
+    layercam_ae_score_cap: float = setting(
+        3.0, "a round's score enters the evidence clipped to ±cap (below the cut: one round "
+        "alone excludes only as part of a low group)", bounds=Range(0, 100, open_low=True))
+    layercam_ae_scale_rounds: int = setting(
+        5, "the scores' robust spread (1.4826·MAD/median) is pooled, as a median, over this many "
+        "rounds (1: this round's alone)", bounds=Range(1, 10_000))
+    layercam_ae_group_z: float = setting(
+        2.75, "clients whose evidence is between −robust-z and −group-z are excluded together "
+        "when there are at least `layercam-ae-group-size` of them (colluders)",
+        bounds=Range(0, 100, open_low=True))
+    layercam_ae_group_size: int = setting(
+        3, "clients whose evidence is between −robust-z and −group-z are excluded together when "
+        "there are at least this many of them (colluders; 0 disables)",
+        bounds=Range(0, 100_000))
+    layercam_ae_threshold: str = setting(
+        "two-sided", "per-round rule of `voting`: `upper` = the paper's (eq. 13–15), `two-sided` "
+        "= robust; the paper's rule on the paper's input, heat maps alone, is "
+        "`layercam-ae-decision='voting' layercam-ae-threshold='upper' "
+        "layercam-ae-map-size='probe' layercam-ae-views='' layercam-ae-clip=false`",
+        choices=LAYERCAM_AE_THRESHOLDS)
+    layercam_ae_beta: float = setting(1.0, "the paper's β: δ = mean(R) + β·std(R)",
+                                      bounds=Range(0, 100))
+    layercam_ae_robust_z: float = setting(
+        3.75, "the cut: exclude while |evidence| > z (`evidence`), or flag |R − median(R)| > z · "
+        "1.4826 · MAD(R) in a round (`voting` with `two-sided`)",
+        bounds=Range(0, 100, open_low=True))
+    layercam_ae_window: int = setting(
+        3, "`voting`: every ξ rounds; malicious if an outlier in ≥ ε (`layercam-ae-votes`) of "
+        "them", bounds=Range(1, 10_000))
+    layercam_ae_votes: int = setting(
+        2, "`voting`: ε; malicious if an outlier in ≥ ε of every ξ (`layercam-ae-window`) rounds",
+        bounds=Range(1, 10_000))
+    layercam_ae_probes: int = setting(
+        4, "probe images (server test set, fixed by seed); their maps are concatenated",
+        bounds=Range(1, 1024))  # K x probes maps per round
+    layercam_ae_target_layer: str = setting(
+        "", "module whose activations LayerCAM reads; empty = the model's last conv stage "
+        "(`conv2`, `layer4`, `trunk_output`)")
+    layercam_ae_target_class: int = setting(
+        -1, "class c scored; -1 = each probe's label (or, with "
+        "`layercam-ae-probe-labels=false`, the global model's prediction for it)",
+        bounds=Range(-1, 1_000_000))  # -1: the probe's label or prediction
+    layercam_ae_probe_labels: bool = setting(
+        True, "score the probes' own labels: the server's probes are labelled, and an untrained "
+        "model's predictions are arbitrary (round 1's AUC against GAE, seed 42: 0.86 with "
+        "labels, 0.44 with predictions)")
+    layercam_ae_hidden: int = setting(128, "autoencoder hidden size (the paper's value)",
+                                      bounds=Range(1, 65_536))
+    layercam_ae_epochs: int = setting(200, "autoencoder training epochs (the paper's value)",
+                                      bounds=Range(1, 1_000_000))
+    layercam_ae_lr: float = setting(1e-3, "autoencoder learning rate (the paper's value)",
+                                    bounds=Range(0, 10, open_low=True))
+    layercam_ae_weight_decay: float = setting(1e-5, "autoencoder weight decay (the paper's value)",
+                                              bounds=Range(0, 10))
+    layercam_ae_tolerance: float = setting(
+        0.0, "stop the AE once its loss has not improved by this relative amount for 10 epochs "
+        "(0: all epochs, the paper's; at K = 24 a stop in the first 50–100 epochs reorders the "
+        "scores, see [Benchmarks](benchmarks.md))", bounds=Range(0, 1))
+    layercam_ae_map_size: str = setting(
+        "native", "the AE's input: maps at the target layer's resolution (`native`: 8×8 for the "
+        "CNN, the information of the probe-size map in 12× fewer values, detection 5× cheaper) "
+        "or upsampled to the probe size (`probe`, the paper's; with it the previous decision "
+        "keys suit better: `robust-z` 3.0, `score-cap` 4.0, `group-z` 2.25). Both compared in "
+        "[Benchmarks](benchmarks.md)", choices=HEATMAP_SIZES)
+    layercam_ae_threads: int = setting(
+        1, "intra-op CPU threads of each detection operation (0: torch's default); one keeps "
+        "detection fast when other processes share the cores", bounds=Range(0, 1024))
+    layercam_ae_workers: int = setting(
+        2, "threads that compute the heat maps on a CPU, each on its share of the uploads with "
+        "its own copy of the model: the caller's thread takes the first share and they join "
+        "once a round, so they cost little when the cores are shared (ResNet-18: 1.8–1.9× "
+        "faster; the CNN: 1.2–1.3×)", bounds=Range(1, 256))  # each holds a copy of the model
+    layercam_ae_engine: str = setting(
+        "auto", "heat-map engine: `loop`, `vmap`, or `auto` (by device: vmap on a GPU, the loop "
+        "on a CPU; never by timing, so the machine's load cannot change a decision)",
+        choices=HEATMAP_ENGINES)
+    layercam_ae_save_heatmaps: bool = setting(
+        False, "save a PNG grid of each round's heat maps (flagged clients framed red)")
+    layercam_ae_views: str = setting(
+        ",".join(UPDATE_VIEWS), "the views of the updates beside the heat maps (see [Defense in "
+        "depth](defense-in-depth.md)); empty (`\"\"`) = the paper's heat maps alone",
+        choices=UPDATE_VIEWS, separator=",")
+    layercam_ae_view_z: float = setting(
+        6.0, "exclude an upload in the round it arrives when one of its view scores (robust z "
+        "over the round's uploads) exceeds this (the outside-range view: twice this)",
+        bounds=Range(0, 1e6, open_low=True))
+    layercam_ae_clip: bool = setting(
+        True, "clip every kept update to the norm exp(median + z·1.4826·MAD) of the round's log "
+        "update norms before averaging: no kept upload moves the model more than a benign "
+        "client z robust deviations above the median")
+    layercam_ae_clip_z: float = setting(
+        3.0, "the z of `layercam-ae-clip` (z = 0: the median norm, FLAME's bound)",
+        bounds=Range(0, 100))
+    adaptive_cam_knows_views: bool = setting(  # attacks/adaptive_cam.py
+        True, "`adaptive-cam` keeps every view of `layercam-ae-views` within the benign range "
+        "(false: its views-blind start, the control)")
     # model replacement (attacks/model_replacement.py)
-    model_replacement_boost: float = 0.0
-    model_replacement_round: int = 0
+    model_replacement_boost: float = setting(
+        0.0, "model replacement: γ (0: `num-clients`)",
+        bounds=Range(0, 1e6))  # 0: the number of clients
+    model_replacement_round: int = setting(
+        0, "model replacement: the one round it attacks in, honest in the others (0: every "
+        "round)", bounds=Range(0, 100_000))  # 0: every round
     # FLAME (strategies/flame.py)
-    flame_noise: float = 0.001
+    flame_noise: float = setting(
+        0.001, "FLAME's λ: noise σ = λ × the median update norm",
+        bounds=Range(0, 1))  # lambda: sigma = lambda * median norm
 
     @property
     def layercam_ae_view_names(self) -> tuple[str, ...]:
         """``layercam-ae-views`` as a tuple of view names (empty: the heat maps alone)."""
-        return tuple(v.strip() for v in self.layercam_ae_views.split(",") if v.strip())
+        return _items(self.layercam_ae_views, ",")
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -162,17 +371,11 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check ranges and names; raise ``ConfigError`` naming the first bad key."""
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, tuple(MODELS))
-        _choice("partitioning", self.partitioning, PARTITIONINGS)
-        _choice("faa-dl-attacker-response", self.faa_dl_attacker_response,
-                FAA_DL_ATTACKER_RESPONSES)
-        _choice("layercam-ae-decision", self.layercam_ae_decision, LAYERCAM_AE_DECISIONS)
-        _choice("layercam-ae-threshold", self.layercam_ae_threshold, LAYERCAM_AE_THRESHOLDS)
-        _choice("layercam-ae-engine", self.layercam_ae_engine, HEATMAP_ENGINES)
-        _choice("layercam-ae-map-size", self.layercam_ae_map_size, HEATMAP_SIZES)
-        for view in self.layercam_ae_view_names:
-            _choice("layercam-ae-views", view, UPDATE_VIEWS)
+        for key in KEYS:  # the declared choices
+            if key.choices is not None:
+                value = getattr(self, key.field)
+                for item in _items(value, key.separator) if key.separator else (value,):
+                    _choice(key.name, item, tuple(key.choices))
         for key, bounds in NUMERIC_RANGES.items():
             bounds.check(key, getattr(self, key.replace("-", "_")))
         if self.gae_candidate_nodes < self.gae_graph_nodes:
@@ -222,102 +425,72 @@ class RunConfig:
             raise ConfigError(f"layercam-ae-target-layer={layer!r} {problem}")
 
 
-MAX_AONT_LAMBDA = 1000
-"""Bound on |faa-dl-aont-lambda|: the server's discrete-log table grows with it."""
-
-NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
-"""What a registry name looks like (``defense``, ``attack``): it names the run's folder."""
-
-
 @dataclass(frozen=True)
-class Range:
-    """The values a numeric key may take: [low, high], either end open."""
+class Key:
+    """One run-config key as ``RunConfig`` declares it (see ``setting``)."""
 
-    low: float
-    high: float
-    open_low: bool = False
-    open_high: bool = False
-
-    def check(self, key: str, value: float) -> None:
-        above = self.low < value if self.open_low else self.low <= value
-        below = value < self.high if self.open_high else value <= self.high
-        if not (above and below):
-            raise ConfigError(f"{key} must be in {'(' if self.open_low else '['}{self.low:g}, "
-                              f"{self.high:g}{')' if self.open_high else ']'}, got {value}")
+    name: str
+    field: str
+    type: type
+    default: Any
+    help: str
+    bounds: Range | None
+    choices: Collection[str] | None
+    separator: str | None
 
 
-POSITIVE = Range(0, 1e6, open_low=True)
-"""A scale or strength with no natural ceiling: any value past 1e6 is a typo."""
-WEEK = 7 * 24 * 3600.0
-"""The longest a timeout may be, in seconds."""
+def _keys() -> tuple[Key, ...]:
+    hints = get_type_hints(RunConfig)
+    return tuple(Key(RunConfig.key_of(f.name), f.name, hints[f.name], f.default,
+                     f.metadata.get("help", ""), f.metadata.get("bounds"),
+                     f.metadata.get("choices"), f.metadata.get("separator"))
+                 for f in fields(RunConfig))
 
-NUMERIC_RANGES: dict[str, Range] = {
-    # the federation: sizes that allocate per client, per round or per batch
-    "num-server-rounds": Range(1, 100_000),
-    "num-clients": Range(2, 100_000),
-    "num-attackers": Range(0, 100_000),
-    "min-replies": Range(1, 100_000),
-    "local-epochs": Range(1, 10_000),
-    "batch-size": Range(1, 100_000),
-    "learning-rate": Range(0, 10, open_low=True),
-    "weight-decay": Range(0, 10),
-    "dirichlet-alpha": Range(0, 1e4, open_low=True),
-    "seed": Range(0, 2**32 - 1),
-    "round-timeout": Range(0, WEEK, open_low=True),
-    "node-wait-timeout": Range(0, WEEK, open_low=True),
-    # attacks
-    "sign-flip-scale": POSITIVE,
-    "gaussian-sigma": POSITIVE,
-    "uniform-noise-scale": POSITIVE,
-    "alie-z": Range(0, 1e3),
-    "ipm-epsilon": POSITIVE,
-    "gae-graph-nodes": Range(2, 10_000),  # the graph's dense M x M adjacency
-    "gae-candidate-nodes": Range(2, 1_000_000),
-    "gae-edge-threshold": Range(-1, 1),  # a cosine
-    "gae-edge-ramp": Range(0, 1),
-    "gae-epochs": Range(0, 100_000),
-    "gae-adversarial-epochs": Range(0, 100_000),
-    "gae-perturbation": Range(0, 1, open_low=True),
-    "gae-learning-rate": Range(0, 10, open_low=True),
-    "gae-budget": Range(0, 1, open_low=True),  # a share of the distances' sum
-    "gae-radius": Range(0, 1e6),
-    # baseline defenses
-    "krum-f": Range(0, 100_000),
-    "multi-krum-m": Range(0, 100_000),
-    "trimmed-mean-beta": Range(0, 0.5, open_high=True),
-    "auror-features": Range(1, 1_000_000),
-    "auror-separation": Range(0, 1, open_low=True),
-    "auror-tau": Range(0, 1, open_low=True),
-    "cosdefense-margin": Range(0, 1e3),
-    "faa-dl-nu": Range(0, 1, open_low=True),
-    "faa-dl-tolerance": Range(0, 1, open_low=True),
-    "faa-dl-aont-lambda": Range(-MAX_AONT_LAMBDA, MAX_AONT_LAMBDA),  # the discrete-log table
-    # LayerCAM-AE
-    "layercam-ae-memory": Range(0, 1, open_high=True),
-    "layercam-ae-score-cap": Range(0, 100, open_low=True),
-    "layercam-ae-scale-rounds": Range(1, 10_000),
-    "layercam-ae-group-z": Range(0, 100, open_low=True),
-    "layercam-ae-group-size": Range(0, 100_000),
-    "layercam-ae-beta": Range(0, 100),
-    "layercam-ae-robust-z": Range(0, 100, open_low=True),
-    "layercam-ae-window": Range(1, 10_000),
-    "layercam-ae-votes": Range(1, 10_000),
-    "layercam-ae-probes": Range(1, 1024),  # K x probes maps per round
-    "layercam-ae-target-class": Range(-1, 1_000_000),  # -1: the probe's label or prediction
-    "layercam-ae-hidden": Range(1, 65_536),
-    "layercam-ae-epochs": Range(1, 1_000_000),
-    "layercam-ae-lr": Range(0, 10, open_low=True),
-    "layercam-ae-weight-decay": Range(0, 10),
-    "layercam-ae-tolerance": Range(0, 1),
-    "layercam-ae-threads": Range(0, 1024),
-    "layercam-ae-workers": Range(1, 256),  # each holds a copy of the model
-    "layercam-ae-view-z": Range(0, 1e6, open_low=True),
-    "layercam-ae-clip-z": Range(0, 100),
-    "model-replacement-boost": Range(0, 1e6),  # 0: the number of clients
-    "model-replacement-round": Range(0, 100_000),  # 0: every round
-    "flame-noise": Range(0, 1),  # lambda: sigma = lambda * median norm
-}
+
+KEYS: tuple[Key, ...] = _keys()
+"""Every key, in the order of ``RunConfig``'s fields."""
+
+NUMERIC_RANGES: dict[str, Range] = {key.name: key.bounds for key in KEYS if key.bounds}
 """Every numeric key's range: what makes sense, and nothing that can exhaust the machine."""
+
+
+def key_table() -> str:
+    """The markdown table of every key (``docs/configuration.md`` holds it between the markers
+    ``<!-- keys: ... -->`` and ``<!-- /keys -->``; a test keeps the two equal)."""
+    rows = ["| key | type | default | range or values | meaning |", "|---|---|---|---|---|"]
+    for key in KEYS:
+        cells = (f"`{key.name}`", key.type.__name__, _literal(key.default), _values(key),
+                 key.help.replace("|", r"\|"))
+        rows.append(f"| {' | '.join(cells)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _literal(value: Any) -> str:
+    """A default as the table shows it: TOML's booleans, strings in code spans."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    return repr(value)
+
+
+def _values(key: Key) -> str:
+    if key.bounds is not None:
+        return f"`{key.bounds.interval(_exact)}`"
+    if key.choices is None:
+        return ""
+    listed = ", ".join(f"`{choice}`" for choice in key.choices)
+    return f"`{key.separator}`-separated, of {listed}" if key.separator else listed
+
+
+def _exact(number: float) -> str:
+    """A bound written in full (``{:g}`` rounds 2**32 - 1)."""
+    return f"{int(number):_}" if float(number).is_integer() else repr(number)
+
+
+def _items(text: str, separator: str) -> tuple[str, ...]:
+    """The non-blank items of a ``separator``-joined list, stripped."""
+    return tuple(item.strip() for item in text.split(separator) if item.strip())
 
 
 def _coerce(key: str, raw: Any, kind: type) -> Any:
@@ -344,3 +517,9 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--table"]:
+        sys.exit("usage: python -m task.config --table  (prints docs/configuration.md's key table)")
+    print(key_table(), end="")
