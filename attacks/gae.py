@@ -6,68 +6,37 @@ the LayerCAM-AE paper's eq. 8. The graph lives on *updates* at the coordinates t
 energy, as in the authors' later GRMP code. Per round and attacker, from the eavesdropped benign
 models w_1..w_I (claimed data sizes n_i) and the global model w_g only -- no training data:
 
-1. **Observe** (``attacks.observed``): u_i = w_i - w_g, the weighted mean update u_bar, the
-   distances d_i = ||u_i - u_bar||, the norms ||u_i|| and the per-coordinate energy mean_i |u_i|,
-   streamed one model at a time.
-2. **Select** benign models (GAE eq. 9), a 0-1 knapsack: maximise sum_i b_i d_i subject to
-   sum_i b_i d_i <= Gamma, b_i in {0, 1}, Gamma = ``budget`` * sum_i d_i. Minimising the same sum
-   under the same bound, as printed, selects nothing, so it is solved as the maximisation; exact
-   dynamic programming on weights rounded up to 1/10,000 of Gamma. At least the two models
-   closest to the mean are kept.
-3. **Graph**: the nodes are ``graph_nodes`` (M) coordinates drawn at random (seeded) from the
-   ``candidate_nodes`` with the largest energy. Node m's raw feature F_m is the row of the
-   selected updates at m (M x I_sel), taken in a canonical order (by distance to the mean), so
-   the arrival order of the uploads does not matter. The graph links coordinates that co-vary
-   across clients: rows centred and scaled, so that the cosine of two rows is their correlation
-   (raw rows would link every pair of coordinates with the same sign). A_mn = 1 where that
-   cosine is >= tau + ramp/2, 0 below tau - ramp/2, linear in between (the weighted option; a
-   binary cut lets a 1e-9 change of the inputs flip an edge, which moved the output to cosine
-   0.94), zero diagonal. The record holds the edge density and the number of distinct
-   Laplacian eigenvalues. The GCN reads the centred rows scaled by one common number, so that a
-   coordinate on which the clients nearly agree is not amplified.
-4. **Adversarial GAE**: a GCN encoder (two ``DenseGCNConv`` layers, 32 and 16 channels) with an
-   inner-product decoder A_hat = sigmoid(Z Z^T), in float64, first trained with Adam to
-   reconstruct A (``epochs`` steps of descent on the balanced binary cross-entropy over all
-   off-diagonal pairs). Then the paper's adversarial regeneration *maximises* that loss, as a
-   projected ascent on the latent embedding Z (``adversarial_epochs`` normalised gradient
-   steps), within a budget: mean |A_hat - A_fit| <= ``perturbation``, A_fit the reconstruction.
-   Two other readings were measured on real MNIST updates and rejected: plain ascent of the
-   weights decodes a constant A_hat within about a dozen steps (no structure); a penalised
-   ascent of the weights starts at a minimum of the loss, where ascent is unstable, so a 1e-9
-   change of the inputs moved A_hat by up to 0.33 and the output to cosine 0.09. In Z the
-   loss's gradient is large at the start (the GAE minimised it over its weights, not over Z)
-   and the path is a smooth function of the inputs. ``adversarial=False`` keeps A_fit (the
-   control for what the adversarial step adds). Recorded: edges flipped (A_hat >= 0.5) against
-   A and against A_fit, AUC of A_hat against A, std(A_hat).
-5. **Graph-spectral generation**: L = diag(A 1) - A = B Lambda B^T and L_hat from A_hat (zero
-   diagonal) = B_hat Lambda_hat B_hat^T, eigenvalues ascending; F_hat = B_hat B^T F re-expresses
-   the benign features on the adversarial graph. An eigenvector is defined up to its sign, and
-   where eigenvalues (nearly) repeat only their span is defined: L_hat, a dense weighted graph,
-   has many eigenvalues within 1% of its mean gap, whose vectors a 1e-9 change of the inputs
-   rotates. So eigenvectors are paired in bands: consecutive indices that neither spectrum
-   separates by more than 0.3 of its mean gap form one band, and each band of B is rotated onto
-   the same band of B_hat by orthogonal Procrustes (for a single pair, the sign that makes
-   b_hat . b >= 0). F_hat is then a continuous function of the inputs and independent of the
-   basis the eigensolver returns.
-6. **Optimise under the constraint** (eq. 8). The malicious update is v = w' - w_g. Coordinates
-   off the graph stay at the benign mean update (they carry no attack); on the graph v_G is a
-   combination F_hat c of the generated updates. The data-agnostic damage surrogate is the first-
-   order increase of the training loss with u_bar as the descent direction,
-   D(v) = -<v, u_bar> / ||u_bar||, subject to ||v|| <= d_T, i.e. ||F_hat c|| <= r_G with
-   r_G^2 = d_T^2 - ||u_bar off the graph||^2 (when a ``radius`` set below ||u_bar off the
-   graph|| leaves no room, the off-graph part shrinks to the radius and r_G = 0). The objective is linear and the constraint a ball
-   in the span of F_hat, so the saddle point of the primal-dual iteration
-   L = D - lambda (||v|| - d_T) is closed-form: v_G = r_G P(-u_bar_G) / ||P(-u_bar_G)||, P the
-   projector onto the span (a rank-thresholded basis: F_hat has rank <= I_sel), lambda =
-   ||P u_bar_G|| / (r_G ||u_bar||). The GAE does not depend on v, so the papers' alternation of
-   GAE and primal-dual steps converges after one pass. d_T (``radius``) defaults to
-   max_i ||w_i - w_g||, the largest benign distance to the global model this round.
+1. **Observe** (``attacks.observed``): u_i = w_i - w_g, the weighted mean update u_bar,
+   d_i = ||u_i - u_bar||, ||u_i|| and the per-coordinate energy mean_i |u_i|, one model at a time.
+2. **Select** (GAE eq. 9, ``select_benign``): maximise sum_i b_i d_i subject to
+   sum_i b_i d_i <= Gamma, b_i in {0, 1}, Gamma = ``budget`` * sum_i d_i; the minimisation as
+   printed selects nothing under the same bound.
+3. **Graph** on M = ``graph_nodes`` coordinates drawn from the ``candidate_nodes`` most energetic:
+   F_m is the selected updates at m (M x I_sel, in a canonical order, so the arrival order does
+   not matter). A_mn = 1 where the correlation of rows m and n (cosine of centred rows: raw rows
+   would link every pair of the same sign) is >= tau + ramp/2, 0 below tau - ramp/2, linear in
+   between: a ramp, because a binary cut lets an input change of rounding size flip an edge.
+4. **Adversarial GAE** (``adversarial_structure``): a two-layer GCN encoder, decoder
+   A_hat = sigmoid(Z Z^T), trained to reconstruct A; then the paper's adversarial regeneration
+   ascends that loss on the latent Z within mean |A_hat - A_fit| <= ``perturbation``. In Z, not in
+   the GAE's weights: there the loss starts at a minimum, where ascent is unstable.
+   ``adversarial=False`` keeps A_fit, the control for what the adversarial step adds.
+5. **Spectral generation** (``spectral_transfer``): L = diag(A 1) - A = B Lambda B^T, L_hat from
+   A_hat = B_hat Lambda_hat B_hat^T, F_hat = B_hat B^T F (the benign features on the adversarial
+   graph), eigenvectors aligned band by band so that F_hat is independent of the eigensolver.
+6. **Optimise under eq. 8** (``optimal_graph_update``): v = w' - w_g is u_bar off the graph and
+   F_hat c on it, maximising the first-order damage D(v) = -<v, u_bar> / ||u_bar|| subject to
+   ||v|| <= d_T, i.e. ||F_hat c|| <= r_G, r_G^2 = d_T^2 - ||u_bar off the graph||^2. The saddle
+   point of L = D - lambda (||v|| - d_T) is closed-form: v_G = r_G P(-u_bar_G) / ||P(-u_bar_G)||,
+   P the projector onto span(F_hat), lambda = ||P u_bar_G|| / (r_G ||u_bar||); the GAE does not
+   depend on v, so the papers' alternation converges in one pass. d_T (``radius``) defaults to
+   max_i ||w_i - w_g||.
 7. **Upload** w' = w_g + v; the harness claims the median benign data size for it and the
    attacker reports the median benign training loss, so its reply has a benign reply's fields.
 
-Cost: two M x M eigendecompositions and a dense GCN on M nodes; M = 500 of the top 1,000 keeps
-the graph connected with distinct eigenvalues on the embedded MNIST CNN and costs well under a
-second. The memory beyond the received models is a few vectors of the model's size.
+Cost: two M x M eigendecompositions and a dense GCN on M nodes; memory beyond the received
+models, a few vectors of the model's size. Rejected alternatives and measurements:
+docs/attacks.md (Design notes: the GAE attack).
 """
 
 from __future__ import annotations
@@ -180,7 +149,7 @@ def distinct_eigenvalues(eigenvalues: np.ndarray) -> int:
 
 
 class _GcnEncoder(nn.Module):
-    """Two GCN layers (Kipf & Welling) on a dense adjacency: at a density of about a tenth,
+    """Two GCN layers (Kipf & Welling) on a dense adjacency: the graph is dense enough that
     ``DenseGCNConv``'s matrix products beat message passing over an edge list."""
 
     def __init__(self, in_channels: int) -> None:

@@ -1,43 +1,32 @@
 """Evidence over rounds: how the heat-map defenses turn each round's scores into exclusions.
 
 Each round's reconstruction errors R become signed robust scores z = (R - median) / scale
-(``SpreadHistory``). The scale is pooled over rounds: the relative spread 1.4826 MAD / median of
-each of the last few rounds, their median, times this round's median. With K = 24 one round's
-MAD is itself noisy: in a measured benign round it fell to half its usual value and put four
-benign clients beyond z = 3.5. A client's evidence is its scores of past rounds combined with
-forgetting, normalised to unit variance (Stouffer's combination, exponentially weighted), each
-round's score clipped to +-cap:
+(``SpreadHistory``). The scale is pooled over rounds -- the median of the last few rounds'
+relative spreads 1.4826 MAD / median, times this round's median -- because one round's MAD
+over a few dozen clients is itself noisy. A client's evidence is its scores of past rounds
+combined with forgetting, normalised to unit variance (Stouffer's combination, exponentially
+weighted), each round's score clipped to +-cap:
 
     S_t = memory * S_(t-1) + clip(z_t, cap),    V_t = memory^2 * V_(t-1) + 1,    E_t = S_t / sqrt(V_t).
 
 If a benign client's scores are independent standard normals, so is its E_t: the cut
 |E_t| > z_cut costs the false-positive rate of one round's cut, while a client whose scores sit
 at z round after round reaches |E| = |z| * sqrt((1 + memory) / (1 - memory)) (3|z| at memory
-0.8). An attacker that the round's ranking places at z = -1.5 to -2.5 (the autoencoder
-reconstructs colluders' maps *better*, measured in ``benchmarks/detection_matrix.py``) is excluded
-within a round or two, and stays excluded while it keeps behaving so; a benign client with one
-unlucky round is readmitted as soon as its later scores pull E back. ``memory = 0`` is the
-one-round robust cut. The clip bounds what one round can say: measured benign rounds have
-heavy tails (a benign client at z = 5.5 now and then), and without it such a round would keep a
-benign client out for several rounds. Benign scores are not independent either: a client's
-data stays its own, and with maps at the target layer's resolution some benign clients sit at
-|z| = 1-1.5 round after round. The defaults (cut 3.75, cap 3) are set for that: a persistent
-benign |z| of 1.2 stays inside, and with cap < cut one round alone excludes a client only as
-part of a low group (below); two rounds at the cap reach E = 4.2. Measured without attackers
-(IID, 8 rounds, seeds 42 and 1), the previous cut 3 with cap 4 excluded 3.6% of benign
-client-rounds with native maps, cut 3.5 with cap 3 1.3%.
-A client that skips a round keeps its evidence unchanged.
+0.8). Attackers sit moderately low round after round (the autoencoder reconstructs colluders'
+maps *better*), so they are excluded within a few rounds and stay excluded while they keep
+behaving so; a benign client with one unlucky round is readmitted once its later scores pull E
+back. ``memory = 0`` is the one-round robust cut. The clip bounds what one round can say, as
+benign rounds have heavy tails; with the cap below the cut, one round alone excludes a client
+only as part of a low group. Benign scores are not independent either (a client's data stays
+its own), so the cut sits above what a persistently off-centre benign client accumulates. A
+client that skips a round keeps its evidence unchanged.
 
 ``excluded_by_evidence`` turns evidence into exclusions: beyond +-cut alone, or together with a
-group. Colluders form a mode of near-alike maps that the autoencoder reconstructs *better* than
-the diverse benign ones, so in every measured attack they sit together on the low side; when
-at least ``group_size`` clients are between -cut and -group_z at once, they are excluded
-together. Benign clients rarely are: without attackers, three below -2.25 in one round cost
-0.3% of client-rounds in the runs measured with probe-size maps, against 1.8% for a single cut
-at 2.25 (``benchmarks/detection_matrix.py``); the default band starts at -2.75. Clients beyond
-the cut do not count towards a group: counted, three excluded attackers swept every benign
-client near the band's edge out with them (4.4% of benign client-rounds in the 12-round default
-experiment, 2.4% without).
+group. Colluders form a mode of near-alike maps that the autoencoder reconstructs better than
+the diverse benign ones, so they sit together on the low side; when at least ``group_size``
+clients are between -cut and -group_z at once, they are excluded together, which benign clients
+rarely are. Clients beyond the cut do not count towards a group, so that excluded attackers do
+not sweep benign clients near the band's edge out with them. Measurements: docs/defenses.md.
 """
 
 from __future__ import annotations

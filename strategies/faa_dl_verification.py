@@ -23,8 +23,8 @@ from task.train import load_numpy_state, state_to_numpy, train
 
 
 SOLVER_TOLERANCE = 1e-10
-"""libsvm's stopping tolerance: at its default (1e-3) the scores of one set of updates moved by
-7e-4 with the order of the rows, enough to move clients across the boundary."""
+"""libsvm's stopping tolerance: at its default (1e-3) the scores move with the order of the
+rows, enough to move clients across the boundary (docs/defenses.md)."""
 
 
 def canonical_order(rows: np.ndarray) -> np.ndarray:
@@ -37,12 +37,12 @@ def ocsvm_suspects(updates: np.ndarray, nu: float = 0.5) -> tuple[np.ndarray, np
     """(suspect mask, anomaly scores) of the rows of ``updates`` (n x d); scores are the
     negated OC-SVM decision function, > 0 outside the learned boundary (equation 14).
 
-    libsvm's approximate solution depends on the order of the rows (with nu = 0.5 and six
-    clients, which ones it flagged changed with the order in most random cases), and replies
-    arrive in any order: the rows are fitted in a canonical order, to a tight tolerance. Rows
-    on the boundary (support vectors at the margin, score 0 up to the solver's precision) are
-    not outside it: a suspect's score must exceed 1e-6 of the largest |score|. On few clients
-    the exact solution often puts most of them on the boundary, and flags few or none."""
+    libsvm's approximate solution depends on the order of the rows, so that which clients it
+    flags can change with it, and replies arrive in any order: the rows are fitted in a
+    canonical order, to a tight tolerance. Rows on the boundary (support vectors at the
+    margin, score 0 up to the solver's precision) are not outside it: a suspect's score must
+    exceed 1e-6 of the largest |score|. On few clients the exact solution often puts most of
+    them on the boundary, and flags few or none."""
     if updates.shape[0] < 2:
         return np.zeros(updates.shape[0], dtype=bool), np.zeros(updates.shape[0])
     order = canonical_order(updates)

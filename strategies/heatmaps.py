@@ -104,8 +104,7 @@ def finish_maps(cams: torch.Tensor, size: tuple[int, int] | None) -> torch.Tenso
 def channels_last_max_pool(model: nn.Module) -> Iterator[None]:
     """Run the model's ``nn.MaxPool2d`` layers on channels-last copies of their inputs and hand
     their outputs on in the usual layout: the same values, but on a CPU this torch's NCHW max
-    pooling is about 10x slower than its channels-last one (the CNN's first pool took a quarter
-    of the heat maps' time, 0.25 ms a model)."""
+    pooling is much slower than its channels-last one (docs/benchmarks.md)."""
     handles = []
     for module in model.modules():
         if isinstance(module, nn.MaxPool2d):
@@ -134,8 +133,7 @@ def _cams_loop(
     probes: torch.Tensor, layer: str, classes: torch.Tensor, combine: CamCombine,
 ) -> torch.Tensor:
     """(K, P, h, w) combined maps, one model at a time: each model's activations and gradients
-    are combined while they are in cache (stacking all of them first, then combining, cost
-    3-4 ms more a round for the CNN at K = 24)."""
+    are combined while they are in cache, rather than stacking all of them first."""
     module = model.get_submodule(layer)
     captured: list[torch.Tensor] = []
 
@@ -166,8 +164,8 @@ def _cams_loop(
 
 @functools.cache
 def _worker_pool(workers: int) -> ThreadPoolExecutor:
-    """A long-lived pool per size: a fresh thread's first operations cost extra (2-3 ms a round
-    for the CNN at K = 24 when every round started new threads)."""
+    """A long-lived pool per size: a fresh thread's first operations cost extra, which every
+    round would pay again with new threads."""
     return ThreadPoolExecutor(workers, thread_name_prefix="heatmaps")
 
 

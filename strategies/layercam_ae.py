@@ -68,9 +68,9 @@ class LayerCamAe(DetectingFedAvg):
         class the global model predicts for it.
     probe_labels : torch.Tensor, optional
         (P,) labels of the server's probes. The predicted class of an untrained global model
-        is arbitrary, and round 1's maps with it rank GAE attackers as benign as the benign
-        clients (AUC 0.44 on seed 42); with the probes' labels, 0.86. Later rounds, where the
-        model predicts the labels, are unchanged.
+        is arbitrary: round 1's maps with it hardly tell GAE attackers from benign clients,
+        with the probes' labels they do (docs/defenses.md). Later rounds, where the model
+        predicts the labels, are unchanged.
     decision : str (default: "evidence")
         ``"evidence"``: exclude while the client's evidence over rounds exceeds ``robust_z``
         (``strategies.evidence``); ``"voting"``: the paper's per-round rule plus voting.
@@ -98,12 +98,12 @@ class LayerCamAe(DetectingFedAvg):
         Autoencoder: hidden size 128, 200 full-batch Adam epochs, lr 1e-3, weight decay 1e-5.
     tolerance : float (default: 0.0)
         Stop the AE once its loss has not improved by this relative amount for 10 epochs
-        (0: all ``epochs``, the paper's). At K = 24 a stop in the first 50-100 epochs reorders
-        the errors (rank correlation with the full run about 0), so it is off by default.
+        (0: all ``epochs``, the paper's). An early stop reorders the errors against the full
+        run (docs/benchmarks.md), so it is off by default.
     map_size : str (default: "native")
         ``"native"``: maps at the target layer's resolution (8x8 for the CNN: the same
-        information as the probe-size map, which is it upsampled, in 12x fewer values, and 5x
-        cheaper detection); ``"probe"``: upsampled to the probe size, the paper's input
+        information as the probe-size map, which is it upsampled, in fewer values, so detection
+        costs less); ``"probe"``: upsampled to the probe size, the paper's input
         (docs/benchmarks.md: both on the same rounds).
     threads : int (default: 1)
         Intra-op CPU threads of each detection operation (0: torch's setting); one suits these
@@ -115,8 +115,8 @@ class LayerCamAe(DetectingFedAvg):
         one sequence of small steps, runs on one thread.
     engine : str (default: "auto")
         Heat-map engine ``loop`` or ``vmap``; ``auto`` picks by device (vmap on a GPU, the loop
-        on a CPU), never by timing: both give the same maps to 1e-6, and a choice that depended
-        on the machine's load could flip a decision that sits near its cut.
+        on a CPU), never by timing: both give the same maps up to rounding, and a choice that
+        depended on the machine's load could flip a decision that sits near its cut.
     keep_heatmaps : bool (default: False)
         Hand the round's maps (first probe) to the harness in ``Detection.heatmaps``.
     views : tuple of str (default: every view of ``strategies.update_views``)

@@ -110,7 +110,7 @@ VIEWS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 VIEW_TAILS: dict[str, float] = {"norm": 1.0, "direction": 1.0, "outside-range": 2.0, "collusion": 1.0}
 """Each view's cut is ``layercam-ae-view-z`` times its factor. Under non-IID data a benign client
 whose classes few others hold writes much of its update into coordinates the others leave
-small, so the outside-range view's benign tail is about twice the others' (measured in
+small, so the outside-range view's benign tail is wider than the others' (measured in
 docs/defense-in-depth.md); a GAE upload's share lies far beyond either."""
 
 
