@@ -276,8 +276,7 @@ class RunConfig:
         bounds=Range(-1, 1_000_000))  # -1: the probe's label or prediction
     layercam_ae_probe_labels: bool = setting(
         True, "score the probes' own labels: the server's probes are labelled, and an untrained "
-        "model's predictions are arbitrary (round 1's AUC against GAE, seed 42: 0.86 with "
-        "labels, 0.44 with predictions)")
+        "model's predictions are arbitrary (compared in [Defenses](defenses.md))")
     layercam_ae_hidden: int = setting(128, "autoencoder hidden size (the paper's value)",
                                       bounds=Range(1, 65_536))
     layercam_ae_epochs: int = setting(200, "autoencoder training epochs (the paper's value)",
@@ -292,7 +291,7 @@ class RunConfig:
         "scores, see [Benchmarks](benchmarks.md))", bounds=Range(0, 1))
     layercam_ae_map_size: str = setting(
         "native", "the AE's input: maps at the target layer's resolution (`native`: 8×8 for the "
-        "CNN, the information of the probe-size map in 12× fewer values, detection 5× cheaper) "
+        "CNN: the information of the probe-size map in fewer values, and cheaper detection) "
         "or upsampled to the probe size (`probe`, the paper's; with it the previous decision "
         "keys suit better: `robust-z` 3.0, `score-cap` 4.0, `group-z` 2.25). Both compared in "
         "[Benchmarks](benchmarks.md)", choices=HEATMAP_SIZES)
@@ -302,8 +301,8 @@ class RunConfig:
     layercam_ae_workers: int = setting(
         2, "threads that compute the heat maps on a CPU, each on its share of the uploads with "
         "its own copy of the model: the caller's thread takes the first share and they join "
-        "once a round, so they cost little when the cores are shared (ResNet-18: 1.8–1.9× "
-        "faster; the CNN: 1.2–1.3×)", bounds=Range(1, 256))  # each holds a copy of the model
+        "once a round, so they cost little when the cores are shared (measured in "
+        "[Benchmarks](benchmarks.md))", bounds=Range(1, 256))  # each holds a copy of the model
     layercam_ae_engine: str = setting(
         "auto", "heat-map engine: `loop`, `vmap`, or `auto` (by device: vmap on a GPU, the loop "
         "on a CPU; never by timing, so the machine's load cannot change a decision)",
