@@ -4,7 +4,7 @@ from the run files it keeps (``--copy-runs``), its table has the same numbers, t
 import csv
 from pathlib import Path
 
-from server_app.report import report
+from experiments.report import report
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "example-report"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server_app.sweep import Grid, Sweep, run_config_arg
+from experiments.sweep import Grid, Sweep, run_config_arg
 from task.config import ConfigError
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from server_app import report as report_cli
-from server_app import sweep as sweep_cli
-from server_app.sweep import Grid, Sweep, cell_name, run_config_arg
+from experiments import report as report_cli
+from experiments import sweep as sweep_cli
+from experiments.sweep import Grid, Sweep, cell_name, run_config_arg
 from task.config import ConfigError
 
 EXAMPLE_GRID = Path(__file__).resolve().parents[1] / "presets" / "cpu-small.toml"
