@@ -28,6 +28,7 @@ COPY attacks/ attacks/
 COPY crypto/ crypto/
 COPY server_app/ server_app/
 COPY client_app/ client_app/
+COPY experiments/ experiments/
 COPY deploy/*.sh deploy/fleet-proxy.conf.template deploy/
 RUN pip install ${PIP_OFFLINE:+--no-index} --find-links /tmp/wheels /app && rm -rf /tmp/wheels
 WORKDIR /work

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from server_app.report import find_runs
+from experiments.report import find_runs
 from tests.local_federation import BIN, ROOT
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server_app.sweep import Grid, Sweep, run_config_arg
+from experiments.sweep import Sweep, SweepGrid, run_config_arg
 from task.config import ConfigError
 
 
@@ -17,8 +17,9 @@ def grid_file(tmp_path: Path, text: str) -> Path:
 
 
 def test_cells_are_every_combination_times_the_seeds_and_name_no_commas(tmp_path):
-    grid = Grid.load(grid_file(tmp_path, '[sweep]\nseeds = [1, 2]\n[base]\nnum-server-rounds = 3\n'
-                                         '[grid]\ndefense = ["fedavg", "median"]\nnum-attackers = [1, 2]\n'))
+    grid = SweepGrid.load(grid_file(
+        tmp_path, '[sweep]\nseeds = [1, 2]\n[base]\nnum-server-rounds = 3\n'
+                  '[grid]\ndefense = ["fedavg", "median"]\nnum-attackers = [1, 2]\n'))
     cells = grid.cells()
     assert len(cells) == 8 and len({c.name for c in cells}) == 8
     assert cells[0].name == "defense=fedavg__num-attackers=1__seed=1"
@@ -37,7 +38,7 @@ def test_cells_are_every_combination_times_the_seeds_and_name_no_commas(tmp_path
 ])
 def test_a_bad_grid_is_refused_naming_the_cell_and_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
-        Grid.load(grid_file(tmp_path, text))
+        SweepGrid.load(grid_file(tmp_path, text))
 
 
 def test_a_cell_that_hangs_silently_is_stopped_at_its_timeout_and_recorded(tmp_path, monkeypatch):
@@ -47,7 +48,7 @@ def test_a_cell_that_hangs_silently_is_stopped_at_its_timeout_and_recorded(tmp_p
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
     path = grid_file(tmp_path, '[grid]\ndefense = ["fedavg"]\n')
-    grid = Grid.load(path)
+    grid = SweepGrid.load(path)
     sweep = Sweep(grid, path, tmp_path / "sweep", tmp_path, None, None, timeout=1.0)
     started = time.monotonic()
     record = sweep.run_cell(grid.cells()[0])

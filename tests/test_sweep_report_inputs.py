@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from server_app import report as report_cli
-from server_app import sweep as sweep_cli
-from server_app.sweep import Grid, Sweep, cell_name, run_config_arg
+from experiments import report as report_cli
+from experiments import sweep as sweep_cli
+from experiments.sweep import Sweep, SweepGrid, cell_name, run_config_arg
 from task.config import ConfigError
 
 EXAMPLE_GRID = Path(__file__).resolve().parents[1] / "presets" / "cpu-small.toml"
@@ -115,7 +115,7 @@ def test_cell_folders_are_injective_and_readable(tmp_path):
     values = ["a/b", "a_b", "q'uote", "quote", "A_b", "1", "", "x" * 300, "x" * 301]
     path = tmp_path / "grid.toml"
     path.write_text("[grid]\nlayercam-ae-target-layer = " + json.dumps(values) + "\n")
-    grid = Grid.load(path)
+    grid = SweepGrid.load(path)
     names = [cell.name for cell in grid.cells()]
     assert len(set(names)) == len(values)
     assert names[1] == "layercam-ae-target-layer=a_b__seed=42"  # exact: as it was
@@ -131,14 +131,14 @@ def test_cell_folders_are_injective_and_readable(tmp_path):
 
 
 def test_the_example_sweep_keeps_its_cell_folder_names():
-    names = {cell.name for cell in Grid.load(EXAMPLE_GRID).cells()}
+    names = {cell.name for cell in SweepGrid.load(EXAMPLE_GRID).cells()}
     assert names == {p.name for p in EXAMPLE_CELLS.iterdir()}
 
 
 def test_a_string_with_a_quote_reaches_flwr_run_intact(tmp_path):
     path = tmp_path / "grid.toml"
     path.write_text("[grid]\nlayercam-ae-target-layer = [\"q'uote\", 'back\\slash']\n")
-    grid = Grid.load(path)
+    grid = SweepGrid.load(path)
     sweep = Sweep(grid, path, tmp_path / "sweep", tmp_path, None, None, timeout=1.0)
     for cell, value in zip(grid.cells(), ["q'uote", "back\\slash"]):
         command = sweep.command(cell, tmp_path / "r")

@@ -209,15 +209,15 @@ def check_passes_through(values: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
-class Grid:
-    """A parsed grid file."""
+class SweepGrid:
+    """A parsed grid file: the run-config values every cell shares, the axes and the seeds."""
 
     base: dict[str, Any]
     axes: dict[str, list[Any]]
     seeds: list[int]
 
     @classmethod
-    def load(cls, path: Path) -> Grid:
+    def load(cls, path: Path) -> SweepGrid:
         """Read and check a grid file, every cell included, before anything runs: its shape,
         every cell a valid run config naming a registered defense and attack, passed intact to
         ``flwr run``, and no two cells the same run. ``ConfigError`` names the file and the
@@ -326,7 +326,7 @@ def warn(message: str) -> None:
 class Sweep:
     """Runs a grid's cells one after another into ``sweep_dir``."""
 
-    def __init__(self, grid: Grid, grid_file: Path, sweep_dir: Path, project: Path,
+    def __init__(self, grid: SweepGrid, grid_file: Path, sweep_dir: Path, project: Path,
                  federation: str | None, federation_config: str | None, timeout: float) -> None:
         self.grid, self.sweep_dir, self.project = grid, sweep_dir, project
         self.federation, self.federation_config, self.timeout = federation, federation_config, timeout
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a cell may run before it is stopped and recorded failed")
     args = parser.parse_args(argv)
     try:
-        grid = Grid.load(args.grid)
+        grid = SweepGrid.load(args.grid)
         check_federation_config(args.federation_config)
         sweep = Sweep(grid, args.grid, args.sweep_dir.resolve(), args.project.resolve(),
                       args.federation, args.federation_config or None, args.cell_timeout)
