@@ -375,6 +375,7 @@ class Sweep:
                 process.wait()
             finally:
                 watchdog.cancel()
+                process.stdout.close()
         self.run_id = None
         run = finished_run(folder)
         record = {"cell": cell.name, "values": dict(cell.values),
