@@ -4,13 +4,17 @@ AE = Linear(D, hidden) + ReLU, Linear(hidden, D) + Sigmoid, trained from scratch
 on that round's K flattened heat maps only, full batch, MSE loss (eq. 11), Adam (paper: lr 1e-3,
 weight decay 1e-5, 200 epochs, hidden 128). R_l = mean_ij |L_l - L'_l| (eq. 12).
 
-It is trained on public PyTorch API only: the forward on the module's parameters, autograd
-(``torch.autograd.grad``) and ``torch.optim.Adam`` with its fused kernel (CPU and CUDA
-float32) on one flat buffer that holds all four tensors. The tests compare it with
-``nn.Sequential``, ``loss.backward()`` and the unfused ``torch.optim.Adam``. An earlier version
-wrote the backward pass out on private ``torch.ops.aten`` overloads and called the functional
-Adam to skip ``Optimizer.step``'s bookkeeping: faster at small K (docs/benchmarks.md), but
-private ops may change or go with any torch release.
+The network is this small, so its gradients are written out (``_backward``) instead of
+recorded by autograd: five matrix products and a few elementwise passes an epoch, into
+preallocated buffers, on public tensor ops only (the sigmoid's derivative as
+x' (1 - x'), the ReLU's as a ``masked_fill_`` where the hidden unit is not positive, the
+same formulas and order of operations as autograd's own kernels). Recording a graph and
+walking it back every epoch would cost more than these products at the sizes LayerCAM-AE
+trains on. Adam is torch's fused kernel on one flat buffer that holds all four tensors,
+called through the public functional ``torch.optim.adam.adam``: an ``Optimizer`` object adds
+per-step bookkeeping and, once built, imports ``torch._dynamo`` on the first round. The
+tests check it against ``nn.Sequential`` + ``loss.backward()`` + the unfused
+``torch.optim.Adam``.
 
 On a GPU an epoch is a CUDA graph (``captured``): its kernels are microseconds each at these
 sizes, and launching them one by one from Python costs more than running them.
@@ -28,8 +32,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.optim.adam import adam
 
 PATIENCE = 10
 """Epochs without a relative improvement of ``tolerance`` before training stops."""
@@ -61,75 +65,124 @@ def heatmap_autoencoder(dim: int, hidden: int, seed: int) -> nn.Sequential:
     return autoencoder
 
 
-def _reconstruct(parameters: list[torch.Tensor], maps: torch.Tensor) -> torch.Tensor:
-    """x' = sigmoid(relu(x W1^T + b1) W2^T + b2): ``heatmap_autoencoder``'s forward, on its
-    parameters (encoder weight, bias, decoder weight, bias) without the modules' calls."""
-    w1, b1, w2, b2 = parameters
-    return torch.sigmoid(F.linear(torch.relu(F.linear(maps, w1, b1)), w2, b2))
+class FlatAutoencoder:
+    """The autoencoder's four tensors as views of one flat buffer, their gradients as views of
+    another: one fused Adam step updates all of them at once (on a CPU one parallel region
+    instead of four), and ``_backward`` writes each gradient in place."""
+
+    def __init__(self, autoencoder: nn.Sequential) -> None:
+        encoder, decoder = autoencoder[0], autoencoder[2]
+        tensors = (encoder.weight, encoder.bias, decoder.weight, decoder.bias)
+        self.flat = torch.cat([t.detach().flatten() for t in tensors])
+        self.flat.grad = torch.empty_like(self.flat)
+        views, grads, start = [], [], 0
+        for t in tensors:
+            views.append(self.flat[start:start + t.numel()].view(t.shape))
+            grads.append(self.flat.grad[start:start + t.numel()].view(t.shape))
+            start += t.numel()
+        self.w1, self.b1, self.w2, self.b2 = views
+        self.g_w1, self.g_b1, self.g_w2, self.g_b2 = grads
+
+
+class _Buffers:
+    """What one epoch's forward and backward write, allocated once for K maps and ``hidden``
+    units: every epoch reuses the same memory (and a CUDA graph replays on it)."""
+
+    def __init__(self, maps: torch.Tensor, hidden: int) -> None:
+        self.hidden = maps.new_empty(len(maps), hidden)   # h, then the ReLU mask's source
+        self.out = torch.empty_like(maps)                  # x'
+        self.delta = torch.empty_like(maps)                # dL/dz2
+        self.slope = torch.empty_like(maps)                # 1 - x'
+        self.hidden_delta = torch.empty_like(self.hidden)  # dL/dz1
+        self.inactive = torch.empty_like(self.hidden, dtype=torch.bool)  # h <= 0
+        self.one = maps.new_ones(())
+
+
+def _forward(ae: FlatAutoencoder, maps: torch.Tensor, hidden: torch.Tensor,
+             out: torch.Tensor) -> None:
+    """h = relu(x W1^T + b1) into ``hidden``, x' = sigmoid(h W2^T + b2) into ``out``."""
+    torch.addmm(ae.b1, maps, ae.w1.t(), out=hidden).clamp_(min=0)
+    torch.addmm(ae.b2, hidden, ae.w2.t(), out=out).sigmoid_()
+
+
+def _backward(ae: FlatAutoencoder, maps: torch.Tensor, buffers: _Buffers) -> None:
+    """Gradients of the MSE loss (eq. 11) into ``ae.flat.grad``, from the forward's
+    ``buffers.hidden`` and ``buffers.out``.
+
+    With L = sum (x' - x)^2 / (K D): dL/dz2 = 2 (x' - x) x' (1 - x') / (K D) (sigmoid), the
+    decoder's gradients dz2^T h and sum_k dz2; dL/dz1 = (dz2 W2) [h > 0] (ReLU), the encoder's
+    dz1^T x and sum_k dz1. The sigmoid's factor is taken as (x' - x) (1 - x') x', in that
+    order, and 1 - x' on its own (exact for x' >= 1/2), not as x' - x'^2, which loses digits
+    where x' is near 1; the ReLU's zeroes where h <= 0, as autograd does.
+    """
+    b = buffers
+    torch.sub(b.out, maps, out=b.delta)
+    torch.sub(b.one, b.out, out=b.slope)
+    b.delta.mul_(b.slope).mul_(b.out).mul_(2.0 / maps.numel())
+    torch.mm(b.delta.t(), b.hidden, out=ae.g_w2)
+    torch.sum(b.delta, 0, out=ae.g_b2)
+    torch.mm(b.delta, ae.w2, out=b.hidden_delta)
+    torch.le(b.hidden, 0, out=b.inactive)
+    b.hidden_delta.masked_fill_(b.inactive, 0.0)
+    torch.mm(b.hidden_delta.t(), maps, out=ae.g_w1)
+    torch.sum(b.hidden_delta, 0, out=ae.g_b1)
 
 
 class _Training:
-    """Full-batch training of one autoencoder, one ``epoch()`` at a time: forward, MSE loss
-    (eq. 11), its gradients by ``torch.autograd.grad``, one fused Adam step.
-
-    The four tensors are views of one flat buffer, and the gradients are copied into one flat
-    gradient: one Adam call then updates one tensor, which on a CPU is one parallel region
-    instead of four (with two intra-op threads on busy cores, each region can wait a whole
-    time slice for the other thread). Every tensor an epoch reads or writes for good keeps its
-    address, so on a GPU the epoch can be captured as a CUDA graph and replayed."""
+    """Full-batch training of one autoencoder on preallocated buffers, one ``epoch()`` at a
+    time (forward, the loss when tracked, backward, Adam): every tensor it touches keeps its
+    address, so on a GPU the epoch can be captured once as a CUDA graph and replayed."""
 
     def __init__(self, maps: torch.Tensor, hidden: int, lr: float, weight_decay: float,
-                 seed: int) -> None:
-        self.maps = maps
-        tensors = [t.detach() for t in heatmap_autoencoder(maps.shape[1], hidden, seed)
-                   .to(maps.device).parameters()]  # encoder weight, bias, decoder weight, bias
-        self.flat = torch.cat([t.flatten() for t in tensors])
-        self.flat.grad = torch.zeros_like(self.flat)
-        self.parameters, start = [], 0
-        for t in tensors:  # leaves sharing the flat buffer's memory
-            self.parameters.append(
-                self.flat[start:start + t.numel()].view(t.shape).requires_grad_())
-            start += t.numel()
+                 seed: int, track_loss: bool) -> None:
+        self.maps, self.track_loss = maps, track_loss
+        self.ae = FlatAutoencoder(heatmap_autoencoder(maps.shape[1], hidden, seed).to(maps.device))
         # betas and eps: torch.optim.Adam's defaults, which the paper keeps
-        self.optimizer = torch.optim.Adam([self.flat], lr=lr, weight_decay=weight_decay,
-                                          fused=maps.device.type in ("cpu", "cuda") or None,
-                                          capturable=maps.is_cuda)
+        self.adam = dict(lr=lr, weight_decay=weight_decay, beta1=0.9, beta2=0.999, eps=1e-8,
+                         amsgrad=False, maximize=False, capturable=maps.is_cuda,
+                         fused=maps.device.type in ("cpu", "cuda") or None)
+        # Adam's state exists before the first step, so a captured step does not create it
+        self.step = torch.zeros((), device=maps.device)
+        self.exp_avg = torch.zeros_like(self.ae.flat)
+        self.exp_avg_sq = torch.zeros_like(self.ae.flat)
+        self.buffers = _Buffers(maps, hidden)
         self.loss = maps.new_zeros(())
 
-    def adam_state(self) -> list[torch.Tensor]:
-        """Adam's step count and moments (they exist once it has stepped)."""
-        return list(self.optimizer.state[self.flat].values())
+    def state(self) -> list[torch.Tensor]:
+        """What an epoch changes for good: the weights and Adam's state."""
+        return [self.ae.flat, self.step, self.exp_avg, self.exp_avg_sq]
 
     def epoch(self) -> None:
-        loss = F.mse_loss(_reconstruct(self.parameters, self.maps), self.maps)
-        gradients = torch.autograd.grad(loss, self.parameters)
-        torch.cat([g.flatten() for g in gradients], out=self.flat.grad)
-        self.optimizer.step()
-        # the loss of the weights this step started from, where a CUDA graph's replay leaves it
-        self.loss.copy_(loss.detach())
+        b = self.buffers
+        _forward(self.ae, self.maps, b.hidden, b.out)
+        if self.track_loss:  # the loss of the weights this step starts from, as autograd's
+            torch.mean(torch.sub(b.out, self.maps, out=b.delta).square_(), dim=(0, 1),
+                       out=self.loss)
+        _backward(self.ae, self.maps, b)
+        # torch.optim.Adam's update, without an Optimizer object's per-call bookkeeping
+        adam([self.ae.flat], [self.ae.flat.grad], [self.exp_avg], [self.exp_avg_sq], [],
+             [self.step], **self.adam)
 
     def errors(self) -> torch.Tensor:
         """R (K,), eq. (12), of the current weights."""
-        with torch.no_grad():
-            return (_reconstruct(self.parameters, self.maps) - self.maps).abs().mean(dim=1)
+        b = self.buffers
+        _forward(self.ae, self.maps, b.hidden, b.out)
+        return (b.out - self.maps).abs().mean(dim=1)
 
 
 def captured(training: _Training) -> Callable[[], None]:
     """``training.epoch`` as a CUDA graph: one launch replays its kernels, which at these
     sizes take less time than Python takes to launch them one by one. Capturing needs one
-    eager run first (cuBLAS creates its workspace, Adam its state); it runs on a side stream
-    and its step is undone."""
-    device = training.maps.device
-    saved = training.flat.clone()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    eager run first (cuBLAS creates its workspace on first use); it runs on a side stream and
+    its step is undone."""
+    saved = [t.clone() for t in training.state()]
+    side = torch.cuda.Stream(training.maps.device)
+    side.wait_stream(torch.cuda.current_stream(training.maps.device))
     with torch.cuda.stream(side):
         training.epoch()
-    torch.cuda.current_stream(device).wait_stream(side)
-    with torch.no_grad():
-        training.flat.copy_(saved)
-        for value in training.adam_state():
-            value.zero_()  # Adam starts from step 0 and zero moments
+    torch.cuda.current_stream(training.maps.device).wait_stream(side)
+    for tensor, value in zip(training.state(), saved):
+        tensor.copy_(value)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         training.epoch()
@@ -155,8 +208,8 @@ def reconstruction_errors(
     if maps.dim() != 2:
         raise ValueError(f"maps must be (K, D), got {tuple(maps.shape)}")
     maps = maps.detach().float().contiguous()
-    with torch.enable_grad():  # autograd trains it, whatever the caller's grad mode
-        training = _Training(maps, hidden, lr, weight_decay, seed)
+    with torch.no_grad():
+        training = _Training(maps, hidden, lr, weight_decay, seed, track_loss=tolerance > 0)
         epoch = captured(training) if maps.is_cuda and cuda_graph else training.epoch
         best, stale, ran = float("inf"), 0, 0
         for ran in range(1, epochs + 1):
@@ -167,4 +220,4 @@ def reconstruction_errors(
                 best = min(best, value)
                 if stale >= PATIENCE:
                     break
-    return training.errors(), ran
+        return training.errors(), ran
