@@ -13,9 +13,11 @@ With ``--busy N``, N processes that keep a core busy run beside every measuremen
 server). Times are the median of ``--repeats`` rounds after one warm-up round.
 
 **Autoencoder** (``--part autoencoder``): the AE alone, side by side on the same maps: the
-straightforward one (``nn.Sequential``, autograd, ``torch.optim.Adam``; the tests' oracle)
-against ``strategies.autoencoder`` (explicit gradients, fused Adam), one thread; seconds and
-the largest relative difference of the reconstruction errors.
+straightforward one (``nn.Sequential``, ``loss.backward()``, unfused ``torch.optim.Adam``; the
+tests' oracle) against ``strategies.autoencoder`` (fused Adam on one flat buffer), one thread;
+seconds and the largest relative difference of the reconstruction errors. ``--against REV``
+adds ``strategies/autoencoder.py`` as it was at git revision REV, run in turn with the others,
+to show what a change to it costs.
 
 **Scores** (``--part auc``): both map sizes score the same rounds of 24 clients (3 attackers of
 each attack, crafted by ``attacks/``) on the embedded MNIST; the ROC AUC of the two-sided and
@@ -23,6 +25,7 @@ of the paper's score per round, and which clients each setting's rule flags.
 
     python benchmarks/detection_speed.py                         # CPU: all parts
     python benchmarks/detection_speed.py --part speed --busy 2
+    python benchmarks/detection_speed.py --part autoencoder --k 24 100 --dims 256 --against HEAD~1
     python benchmarks/detection_speed.py --part speed --device cuda --models resnet50 --k-large 24 \
         --image-size 224
 """
@@ -141,31 +144,54 @@ def speed(args) -> None:
             burner.terminate()
 
 
+def _autoencoder_at(revision: str):
+    """``strategies/autoencoder.py`` as it was at git ``revision``, imported as a module of its
+    own beside the current one."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    source = subprocess.run(["git", "show", f"{revision}:strategies/autoencoder.py"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "autoencoder_at_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("autoencoder_at_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def autoencoder(args) -> None:
     import torch
 
     from strategies.autoencoder import reconstruction_errors
     from tests.helpers import autograd_reconstruction_errors
 
+    runs = {"autograd": lambda maps: autograd_reconstruction_errors(maps, hidden=128, epochs=200),
+            "current": reconstruction_errors}
+    if args.against:
+        runs[args.against] = _autoencoder_at(args.against).reconstruction_errors
     torch.set_num_threads(1)
     print(f"\nThe autoencoder alone (hidden 128, 200 epochs, 1 thread, median of {args.repeats}):\n")
-    print("| K | values per client | autograd s | explicit gradients s | speed-up | "
-          "max relative difference of R |\n|---|---|---|---|---|---|")
+    against = f" | at {args.against} s | current / at {args.against}" if args.against else ""
+    print(f"| K | values per client | autograd s | current s{against} | speed-up vs autograd | "
+          f"max relative difference of R |\n|---|---|---|---|{'---|---|' if against else ''}---|---|")
     for dim in args.dims:
         for k in args.k:
             maps = torch.rand(k, dim, generator=torch.Generator().manual_seed(k))
-            times = {"autograd": [], "explicit": []}
+            times, errors = {name: [] for name in runs}, {}
             for _ in range(args.repeats + 1):  # the first is a warm-up
-                start = time.perf_counter()
-                reference, _ = autograd_reconstruction_errors(maps, hidden=128, epochs=200)
-                times["autograd"].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                ours, _ = reconstruction_errors(maps)
-                times["explicit"].append(time.perf_counter() - start)
-            slow, fast = (statistics.median(t[1:]) for t in times.values())
+                for name, run in runs.items():  # in turn, so that a busy spell hits them all
+                    start = time.perf_counter()
+                    errors[name], _ = run(maps)
+                    times[name].append(time.perf_counter() - start)
+            median = {name: statistics.median(t[1:]) for name, t in times.items()}
+            reference, ours = errors["autograd"], errors["current"]
             difference = float(((ours - reference).abs() / reference).max())
-            print(f"| {k} | {dim} | {slow:.3f} | {fast:.3f} | {slow / fast:.1f}x | "
-                  f"{difference:.1e} |", flush=True)
+            against = (f" | {median[args.against]:.4f} | "
+                       f"{median['current'] / median[args.against]:.2f}x" if args.against else "")
+            print(f"| {k} | {dim} | {median['autograd']:.4f} | {median['current']:.4f}{against} | "
+                  f"{median['autograd'] / median['current']:.1f}x | {difference:.1e} |", flush=True)
 
 
 def auc(args) -> None:
@@ -261,6 +287,9 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 3136],
                         help="--part autoencoder: map values per client (CNN, 4 probes: native "
                              "256, upsampled 3,136)")
+    parser.add_argument("--against", default="",
+                        help="--part autoencoder: also time strategies/autoencoder.py as it was "
+                             "at this git revision")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attacks", nargs="+",
                         default=["gae", "sign-flip", "alie", "ipm", "gaussian", "adaptive-cam"])

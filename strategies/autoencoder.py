@@ -5,16 +5,19 @@ on that round's K flattened heat maps only, full batch, MSE loss (eq. 11), Adam 
 weight decay 1e-5, 200 epochs, hidden 128). R_l = mean_ij |L_l - L'_l| (eq. 12).
 
 The network is this small, so its gradients are written out (``_backward``) instead of
-recorded by autograd, into preallocated buffers, and Adam is torch's fused kernel on one flat
-buffer, called through the functional ``torch.optim.adam.adam`` (an ``Optimizer`` object's
-per-step bookkeeping cost a third of the step): the same updates as ``nn.Sequential`` +
-autograd + ``torch.optim.Adam`` (the tests compare them), at the cost of the five matrix
-products an epoch needs: at K = 24, 2.4x faster than autograd on one CPU thread; at K = 1,000
-the products dominate both (``benchmarks/detection_speed.py --part autoencoder``).
+recorded by autograd: five matrix products and a few elementwise passes an epoch, into
+preallocated buffers, on public tensor ops only (the sigmoid's derivative as
+x' (1 - x'), the ReLU's as a ``masked_fill_`` where the hidden unit is not positive, the
+same formulas and order of operations as autograd's own kernels). Recording a graph and
+walking it back every epoch would cost more than these products at the sizes LayerCAM-AE
+trains on. Adam is torch's fused kernel on one flat buffer that holds all four tensors,
+called through the public functional ``torch.optim.adam.adam``: an ``Optimizer`` object adds
+per-step bookkeeping and, once built, imports ``torch._dynamo`` on the first round. The
+tests check it against ``nn.Sequential`` + ``loss.backward()`` + the unfused
+``torch.optim.Adam``.
 
 On a GPU an epoch is a CUDA graph (``captured``): its kernels are microseconds each at these
-sizes, and launching them one by one from Python cost more than running them (the CNN's AE at
-K = 24 on an H100: 0.089 s eager, 0.024 s as a graph).
+sizes, and launching them one by one from Python costs more than running them.
 
 Two costs the paper does not fix: training may stop early, once the loss has not improved by a
 relative ``tolerance`` for ``PATIENCE`` epochs (``tolerance = 0``: all epochs, the paper's); and
@@ -31,8 +34,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.optim.adam import adam
-
-aten = torch.ops.aten
 
 PATIENCE = 10
 """Epochs without a relative improvement of ``tolerance`` before training stops."""
@@ -66,8 +67,8 @@ def heatmap_autoencoder(dim: int, hidden: int, seed: int) -> nn.Sequential:
 
 class FlatAutoencoder:
     """The autoencoder's four tensors as views of one flat buffer, their gradients as views of
-    another: one fused Adam step updates all of them at once (a fifth faster than four
-    tensors at the native maps' size), and ``_backward`` writes each gradient in place."""
+    another: one fused Adam step updates all of them at once (on a CPU one parallel region
+    instead of four), and ``_backward`` writes each gradient in place."""
 
     def __init__(self, autoencoder: nn.Sequential) -> None:
         encoder, decoder = autoencoder[0], autoencoder[2]
@@ -83,6 +84,20 @@ class FlatAutoencoder:
         self.g_w1, self.g_b1, self.g_w2, self.g_b2 = grads
 
 
+class _Buffers:
+    """What one epoch's forward and backward write, allocated once for K maps and ``hidden``
+    units: every epoch reuses the same memory (and a CUDA graph replays on it)."""
+
+    def __init__(self, maps: torch.Tensor, hidden: int) -> None:
+        self.hidden = maps.new_empty(len(maps), hidden)   # h, then the ReLU mask's source
+        self.out = torch.empty_like(maps)                  # x'
+        self.delta = torch.empty_like(maps)                # dL/dz2
+        self.slope = torch.empty_like(maps)                # 1 - x'
+        self.hidden_delta = torch.empty_like(self.hidden)  # dL/dz1
+        self.inactive = torch.empty_like(self.hidden, dtype=torch.bool)  # h <= 0
+        self.one = maps.new_ones(())
+
+
 def _forward(ae: FlatAutoencoder, maps: torch.Tensor, hidden: torch.Tensor,
              out: torch.Tensor) -> None:
     """h = relu(x W1^T + b1) into ``hidden``, x' = sigmoid(h W2^T + b2) into ``out``."""
@@ -90,23 +105,27 @@ def _forward(ae: FlatAutoencoder, maps: torch.Tensor, hidden: torch.Tensor,
     torch.addmm(ae.b2, hidden, ae.w2.t(), out=out).sigmoid_()
 
 
-def _backward(ae: FlatAutoencoder, maps: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor,
-              delta: torch.Tensor, hidden_delta: torch.Tensor) -> None:
-    """Gradients of the MSE loss (eq. 11) into ``ae.flat.grad``.
+def _backward(ae: FlatAutoencoder, maps: torch.Tensor, buffers: _Buffers) -> None:
+    """Gradients of the MSE loss (eq. 11) into ``ae.flat.grad``, from the forward's
+    ``buffers.hidden`` and ``buffers.out``.
 
     With L = sum (x' - x)^2 / (K D): dL/dz2 = 2 (x' - x) x' (1 - x') / (K D) (sigmoid), the
     decoder's gradients dz2^T h and sum_k dz2; dL/dz1 = (dz2 W2) [h > 0] (ReLU), the encoder's
-    dz1^T x and sum_k dz1. The two activations' derivatives are autograd's own kernels,
-    ``sigmoid_backward`` and ``threshold_backward``, each one pass in place.
+    dz1^T x and sum_k dz1. The sigmoid's factor is taken as (x' - x) (1 - x') x', in that
+    order, and 1 - x' on its own (exact for x' >= 1/2), not as x' - x'^2, which loses digits
+    where x' is near 1; the ReLU's zeroes where h <= 0, as autograd does.
     """
-    torch.sub(out, maps, out=delta)
-    aten.sigmoid_backward.grad_input(delta, out, grad_input=delta).mul_(2.0 / maps.numel())
-    torch.mm(delta.t(), hidden, out=ae.g_w2)
-    torch.sum(delta, 0, out=ae.g_b2)
-    torch.mm(delta, ae.w2, out=hidden_delta)
-    aten.threshold_backward.grad_input(hidden_delta, hidden, 0, grad_input=hidden_delta)
-    torch.mm(hidden_delta.t(), maps, out=ae.g_w1)
-    torch.sum(hidden_delta, 0, out=ae.g_b1)
+    b = buffers
+    torch.sub(b.out, maps, out=b.delta)
+    torch.sub(b.one, b.out, out=b.slope)
+    b.delta.mul_(b.slope).mul_(b.out).mul_(2.0 / maps.numel())
+    torch.mm(b.delta.t(), b.hidden, out=ae.g_w2)
+    torch.sum(b.delta, 0, out=ae.g_b2)
+    torch.mm(b.delta, ae.w2, out=b.hidden_delta)
+    torch.le(b.hidden, 0, out=b.inactive)
+    b.hidden_delta.masked_fill_(b.inactive, 0.0)
+    torch.mm(b.hidden_delta.t(), maps, out=ae.g_w1)
+    torch.sum(b.hidden_delta, 0, out=ae.g_b1)
 
 
 class _Training:
@@ -126,8 +145,7 @@ class _Training:
         self.step = torch.zeros((), device=maps.device)
         self.exp_avg = torch.zeros_like(self.ae.flat)
         self.exp_avg_sq = torch.zeros_like(self.ae.flat)
-        self.hidden, self.out = maps.new_empty(len(maps), hidden), torch.empty_like(maps)
-        self.delta, self.hidden_delta = torch.empty_like(maps), torch.empty_like(self.hidden)
+        self.buffers = _Buffers(maps, hidden)
         self.loss = maps.new_zeros(())
 
     def state(self) -> list[torch.Tensor]:
@@ -135,19 +153,21 @@ class _Training:
         return [self.ae.flat, self.step, self.exp_avg, self.exp_avg_sq]
 
     def epoch(self) -> None:
-        _forward(self.ae, self.maps, self.hidden, self.out)
+        b = self.buffers
+        _forward(self.ae, self.maps, b.hidden, b.out)
         if self.track_loss:  # the loss of the weights this step starts from, as autograd's
-            torch.mean(torch.sub(self.out, self.maps, out=self.delta).square_(), dim=(0, 1),
+            torch.mean(torch.sub(b.out, self.maps, out=b.delta).square_(), dim=(0, 1),
                        out=self.loss)
-        _backward(self.ae, self.maps, self.hidden, self.out, self.delta, self.hidden_delta)
-        # torch.optim.Adam's step without its per-call bookkeeping (a third of the step's time)
+        _backward(self.ae, self.maps, b)
+        # torch.optim.Adam's update, without an Optimizer object's per-call bookkeeping
         adam([self.ae.flat], [self.ae.flat.grad], [self.exp_avg], [self.exp_avg_sq], [],
              [self.step], **self.adam)
 
     def errors(self) -> torch.Tensor:
         """R (K,), eq. (12), of the current weights."""
-        _forward(self.ae, self.maps, self.hidden, self.out)
-        return (self.out - self.maps).abs().mean(dim=1)
+        b = self.buffers
+        _forward(self.ae, self.maps, b.hidden, b.out)
+        return (b.out - self.maps).abs().mean(dim=1)
 
 
 def captured(training: _Training) -> Callable[[], None]:

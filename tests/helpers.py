@@ -1,5 +1,6 @@
 """Builders shared by strategy tests: Flower reply messages and benign training rounds; the
-autograd autoencoder the explicit-gradient one is checked against."""
+textbook autoencoder (nn.Sequential, loss.backward(), unfused Adam) the strategy's one is
+checked against."""
 
 from __future__ import annotations
 
