@@ -242,8 +242,9 @@ class RoundLog:
     """One row of ``rounds.jsonl`` per round, written when the global model is evaluated: the
     evaluation, the defense's ``RoundRecord`` of the round (handed over by the strategy's
     ``on_record``), and the detection metrics against the harness's ground truth; a progress
-    line on stdout. The heat maps a record carries are saved as a PNG, then dropped. The clock
-    of the rounds' ``seconds`` and ``elapsed`` starts when the log is made."""
+    line on stdout. The heat maps a record carries are drawn over its probes in a PNG, then
+    dropped with them. The clock of the rounds' ``seconds`` and ``elapsed`` starts when the log
+    is made."""
 
     def __init__(self, writer: ResultsWriter, num_rounds: int, elapsed: float = 0.0,
                  decisions: list | None = None) -> None:
@@ -282,8 +283,8 @@ class RoundLog:
             if record.heatmaps is not None:  # the maps are those of the first uploads received
                 self.writer.save_heatmap_grid(
                     server_round, record.heatmaps, record.received[:len(record.heatmaps)],
-                    set(record.excluded), attackers, defense=record.defense)
-                record.heatmaps = None
+                    set(record.excluded), attackers, record.probes, record.defense)
+                record.heatmaps = record.probes = None
         self.writer.append_round(row)
         self._last = now
         counts = ""

@@ -1,8 +1,10 @@
 """The heat-map grid (``layercam-ae-save-heatmaps``): each map laid over its probe where it
 belongs, one row per client and one column per probe, excluded clients marked, and a picture
-that stays small with many clients."""
+that stays small with many clients. No Flower run: the harness's ``RoundLog`` is fed a record."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from PIL import Image
 
 from server_app import heatmap_grid
 from server_app.heatmap_grid import grey_image, overlay, rows_to_draw, upsampled_map
-from server_app.results import ResultsWriter
+from server_app.results import ResultsWriter, RoundLog
+from strategies.records import RoundRecord
 
 
 
@@ -109,3 +112,24 @@ def test_maps_that_do_not_match_the_ids_or_probes_are_refused(tmp_path):
         ResultsWriter(tmp_path).save_heatmap_grid(1, np.zeros((2, 3, 7, 7)), [1, 2], set(),
                                                   probes=np.zeros((2, 1, 28, 28)))
 
+
+def test_the_round_log_draws_the_records_maps_over_its_probes_then_drops_them(tmp_path):
+    """The record's maps (K, P, h, w) and probes reach the grid; neither is written to
+    rounds.jsonl nor kept once drawn."""
+    rng = np.random.default_rng(0)
+    record = RoundRecord(round=2, defense="layercam-ae", received=[11, 12, 13, 14], rejected={14: "x"},
+                         kept=[11, 13], excluded=[12], scores={11: 0.1, 12: 5.0, 13: 0.2},
+                         details={}, timings={}, aggregated=True,
+                         heatmaps=rng.random((3, 2, 7, 7)), probes=rng.normal(size=(2, 1, 28, 28)))
+    log = RoundLog(ResultsWriter(tmp_path), num_rounds=3)
+    log.add_record(record, {11: False, 12: True, 13: False, 14: False})
+    row = log.add_evaluation(2, 0.9, 0.3)
+    path = tmp_path / "heatmaps-round002.png"
+    width = heatmap_grid.LABEL + heatmap_grid.MIN_COLUMNS * heatmap_grid.CELL + heatmap_grid.MARGIN
+    assert grid_size(path)[1] == round(
+        (heatmap_grid.TITLE + 4 * heatmap_grid.CELL + heatmap_grid.MARGIN) * heatmap_grid.DPI)
+    assert grid_size(path)[0] == round(width * heatmap_grid.DPI)
+    assert record.heatmaps is None and record.probes is None
+    assert "heatmaps" not in row["defense"] and "probes" not in row["defense"]
+    written = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[0])
+    assert "probes" not in written["defense"]
