@@ -218,40 +218,23 @@ class ResultsWriter:
             raise ConfigError(f"resume-from: {target} {load_failure(err)}") from err
 
     def save_heatmap_grid(self, server_round: int, heatmaps: np.ndarray, node_ids: list[int],
-                          flagged: set[int], attackers: set[int] = frozenset()) -> Path:
-        """A PNG grid of one round's heat maps (first probe), flagged clients framed in red;
-        the ground truth's attackers are titled "attacker", the others "benign"."""
-        import matplotlib
+                          flagged: set[int], attackers: set[int] = frozenset(),
+                          probes: np.ndarray | None = None, defense: str = "LayerCAM") -> Path:
+        """``heatmaps-roundNNN.png``: one round's heat maps (K, P, h, w), each laid over its
+        probe (``probes``, P x C x H x W), one row per client, excluded (``flagged``) clients
+        framed in red, the ground truth's ``attackers`` labelled (``server_app.heatmap_grid``).
+        Without ``probes`` the maps are drawn over black."""
+        from server_app.heatmap_grid import heatmap_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        cols = min(8, len(node_ids))
-        rows = -(-len(node_ids) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, node_id, heatmap in zip(axes.flat, node_ids, heatmaps):
-            ax.imshow(heatmap, cmap="jet", vmin=0.0, vmax=1.0)
-            bad = node_id in flagged
-            # Flower node ids are up to 64-bit; the last digits tell the panels apart
-            role = "attacker" if node_id in attackers else "benign" if attackers else ""
-            ax.set_title(f"…{node_id % 100000} {role}{' flagged' if bad else ''}".strip(),
-                         fontsize=7, color="red" if bad else "black")
-            if bad:
-                ax.axis("on")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for spine in ax.spines.values():
-                    spine.set_color("red")
-                    spine.set_linewidth(2)
-        fig.suptitle(f"LayerCAM heat maps, round {server_round} (red frame: excluded)")
-        fig.tight_layout()
+        heatmaps = np.asarray(heatmaps)
+        if heatmaps.ndim == 3:
+            heatmaps = heatmaps[:, None]
+        if probes is None:
+            probes = np.zeros((heatmaps.shape[1], 1, *heatmaps.shape[-2:]), dtype=np.float32)
+        fig = heatmap_figure(server_round, heatmaps, probes, node_ids, flagged, attackers,
+                             defense)
         target = self.path / f"heatmaps-round{server_round:03d}.png"
-        try:
-            _save_atomically(target, lambda f: fig.savefig(f, dpi=100, format="png"))
-        finally:
-            plt.close(fig)
+        _save_atomically(target, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
         return target
 
 
@@ -259,8 +242,9 @@ class RoundLog:
     """One row of ``rounds.jsonl`` per round, written when the global model is evaluated: the
     evaluation, the defense's ``RoundRecord`` of the round (handed over by the strategy's
     ``on_record``), and the detection metrics against the harness's ground truth; a progress
-    line on stdout. The heat maps a record carries are saved as a PNG, then dropped. The clock
-    of the rounds' ``seconds`` and ``elapsed`` starts when the log is made."""
+    line on stdout. The heat maps a record carries are drawn over its probes in a PNG, then
+    dropped with them. The clock of the rounds' ``seconds`` and ``elapsed`` starts when the log
+    is made."""
 
     def __init__(self, writer: ResultsWriter, num_rounds: int, elapsed: float = 0.0,
                  decisions: list | None = None) -> None:
@@ -296,10 +280,11 @@ class RoundLog:
                 row["detection"] = detection_metrics(truth, removed, record.scores)
                 row["attackers"] = sorted(attackers)  # the ground truth behind the metrics
                 self.decisions.append((truth, removed, record.scores))
-            if record.heatmaps is not None:
-                self.writer.save_heatmap_grid(server_round, record.heatmaps, record.received,
-                                              set(record.excluded), attackers)
-                record.heatmaps = None
+            if record.heatmaps is not None:  # the maps are those of the first uploads received
+                self.writer.save_heatmap_grid(
+                    server_round, record.heatmaps, record.received[:len(record.heatmaps)],
+                    set(record.excluded), attackers, record.probes, record.defense)
+                record.heatmaps = record.probes = None
         self.writer.append_round(row)
         self._last = now
         counts = ""

@@ -198,7 +198,7 @@ class DetectingFedAvg(FedAvg):
             kept=sorted(kept_ids), excluded=sorted(u.node_id for u in uploads if u.node_id not in kept_ids),
             scores=detection.scores, details=detection.details, timings=timings,
             aggregated=arrays is not None, note=note, bounded_claims=bounded,
-            heatmaps=detection.heatmaps, missing=missing,
+            heatmaps=detection.heatmaps, probes=detection.probes, missing=missing,
         )
         self.records.append(record)
         if self.on_record is not None:

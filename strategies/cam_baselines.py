@@ -62,4 +62,4 @@ class LayerCamKrum(LayerCamAe):
         return Detection(kept=[uploads[i].node_id for i in chosen],
                          scores={u.node_id: float(s) for u, s in zip(uploads, scores)},
                          details={"f": self.num_malicious, "engine": self.engine}, timings=timings,
-                         heatmaps=self.heatmaps_to_keep(maps), rejected=rejected)
+                         rejected=rejected, **self.heatmaps_to_keep(maps))

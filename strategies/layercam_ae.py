@@ -50,6 +50,9 @@ from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import RunConfig
 from task.params import flatten_updates
 
+KEPT_PROBES = 8
+"""Probes whose maps ``keep_heatmaps`` hands over at most (the saved grid's columns)."""
+
 
 @DEFENSES.register
 class LayerCamAe(DetectingFedAvg):
@@ -118,7 +121,8 @@ class LayerCamAe(DetectingFedAvg):
         on a CPU), never by timing: both give the same maps up to rounding, and a choice that
         depended on the machine's load could flip a decision that sits near its cut.
     keep_heatmaps : bool (default: False)
-        Hand the round's maps (first probe) to the harness in ``Detection.heatmaps``.
+        Hand the round's maps and their probes (the first ``KEPT_PROBES``) to the harness in
+        ``Detection.heatmaps`` and ``Detection.probes``.
     views : tuple of str (default: every view of ``strategies.update_views``)
         Views of the updates beside the heat maps, each a robust score per client and round
         (``details["views"]``). An upload with a view score beyond ``view_z`` times that view's
@@ -282,9 +286,14 @@ class LayerCamAe(DetectingFedAvg):
         return (maps[torch.tensor(finite, device=maps.device)],
                 [u for u, ok in zip(uploads, finite) if ok], rejected)
 
-    def heatmaps_to_keep(self, maps: torch.Tensor) -> np.ndarray | None:
-        """The first probe's maps (K, H, W) for the harness, with ``keep_heatmaps``."""
-        return maps[:, 0].cpu().numpy() if self.keep_heatmaps else None
+    def heatmaps_to_keep(self, maps: torch.Tensor) -> dict[str, np.ndarray]:
+        """With ``keep_heatmaps``, the ``Detection`` fields that hand the harness the maps
+        (K, P, h, w) and the probes they were computed on, the first ``KEPT_PROBES`` of them
+        (a bounded artifact whatever ``layercam-ae-probes``); else none."""
+        if not self.keep_heatmaps:
+            return {}
+        return {"heatmaps": maps[:, :KEPT_PROBES].contiguous().cpu().numpy(),
+                "probes": self.probes[:KEPT_PROBES].cpu().numpy()}
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}
@@ -339,7 +348,7 @@ class LayerCamAe(DetectingFedAvg):
             "ae_epochs": epochs,
         }
         return Detection(kept=kept, scores=scores, details=details, timings=timings,
-                         heatmaps=self.heatmaps_to_keep(maps), rejected=rejected)
+                         rejected=rejected, **self.heatmaps_to_keep(maps))
 
     def decide_by_evidence(self, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:

@@ -41,8 +41,10 @@ class Detection:
     """The new global state, when the rule computes it while deciding (the coordinate-wise
     rules); ``None``: the strategy's ``aggregate`` of the kept uploads."""
     heatmaps: np.ndarray | None = None
-    """The round's heat maps (K, H, W; first probe) of the uploads decided on, in upload order,
-    for the harness to save."""
+    """The round's heat maps (K, P, h, w) of the uploads decided on, in upload order, for the
+    harness to save: client k's map for probe p, at the resolution the defense computed it."""
+    probes: np.ndarray | None = None
+    """(P, C, H, W) the probe images of ``heatmaps``, for the harness to draw them under."""
     rejected: dict[int, str] = field(default_factory=dict)
     """Uploads the rule found unusable while deciding (a heat map that is not finite), with the
     reason: they are neither kept nor scored, and the round records them as rejected."""
@@ -67,14 +69,16 @@ class RoundRecord:
     """Original ``num-examples`` of the kept or excluded uploads whose claim was bounded."""
     heatmaps: np.ndarray | None = field(default=None, repr=False, compare=False)
     """The detection's heat maps (``Detection.heatmaps``): an artifact, not serialised."""
+    probes: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Their probe images (``Detection.probes``): an artifact, not serialised."""
     missing: list[int] = field(default_factory=list)
     """Nodes sampled this round, or seen in an earlier one, that sent no reply (dropouts)."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (node ids become strings as JSON object keys require); the heat-map
-        artifact is left out."""
-        out = asdict(dataclasses.replace(self, heatmaps=None))
-        del out["heatmaps"]
+        artifacts are left out."""
+        out = asdict(dataclasses.replace(self, heatmaps=None, probes=None))
+        del out["heatmaps"], out["probes"]
         out["rejected"] = {str(k): v for k, v in self.rejected.items()}
         out["bounded_claims"] = {str(k): v for k, v in self.bounded_claims.items()}
         if self.scores is not None:

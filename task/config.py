@@ -308,7 +308,9 @@ class RunConfig:
         "on a CPU; never by timing, so the machine's load cannot change a decision)",
         choices=HEATMAP_ENGINES)
     layercam_ae_save_heatmaps: bool = setting(
-        False, "save a PNG grid of each round's heat maps (flagged clients framed red)")
+        False, "save a PNG grid of each round's heat maps, each laid over its probe: a row per "
+        "client, a column per probe, excluded clients framed red (see [the heat-map "
+        "grid](experiments.md#the-heat-map-grid))")
     layercam_ae_views: str = setting(
         ",".join(UPDATE_VIEWS), "the views of the updates beside the heat maps (see [Defense in "
         "depth](defense-in-depth.md)); empty (`\"\"`) = the paper's heat maps alone",

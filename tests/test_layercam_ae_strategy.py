@@ -302,3 +302,34 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     step = flatten_updates([new_global], globals_[0])[0][0]
     assert np.linalg.norm(step) <= record.details["clip_bound"] * (1 + 1e-6)
     assert "views" not in record.details
+
+
+@pytest.mark.parametrize("probes", [3, 10])
+def test_kept_heat_maps_cover_every_probe_and_come_with_the_probes(probes):
+    """``keep_heatmaps``: the record holds each upload's map for each probe (the first
+    ``KEPT_PROBES``) and those probes, for the harness to draw the maps over them; without it,
+    neither."""
+    from strategies.layercam_ae import KEPT_PROBES
+
+    torch.manual_seed(0)
+    model_fn = lambda: build_model("cnn", 1, 10, 28)  # noqa: E731
+    global_state = {k: v.numpy().copy() for k, v in model_fn().state_dict().items()}
+    rng = np.random.default_rng(0)
+    states = [{k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype) for k, v in
+               global_state.items()} for _ in range(4)]
+    images = torch.randn(probes, 1, 28, 28)
+    for keep in (True, False):
+        strategy = LayerCamAe(model_fn=model_fn, probes=images, target_layer="conv2", seed=0,
+                              epochs=5, min_replies=2, keep_heatmaps=keep)
+        strategy.global_state = global_state
+        strategy.aggregate_train(1, [reply(c, s, {"num-examples": 10}) for c, s in enumerate(states)])
+        record = strategy.last_record
+        if not keep:
+            assert record.heatmaps is None and record.probes is None
+            continue
+        kept = min(probes, KEPT_PROBES)
+        assert record.heatmaps.shape[:2] == (4, kept) and record.heatmaps.ndim == 4
+        np.testing.assert_array_equal(record.probes, images[:kept].numpy())
+        # in the record's order (uploads are taken in the order of their content)
+        maps = strategy.heatmaps([ClientUpload(c, states[c], 10) for c in record.received])
+        np.testing.assert_allclose(record.heatmaps, maps[:, :kept].numpy(), atol=1e-6)
