@@ -36,14 +36,19 @@ the round's range (``outside-range``)."""
 TINY = 1e-12
 
 
+def row_norms(updates: np.ndarray) -> np.ndarray:
+    """||Delta_i|| of every row, without the squared copy ``np.linalg.norm`` makes."""
+    return np.sqrt(np.einsum("ij,ij->i", updates, updates))
+
+
 def norm_view(updates: np.ndarray) -> np.ndarray:
     """log ||Delta_i|| (a zero update scores as the smallest float's log, never -inf)."""
-    return np.log(np.maximum(np.linalg.norm(updates, axis=1), TINY))
+    return np.log(np.maximum(row_norms(updates), TINY))
 
 
 def direction_view(updates: np.ndarray, centre: np.ndarray) -> np.ndarray:
     """1 - cos(Delta_i, m): 0 along the median update, 1 orthogonal to it, 2 against it."""
-    norms = np.linalg.norm(updates, axis=1) * np.linalg.norm(centre)
+    norms = row_norms(updates) * np.linalg.norm(centre)
     return 1.0 - (updates @ centre) / np.maximum(norms, TINY)
 
 
@@ -56,7 +61,7 @@ def outside_range_view(updates: np.ndarray, centre: np.ndarray,
     for block in column_blocks(updates):
         deviations = updates[:, block] - centre[block]
         magnitude = np.abs(deviations)
-        sigma = MAD_TO_STD * np.median(magnitude, axis=0)
+        sigma = MAD_TO_STD * column_median(magnitude)
         sigma = np.where(sigma > 0, sigma, magnitude.mean(axis=0))
         squared = deviations ** 2
         outside += np.where(magnitude > width * sigma, squared, 0.0).sum(axis=1)
@@ -64,8 +69,9 @@ def outside_range_view(updates: np.ndarray, centre: np.ndarray,
     return outside / np.maximum(total, TINY)
 
 
-BLOCK_VALUES = 1 << 22
-"""Values (K x columns) per block of ``column_blocks``: 32 MB of float64."""
+BLOCK_VALUES = 1 << 16
+"""Values (K x columns) per block of ``column_blocks``: 512 KB of float64, so that a block's
+several passes (deviation, magnitude, sort, square) stay in the CPU's cache."""
 
 
 def column_blocks(updates: np.ndarray) -> list[slice]:
@@ -74,11 +80,21 @@ def column_blocks(updates: np.ndarray) -> list[slice]:
     return [slice(start, start + width) for start in range(0, updates.shape[1], width)]
 
 
+def column_median(values: np.ndarray) -> np.ndarray:
+    """``np.median(values, axis=0)`` for finite values, through one sort along the rows: numpy
+    sorts the K values of every column together, several times faster than its median's
+    partition along that strided axis, with the same arithmetic (the two middle values'
+    mean for an even K)."""
+    ordered = np.sort(values, axis=0)
+    middle = len(values) // 2
+    return ordered[middle] if len(values) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+
 def coordinate_median(updates: np.ndarray) -> np.ndarray:
-    """The coordinate-wise median update, a block at a time (``np.median`` copies its input)."""
+    """The coordinate-wise median update, a block at a time (the sort copies its input)."""
     centre = np.empty(updates.shape[1])
     for block in column_blocks(updates):
-        centre[block] = np.median(updates[:, block], axis=0)
+        centre[block] = column_median(updates[:, block])
     return centre
 
 

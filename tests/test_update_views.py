@@ -8,7 +8,7 @@ from attacks import AttackInput, build_attack
 from strategies.aggregation import clipped_to
 from strategies.flame import cosine_distances, flame_admitted, flame_update
 from strategies.records import ClientUpload
-from strategies.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, direction_view, norm_view,
+from strategies.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, column_median, direction_view, norm_view,
                                      outside_range_view, robust_z, view_scores)
 from task.config import UPDATE_VIEWS, RunConfig
 
@@ -156,3 +156,9 @@ def test_the_norm_bound_by_hand_and_against_a_boosted_minority():
     boosted[-3:] *= 1000  # three model-replacement uploads barely move it
     assert norm_bound(boosted, 2.0) == pytest.approx(bound, rel=0.1)
     assert bound < np.linalg.norm(benign_round(), axis=1).max() * 1.5
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 24, 25])
+def test_column_median_is_numpys_median_bit_for_bit(k):
+    values = np.random.default_rng(k).normal(0.0, 1.0, (k, 301))
+    np.testing.assert_array_equal(column_median(values), np.median(values, axis=0))
