@@ -12,10 +12,11 @@ It follows the apps' code paths, piece by piece:
   attack that ``needs_benign_uploads``, crafts from the global model and this round's benign
   uploads in the order ``server_app.eavesdrop`` forwards them (``task.params.content_key``),
   and claims their median size;
-- ``screen`` is what ``strategies.validation.screen_replies`` does to well-formed uploads: the
-  order of their content, then node id;
-- ``play_round`` is the strategy's ``aggregate_train`` on them: ``detect``, then
-  ``new_global_state`` of the kept uploads;
+- ``screen`` is what ``strategies.validation.screen_replies`` does to well-formed uploads: no
+  claim counts for more than ``MAX_WEIGHT_SHARE`` / K of the round's (``bound_claims``), and
+  they come in the order of their content, then node id;
+- ``play_round`` is the strategy's ``aggregate_train`` on them: ``detect``, the claims bounded
+  again among the kept uploads, then ``new_global_state`` of these;
 - ``run_rounds`` chains the rounds from the initial model and yields each ``Round``.
 
 The last ``num-attackers`` clients attack, as in a simulation; a client's node id is its
@@ -38,6 +39,7 @@ from client_app.app import local_probes, training_seed
 from server_app.defenses import build_defense, server_assets
 from strategies.autoencoder import torch_threads
 from strategies.records import ClientUpload, Detection
+from strategies.validation import bound_claims
 from task.config import RunConfig
 from task.data import load_federated_data
 from task.models import build_model
@@ -170,8 +172,10 @@ def client_uploads(federation: LocalFederation, config: RunConfig, attack: Attac
 
 
 def screen(uploads: list[ClientUpload]) -> list[ClientUpload]:
-    """The uploads as ``screen_replies`` hands well-formed ones to the strategy: in the order
-    of their content (``content_key``), then node id."""
+    """The uploads as ``screen_replies`` hands well-formed ones to the strategy: their claims
+    bounded (``bound_claims``), in the order of their content (``content_key``), then node
+    id."""
+    uploads, _ = bound_claims(uploads)
     return sorted(uploads, key=lambda u: (content_key(u.arrays), u.node_id))
 
 
@@ -183,13 +187,14 @@ class Round:
     global_state: State
     """The model the clients received."""
     uploads: list[ClientUpload]
-    """What the strategy received, in its order."""
+    """What the strategy received, in its order, with the claims it counts."""
     benign: list[ClientUpload]
     """The benign uploads as the harness forwards them to eavesdropping attackers."""
     attackers: frozenset[int]
     detection: Detection
     kept: list[ClientUpload]
-    """The uploads aggregated (none: the round keeps ``global_state``)."""
+    """The uploads aggregated, claims bounded among them (none: the round keeps
+    ``global_state``)."""
     new_global_state: State
     """The model the round ends with."""
 
@@ -223,7 +228,7 @@ def play_round(federation: LocalFederation, config: RunConfig, strategy: Detecti
     detection = strategy.detect(server_round, uploads)
     kept_ids = set(detection.kept) - set(detection.rejected) - (attackers if drop_attackers
                                                                 else set())
-    kept = [u for u in uploads if u.node_id in kept_ids]
+    kept, _ = bound_claims([u for u in uploads if u.node_id in kept_ids])  # as aggregate_train
     new_state = global_state
     if kept:
         new_state = {k: np.asarray(v, order="C")
