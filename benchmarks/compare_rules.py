@@ -1,8 +1,10 @@
 """Measure LayerCAM-AE's two per-round outlier rules on the same rounds, against attacks.
 
 21 benign clients train the run config's model on its data (defaults: the embedded-MNIST CNN,
-IID); 3 attackers upload what an attack of ``attacks/`` crafts from their own model and the
-round's benign uploads. Each round LayerCAM-AE, built from the shipped defaults with
+IID); 3 attackers upload what an attack of ``attacks/`` crafts, each with its own seed, from
+its own model or from the round's benign uploads, as in a run (``experiments.federation``:
+the ClientApp's training seeds, the harness's order of the benign uploads, the server's order
+of the uploads). Each round LayerCAM-AE, built from the shipped defaults with
 ``layercam-ae-decision='voting'`` and the rule under test, decides and aggregates; both rules'
 continuous scores are recorded and their ROC AUC printed with scikit-learn, with the test
 accuracy of the resulting model. ``--set KEY=VALUE`` changes any run-config key.
@@ -24,78 +26,39 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from attacks import ATTACKS, AttackInput, build_attack
+from attacks import ATTACKS
 from benchmarks.cli import run_config_override
-from client_app.app import training_seed
-from server_app.defenses import build_defense, server_assets
-from strategies.records import ClientUpload
+from experiments.federation import LocalFederation, run_rounds
 from task.config import RunConfig
-from task.data import load_federated_data
-from task.models import build_model
-from task.partition import client_indices
-from task.train import evaluate, load_numpy_state, state_to_numpy, train
 
 DEFAULT_ATTACKS = ("ipm", "gaussian", "sign-flip")
 
 
-def benign_round(global_state, data, config: RunConfig, server_round):
-    """Train every client's model from ``global_state``; returns their states and sizes."""
-    states, sizes = [], []
-    for cid in range(config.num_clients):
-        idx = client_indices(data.train.labels.numpy(), cid, config.num_clients,
-                             config.partitioning, config.dirichlet_alpha, config.seed)
-        local = data.train.subset(idx)
-        model = build_model(config.model, local.in_channels, local.num_classes, local.image_size)
-        load_numpy_state(model, global_state)
-        train(model, local, epochs=config.local_epochs, batch_size=config.batch_size,
-              learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-              device=torch.device("cpu"), seed=training_seed(config, server_round, cid))
-        states.append(state_to_numpy(model))
-        sizes.append(len(local))
-    return states, sizes
-
-
-def run(config: RunConfig, rounds: int) -> list[dict]:
-    """``rounds`` rounds of ``config.attack`` against LayerCAM-AE (``config``'s rule)."""
-    data = load_federated_data(config.dataset, config.seed)
-    torch.manual_seed(config.seed)
-    assets = server_assets(config, data.test)
-    global_state = state_to_numpy(assets.model_fn())
-    strategy = build_defense(config, assets)
-    attack = build_attack(config, assets.model_fn())
-    rng = np.random.default_rng(config.seed)
-    num_clients, num_attackers = config.num_clients, config.num_attackers
+def run(config: RunConfig, rounds: int, federation: LocalFederation | None = None) -> list[dict]:
+    """``rounds`` rounds of ``config.attack`` against LayerCAM-AE (``config``'s rule), on
+    ``federation`` (built from ``config`` by default)."""
+    federation = federation or LocalFederation(config)
+    num_clients = config.num_clients
     rows = []
-    for server_round in range(1, rounds + 1):
-        states, sizes = benign_round(global_state, data, config, server_round)
-        attackers = list(range(num_clients - num_attackers, num_clients))
-        benign = tuple(states[: num_clients - num_attackers])
-        for i in attackers:
-            states[i] = attack.craft(AttackInput(global_state, states[i], rng, benign))
-        uploads = [ClientUpload(1000 + i, s, float(n)) for i, (s, n) in enumerate(zip(states, sizes))]
-        strategy.global_state = global_state
-        detection = strategy.detect(server_round, uploads)
-        truth = np.array([i in attackers for i in range(num_clients)], dtype=int)
-        ids = [u.node_id for u in uploads]
-        d = detection.details
+    for played in run_rounds(federation, config, rounds):
+        attackers = sorted(played.attackers)
+        ids = [u.node_id for u in played.uploads]
+        truth = np.array([n in played.attackers for n in ids], dtype=int)
+        d = played.detection.details
         auc_upper = roc_auc_score(truth, [d["upper_scores"][n] for n in ids])
         auc_two = roc_auc_score(truth, [d["two_sided_scores"][n] for n in ids])
-        kept = [u for u in uploads if u.node_id in set(detection.kept)]
-        if kept:
-            global_state = strategy.new_global_state(detection, kept)
-        model = assets.model_fn()
-        load_numpy_state(model, global_state)
-        _, acc = evaluate(model, data.test, torch.device("cpu"))
-        excluded = sorted(set(ids) - set(detection.kept))
-        row = dict(attack=config.attack, rule=config.layercam_ae_threshold, round=server_round,
-                   auc_upper=auc_upper, auc_two_sided=auc_two, accuracy=acc,
-                   attackers_excluded=sum(1000 + i in excluded for i in attackers),
-                   benign_excluded=sum(1000 + i in excluded for i in range(num_clients)
-                                       if i not in attackers),
-                   attacker_two_sided=sorted(round(d["two_sided_scores"][1000 + i], 2) for i in attackers),
-                   benign_two_sided_top=sorted(round(d["two_sided_scores"][1000 + i], 2)
-                                               for i in range(num_clients) if i not in attackers)[-3:],
-                   seconds={k: round(v, 3) for k, v in detection.timings.items()})
+        acc = federation.accuracy(played.new_global_state)
+        excluded = played.excluded
+        row = dict(attack=config.attack, rule=config.layercam_ae_threshold,
+                   round=played.server_round, auc_upper=auc_upper, auc_two_sided=auc_two,
+                   accuracy=acc, attackers_excluded=sum(i in excluded for i in attackers),
+                   benign_excluded=sum(i in excluded for i in range(num_clients)
+                                       if i not in played.attackers),
+                   attacker_two_sided=sorted(round(d["two_sided_scores"][i], 2) for i in attackers),
+                   benign_two_sided_top=sorted(round(d["two_sided_scores"][i], 2)
+                                               for i in range(num_clients)
+                                               if i not in played.attackers)[-3:],
+                   seconds={k: round(v, 3) for k, v in played.detection.timings.items()})
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -112,13 +75,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     overrides = dict(args.overrides)
-    summary = []
+    summary, federation = [], None
     for attack in args.attacks:
         for rule in args.rules:
             config = RunConfig.from_run_config({
                 **overrides, "defense": "layercam-ae", "attack": attack,
                 "layercam-ae-decision": "voting", "layercam-ae-threshold": rule})
-            rows = run(config, args.rounds)
+            federation = federation or LocalFederation(config)  # round 1 trained once
+            rows = run(config, args.rounds, federation)
             summary.append((attack, rule, np.mean([r["auc_upper"] for r in rows]),
                             np.mean([r["auc_two_sided"] for r in rows]), rows[-1]["accuracy"],
                             sum(r["attackers_excluded"] for r in rows),

@@ -1,15 +1,16 @@
 """Detection matrix: defenses x attacks x attacker counts x partitionings x seeds.
 
-Every cell runs R rounds of 24 clients (``--clients``) in-process, as ``flwr run`` runs them with default keys
-otherwise (the ServerApp's seeding, partitions, probes and strategy; the ClientApp's training
-seeds, attack inputs and claimed sizes), and prints one Markdown table: pooled detection
-recall, precision, FPR, F1 and AUC over all client-rounds, and the final accuracy next to the
-no-attack run of the same defense, seed and partitioning. The strategy's own ``detect`` and
-``aggregate`` decide each round, on uploads in the order the server puts them in
-(``task.params.content_key``), and eavesdropping attackers get the benign uploads in the
-harness's order; only Flower's messaging is absent. ``--flwr-check`` prints the ``flwr run``
-command that reproduces one cell. Round 1's benign training does not depend on
-the defense or the attack, so each worker does it once per seed and partitioning.
+Every cell runs R rounds of 24 clients (``--clients``) in-process (``experiments.federation``),
+as ``flwr run`` runs them with default keys otherwise (the ServerApp's seeding, partitions,
+probes and strategy; the ClientApp's training seeds, attack inputs and claimed sizes), and
+prints one Markdown table: pooled detection recall, precision, FPR, F1 and AUC over all
+client-rounds, and the final accuracy next to the no-attack run of the same defense, seed and
+partitioning. The strategy's own ``detect`` and ``aggregate`` decide each round, on uploads in
+the order the server puts them in (``task.params.content_key``), and eavesdropping attackers
+get the benign uploads in the harness's order; only Flower's messaging is absent.
+``--flwr-check`` prints the ``flwr run`` command that reproduces one cell. Round 1's benign
+training does not depend on the defense or the attack, so each worker does it once per seed
+and partitioning.
 ``--oracle-rounds 1`` is a control: in the rounds listed, the attackers' uploads are dropped
 whatever the defense decides (what a perfect round would cost nothing for).
 
@@ -58,111 +59,33 @@ class Cell:
 def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (),
               num_clients: int = NUM_CLIENTS) -> list[dict]:
     """Every cell of one (seed, partitioning), in order; round 1's benign training shared."""
-    import numpy as np
     import torch
 
-    from attacks import AttackInput, build_attack
-    from client_app.app import local_probes, training_seed
-    from server_app.defenses import build_defense, server_assets
+    from experiments.federation import LocalFederation, run_rounds
     from server_app.metrics import detection_metrics, pooled_detection_metrics
-    from strategies.records import ClientUpload
     from task.config import RunConfig
-    from task.data import load_federated_data
-    from task.models import build_model
-    from task.params import content_key
-    from task.partition import client_indices
-    from task.train import evaluate, load_numpy_state, state_to_numpy, train
 
     torch.set_num_threads(1)
     seed, partitioning = cells[0].seed, cells[0].partitioning
     base = RunConfig(num_clients=num_clients, partitioning=partitioning, seed=seed,
                      num_server_rounds=rounds)
-    torch.manual_seed(seed)  # as the ServerApp: seed, data, model, probes
-    data = load_federated_data(base.dataset, seed)
-    test = data.test
-
-    def model_fn() -> torch.nn.Module:
-        return build_model(base.model, test.in_channels, test.num_classes, test.image_size)
-
-    initial = state_to_numpy(model_fn())
-    labels = data.train.labels.numpy()
-    partitions = [data.train.subset(client_indices(labels, c, num_clients, partitioning,
-                                                   base.dirichlet_alpha, seed))
-                  for c in range(num_clients)]
-    model = model_fn()
-    first_round: dict[int, dict] = {}
-
-    def trained(config, global_state, server_round, client, local):
-        cacheable = server_round == 1 and local is partitions[client]
-        if cacheable and client in first_round:
-            return first_round[client]
-        load_numpy_state(model, global_state)
-        train(model, local, epochs=config.local_epochs, batch_size=config.batch_size,
-              learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-              device=torch.device("cpu"), seed=training_seed(config, server_round, client))
-        state = state_to_numpy(model)
-        if cacheable:
-            first_round[client] = state
-        return state
-
+    federation = LocalFederation(base)
     results = []
     for cell in cells:
         config = dataclasses.replace(base, defense=cell.defense, attack=cell.attack,
                                      num_attackers=cell.attackers)
         config = RunConfig.from_run_config({**config.to_run_config(), **dict(cell.overrides)})
-        strategy = build_defense(config, server_assets(config, test))
-        attack = build_attack(config, model_fn())
-        attackers = set(range(num_clients - cell.attackers, num_clients))
-        global_state, decisions, per_round = initial, [], []
+        decisions, per_round = [], []
         started = time.perf_counter()
-        for server_round in range(1, rounds + 1):
-            uploads, benign_states, benign_sizes = [], [], []
-            for client in range(num_clients):
-                if client in attackers and attack.needs_benign_uploads:
-                    continue
-                local = partitions[client]
-                if client in attackers:
-                    local = attack.poison(local)
-                state = trained(config, global_state, server_round, client, local)
-                if client in attackers:
-                    rng = np.random.default_rng(training_seed(config, server_round, client))
-                    state = attack.craft(AttackInput(global_state, state, rng,
-                                                     server_round=server_round))
-                else:
-                    benign_states.append(state)
-                    benign_sizes.append(float(len(local)))
-                uploads.append(ClientUpload(client, state, float(len(local))))
-            if attack.needs_benign_uploads:
-                claimed = float(np.median(benign_sizes))
-                order = sorted(range(len(benign_states)),
-                               key=lambda i: content_key(benign_states[i]))  # the harness's order
-                benign_states = [benign_states[i] for i in order]
-                benign_sizes = [benign_sizes[i] for i in order]
-                for client in sorted(attackers):
-                    rng = np.random.default_rng(training_seed(config, server_round, client))
-                    own = partitions[client]
-                    probes_own = local_probes(own, attack)
-                    state = attack.craft(AttackInput(global_state, global_state, rng,
-                                                     tuple(benign_states), tuple(benign_sizes),
-                                                     probes_own, server_round))
-                    uploads.append(ClientUpload(client, state, claimed))
-            uploads.sort(key=lambda u: (content_key(u.arrays), u.node_id))  # as screen_replies
-            strategy.global_state = global_state
-            detection = strategy.detect(server_round, uploads)
-            kept_ids = set(detection.kept) - (attackers if server_round in oracle_rounds else set())
-            kept = [u for u in uploads if u.node_id in kept_ids]
-            if kept:
-                global_state = {k: np.asarray(v, order="C") for k, v in
-                                strategy.new_global_state(detection, kept).items()}
-            truth = {u.node_id: u.node_id in attackers for u in uploads}
-            excluded = {u.node_id for u in uploads} - set(detection.kept)
+        for played in run_rounds(federation, config, rounds, oracle_rounds=oracle_rounds):
+            detection, truth, excluded = played.detection, played.truth, played.excluded
             decisions.append((truth, excluded, detection.scores))
-            per_round.append({"round": server_round, "excluded": sorted(excluded),
+            per_round.append({"round": played.server_round, "excluded": sorted(excluded),
                               "scores": detection.scores, "details": _plain(detection.details),
                               **({"detection": detection_metrics(truth, excluded, detection.scores)}
                                  if cell.attackers else {})})
-        load_numpy_state(model, global_state)
-        accuracy = evaluate(model, test, torch.device("cpu"))[1]
+            global_state = played.new_global_state
+        accuracy = federation.accuracy(global_state)
         pooled = pooled_detection_metrics(decisions)
         results.append({**dataclasses.asdict(cell), "clients": num_clients,
                         "accuracy": accuracy, "pooled": pooled,

@@ -8,13 +8,13 @@ For every seed, partitioning and number of attackers (of 24 clients), R rounds o
   update reversed), averaged over attackers and rounds;
 - GAE's craft time per attacker and its split over the steps.
 
-The rounds run in-process, as ``flwr run`` runs them with ``defense='fedavg'`` and default
-keys otherwise: the same partitions, initial model (``torch.manual_seed(seed)`` before
-the data and the model are built), per-client training seeds (``client_app.training_seed``),
-attack seeds, claimed data sizes (the median benign size for attackers) and aggregation
-(``strategies.aggregation.weighted_average``). Two things differ: the order in which replies
-are summed (Flower delivers them in arrival order, which moves float32 results by an ulp)
-and the absence of Flower's messaging. ``--flwr-check`` says how to compare one cell with a
+The rounds run in-process (``experiments.federation``), as ``flwr run`` runs them with
+``defense='fedavg'`` and default keys otherwise: the same partitions, initial model
+(``torch.manual_seed(seed)`` before the data and the model are built), per-client training
+seeds (``client_app.training_seed``), attack seeds, benign uploads forwarded to the attackers
+in the harness's order, claimed data sizes (the median benign size for attackers) and
+aggregation (the strategy's, on uploads in the order of their content, as the server sums
+them); only Flower's messaging is absent. ``--flwr-check`` says how to compare one cell with a
 real ``flwr run``.
 
     python benchmarks/gae_damage.py                     # 3 seeds x iid/dirichlet x 3/6/12 attackers
@@ -48,84 +48,40 @@ def _cosine(a, b) -> float:
 def run_group(task: tuple[int, str, tuple[int, ...], int]) -> list[dict]:
     """Every attack and attacker count for one (seed, partitioning): round 1's benign training
     is the same for all of them, so it is done once."""
-    import numpy as np
     import torch
 
-    from attacks import AttackInput, build_attack
     from attacks.gae import Gae
     from attacks.observed import observe_round
-    from client_app.app import training_seed
-    from strategies.aggregation import weighted_average
-    from strategies.records import ClientUpload
+    from experiments.federation import LocalFederation, run_rounds
     from task.config import RunConfig
-    from task.data import load_federated_data
-    from task.models import build_model
-    from task.partition import client_indices
-    from task.train import evaluate, load_numpy_state, state_to_numpy, train
 
     seed, partitioning, attacker_counts, rounds = task
     torch.set_num_threads(1)
     base = RunConfig(num_clients=NUM_CLIENTS, partitioning=partitioning, seed=seed,
                      defense="fedavg", num_server_rounds=rounds)
-    torch.manual_seed(seed)  # as the ServerApp: seed, data, then the initial model
-    data = load_federated_data(base.dataset, seed)
-    test = data.test
-    initial = state_to_numpy(build_model(base.model, test.in_channels, test.num_classes,
-                                         test.image_size))
-    labels = data.train.labels.numpy()
-    partitions = [data.train.subset(client_indices(labels, c, NUM_CLIENTS, partitioning,
-                                                   base.dirichlet_alpha, seed))
-                  for c in range(NUM_CLIENTS)]
-    model = build_model(base.model, test.in_channels, test.num_classes, test.image_size)
-    first_round: dict[int, tuple[dict, float]] = {}
-
-    def honest(global_state, server_round, client):
-        if server_round == 1 and client in first_round:
-            return first_round[client]
-        load_numpy_state(model, global_state)
-        loss = train(model, partitions[client], epochs=base.local_epochs,
-                     batch_size=base.batch_size, learning_rate=base.learning_rate,
-                     weight_decay=base.weight_decay, device=torch.device("cpu"),
-                     seed=training_seed(base, server_round, client))
-        result = state_to_numpy(model), loss
-        if server_round == 1:
-            first_round[client] = result
-        return result
-
-    def accuracy(state) -> float:
-        load_numpy_state(model, state)
-        return evaluate(model, test, torch.device("cpu"))[1]
-
+    federation = LocalFederation(base)
     cells = [("none", 0)] + [(a, m) for a in ATTACKS[1:] for m in attacker_counts]
     results = []
     for attack_name, attackers in cells:
         config = dataclasses.replace(base, attack=attack_name, num_attackers=attackers)
-        attack = build_attack(config)
-        global_state, crafted_accuracy, cosines, craft_seconds = initial, [], [], []
+        crafted_accuracy, cosines, craft_seconds = [], [], []
+
+        def timed(attack, client, state, seconds):
+            if isinstance(attack, Gae):
+                craft_seconds.append({**attack.last_report.seconds, "total": seconds})
+
         started = time.perf_counter()
-        for server_round in range(1, rounds + 1):
-            benign_ids = range(NUM_CLIENTS - attackers)
-            benign = [honest(global_state, server_round, c) for c in benign_ids]
-            states = [s for s, _ in benign]
-            sizes = [float(len(partitions[c])) for c in benign_ids]
-            uploads = [ClientUpload(c, s, n) for c, s, n in zip(benign_ids, states, sizes)]
-            if attackers:
-                observed = observe_round(global_state, states, sizes)
-            for client in range(NUM_CLIENTS - attackers, NUM_CLIENTS):
-                rng = np.random.default_rng(training_seed(config, server_round, client))
-                tick = time.perf_counter()
-                state = attack.craft(AttackInput(global_state, global_state, rng, tuple(states),
-                                                 tuple(sizes)))
-                if isinstance(attack, Gae):
-                    craft_seconds.append({**attack.last_report.seconds,
-                                          "total": time.perf_counter() - tick})
-                uploads.append(ClientUpload(client, state, float(np.median(sizes))))
-                crafted_accuracy.append(accuracy(state))
-                cosines.append(_cosine(observed.update_of(state), -observed.mean_update))
-            global_state = weighted_average(uploads)
+        for played in run_rounds(federation, config, rounds, on_craft=timed):
+            if played.attackers:
+                observed = observe_round(played.global_state, [u.arrays for u in played.benign],
+                                         [u.num_examples for u in played.benign])
+            for upload in sorted(played.crafted, key=lambda u: u.node_id):
+                crafted_accuracy.append(federation.accuracy(upload.arrays))
+                cosines.append(_cosine(observed.update_of(upload.arrays), -observed.mean_update))
+            global_state = played.new_global_state
         results.append({
             "seed": seed, "partitioning": partitioning, "attack": attack_name,
-            "attackers": attackers, "accuracy": accuracy(global_state),
+            "attackers": attackers, "accuracy": federation.accuracy(global_state),
             "crafted_accuracy": statistics.fmean(crafted_accuracy) if crafted_accuracy else None,
             "cosine_with_undo": statistics.fmean(cosines) if cosines else None,
             "craft_seconds": craft_seconds, "seconds": time.perf_counter() - started,

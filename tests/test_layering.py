@@ -14,7 +14,7 @@ MAY_IMPORT = {
     "attacks": {"task", "strategies.heatmaps", "strategies.update_views"},
     "client_app": {"task", "attacks", "crypto"},
     "server_app": {"task", "strategies", "crypto"},
-    "experiments": {"task", "strategies", "attacks", "server_app"},
+    "experiments": {"task", "strategies", "attacks", "client_app", "server_app"},
     "deploy": set(),
 }
 """The project packages (or single modules) each package may use besides itself: a layered
@@ -22,8 +22,10 @@ graph, no cycle. A defense knows no attack and does no I/O; the server's harness
 messages (attacks run on clients); the one exception: an adaptive, white-box attack may use the
 defense's heat-map function and its views of the updates. The experiment tools (sweep and
 report), run on the operator's host, sit above the ServerApp: the sweep checks a grid's defense
-and attack names before any cell runs, the report reuses the harness's metrics; no package lists
-them, so nothing the ServerApp or the ClientApps run imports them."""
+and attack names before any cell runs, the report reuses the harness's metrics, and the
+in-process federation the benchmarks and tests run (``experiments.federation``) uses the
+ClientApp's seeding and probes as well as the ServerApp's defenses; no package lists them, so
+nothing the ServerApp or the ClientApps run imports them."""
 
 
 def _modules() -> dict[str, Path]:
