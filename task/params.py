@@ -35,10 +35,19 @@ def gather(state: State, names: Sequence[str], indices: np.ndarray) -> np.ndarra
 
 
 def flatten_updates(states: Sequence[State], global_state: State) -> tuple[np.ndarray, list[str]]:
-    """(n, d) float64 matrix of the updates of the float arrays, and the array names in order."""
+    """(n, d) float64 matrix of the updates of the float arrays, and the array names in order.
+    Each difference is written straight into its row (float64 before subtracting, as
+    ``flat(s) - flat(global_state)`` would), with no per-client temporaries."""
     names = float_names(global_state)
-    origin = flat(global_state, names)
-    return np.stack([flat(s, names) - origin for s in states]), names
+    sizes = [global_state[k].size for k in names]
+    updates = np.empty((len(states), sum(sizes)))
+    for row, state in zip(updates, states):
+        offset = 0
+        for name, size in zip(names, sizes):
+            np.subtract(np.asarray(state[name]).ravel(), np.asarray(global_state[name]).ravel(),
+                        out=row[offset:offset + size], dtype=np.float64)
+            offset += size
+    return updates, names
 
 
 def unflatten(vector: np.ndarray, names: Sequence[str], global_state: State,

@@ -162,3 +162,19 @@ def test_the_norm_bound_by_hand_and_against_a_boosted_minority():
 def test_column_median_is_numpys_median_bit_for_bit(k):
     values = np.random.default_rng(k).normal(0.0, 1.0, (k, 301))
     np.testing.assert_array_equal(column_median(values), np.median(values, axis=0))
+
+
+def test_flatten_updates_is_each_states_float64_difference_in_name_order():
+    from task.params import flatten_updates
+
+    global_state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+                    "steps": np.array(3, dtype=np.int64), "b": np.array([0.1, 0.2])}
+    states = [{"w": global_state["w"] + np.float32(0.3), "steps": np.array(9),
+               "b": np.array([1.0, -1.0])},
+              {"w": global_state["w"] * 2, "steps": np.array(4), "b": np.array([0.1, 0.2])}]
+    updates, names = flatten_updates(states, global_state)
+    assert names == ["w", "b"]  # integer buffers are not updates
+    expected = [np.concatenate([(s["w"].astype(np.float64) - global_state["w"].astype(np.float64)).ravel(),
+                                s["b"] - global_state["b"]]) for s in states]
+    np.testing.assert_array_equal(updates, np.stack(expected))
+    assert updates.dtype == np.float64
