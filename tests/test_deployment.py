@@ -67,12 +67,12 @@ class Federation:
                               text=True, timeout=timeout, cwd=ROOT)
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
+def _wait_for(condition, timeout: float, what: str, every: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(1)
+        time.sleep(every)
 
 
 @pytest.fixture
@@ -227,13 +227,16 @@ def test_two_rounds_of_layercam_ae_across_hosts_with_tls_and_authenticated_nodes
                 f"min-replies=2 results-dir='{results}'"),
             env=federation.cli_env, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
-            _wait_for(lambda: any(results.glob("*/checkpoint.pt")), 600, "round 1")
+            _wait_for(lambda: any(results.glob("*/checkpoint.pt")), 600, "round 1", every=0.1)
+            # a benign client's host goes down as soon as round 1 is saved, before it can train
+            # and reply in round 2 (the CLI checks below take seconds: a node stopped after
+            # them had sometimes already replied)
+            stop(nodes["node1"])
             (listed,) = json.loads(federation.cli("ls", "lab", "--format", "json").stdout)["runs"]
             run_id = listed["run-id"]  # the operator's run, the only one: the node's was refused
             stopped = federation.cli("stop", run_id, "fleet", host="node2", env=node_env)
             assert stopped.returncode != 0 and "404 Not Found" in stopped.stdout + stopped.stderr, (
                 stopped.stdout + stopped.stderr)
-            stop(nodes["node1"])  # a benign client's host goes down
             run.wait(timeout=600)
         finally:
             if run.poll() is None:
