@@ -14,7 +14,7 @@ so that neither the heat-map detector nor a distance rule sees an outlier. gamma
 Shejwalkar & Houmansadr's doubling-and-bisection search (Min-Max, NDSS 2021), which assumes
 feasibility is monotone in gamma.
 
-Against the update views (``layercam-ae-views``, ``strategies.update_views``) it knows each view
+Against the update views (``layercam-ae-views``, ``strategies.detection.update_views``) it knows each view
 (``adaptive-cam-knows-views``; false: the views-blind attack above, its control)
 and keeps every view's value within the benign uploads' range (so its robust score stays below
 the largest benign one, whatever the cut). Reversing the mean update cannot pass the direction
@@ -34,8 +34,8 @@ from torch.func import functional_call
 
 from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.eavesdropping import largest_gamma
-from strategies.heatmaps import as_tensors, layercam_heatmaps
-from strategies.update_views import VIEWS, coordinate_median, nearest_distances
+from strategies.detection.heatmaps import as_tensors, layercam_heatmaps
+from strategies.detection.update_views import VIEWS, coordinate_median, nearest_distances
 from task.models import default_cam_layer
 from task.params import State, flatten_updates, unflatten
 

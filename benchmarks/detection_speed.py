@@ -14,9 +14,9 @@ server). Times are the median of ``--repeats`` rounds after one warm-up round.
 
 **Autoencoder** (``--part autoencoder``): the AE alone, side by side on the same maps: the
 straightforward one (``nn.Sequential``, ``loss.backward()``, unfused ``torch.optim.Adam``; the
-tests' oracle) against ``strategies.autoencoder`` (fused Adam on one flat buffer), one thread;
+tests' oracle) against ``strategies.detection.autoencoder`` (fused Adam on one flat buffer), one thread;
 seconds and the largest relative difference of the reconstruction errors. ``--against REV``
-adds ``strategies/autoencoder.py`` as it was at git revision REV, run in turn with the others,
+adds ``strategies/detection/autoencoder.py`` as it was at git revision REV, run in turn with the others,
 to show what a change to it costs.
 
 **Scores** (``--part auc``): both map sizes score the same rounds of 24 clients (3 attackers of
@@ -145,13 +145,13 @@ def speed(args) -> None:
 
 
 def _autoencoder_at(revision: str):
-    """``strategies/autoencoder.py`` as it was at git ``revision``, imported as a module of its
+    """``strategies/detection/autoencoder.py`` as it was at git ``revision``, imported as a module of its
     own beside the current one."""
     import importlib.util
     import subprocess
     import tempfile
 
-    source = subprocess.run(["git", "show", f"{revision}:strategies/autoencoder.py"], cwd=ROOT,
+    source = subprocess.run(["git", "show", f"{revision}:strategies/detection/autoencoder.py"], cwd=ROOT,
                             check=True, capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "autoencoder_at_revision.py"
     path.write_text(source)
@@ -164,7 +164,7 @@ def _autoencoder_at(revision: str):
 def autoencoder(args) -> None:
     import torch
 
-    from strategies.autoencoder import reconstruction_errors
+    from strategies.detection.autoencoder import reconstruction_errors
     from tests.helpers import autograd_reconstruction_errors
 
     runs = {"autograd": lambda maps: autograd_reconstruction_errors(maps, hidden=128, epochs=200),
@@ -288,7 +288,7 @@ def main() -> None:
                         help="--part autoencoder: map values per client (CNN, 4 probes: native "
                              "256, upsampled 3,136)")
     parser.add_argument("--against", default="",
-                        help="--part autoencoder: also time strategies/autoencoder.py as it was "
+                        help="--part autoencoder: also time strategies/detection/autoencoder.py as it was "
                              "at this git revision")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attacks", nargs="+",

@@ -3,7 +3,7 @@
 For each model and K, in one run:
 - ``grad-cam``: pytorch-grad-cam's ``LayerCAM``, one model at a time (deep copy of a template,
   ``load_state_dict``, full backward) -- how the library and the paper's code do it;
-- ``loop`` and ``vmap``: this project's engines (``strategies.heatmaps``) on the K states;
+- ``loop`` and ``vmap``: this project's engines (``strategies.detection.heatmaps``) on the K states;
 - ``ae``: the round's autoencoder (200 epochs) on the K maps, to give the whole detection time.
 Each measurement runs in a fresh process so its peak memory (RSS on a CPU, allocated memory on a
 GPU) is its own; "extra MB" is the peak over what the K input states already occupy. Times are
@@ -80,14 +80,14 @@ def _measure(job):
                 with LayerCAM(model=model, target_layers=[model.get_submodule(layer)]) as cam:
                     cam(input_tensor=x, targets=targets)
     elif method in ("loop", "vmap"):
-        from strategies.heatmaps import layercam_heatmaps
+        from strategies.detection.heatmaps import layercam_heatmaps
 
         def run():
             layercam_heatmaps(template, states, x, layer, classes, engine=method)
             if device == "cuda":
                 torch.cuda.synchronize()
     elif method == "ae":
-        from strategies.autoencoder import reconstruction_errors
+        from strategies.detection.autoencoder import reconstruction_errors
 
         maps = torch.rand(k, probes * x.shape[-1] * x.shape[-2], device=device)
 

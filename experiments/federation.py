@@ -37,7 +37,7 @@ import torch
 from attacks import AttackInput, build_attack
 from client_app.app import local_probes, training_seed
 from server_app.defenses import build_defense, server_assets
-from strategies.autoencoder import torch_threads
+from strategies.detection.autoencoder import torch_threads
 from strategies.records import ClientUpload, Detection
 from strategies.validation import bound_claims
 from task.config import RunConfig

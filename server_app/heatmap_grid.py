@@ -4,7 +4,7 @@ each probe laid over that probe, so that a reader sees where in the image the mo
 One row per client (sorted by node id), one column per probe, and a first row with the probes
 alone. A cell is the probe in grey at its own resolution (e.g. 28x28, shown with nearest
 upscaling), with the map upsampled bilinearly to that resolution, scaled to [0, 1] as LayerCAM's
-visualisation does (``strategies.heatmaps.finish_maps``), coloured (jet) and blended in with an
+visualisation does (``strategies.detection.heatmaps.finish_maps``), coloured (jet) and blended in with an
 opacity proportional to the map: where the map is 0 the probe shows as it is. Clients the round
 excluded are framed in red; those the harness knows attacked are labelled so.
 
@@ -55,7 +55,7 @@ def upsampled_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     pipeline does it (``finish_maps``: ReLU, scale, upsample, scale)."""
     import torch
 
-    from strategies.heatmaps import finish_maps
+    from strategies.detection.heatmaps import finish_maps
 
     return finish_maps(torch.as_tensor(np.asarray(cam, dtype=np.float32)),
                        tuple(size)).double().numpy()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 
-from strategies.autoencoder import torch_threads
-from strategies.heatmaps import gradcam_combine
+from strategies.detection.autoencoder import torch_threads
+from strategies.detection.heatmaps import gradcam_combine
 from strategies.layercam_ae import LayerCamAe, heatmap_defense_kwargs
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES
 from strategies.robust import check_krum_f
-from strategies.robust_math import krum_scores, krum_select
+from strategies.detection.robust_math import krum_scores, krum_select
 
 
 @DEFENSES.register

@@ -35,7 +35,7 @@ from crypto import ipfe
 from crypto.aont import LAMBDA, aont_matrix
 from crypto.encrypted_images import EncryptedImages, decrypt_images, last_row_bound
 from strategies.base import DetectingFedAvg
-from strategies.faa_dl_verification import (
+from strategies.detection.faa_dl_verification import (
     TrainingRecipe, ocsvm_suspects, recompute_update, relative_mismatch,
 )
 from strategies.records import ClientUpload, Detection

@@ -6,15 +6,15 @@ Equation numbers are those of the TOPS version (section 4).
 
 Per round, in ``aggregate_train`` (what older Flower called ``aggregate_fit``):
 1. LayerCAM heat maps of every upload for the server's probe images (eq. 9-10), all K models in
-   one batched pass (``strategies.heatmaps``). Several probes: their maps are concatenated into
+   one batched pass (``strategies.detection.heatmaps``). Several probes: their maps are concatenated into
    one vector per client, so the AE sees every probe's map.
 2. A fresh autoencoder on this round's maps; reconstruction errors R (eq. 11-12).
 3. The decision. Default (``decision="evidence"``): each client's signed robust scores of this
-   and past rounds, combined with forgetting (``strategies.evidence``), excluded while
+   and past rounds, combined with forgetting (``strategies.detection.evidence``), excluded while
    |evidence| > ``robust_z``. The paper's (``decision="voting"``): per-round outliers by its
    one-sided rule (``threshold="upper"``, eq. 13-15) or the robust two-sided rule
-   (``threshold="two-sided"``, ``strategies.thresholds``), and a vote every ``window`` rounds
-   (eq. 16-17, ``strategies.voting``). Both rules' scores are recorded every round.
+   (``threshold="two-sided"``, ``strategies.detection.thresholds``), and a vote every ``window`` rounds
+   (eq. 16-17, ``strategies.detection.voting``). Both rules' scores are recorded every round.
 4. FedAvg of the kept uploads (eq. 16); the previous global model if none is kept.
 """
 
@@ -31,11 +31,11 @@ from flwr.common import log
 from torch import nn
 from torch.func import functional_call
 
-from strategies.autoencoder import reconstruction_errors, torch_threads
+from strategies.detection.autoencoder import reconstruction_errors, torch_threads
 from strategies.aggregation import clipped_to, weighted_average
 from strategies.base import DetectingFedAvg
-from strategies.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
-from strategies.heatmaps import (
+from strategies.detection.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
+from strategies.detection.heatmaps import (
     CamCombine,
     as_tensors,
     class_activation_maps,
@@ -44,9 +44,9 @@ from strategies.heatmaps import (
 )
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
-from strategies.thresholds import robust_z, two_sided_rule, upper_rule
-from strategies.update_views import VIEW_TAILS, VIEWS, norm_bound, view_scores
-from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
+from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
+from strategies.detection.update_views import VIEW_TAILS, VIEWS, norm_bound, view_scores
+from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import RunConfig
 from task.params import flatten_updates
 
@@ -76,7 +76,7 @@ class LayerCamAe(DetectingFedAvg):
         predicts the labels, are unchanged.
     decision : str (default: "evidence")
         ``"evidence"``: exclude while the client's evidence over rounds exceeds ``robust_z``
-        (``strategies.evidence``); ``"voting"``: the paper's per-round rule plus voting.
+        (``strategies.detection.evidence``); ``"voting"``: the paper's per-round rule plus voting.
     memory : float (default: 0.8)
         Forgetting factor of the evidence (0: this round's score alone).
     score_cap : float (default: 3.0)
@@ -94,7 +94,7 @@ class LayerCamAe(DetectingFedAvg):
         The paper's beta for ``"upper"``.
     robust_z : float (default: 3.75)
         Cut of the robust score (and of the evidence), chosen with
-        ``benchmarks/detection_matrix.py`` for native maps (``strategies.evidence``).
+        ``benchmarks/detection_matrix.py`` for native maps (``strategies.detection.evidence``).
     window, votes : int (default: 3, 2)
         Voting every xi = ``window`` rounds; malicious with >= epsilon = ``votes`` outlier rounds.
     hidden, epochs, lr, weight_decay
@@ -113,7 +113,7 @@ class LayerCamAe(DetectingFedAvg):
         small dense problems and keeps detection fast when other processes share the cores.
     workers : int (default: 2)
         Threads that compute the heat maps on a CPU, each on its share of the uploads and its
-        own copy of the template (``strategies.heatmaps``): they join once per round, so
+        own copy of the template (``strategies.detection.heatmaps``): they join once per round, so
         unlike intra-op threads they cost little when the cores are shared. The autoencoder,
         one sequence of small steps, runs on one thread.
     engine : str (default: "auto")
@@ -123,7 +123,7 @@ class LayerCamAe(DetectingFedAvg):
     keep_heatmaps : bool (default: False)
         Hand the round's maps and their probes (the first ``KEPT_PROBES``) to the harness in
         ``Detection.heatmaps`` and ``Detection.probes``.
-    views : tuple of str (default: every view of ``strategies.update_views``)
+    views : tuple of str (default: every view of ``strategies.detection.update_views``)
         Views of the updates beside the heat maps, each a robust score per client and round
         (``details["views"]``). An upload with a view score beyond ``view_z`` times that view's
         ``VIEW_TAILS`` factor is excluded in the round it arrives. Empty: the paper's heat
@@ -353,7 +353,7 @@ class LayerCamAe(DetectingFedAvg):
     def decide_by_evidence(self, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:
         """Keep the clients whose evidence over rounds stays within +-robust_z and who are not
-        in a low group (``strategies.evidence``)."""
+        in a low group (``strategies.detection.evidence``)."""
         z = self.spreads.scores(errors)
         evidence = self.evidence.update(dict(zip(node_ids, z.tolist())))
         excluded = excluded_by_evidence(evidence, self.robust_z, self.group_z, self.group_size)

@@ -22,7 +22,7 @@ from strategies.aggregation import weighted_average
 from strategies.base import DetectingFedAvg
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES
-from strategies.robust_math import (bulyan_selection_size, geometric_median, krum_scores,
+from strategies.detection.robust_math import (bulyan_selection_size, geometric_median, krum_scores,
                                     krum_select)
 from task.config import ConfigError, RunConfig
 from task.params import flatten_updates, float_names, unflatten

@@ -38,7 +38,7 @@ LAYERCAM_AE_THRESHOLDS = ("upper", "two-sided")
 HEATMAP_ENGINES = ("auto", "loop", "vmap")
 HEATMAP_SIZES = ("probe", "native")
 UPDATE_VIEWS = ("norm", "direction", "outside-range", "collusion")
-"""The views of the updates beside the heat maps (``strategies.update_views``)."""
+"""The views of the updates beside the heat maps (``strategies.detection.update_views``)."""
 
 
 class ConfigError(ValueError):

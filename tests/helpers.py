@@ -9,7 +9,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies.aggregation import weighted_average
-from strategies.autoencoder import PATIENCE, torch_threads
+from strategies.detection.autoencoder import PATIENCE, torch_threads
 from strategies.records import ClientUpload
 from task.data import load_federated_data
 from task.models import build_model

@@ -7,7 +7,7 @@ import torch
 
 from attacks import AttackInput, build_attack
 from task.params import flatten_updates
-from strategies.heatmaps import layercam_heatmaps
+from strategies.detection.heatmaps import layercam_heatmaps
 from task.config import RunConfig
 from task.models import build_model
 from tests.helpers import benign_trajectory
@@ -60,7 +60,7 @@ def test_adaptive_cam_needs_the_architecture():
 
 
 def test_adaptive_cam_that_knows_the_views_stays_within_each_views_benign_range(trained_round):
-    from strategies.update_views import VIEWS, nearest_distances
+    from strategies.detection.update_views import VIEWS, nearest_distances
 
     global_state, benign, data = trained_round
     model = build_model("cnn", 1, 10, 28)

@@ -12,7 +12,7 @@ from strategies.auror import Auror, two_means_1d
 from strategies.cosdefense import CosDefense, cosine_scores
 from strategies.records import ClientUpload
 from strategies.robust import Bulyan, GeoMed, Krum, Median, MultiKrum, TrimmedMean
-from strategies.robust_math import geometric_median, krum_scores, krum_select
+from strategies.detection.robust_math import geometric_median, krum_scores, krum_select
 from tests.helpers import reply
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from strategies.aggregation import weighted_average
-from strategies.autoencoder import PATIENCE, reconstruction_errors, torch_threads
-from strategies.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
+from strategies.detection.autoencoder import PATIENCE, reconstruction_errors, torch_threads
+from strategies.detection.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
 from strategies.records import ClientUpload
-from strategies.thresholds import robust_z, two_sided_rule, upper_rule
+from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
 from task.config import RunConfig
-from strategies.voting import OutlierHistory, is_voting_round, vote_malicious
+from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.params import content_key
 from tests.helpers import autograd_reconstruction_errors
 

@@ -17,7 +17,7 @@ from crypto.aont import aont_inverse, aont_matrix, aont_transform
 from crypto.encrypted_images import decrypt_images, encrypt_images
 from server_app.defenses import build_defense, server_assets
 from strategies.faa_dl import VERIFY_MESSAGE, FaaDl
-from strategies.faa_dl_verification import ocsvm_suspects
+from strategies.detection.faa_dl_verification import ocsvm_suspects
 from strategies.validation import screen_replies
 from task.config import RunConfig
 from task.data import load_federated_data

@@ -8,8 +8,8 @@ import torch
 from pytorch_grad_cam import LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from strategies.autoencoder import reconstruction_errors
-from strategies.heatmaps import layercam_heatmaps
+from strategies.detection.autoencoder import reconstruction_errors
+from strategies.detection.heatmaps import layercam_heatmaps
 from strategies.layercam_ae import LayerCamAe
 from strategies.records import ClientUpload
 from task.models import build_model

@@ -6,7 +6,7 @@ import torch
 from pytorch_grad_cam import GradCAM, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from strategies.heatmaps import gradcam_heatmaps, layercam_heatmaps
+from strategies.detection.heatmaps import gradcam_heatmaps, layercam_heatmaps
 from task.models import build_model
 
 
@@ -51,9 +51,9 @@ def test_matches_pytorch_grad_cam(engine, name, channels, size, layer, ours, cam
 
 
 def test_engines_agree_and_template_weights_are_ignored(monkeypatch):
-    import strategies.heatmaps
+    import strategies.detection.heatmaps
 
-    monkeypatch.setattr(strategies.heatmaps, "VMAP_CHUNK", 4)  # 6 models: two vmapped chunks
+    monkeypatch.setattr(strategies.detection.heatmaps, "VMAP_CHUNK", 4)  # 6 models: two vmapped chunks
     models = _models("cnn", 1, 28, k=6)
     probes = torch.randn(2, 1, 28, 28)
     states = [m.state_dict() for m in models]
@@ -92,7 +92,7 @@ def test_deeper_models_give_agreeing_maps_with_both_engines(name):
 
 @pytest.mark.parametrize("engine", ["loop", "vmap"])
 def test_native_maps_are_the_probe_size_maps_before_upsampling(engine):
-    from strategies.heatmaps import class_activation_maps, finish_maps
+    from strategies.detection.heatmaps import class_activation_maps, finish_maps
 
     models = _models("cnn", 1, 28, k=3)
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
@@ -112,7 +112,7 @@ def test_native_maps_are_the_probe_size_maps_before_upsampling(engine):
 def test_channels_last_pooling_changes_no_value_and_leaves_no_hook(monkeypatch):
     import contextlib
 
-    import strategies.heatmaps as heatmaps
+    import strategies.detection.heatmaps as heatmaps
 
     models = _models("cnn", 1, 28, k=3)
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
@@ -136,7 +136,7 @@ def test_worker_threads_give_the_single_loops_maps_bit_for_bit():
     maps are computed alone, so they equal the single loop's exactly, in the states' order,
     also with more copies than states; every copy with a share runs, and the copies get their
     modes and hooks back."""
-    from strategies.heatmaps import class_activation_maps
+    from strategies.detection.heatmaps import class_activation_maps
 
     models = _models("cnn", 1, 28, k=5)
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]

@@ -10,15 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 MAY_IMPORT = {
     "task": set(),
     "crypto": set(),
-    "strategies": {"task", "crypto"},
-    "attacks": {"task", "strategies.heatmaps", "strategies.update_views"},
+    "strategies.detection": {"task"},
+    "strategies": {"task", "crypto", "strategies.detection"},
+    "attacks": {"task", "strategies.detection.heatmaps", "strategies.detection.update_views"},
     "client_app": {"task", "attacks", "crypto"},
     "server_app": {"task", "strategies", "crypto"},
     "experiments": {"task", "strategies", "attacks", "client_app", "server_app"},
     "deploy": set(),
 }
 """The project packages (or single modules) each package may use besides itself: a layered
-graph, no cycle. A defense knows no attack and does no I/O; the server's harness only forwards
+graph, no cycle. A package's subpackage listed here is a layer of its own: the detection math
+(``strategies.detection``) sits below the defenses and knows none of them. A defense knows no attack and does no I/O; the server's harness only forwards
 messages (attacks run on clients); the one exception: an adaptive, white-box attack may use the
 defense's heat-map function and its views of the updates. The experiment tools (sweep and
 report), run on the operator's host, sit above the ServerApp: the sweep checks a grid's defense
@@ -28,9 +30,18 @@ ClientApp's seeding and probes as well as the ServerApp's defenses; no package l
 nothing the ServerApp or the ClientApps run imports them."""
 
 
+def _layer_of(name: str) -> str:
+    """The layer a dotted module name belongs to: the longest listed package containing it."""
+    return max((p for p in MAY_IMPORT if name == p or name.startswith(f"{p}.")), key=len)
+
+
+def _files(package: str) -> list[Path]:
+    return sorted((ROOT / package.replace(".", "/")).glob("*.py"))
+
+
 def _modules() -> dict[str, Path]:
     return {f"{package}.{path.stem}" if path.stem != "__init__" else package: path
-            for package in MAY_IMPORT for path in (ROOT / package).glob("*.py")}
+            for package in MAY_IMPORT for path in _files(package)}
 
 
 def _imports(path: Path, top_level_only: bool) -> set[str]:
@@ -52,12 +63,12 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
 
 @pytest.mark.parametrize("package", sorted(MAY_IMPORT))
 def test_each_package_imports_only_the_layers_below_it(package):
-    for path in (ROOT / package).glob("*.py"):
+    assert _files(package), f"no modules in {package}"
+    for path in _files(package):
         for name in _imports(path, top_level_only=False):
-            used = name.split(".")[0]
             reach = MAY_IMPORT[package]
-            allowed = used == package or any(name == a or name.startswith(f"{a}.") or (
-                "." not in a and used == a) for a in reach)
+            allowed = _layer_of(name) == package or any(
+                name == a or name.startswith(f"{a}.") for a in reach)
             assert allowed, (
                 f"{path.relative_to(ROOT)} imports {name}: {package} may import "
                 f"{sorted(reach)}")
@@ -69,7 +80,7 @@ def test_the_layers_form_no_cycle():
     def visit(package: str, path: tuple[str, ...]) -> None:
         assert package not in path, f"cycle {' -> '.join((*path, package))}"
         for below in MAY_IMPORT[package]:
-            visit(below.split(".")[0], (*path, package))
+            visit(_layer_of(below), (*path, package))
         done.add(package)
 
     for package in MAY_IMPORT:

@@ -8,7 +8,7 @@ from attacks import AttackInput, build_attack
 from strategies.aggregation import clipped_to
 from strategies.flame import cosine_distances, flame_admitted, flame_update
 from strategies.records import ClientUpload
-from strategies.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, column_median, direction_view, norm_view,
+from strategies.detection.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, column_median, direction_view, norm_view,
                                      outside_range_view, robust_z, view_scores)
 from task.config import UPDATE_VIEWS, RunConfig
 
@@ -134,7 +134,7 @@ def test_model_replacement_boosts_the_reversed_update_in_its_round_only():
 
 
 def test_block_wise_median_and_outside_range_equal_the_whole_array_computation(monkeypatch):
-    import strategies.update_views as views
+    import strategies.detection.update_views as views
 
     updates = benign_round(k=7, d=1001)
     updates[3, :40] += 1.0

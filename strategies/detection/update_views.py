@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from strategies.thresholds import MAD_TO_STD, robust_z
+from strategies.detection.thresholds import MAD_TO_STD, robust_z
 
 RANGE_WIDTH = 4.0
 """Robust standard deviations from the coordinate's median beyond which a value is outside

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from strategies.thresholds import MAD_TO_STD, robust_z
+from strategies.detection.thresholds import MAD_TO_STD, robust_z
 
 
 class SpreadHistory:
