@@ -3,9 +3,10 @@
 Keys are Flower-style kebab-case (``num-server-rounds``); each field of ``RunConfig`` is the
 snake_case spelling of its key. Each key is declared once, on its field (``setting``): default,
 meaning, and the range of a numeric key or the values of a string key. The checks of single
-keys (``NUMERIC_RANGES`` and the choices) and the key table of ``docs/configuration.md``
+keys (``Key.check``: the range or the choices) and the key table of ``docs/configuration.md``
 (``key_table``, ``python -m task.config --table``) are derived from those declarations; the
-checks that relate several keys are written out in ``RunConfig.validate``.
+checks that relate several keys are written out in ``RunConfig.validate`` (LayerCAM-AE's in
+``check_layercam_ae_decision``, which its settings built without a run config share).
 ``RunConfig.from_run_config`` is the only place that reads raw run-config values; a bad key or
 value raises ``ConfigError`` naming it. The names ``defense`` and ``attack`` select from the
 registries of ``strategies`` and ``attacks``, which check them (and what a defense needs of the
@@ -42,7 +43,8 @@ UPDATE_VIEWS = ("norm", "direction", "outside-range", "collusion")
 
 
 class ConfigError(ValueError):
-    """A run-config key or value is invalid; the message names the key."""
+    """A run-config key or value is invalid; the message names the key (or the field of settings
+    built without a run config, ``strategies.layercam_ae.LayerCamAeSettings``)."""
 
 
 MAX_AONT_LAMBDA = 1000
@@ -372,13 +374,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check ranges and names; raise ``ConfigError`` naming the first bad key."""
-        for key in KEYS:  # the declared choices
-            if key.choices is not None:
-                value = getattr(self, key.field)
-                for item in _items(value, key.separator) if key.separator else (value,):
-                    _choice(key.name, item, tuple(key.choices))
-        for key, bounds in NUMERIC_RANGES.items():
-            bounds.check(key, getattr(self, key.replace("-", "_")))
+        for key in KEYS:  # the declared choices and ranges
+            key.check(getattr(self, key.field))
         if self.gae_candidate_nodes < self.gae_graph_nodes:
             raise ConfigError(f"gae-candidate-nodes ({self.gae_candidate_nodes}) must be >= "
                               f"gae-graph-nodes ({self.gae_graph_nodes})")
@@ -395,16 +392,8 @@ class RunConfig:
                               f"({self.num_clients})")
         if self.num_attackers > 0 and self.attack == "none":
             raise ConfigError("num-attackers > 0 needs an attack other than 'none'")
-        if self.layercam_ae_votes > self.layercam_ae_window:
-            raise ConfigError(
-                f"layercam-ae-votes ({self.layercam_ae_votes}) must be <= layercam-ae-window "
-                f"({self.layercam_ae_window})"
-            )
-        if self.layercam_ae_decision == "evidence" and self.layercam_ae_threshold != "two-sided":
-            raise ConfigError(
-                "layercam-ae-threshold='upper' (the paper's rule) needs "
-                "layercam-ae-decision='voting'; the evidence decision accumulates the two-sided score"
-            )
+        check_layercam_ae_decision(self.layercam_ae_decision, self.layercam_ae_threshold,
+                                   self.layercam_ae_votes, self.layercam_ae_window)
         if not self.results_dir:
             raise ConfigError("results-dir must not be empty")
 
@@ -439,6 +428,22 @@ class Key:
     choices: Collection[str] | None
     separator: str | None
 
+    def check(self, value: Any, name: str | None = None) -> None:
+        """Raise ``ConfigError`` unless ``value`` is inside the declared range or among the
+        declared choices (a list key's value: each item, joined or as a tuple); the message names
+        ``name``, by default the key."""
+        name = name or self.name
+        if self.bounds is not None:
+            self.bounds.check(name, value)
+        if self.choices is None:
+            return
+        if self.separator is None:
+            items = (value,)
+        else:
+            items = _items(value, self.separator) if isinstance(value, str) else tuple(value)
+        for item in items:
+            _choice(name, item, tuple(self.choices))
+
 
 def _keys() -> tuple[Key, ...]:
     hints = get_type_hints(RunConfig)
@@ -453,6 +458,23 @@ KEYS: tuple[Key, ...] = _keys()
 
 NUMERIC_RANGES: dict[str, Range] = {key.name: key.bounds for key in KEYS if key.bounds}
 """Every numeric key's range: what makes sense, and nothing that can exhaust the machine."""
+
+KEYS_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
+"""Every key by its kebab-case name."""
+
+
+def check_layercam_ae_decision(decision: str, threshold: str, votes: int, window: int,
+                               prefix: str = "layercam-ae-") -> None:
+    """The rules that relate LayerCAM-AE's decision keys, checked once each key's value is
+    valid: the vote's threshold fits in its window, and the evidence decision accumulates the
+    two-sided score. Raises ``ConfigError`` naming the keys, or with ``prefix=""`` the fields of
+    settings built without a run config (``strategies.layercam_ae.LayerCamAeSettings``)."""
+    if votes > window:
+        raise ConfigError(f"{prefix}votes ({votes}) must be <= {prefix}window ({window})")
+    if decision == "evidence" and threshold != "two-sided":
+        raise ConfigError(f"{prefix}threshold='upper' (the paper's rule) needs "
+                          f"{prefix}decision='voting'; the evidence decision accumulates the "
+                          "two-sided score")
 
 
 def key_table() -> str:
