@@ -55,15 +55,15 @@ SETTINGS = {
 def _strategy(model_name: str, setting: str, tolerance: float, device: str, probes, seed=0):
     import torch
 
-    from strategies.layercam_ae import LayerCamAe
+    from strategies.layercam_ae import LayerCamAe, LayerCamAeSettings
     from task.models import build_model, default_cam_layer
 
     channels, size = SHAPES[model_name][0], probes.shape[-1]
     layer = default_cam_layer(model_name)
-    options = dict(SETTINGS[setting], tolerance=tolerance)
+    settings = LayerCamAeSettings(**SETTINGS[setting], tolerance=tolerance, seed=seed)
     return LayerCamAe(model_fn=lambda: build_model(model_name, channels, 10, size),
-                      probes=probes, target_layer=layer, seed=seed,
-                      device=torch.device(device), **options)
+                      probes=probes, target_layer=layer, settings=settings,
+                      device=torch.device(device))
 
 
 def _burn() -> None:

@@ -13,7 +13,7 @@ import time
 
 from strategies.detection.autoencoder import torch_threads
 from strategies.detection.heatmaps import gradcam_combine
-from strategies.layercam_ae import LayerCamAe, heatmap_defense_kwargs
+from strategies.layercam_ae import LayerCamAe
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES
 from strategies.robust import check_krum_f
@@ -42,8 +42,8 @@ class LayerCamKrum(LayerCamAe):
 
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
-        return cls(num_malicious=check_krum_f(config), **heatmap_defense_kwargs(config, assets),
-                   **flower_kwargs)
+        return super().from_config(config, assets, num_malicious=check_krum_f(config),
+                                   **flower_kwargs)
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}

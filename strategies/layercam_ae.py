@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from logging import INFO
 from typing import Any
 
@@ -45,13 +46,131 @@ from strategies.detection.heatmaps import (
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
-from strategies.detection.update_views import VIEW_TAILS, VIEWS, norm_bound, view_scores
+from strategies.detection.update_views import VIEW_TAILS, norm_bound, view_scores
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
-from task.config import RunConfig
+from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
 from task.params import flatten_updates
 
 KEPT_PROBES = 8
 """Probes whose maps ``keep_heatmaps`` hands over at most (the saved grid's columns)."""
+
+_DEFAULTS = RunConfig()
+"""The declared defaults of the run-config keys (the paper's settings, section 5.1)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerCamAeSettings:
+    """LayerCAM-AE's detection settings: the run-config keys ``layercam-ae-*`` and ``seed``,
+    with their declared defaults (``task.config``). Built directly (tests, benchmarks) they are
+    held to the same declarations and rules as the keys, the messages naming the fields."""
+
+    # the heat maps
+    target_class: int = _DEFAULTS.layercam_ae_target_class
+    """Class c scored; -1 takes each probe's label when ``LayerCamAe`` is given
+    ``probe_labels``, else the class the global model predicts for it."""
+    map_size: str = _DEFAULTS.layercam_ae_map_size
+    """``"native"``: maps at the target layer's resolution (8x8 for the CNN: the information of
+    the probe-size map, which is it upsampled, in fewer values, so detection costs less);
+    ``"probe"``: upsampled to the probe size, the paper's input (docs/benchmarks.md: both on the
+    same rounds)."""
+    engine: str = _DEFAULTS.layercam_ae_engine
+    """Heat-map engine ``loop`` or ``vmap``; ``auto`` picks by device (vmap on a GPU, the loop
+    on a CPU), never by timing: both give the same maps up to rounding, and a choice that
+    depended on the machine's load could flip a decision that sits near its cut."""
+    threads: int = _DEFAULTS.layercam_ae_threads
+    """Intra-op CPU threads of each detection operation (0: torch's setting); one suits these
+    small dense problems and keeps detection fast when other processes share the cores."""
+    workers: int = _DEFAULTS.layercam_ae_workers
+    """Threads that compute the heat maps on a CPU, each on its share of the uploads and its own
+    copy of the template (``strategies.detection.heatmaps``): they join once per round, so unlike
+    intra-op threads they cost little when the cores are shared. The autoencoder, one sequence
+    of small steps, runs on one thread."""
+    keep_heatmaps: bool = _DEFAULTS.layercam_ae_save_heatmaps
+    """Hand the round's maps and their probes (the first ``KEPT_PROBES``) to the harness in
+    ``Detection.heatmaps`` and ``Detection.probes`` (key ``layercam-ae-save-heatmaps``)."""
+    # the autoencoder (the paper's hidden size, epochs, learning rate and weight decay)
+    hidden: int = _DEFAULTS.layercam_ae_hidden
+    """Hidden size."""
+    epochs: int = _DEFAULTS.layercam_ae_epochs
+    """Full-batch Adam epochs."""
+    lr: float = _DEFAULTS.layercam_ae_lr
+    """Adam's learning rate."""
+    weight_decay: float = _DEFAULTS.layercam_ae_weight_decay
+    """Adam's weight decay."""
+    tolerance: float = _DEFAULTS.layercam_ae_tolerance
+    """Stop once the loss has not improved by this relative amount for 10 epochs (0: all
+    ``epochs``, the paper's). An early stop reorders the errors against the full run
+    (docs/benchmarks.md), so it is off by default."""
+    seed: int = _DEFAULTS.seed
+    """Seeds the autoencoder's initialisation (plus the round number)."""
+    # the decision
+    decision: str = _DEFAULTS.layercam_ae_decision
+    """``"evidence"``: exclude while the client's evidence over rounds exceeds ``robust_z``
+    (``strategies.detection.evidence``); ``"voting"``: the paper's per-round rule plus voting."""
+    robust_z: float = _DEFAULTS.layercam_ae_robust_z
+    """Cut of the robust score (and of the evidence), chosen with
+    ``benchmarks/detection_matrix.py`` for native maps (``strategies.detection.evidence``)."""
+    memory: float = _DEFAULTS.layercam_ae_memory
+    """Forgetting factor of the evidence (0: this round's score alone)."""
+    score_cap: float = _DEFAULTS.layercam_ae_score_cap
+    """Each round's score enters the evidence clipped to +-score_cap."""
+    scale_rounds: int = _DEFAULTS.layercam_ae_scale_rounds
+    """The evidence's scores use the robust spread pooled over this many rounds (1: this
+    round's MAD alone)."""
+    group_z: float = _DEFAULTS.layercam_ae_group_z
+    """Clients whose evidence is between -robust_z and -group_z are excluded together when
+    there are at least ``group_size`` of them (colluders)."""
+    group_size: int = _DEFAULTS.layercam_ae_group_size
+    """The fewest clients such a group excludes (0 disables)."""
+    threshold: str = _DEFAULTS.layercam_ae_threshold
+    """Per-round rule of ``decision="voting"``: ``"upper"``, the paper's delta = mean + beta *
+    std (eq. 13-14); ``"two-sided"``, |R - median| / (1.4826 MAD) > robust_z."""
+    beta: float = _DEFAULTS.layercam_ae_beta
+    """The paper's beta for ``"upper"``."""
+    window: int = _DEFAULTS.layercam_ae_window
+    """Voting every xi = ``window`` rounds."""
+    votes: int = _DEFAULTS.layercam_ae_votes
+    """Malicious with >= epsilon = ``votes`` outlier rounds of the window."""
+    # beside the heat maps
+    views: tuple[str, ...] = _DEFAULTS.layercam_ae_view_names
+    """Views of the updates (``strategies.detection.update_views``), each a robust score per
+    client and round (``details["views"]``). An upload with a view score beyond ``view_z`` times
+    that view's ``VIEW_TAILS`` factor is excluded in the round it arrives. Empty: the paper's
+    heat maps alone."""
+    view_z: float = _DEFAULTS.layercam_ae_view_z
+    """The views' cut."""
+    clip: bool = _DEFAULTS.layercam_ae_clip
+    """Clip every kept update to ``norm_bound(updates, clip_z)`` before averaging: the norm a
+    benign client at ``clip_z`` robust standard deviations of the round's log norms has."""
+    clip_z: float = _DEFAULTS.layercam_ae_clip_z
+    """0: the median norm (FLAME's bound)."""
+
+    def __post_init__(self) -> None:
+        # the keys' own checks (task.config): settings built directly meet a run config's rules
+        for field in fields(self):
+            KEYS_BY_NAME[self.key_of(field.name)].check(getattr(self, field.name), field.name)
+        check_layercam_ae_decision(self.decision, self.threshold, self.votes, self.window,
+                                   prefix="")
+
+    @staticmethod
+    def key_of(field: str) -> str:
+        """The run-config key a field is read from (``from_config``) and checked by."""
+        return {"keep_heatmaps": "layercam-ae-save-heatmaps", "seed": "seed"}.get(
+            field, "layercam-ae-" + field.replace("_", "-"))
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> LayerCamAeSettings:
+        """The settings of a run config (one ``RunConfig.from_run_config`` has checked): each
+        field its key's value (``key_of``), the views as a tuple of names."""
+        values = {field.name: getattr(config, cls.key_of(field.name).replace("-", "_"))
+                  for field in fields(cls)}
+        return cls(**{**values, "views": config.layercam_ae_view_names})
+
+    @property
+    def autoencoder(self) -> dict[str, Any]:
+        """The autoencoder's parameters (``reconstruction_errors``), bar the seed."""
+        return dict(hidden=self.hidden, epochs=self.epochs, lr=self.lr,
+                    weight_decay=self.weight_decay, tolerance=self.tolerance)
 
 
 @DEFENSES.register
@@ -66,81 +185,19 @@ class LayerCamAe(DetectingFedAvg):
         (P, C, H, W) server-held images the heat maps are computed for.
     target_layer : str
         Dotted module name whose activations LayerCAM reads (default of the CNN: ``conv2``).
-    target_class : int (default: -1)
-        Class c scored; -1 takes each probe's label when ``probe_labels`` are given, else the
-        class the global model predicts for it.
+    settings : LayerCamAeSettings (default: the run config's defaults, the paper's)
+        The heat maps', the autoencoder's, the decision's and the views' settings.
     probe_labels : torch.Tensor, optional
-        (P,) labels of the server's probes. The predicted class of an untrained global model
-        is arbitrary: round 1's maps with it hardly tell GAE attackers from benign clients,
-        with the probes' labels they do (docs/defenses.md). Later rounds, where the model
-        predicts the labels, are unchanged.
-    decision : str (default: "evidence")
-        ``"evidence"``: exclude while the client's evidence over rounds exceeds ``robust_z``
-        (``strategies.detection.evidence``); ``"voting"``: the paper's per-round rule plus voting.
-    memory : float (default: 0.8)
-        Forgetting factor of the evidence (0: this round's score alone).
-    score_cap : float (default: 3.0)
-        Each round's score enters the evidence clipped to +-score_cap.
-    group_z, group_size : float, int (default: 2.75, 3)
-        Clients whose evidence is between -robust_z and -group_z are excluded together when
-        there are at least group_size of them (colluders; 0 disables).
-    scale_rounds : int (default: 5)
-        The evidence's scores use the robust spread pooled over this many rounds (1: this
-        round's MAD alone).
-    threshold : str (default: "two-sided")
-        Per-round rule of ``decision="voting"``: ``"upper"``, the paper's delta = mean + beta *
-        std (eq. 13-14); ``"two-sided"``, |R - median| / (1.4826 MAD) > robust_z.
-    beta : float (default: 1.0)
-        The paper's beta for ``"upper"``.
-    robust_z : float (default: 3.75)
-        Cut of the robust score (and of the evidence), chosen with
-        ``benchmarks/detection_matrix.py`` for native maps (``strategies.detection.evidence``).
-    window, votes : int (default: 3, 2)
-        Voting every xi = ``window`` rounds; malicious with >= epsilon = ``votes`` outlier rounds.
-    hidden, epochs, lr, weight_decay
-        Autoencoder: hidden size 128, 200 full-batch Adam epochs, lr 1e-3, weight decay 1e-5.
-    tolerance : float (default: 0.0)
-        Stop the AE once its loss has not improved by this relative amount for 10 epochs
-        (0: all ``epochs``, the paper's). An early stop reorders the errors against the full
-        run (docs/benchmarks.md), so it is off by default.
-    map_size : str (default: "native")
-        ``"native"``: maps at the target layer's resolution (8x8 for the CNN: the same
-        information as the probe-size map, which is it upsampled, in fewer values, so detection
-        costs less); ``"probe"``: upsampled to the probe size, the paper's input
-        (docs/benchmarks.md: both on the same rounds).
-    threads : int (default: 1)
-        Intra-op CPU threads of each detection operation (0: torch's setting); one suits these
-        small dense problems and keeps detection fast when other processes share the cores.
-    workers : int (default: 2)
-        Threads that compute the heat maps on a CPU, each on its share of the uploads and its
-        own copy of the template (``strategies.detection.heatmaps``): they join once per round, so
-        unlike intra-op threads they cost little when the cores are shared. The autoencoder,
-        one sequence of small steps, runs on one thread.
-    engine : str (default: "auto")
-        Heat-map engine ``loop`` or ``vmap``; ``auto`` picks by device (vmap on a GPU, the loop
-        on a CPU), never by timing: both give the same maps up to rounding, and a choice that
-        depended on the machine's load could flip a decision that sits near its cut.
-    keep_heatmaps : bool (default: False)
-        Hand the round's maps and their probes (the first ``KEPT_PROBES``) to the harness in
-        ``Detection.heatmaps`` and ``Detection.probes``.
-    views : tuple of str (default: every view of ``strategies.detection.update_views``)
-        Views of the updates beside the heat maps, each a robust score per client and round
-        (``details["views"]``). An upload with a view score beyond ``view_z`` times that view's
-        ``VIEW_TAILS`` factor is excluded in the round it arrives. Empty: the paper's heat
-        maps alone.
-    view_z : float (default: 6.0)
-        The views' cut.
-    clip : bool (default: True)
-        Clip every kept update to ``norm_bound(updates, clip_z)`` before averaging: the norm
-        a benign client at ``clip_z`` robust standard deviations of the round's log norms has.
-    clip_z : float (default: 3.0)
-        0: the median norm (FLAME's bound).
-    seed : int
-        Seeds the autoencoder initialisation (plus the round number).
+        (P,) labels of the server's probes, scored with ``settings.target_class`` = -1. The
+        predicted class of an untrained global model is arbitrary: round 1's maps with it
+        hardly tell GAE attackers from benign clients, with the probes' labels they do
+        (docs/defenses.md). Later rounds, where the model predicts the labels, are unchanged.
     device : torch.device, optional
         Where detection runs; the GPU when present.
     combine : CamCombine
         How activations and gradients form the map (LayerCAM; Grad-CAM-AE passes Grad-CAM's).
+    **kwargs
+        ``DetectingFedAvg``'s (screening, sampling, ``on_record``).
     """
 
     name = "layercam-ae"
@@ -152,112 +209,61 @@ class LayerCamAe(DetectingFedAvg):
         model_fn: Callable[[], nn.Module],
         probes: torch.Tensor,
         target_layer: str,
-        target_class: int = -1,
+        settings: LayerCamAeSettings = LayerCamAeSettings(),
         probe_labels: torch.Tensor | None = None,
-        decision: str = "evidence",
-        memory: float = 0.8,
-        score_cap: float = 3.0,
-        scale_rounds: int = 5,
-        group_z: float = 2.75,
-        group_size: int = 3,
-        threshold: str = "two-sided",
-        beta: float = 1.0,
-        robust_z: float = 3.75,
-        window: int = 3,
-        votes: int = 2,
-        hidden: int = 128,
-        epochs: int = 200,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-5,
-        tolerance: float = 0.0,
-        map_size: str = "native",
-        threads: int = 1,
-        workers: int = 2,
-        engine: str = "auto",
-        keep_heatmaps: bool = False,
-        views: tuple[str, ...] = tuple(VIEWS),
-        view_z: float = 6.0,
-        clip: bool = True,
-        clip_z: float = 3.0,
-        seed: int = 0,
         device: torch.device | None = None,
         combine: CamCombine = layercam_combine,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if threshold not in ("upper", "two-sided"):
-            raise ValueError(f"threshold must be 'upper' or 'two-sided', got {threshold!r}")
-        if decision not in ("evidence", "voting"):
-            raise ValueError(f"decision must be 'evidence' or 'voting', got {decision!r}")
-        if decision == "evidence" and threshold != "two-sided":
-            raise ValueError("decision 'evidence' accumulates the two-sided robust score; "
-                             "the paper's 'upper' threshold needs decision 'voting'")
-        if votes > window:
-            raise ValueError(f"votes ({votes}) must be <= window ({window})")
+        self.settings = settings
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
         self.template = model_fn().to(self.device).eval()
         self.template.get_submodule(target_layer)  # fail now on a wrong layer name
         self.probes = probes.to(self.device)
         self.target_layer = target_layer
-        self.target_class = target_class
         if probe_labels is not None and probe_labels.shape != (len(probes),):
             raise ValueError(f"probe_labels must have shape ({len(probes)},), got "
                              f"{tuple(probe_labels.shape)}")
         self.probe_labels = None if probe_labels is None else probe_labels.to(self.device)
-        self.threshold = threshold
-        self.beta = beta
-        self.robust_z = robust_z
-        self.window = window
-        self.votes = votes
-        if map_size not in ("probe", "native"):
-            raise ValueError(f"map_size must be 'probe' or 'native', got {map_size!r}")
-        self.ae_params = dict(hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                              tolerance=tolerance)
-        self.map_size = map_size
-        self.threads = threads if self.device.type == "cpu" else 0
-        if engine not in ("auto", "loop", "vmap"):
-            raise ValueError(f"engine must be 'auto', 'loop' or 'vmap', got {engine!r}")
-        self.engine = engine_for(self.device) if engine == "auto" else engine
+        self.threads = settings.threads if self.device.type == "cpu" else 0
+        self.engine = engine_for(self.device) if settings.engine == "auto" else settings.engine
         parallel = self.engine == "loop" and self.device.type == "cpu"
         self.templates = [self.template] + [model_fn().to(self.device).eval()
-                                            for _ in range(workers - 1 if parallel else 0)]
-        self.keep_heatmaps = keep_heatmaps
-        self.seed = seed
+                                            for _ in range(settings.workers - 1 if parallel else 0)]
         self.combine = combine
-        self.decision = decision
-        self.history = OutlierHistory(window)
-        self.evidence = EvidenceLedger(memory, score_cap)
-        self.spreads = SpreadHistory(scale_rounds)
-        self.group_z, self.group_size = group_z, group_size
-        unknown = sorted(set(views) - set(VIEWS))
-        if unknown:
-            raise ValueError(f"unknown update views {unknown}; known: {sorted(VIEWS)}")
-        self.views, self.view_z, self.clip, self.clip_z = tuple(views), view_z, clip, clip_z
+        self.history = OutlierHistory(settings.window)
+        self.evidence = EvidenceLedger(settings.memory, settings.score_cap)
+        self.spreads = SpreadHistory(settings.scale_rounds)
 
     @classmethod
-    def from_config(cls, config, assets, **flower_kwargs):
-        """Every ``layercam-ae-*`` key (shared by the heat-map baselines)."""
-        return cls(**heatmap_defense_kwargs(config, assets), **flower_kwargs)
+    def from_config(cls, config: RunConfig, assets: ServerAssets, **kwargs: Any) -> LayerCamAe:
+        """Every ``layercam-ae-*`` key (shared by the heat-map baselines) and the server's assets
+        (probes, their labels, the model's CAM layer)."""
+        return cls(model_fn=assets.model_fn, probes=assets.probes,
+                   target_layer=config.layercam_ae_target_layer or assets.cam_layer,
+                   settings=LayerCamAeSettings.from_config(config),
+                   probe_labels=assets.probe_labels if config.layercam_ae_probe_labels else None,
+                   **kwargs)
 
     def summary(self) -> None:
         super().summary()
+        s = self.settings
         rule = (f"evidence (memory {self.evidence.memory:.2f}, cap {self.evidence.cap:.2f}, "
-                f"scale over {self.spreads.spreads.maxlen} rounds, z {self.robust_z:.2f}, "
-                f"groups of {self.group_size} in [-{self.robust_z:.2f}, -{self.group_z:.2f}))"
-                if self.decision == "evidence" else
-                f"{self.threshold} (beta {self.beta:.2f}, z {self.robust_z:.2f}), "
-                f"vote {self.votes} of {self.window}")
+                f"scale over {self.spreads.spreads.maxlen} rounds, z {s.robust_z:.2f}, "
+                f"groups of {s.group_size} in [-{s.robust_z:.2f}, -{s.group_z:.2f}))"
+                if s.decision == "evidence" else
+                f"{s.threshold} (beta {s.beta:.2f}, z {s.robust_z:.2f}), "
+                f"vote {s.votes} of {s.window}")
         log(INFO, "\t└──> %s: layer %s, probes %d, decision %s, AE %s, engine %s (%d "
             "thread(s)), device %s", self.name, self.target_layer, len(self.probes), rule,
-            self.ae_params, self.engine, len(self.templates), self.device)
+            s.autoencoder, self.engine, len(self.templates), self.device)
 
     def probe_classes(self) -> torch.Tensor:
         """Class c per probe (y^c, eq. 9): fixed, the probe's label, or what the current global
         model predicts."""
-        if self.target_class >= 0:
-            return torch.full((len(self.probes),), self.target_class, device=self.device)
+        if self.settings.target_class >= 0:
+            return torch.full((len(self.probes),), self.settings.target_class, device=self.device)
         if self.probe_labels is not None:
             return self.probe_labels
         with torch.no_grad():
@@ -269,7 +275,7 @@ class LayerCamAe(DetectingFedAvg):
         """(K, P, H, W) maps of the uploads with the configured engine."""
         return class_activation_maps(self.templates, [u.arrays for u in uploads], self.probes,
                                      self.target_layer, self.probe_classes(), self.combine,
-                                     self.engine, upsample=self.map_size == "probe")
+                                     self.engine, upsample=self.settings.map_size == "probe")
 
     def finite_heatmaps(self, uploads: list[ClientUpload]
                         ) -> tuple[torch.Tensor, list[ClientUpload], dict[int, str]]:
@@ -290,7 +296,7 @@ class LayerCamAe(DetectingFedAvg):
         """With ``keep_heatmaps``, the ``Detection`` fields that hand the harness the maps
         (K, P, h, w) and the probes they were computed on, the first ``KEPT_PROBES`` of them
         (a bounded artifact whatever ``layercam-ae-probes``); else none."""
-        if not self.keep_heatmaps:
+        if not self.settings.keep_heatmaps:
             return {}
         return {"heatmaps": maps[:, :KEPT_PROBES].contiguous().cpu().numpy(),
                 "probes": self.probes[:KEPT_PROBES].cpu().numpy()}
@@ -310,7 +316,8 @@ class LayerCamAe(DetectingFedAvg):
 
             start = time.perf_counter()
             errors, epochs = reconstruction_errors(
-                maps.flatten(1), seed=self.seed + server_round, **self.ae_params)
+                maps.flatten(1), seed=self.settings.seed + server_round,
+                **self.settings.autoencoder)
             errors = errors.cpu().numpy()
             timings["autoencoder"] = time.perf_counter() - start
         if not np.isfinite(errors).all():  # finite maps in [0, 1] keep the AE finite; never
@@ -327,7 +334,7 @@ class LayerCamAe(DetectingFedAvg):
 
         start = time.perf_counter()
         kept, scores, rule_details = (
-            self.decide_by_evidence(node_ids, errors) if self.decision == "evidence"
+            self.decide_by_evidence(node_ids, errors) if self.settings.decision == "evidence"
             else self.decide_by_vote(server_round, node_ids, errors))
         timings["decision"] = time.perf_counter() - start
 
@@ -335,9 +342,9 @@ class LayerCamAe(DetectingFedAvg):
         kept, scores, view_details = self.decide_by_views(uploads, kept, scores)
         timings["views"] = time.perf_counter() - start
 
-        upper = upper_rule(errors, self.beta)
+        upper = upper_rule(errors, self.settings.beta)
         details = {
-            "decision": self.decision,
+            "decision": self.settings.decision,
             "reconstruction_error": dict(zip(node_ids, errors.tolist())),
             "delta": upper.threshold,
             "upper_scores": dict(zip(node_ids, upper.scores.tolist())),
@@ -354,13 +361,14 @@ class LayerCamAe(DetectingFedAvg):
                            ) -> tuple[list[int], dict[int, float], dict]:
         """Keep the clients whose evidence over rounds stays within +-robust_z and who are not
         in a low group (``strategies.detection.evidence``)."""
+        s = self.settings
         z = self.spreads.scores(errors)
         evidence = self.evidence.update(dict(zip(node_ids, z.tolist())))
-        excluded = excluded_by_evidence(evidence, self.robust_z, self.group_z, self.group_size)
+        excluded = excluded_by_evidence(evidence, s.robust_z, s.group_z, s.group_size)
         kept = [n for n in node_ids if n not in excluded]
         return kept, {n: abs(e) for n, e in evidence.items()}, {
-            "evidence": evidence, "threshold": self.robust_z, "memory": self.evidence.memory,
-            "score_cap": self.evidence.cap, "group_z": self.group_z, "group_size": self.group_size,
+            "evidence": evidence, "threshold": s.robust_z, "memory": self.evidence.memory,
+            "score_cap": self.evidence.cap, "group_z": s.group_z, "group_size": s.group_size,
             "z": dict(zip(node_ids, z.tolist()))}
 
     def decide_by_views(self, uploads: list[ClientUpload], kept: list[int],
@@ -370,23 +378,24 @@ class LayerCamAe(DetectingFedAvg):
         With ``decision="evidence"`` a client's score is the larger of its heat-map evidence
         and its largest view score, each relative to its cut (times ``robust_z``). Also the
         clipping bound."""
-        if not (self.views or self.clip):
+        s = self.settings
+        if not (s.views or s.clip):
             return kept, scores, {"clip_bound": None}
         updates, _ = flatten_updates([u.arrays for u in uploads], self.global_state)
-        details: dict[str, Any] = {"clip_bound": norm_bound(updates, self.clip_z)
-                                   if self.clip else None}
-        if not self.views:
+        details: dict[str, Any] = {"clip_bound": norm_bound(updates, s.clip_z)
+                                   if s.clip else None}
+        if not s.views:
             return kept, scores, details
         node_ids = [u.node_id for u in uploads]
-        views = view_scores(updates, self.views)
-        relative = np.max(np.stack([z / (self.view_z * VIEW_TAILS[v]) for v, z in views.items()]),
+        views = view_scores(updates, s.views)
+        relative = np.max(np.stack([z / (s.view_z * VIEW_TAILS[v]) for v, z in views.items()]),
                           axis=0)  # > 1: beyond the cut of some view
         flagged = {n for n, r in zip(node_ids, relative) if r > 1.0}
-        if self.decision == "evidence":  # (the vote's scores are errors: left as they are)
-            scores = {n: self.robust_z * max(scores[n] / self.robust_z, float(r))
+        if s.decision == "evidence":  # (the vote's scores are errors: left as they are)
+            scores = {n: s.robust_z * max(scores[n] / s.robust_z, float(r))
                       for n, r in zip(node_ids, relative)}
         details.update({"views": {v: dict(zip(node_ids, z.tolist())) for v, z in views.items()},
-                        "view_z": self.view_z, "flagged_by_views": sorted(flagged)})
+                        "view_z": s.view_z, "flagged_by_views": sorted(flagged)})
         return [n for n in kept if n not in flagged], scores, details
 
     def new_global_state(self, detection: Detection, kept: list[ClientUpload]
@@ -401,41 +410,18 @@ class LayerCamAe(DetectingFedAvg):
     def decide_by_vote(self, server_round: int, node_ids: list[int], errors: np.ndarray
                        ) -> tuple[list[int], dict[int, float], dict]:
         """The paper's decision: this round's outliers, and the vote every ``window`` rounds."""
-        rule = (upper_rule(errors, self.beta) if self.threshold == "upper"
-                else two_sided_rule(errors, self.robust_z))
+        s = self.settings
+        rule = (upper_rule(errors, s.beta) if s.threshold == "upper"
+                else two_sided_rule(errors, s.robust_z))
         outlier = {n: not b for n, b in zip(node_ids, rule.benign)}
         self.history.record(server_round, outlier)
-        voting = is_voting_round(server_round, self.window)
+        voting = is_voting_round(server_round, s.window)
         malicious = (
-            vote_malicious(self.history.flags, server_round, self.window, self.votes, node_ids)
+            vote_malicious(self.history.flags, server_round, s.window, s.votes, node_ids)
             if voting else {}
         )
         kept = [n for n in node_ids if (n not in malicious if voting else not outlier[n])]
         return kept, dict(zip(node_ids, rule.scores.tolist())), {
-            "rule": self.threshold, "threshold": rule.threshold, "outlier": outlier,
+            "rule": s.threshold, "threshold": rule.threshold, "outlier": outlier,
             "voting_round": voting, "votes": malicious}
 
-
-def heatmap_defense_kwargs(config: RunConfig, assets: ServerAssets) -> dict[str, Any]:
-    """``LayerCamAe``'s parameters from the run config's ``layercam-ae-*`` keys and the server's
-    assets (probes, their labels, the model's CAM layer)."""
-    return dict(
-        model_fn=assets.model_fn, probes=assets.probes,
-        target_layer=config.layercam_ae_target_layer or assets.cam_layer,
-        target_class=config.layercam_ae_target_class,
-        probe_labels=assets.probe_labels if config.layercam_ae_probe_labels else None,
-        decision=config.layercam_ae_decision, memory=config.layercam_ae_memory,
-        score_cap=config.layercam_ae_score_cap, scale_rounds=config.layercam_ae_scale_rounds,
-        group_z=config.layercam_ae_group_z, group_size=config.layercam_ae_group_size,
-        threshold=config.layercam_ae_threshold, beta=config.layercam_ae_beta,
-        robust_z=config.layercam_ae_robust_z, window=config.layercam_ae_window,
-        votes=config.layercam_ae_votes, hidden=config.layercam_ae_hidden,
-        epochs=config.layercam_ae_epochs, lr=config.layercam_ae_lr,
-        weight_decay=config.layercam_ae_weight_decay, tolerance=config.layercam_ae_tolerance,
-        map_size=config.layercam_ae_map_size, threads=config.layercam_ae_threads,
-        workers=config.layercam_ae_workers,
-        engine=config.layercam_ae_engine, keep_heatmaps=config.layercam_ae_save_heatmaps,
-        views=config.layercam_ae_view_names, view_z=config.layercam_ae_view_z,
-        clip=config.layercam_ae_clip, clip_z=config.layercam_ae_clip_z,
-        seed=config.seed,
-    )

@@ -10,7 +10,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from strategies.detection.autoencoder import reconstruction_errors
 from strategies.detection.heatmaps import layercam_heatmaps
-from strategies.layercam_ae import LayerCamAe
+from strategies.layercam_ae import LayerCamAe, LayerCamAeSettings
 from strategies.records import ClientUpload
 from task.models import build_model
 from tests.helpers import benign_trajectory
@@ -75,7 +75,8 @@ def test_rounds_on_the_gpu_decide_as_on_the_cpu():
     order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(0))
     strategies = {device: LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
                                      probes=data.test.as_float(order[:4]), target_layer="conv2",
-                                     probe_labels=data.test.labels[order[:4]], seed=0,
+                                     settings=LayerCamAeSettings(seed=0),
+                                     probe_labels=data.test.labels[order[:4]],
                                      device=torch.device(device))
                   for device in ("cpu", "cuda")}
     for t, (global_state, round_states) in enumerate(zip(globals_, states), start=1):

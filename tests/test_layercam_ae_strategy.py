@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from attacks import AttackInput, build_attack
 from strategies.aggregation import weighted_average
 from strategies.base import DetectingFedAvg
-from strategies.layercam_ae import LayerCamAe
+from strategies.layercam_ae import LayerCamAe, LayerCamAeSettings
 from strategies.records import ClientUpload, Detection
 from task.config import RunConfig
 from task.models import build_model
@@ -38,11 +38,12 @@ def craft(attack, global_state, own, benign, rng):
     return [attack.craft(AttackInput(global_state, state, rng, tuple(benign))) for state in own]
 
 
-def make_strategy(data, **overrides):
+def make_strategy(data, probe_labels=None, device=None, **settings):
     order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(model_fn=lambda: build_model("cnn", 1, 10, 28),
-                  probes=data.test.as_float(order[:4]), target_layer="conv2", seed=0)
-    return LayerCamAe(**{**kwargs, **overrides})
+    return LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
+                      probes=data.test.as_float(order[:4]), target_layer="conv2",
+                      settings=LayerCamAeSettings(seed=0, **settings),
+                      probe_labels=probe_labels, device=device)
 
 
 def node(c):
@@ -199,6 +200,22 @@ def test_decisions_and_the_aggregate_depend_neither_on_arrival_order_nor_on_node
     assert outcomes[0] == outcomes[1] == outcomes[2]
 
 
+def test_the_settings_are_read_from_their_run_config_keys_defaults_included():
+    from dataclasses import fields
+
+    assert LayerCamAeSettings.from_config(RunConfig()) == LayerCamAeSettings()
+    other = dict(target_class=3, map_size="probe", engine="vmap", threads=2, workers=3,
+                 keep_heatmaps=True, hidden=64, epochs=50, lr=1e-2, weight_decay=0.0,
+                 tolerance=1e-3, seed=7, decision="voting", robust_z=3.0, memory=0.5,
+                 score_cap=4.0, scale_rounds=1, group_z=2.25, group_size=0, threshold="upper",
+                 beta=2.0, window=4, votes=3, views=("norm",), view_z=5.0, clip=False, clip_z=0.0)
+    assert set(other) == {f.name for f in fields(LayerCamAeSettings)}
+    assert all(v != getattr(LayerCamAeSettings(), f) for f, v in other.items())
+    config = RunConfig.from_run_config({LayerCamAeSettings.key_of(f): ",".join(v) if f == "views"
+                                        else v for f, v in other.items()})
+    assert LayerCamAeSettings.from_config(config) == LayerCamAeSettings(**other)
+
+
 def test_the_papers_rule_stays_selectable_and_both_scores_are_recorded(trajectory):
     globals_, states, sizes, data = trajectory
     paper = make_strategy(data, decision="voting", threshold="upper", views=(), clip=False)
@@ -249,8 +266,8 @@ def test_an_upload_whose_heat_map_overflows_is_rejected_and_the_round_goes_on():
     probes = torch.rand(2, 1, 16, 16)
 
     def decide(states):
-        strategy = LayerCamAe(model_fn=model_fn, probes=probes,
-                              target_layer="layer4", seed=0, epochs=20, min_replies=2)
+        strategy = LayerCamAe(model_fn=model_fn, probes=probes, target_layer="layer4",
+                              settings=LayerCamAeSettings(seed=0, epochs=20), min_replies=2)
         strategy.global_state = global_state
         arrays, _ = strategy.aggregate_train(1, [reply(c, s, {"num-examples": 10})
                                                  for c, s in enumerate(states)])
@@ -289,7 +306,7 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     # update points 6.5 robust deviations away from the median direction (the cut is 6)
     flagged = record.details["flagged_by_views"]
     assert node(CLIENTS - 1) in flagged and len(flagged) <= 2
-    assert record.details["views"]["norm"][node(CLIENTS - 1)] > strategy.view_z
+    assert record.details["views"]["norm"][node(CLIENTS - 1)] > strategy.settings.view_z
     assert len(record.excluded) <= 3
 
     # the heat maps alone: whatever they decide, a kept update moves the model no farther than
@@ -319,8 +336,9 @@ def test_kept_heat_maps_cover_every_probe_and_come_with_the_probes(probes):
                global_state.items()} for _ in range(4)]
     images = torch.randn(probes, 1, 28, 28)
     for keep in (True, False):
-        strategy = LayerCamAe(model_fn=model_fn, probes=images, target_layer="conv2", seed=0,
-                              epochs=5, min_replies=2, keep_heatmaps=keep)
+        strategy = LayerCamAe(model_fn=model_fn, probes=images, target_layer="conv2",
+                              settings=LayerCamAeSettings(seed=0, epochs=5, keep_heatmaps=keep),
+                              min_replies=2)
         strategy.global_state = global_state
         strategy.aggregate_train(1, [reply(c, s, {"num-examples": 10}) for c, s in enumerate(states)])
         record = strategy.last_record
