@@ -68,13 +68,16 @@ RANK_TOLERANCE = 1e-10
 def select_benign(distances: np.ndarray, budget: float) -> np.ndarray:
     """GAE eq. 9: the subset maximising sum d_i under sum d_i <= budget * sum_i d_i, as a boolean
     mask (0-1 knapsack with value = weight = d_i, exact DP on quantised weights). At least the
-    two models with the smallest d_i are kept."""
+    two models with the smallest d_i are kept. Several subsets can be optimal; the items are
+    taken in ascending order of d_i, so which one is chosen does not depend on the order the
+    models were overheard in."""
     distances = np.asarray(distances, dtype=np.float64)
     capacity = budget * distances.sum()
+    order = np.argsort(distances, kind="stable")
     chosen = np.zeros(len(distances), dtype=bool)
     if capacity > 0:
         # Rounding weights up keeps every chosen subset within the capacity.
-        weights = np.ceil(distances / capacity * KNAPSACK_UNITS - 1e-9).astype(int)
+        weights = np.ceil(distances[order] / capacity * KNAPSACK_UNITS - 1e-9).astype(int)
         # reachable[i][c]: some subset of the first i items weighs exactly c units.
         reachable = np.zeros((len(weights) + 1, KNAPSACK_UNITS + 1), dtype=bool)
         reachable[0, 0] = True
@@ -85,9 +88,9 @@ def select_benign(distances: np.ndarray, budget: float) -> np.ndarray:
         units = int(np.flatnonzero(reachable[-1]).max())
         for i in range(len(weights), 0, -1):  # backtrack: prefer leaving item i-1 out
             if not reachable[i - 1, units]:
-                chosen[i - 1], units = True, units - weights[i - 1]
+                chosen[order[i - 1]], units = True, units - weights[i - 1]
     if chosen.sum() < 2:
-        chosen[np.argsort(distances, kind="stable")[:2]] = True
+        chosen[order[:2]] = True
     return chosen
 
 
