@@ -50,6 +50,14 @@ def test_knapsack_hand_case_and_minimum_of_two():
     assert select_benign(np.array([1.0, 9.0, 2.0]), 0.05).tolist() == [True, False, True]
 
 
+def test_knapsack_choice_does_not_depend_on_the_order_of_the_models():
+    distances = np.array([1.0, 2.0, 3.0, 4.0, 2.5, 1.5])  # several optimal subsets
+    chosen = sorted(distances[select_benign(distances, 0.4)])
+    for seed in range(10):
+        order = np.random.default_rng(seed).permutation(len(distances))
+        assert sorted(distances[order][select_benign(distances[order], 0.4)]) == chosen
+
+
 def test_standardised_rows_have_correlation_as_cosine_and_graph_matches_scikit_learn():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(60, 7)) + rng.normal(size=(60, 1)) * 5  # rows with offsets
