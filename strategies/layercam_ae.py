@@ -146,6 +146,7 @@ class LayerCamAeSettings:
     """0: the median norm (FLAME's bound)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "views", tuple(self.views))  # a list given stays hashable
         # the keys' own checks (task.config): settings built directly meet a run config's rules
         for field in fields(self):
             KEYS_BY_NAME[self.key_of(field.name)].check(getattr(self, field.name), field.name)
