@@ -34,11 +34,13 @@ def server_assets(config: RunConfig, reference: ImageData, grid: Grid | None = N
 
 
 def build_defense(config: RunConfig, assets: ServerAssets, **flower_kwargs: Any) -> DetectingFedAvg:
-    """The strategy named by ``config.defense``, sampling every connected client each round
-    once ``min-replies`` are connected (waiting ``round-timeout`` at most), aggregating with at
+    """The strategy named by ``config.defense``, sampling ``clients-per-round`` (0: every
+    connected client) each round once ``min-replies`` are connected (waiting ``round-timeout``
+    at most), aggregating with at
     least ``min-replies`` valid uploads (``flower_kwargs``, e.g. ``on_record``, go to its
     constructor). Raises ``ConfigError`` naming the key for an unknown name or a value the
     defense cannot use."""
     sampling = {"fraction_train": 1.0, "fraction_evaluate": 0.0,
-                "min_replies": config.min_replies, "sampling_timeout": config.round_timeout}
+                "min_replies": config.min_replies, "sampling_timeout": config.round_timeout,
+                "clients_per_round": config.clients_per_round, "sampling_seed": config.seed}
     return DEFENSES.get(config.defense).from_config(config, assets, **sampling, **flower_kwargs)

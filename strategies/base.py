@@ -12,7 +12,6 @@ to ``on_record``, the harness's way to log it.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -47,6 +46,11 @@ class DetectingFedAvg(FedAvg):
     sampling_timeout : float (default: 600)
         Seconds sampling waits for ``min_replies`` connected nodes; after that the round sends
         nothing and keeps the previous model, so sampling never waits forever.
+    clients_per_round : int (default: 0)
+        Nodes sampled for training each round (``sample_nodes``; fewer when fewer are
+        connected); 0: ``fraction_train`` of the connected nodes (Flower's key; 1.0 by default).
+    sampling_seed : int (default: 0)
+        With the round number, seeds which nodes are sampled: a run samples the same nodes again.
     on_record : callable, optional
         Called with each round's ``RoundRecord`` at the end of ``aggregate_train``.
     **fedavg_kwargs
@@ -65,17 +69,23 @@ class DetectingFedAvg(FedAvg):
     what a checkpoint saves and a resumed run restores (``checkpoint_state``)."""
 
     def __init__(self, *, max_update_ratio: float = MAX_UPDATE_RATIO, min_replies: int = 1,
-                 sampling_timeout: float = 600.0,
+                 sampling_timeout: float = 600.0, clients_per_round: int = 0,
+                 sampling_seed: int = 0,
                  on_record: Callable[[RoundRecord], None] | None = None, **fedavg_kwargs) -> None:
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", mean_of_kept_metrics)
         super().__init__(**fedavg_kwargs)
         self.max_update_ratio = max_update_ratio
         self.min_replies, self.sampling_timeout = min_replies, sampling_timeout
+        if clients_per_round < 0:
+            raise ValueError(f"clients_per_round must be >= 0, got {clients_per_round}")
+        self.clients_per_round, self.sampling_seed = clients_per_round, sampling_seed
         self.on_record = on_record
         self.global_state: dict[str, np.ndarray] | None = None
         self.records: list[RoundRecord] = []
         self.sampled: list[int] = []
         """The nodes the current round was sent to."""
+        self.left_out: set[int] = set()
+        """Connected nodes the current round's sample left out (not dropouts)."""
         self.participants: set[int] = set()
         """Every node that has replied in some round: one missing from a later round is named."""
 
@@ -103,8 +113,9 @@ class DetectingFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model the round starts from, then sample ``fraction_train`` of
-        the connected nodes (seeded by the round) once ``min_replies`` are connected. Unlike
+        """Remember the global model the round starts from, then sample ``clients_per_round``
+        (or ``fraction_train``) of the connected nodes once ``min_replies`` are connected
+        (``sample_nodes``: seeded by the run and the round). Unlike
         Flower's ``sample_nodes`` this waits ``sampling_timeout`` at most: with too few nodes
         the round sends nothing and keeps the previous model."""
         self.global_state = {k: v.numpy() for k, v in arrays.items()}
@@ -113,12 +124,12 @@ class DetectingFedAvg(FedAvg):
             if time.monotonic() > deadline:
                 log(WARNING, "Round %d: %d node(s) connected, fewer than min-replies=%d: "
                     "nothing sent", server_round, len(connected), self.min_replies)
-                self.sampled = []
+                self.sampled, self.left_out = [], set()
                 return []
             time.sleep(0.5)
-        size = max(1, min(len(connected), int(len(connected) * self.fraction_train)))
-        nodes = sorted(random.Random(server_round).sample(connected, size))
-        self.sampled = nodes
+        size = self.clients_per_round or int(len(connected) * self.fraction_train)
+        nodes = sample_nodes(connected, size, self.sampling_seed, server_round)
+        self.sampled, self.left_out = nodes, set(connected) - set(nodes)
         log(INFO, "configure_train: sampled %d nodes (out of %d)", len(nodes), len(connected))
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -152,7 +163,8 @@ class DetectingFedAvg(FedAvg):
             log(WARNING, "Rejected upload from node %d: %s", node_id, reason)
         screening = time.perf_counter() - start
         replied = {u.node_id for u in uploads} | set(rejected)
-        missing = sorted((set(self.sampled) | self.participants) - replied)
+        # dropouts: sampled or seen before, and silent; not those this round's sample left out
+        missing = sorted((set(self.sampled) | self.participants) - replied - self.left_out)
         self.participants |= replied
         needed = max(self.min_replies, self.min_uploads)
         if len(uploads) >= needed:
@@ -199,6 +211,7 @@ class DetectingFedAvg(FedAvg):
             scores=detection.scores, details=detection.details, timings=timings,
             aggregated=arrays is not None, note=note, bounded_claims=bounded,
             heatmaps=detection.heatmaps, probes=detection.probes, missing=missing,
+            sampled=list(self.sampled),
         )
         self.records.append(record)
         if self.on_record is not None:
@@ -207,6 +220,18 @@ class DetectingFedAvg(FedAvg):
             server_round, self.name, len(kept), len(uploads), record.excluded, sorted(rejected),
             missing)
         return arrays, metrics
+
+
+def sample_nodes(connected: list[int], size: int, seed: int, server_round: int) -> list[int]:
+    """``size`` of the ``connected`` node ids (all when fewer, at least one), drawn without
+    replacement by a generator seeded with (``seed``, ``server_round``), sorted: the draw
+    depends on the run's seed, the round and the set of nodes, not on their order."""
+    pool = sorted(connected)
+    size = max(1, min(len(pool), size))
+    if size == len(pool):
+        return pool
+    picked = np.random.default_rng([seed, server_round]).choice(len(pool), size, replace=False)
+    return sorted(pool[i] for i in picked)
 
 
 def mean_of_kept_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:

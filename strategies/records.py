@@ -72,7 +72,10 @@ class RoundRecord:
     probes: np.ndarray | None = field(default=None, repr=False, compare=False)
     """Their probe images (``Detection.probes``): an artifact, not serialised."""
     missing: list[int] = field(default_factory=list)
-    """Nodes sampled this round, or seen in an earlier one, that sent no reply (dropouts)."""
+    """Nodes sampled this round, or seen in an earlier one and not left out of this round's
+    sample, that sent no reply (dropouts)."""
+    sampled: list[int] = field(default_factory=list)
+    """The nodes this round was sent to (every connected node unless ``clients-per-round``)."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (node ids become strings as JSON object keys require); the heat-map

@@ -149,6 +149,10 @@ class RunConfig:
         "defense's own minimum: Krum family n ≥ 2f + 3, Bulyan 4f + 3); with fewer it keeps the "
         "previous global model. See [Dropouts](experiments.md#dropouts-and-crashes)",
         bounds=Range(1, 100_000))
+    clients_per_round: int = setting(
+        0, "clients sampled for training each round (partial participation; 0: every connected "
+        "client, the paper's setting); the sample is drawn by `seed` and the round, and each "
+        "round's record lists it", bounds=Range(0, 100_000))
     resume_from: str = setting(
         "", "a results folder to continue after a crash, from its last checkpoint (same run "
         "config; `num-server-rounds` and the timeouts may differ). See "
@@ -390,6 +394,11 @@ class RunConfig:
         if self.min_replies > self.num_clients:
             raise ConfigError(f"min-replies ({self.min_replies}) must be <= num-clients "
                               f"({self.num_clients})")
+        if self.clients_per_round and not (
+                self.min_replies <= self.clients_per_round <= self.num_clients):
+            raise ConfigError(f"clients-per-round ({self.clients_per_round}) must be 0 (every "
+                              f"client) or between min-replies ({self.min_replies}) and "
+                              f"num-clients ({self.num_clients})")
         if self.num_attackers > 0 and self.attack == "none":
             raise ConfigError("num-attackers > 0 needs an attack other than 'none'")
         check_layercam_ae_decision(self.layercam_ae_decision, self.layercam_ae_threshold,
