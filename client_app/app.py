@@ -10,13 +10,16 @@ ground truth for the server's detection metrics; the harness takes it out of the
 any defense sees it, and an attacker's final reply has the same fields as a benign one. Imports
 of torch and the data stack happen inside the handlers: in a deployment every message starts a
 fresh ClientApp process, and a light module import keeps the other message types cheap.
+Run by Flower's simulation on Ray, a training reply also names the Ray node that made it (a
+``runtime`` ConfigRecord, ``ray-node``), which the harness records and no defense sees.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from task.config import RunConfig
@@ -104,6 +107,29 @@ def _training_data(local, config: RunConfig, attacker: bool):
     return build_attack(config).poison(local)
 
 
+RUNTIME = "runtime"
+"""The reply's ConfigRecord naming where it was made (``ray-node``); the harness takes it out."""
+
+
+def ray_node() -> str | None:
+    """The id of the Ray node this ClientApp runs on, when Flower's simulation runs it in a
+    Ray worker; ``None`` elsewhere (a deployment's ClientApp process never imports Ray, and
+    this doesn't either)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
+def _training_reply(msg: Message, arrays: ArrayRecord, metrics: dict) -> Message:
+    """A training reply: the arrays, their metrics and, on Ray, the node that made them."""
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    node = ray_node()
+    if node is not None:
+        content[RUNTIME] = ConfigRecord({"ray-node": node})
+    return Message(content, reply_to=msg)
+
+
 def _model_reply(msg: Message, state: dict, metrics: dict) -> Message:
     """The reply carrying a model state (numpy arrays) and its metrics."""
     import numpy as np
@@ -112,7 +138,7 @@ def _model_reply(msg: Message, state: dict, metrics: dict) -> Message:
     # np.asarray keeps 0-d buffers (BatchNorm's num_batches_tracked) 0-d; ascontiguousarray
     # would make them 1-d, which the server's screening rightly refuses
     arrays = ArrayRecord({k: torch.from_numpy(np.asarray(v, order="C")) for k, v in state.items()})
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return _training_reply(msg, arrays, metrics)
 
 
 @app.train()
@@ -130,8 +156,8 @@ def train(msg: Message, context: Context) -> Message:
     attack = build_attack(config, model) if attacker else None
     if attack is not None and attack.needs_benign_uploads:
         # The harness will send this round's benign uploads in a "train.attack" message.
-        metrics = MetricRecord({"num-examples": len(local), "attacker": 1.0, "awaits-benign": 1.0})
-        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
+        metrics = {"num-examples": len(local), "attacker": 1.0, "awaits-benign": 1.0}
+        return _training_reply(msg, msg.content["arrays"], metrics)
     if attack is not None:
         local = attack.poison(local)  # honest data unless the attack poisons it
     global_state = state_to_numpy(model)
@@ -222,7 +248,7 @@ def faa_dl_verify(msg: Message, context: Context) -> Message:
     class, which it did not train on.
     """
     import numpy as np
-    from flwr.app import Array, ConfigRecord
+    from flwr.app import Array
 
     from crypto.encrypted_images import encrypt_images
     from crypto.ipfe import MasterPublicKey

@@ -114,7 +114,7 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     log(INFO, "Results folder: %s", writer.path)
     log(INFO, "%d SuperNodes connected; starting %d rounds of %s", connected,
         config.num_server_rounds - first_round + 1, config.defense)
-    strategy.on_record = lambda record: round_log.add_record(record, grid.truth)
+    strategy.on_record = lambda record: round_log.add_record(record, grid.truth, grid.ray_nodes)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
         model = model_fn()

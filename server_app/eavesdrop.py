@@ -7,9 +7,13 @@ Wraps the Grid the ServerApp is given, passes every call through, and on trainin
    uploads first answer with ``awaits-benign = 1``; the harness forwards them this round's
    benign uploads, their claimed data sizes and training losses, and the global model in a
    second message (``train.attack``) and replaces their first reply with the malicious model
-   they return. An attacker that does not answer is dropped from the round.
-This is the only place the server helps an attacker. It is part of the experiment, not of any
-strategy: every strategy receives the final replies through ``send_and_receive`` as usual.
+   they return. An attacker that does not answer is dropped from the round. This is the only
+   place the server helps an attacker;
+3. takes each final reply's ``runtime`` ConfigRecord out and keeps the Ray node it names in
+   ``ray_nodes`` (replies made by Flower's simulation on Ray carry one): where the round's
+   ClientApps ran, for the results only; an id that is no plain hexadecimal string is ignored.
+The harness is part of the experiment, not of any strategy: every strategy receives the final
+replies through ``send_and_receive`` as usual, without these fields.
 It serves benign uploads only when told to (``serve_benign``; ``serves_benign_uploads`` says
 when: attackers are configured, and the run is a simulation or the run config opts in for a
 deployment), and only to replies that report ``attacker = 1``. Otherwise a reply that asks for
@@ -19,6 +23,7 @@ them gets nothing and is passed on as sent.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -32,6 +37,10 @@ from task.params import content_key
 ATTACK_MESSAGE = f"{MessageType.TRAIN}.attack"
 HARNESS_KEYS = ("attacker", "awaits-benign")
 """Metrics only the harness reads; taken out of every reply before a strategy sees it."""
+RUNTIME = "runtime"
+"""The ConfigRecord (``ray-node``) only the harness reads; taken out like ``HARNESS_KEYS``."""
+RAY_NODE = re.compile(r"[0-9a-f]{1,128}")
+"""What a Ray node id looks like (56 hexadecimal digits in Ray 2); a client names its own."""
 
 
 def _metric(reply: Message, key: str):
@@ -63,13 +72,23 @@ def _forwardable(reply: Message) -> tuple[bytes, int] | None:
         return None
 
 
+def ray_node(reply: Message) -> str | None:
+    """The Ray node a reply says it was made on, if it names one that looks like an id."""
+    if not reply.has_content() or RUNTIME not in reply.content.config_records:
+        return None
+    node = reply.content[RUNTIME].get("ray-node")
+    return node if isinstance(node, str) and RAY_NODE.fullmatch(node) else None
+
+
 def strip_ground_truth(reply: Message) -> Message:
-    """Remove the harness's keys from the reply's metrics, in place."""
+    """Remove the harness's keys from the reply's metrics, and its ``runtime`` record, in place."""
     if reply.has_content():
         for record in reply.content.metric_records.values():
             for key in HARNESS_KEYS:
                 if key in record:
                     del record[key]
+        if RUNTIME in reply.content:
+            del reply.content[RUNTIME]
     return reply
 
 
@@ -83,13 +102,15 @@ def serves_benign_uploads(num_attackers: int, simulated: bool, in_deployment: bo
 
 
 class EavesdroppingGrid:
-    """A pass-through ``Grid``; ``truth`` holds the last training round's {node id: attacker}.
-    Benign uploads are sent to attackers only with ``serve_benign``."""
+    """A pass-through ``Grid``; ``truth`` holds the last training round's {node id: attacker},
+    ``ray_nodes`` its {node id: Ray node id}. Benign uploads are sent to attackers only with
+    ``serve_benign``."""
 
     def __init__(self, grid: Grid, serve_benign: bool) -> None:
         self._grid = grid
         self.serve_benign = serve_benign
         self.truth: dict[int, bool] = {}
+        self.ray_nodes: dict[int, str] = {}
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -111,7 +132,7 @@ class EavesdroppingGrid:
                     r.metadata.src_node_id for r in asking if r not in waiting))
             # their replies go on as sent
         if not waiting:
-            return [strip_ground_truth(r) for r in replies]
+            return self._handed_on(replies)
         order = {id(r): _forwardable(r) for r in replies}
         benign = sorted((r for r in replies if order[id(r)] is not None),
                         key=lambda r: order[id(r)])  # crafts are reproducible from run to run
@@ -121,7 +142,13 @@ class EavesdroppingGrid:
         missing = waiting_ids - set(crafted)
         if missing:
             log(WARNING, "Attackers %s sent no crafted model; dropped from the round", sorted(missing))
-        return [strip_ground_truth(r) for r in kept + list(crafted.values())]
+        return self._handed_on(kept + list(crafted.values()))
+
+    def _handed_on(self, replies: list[Message]) -> list[Message]:
+        """The round's final replies without the harness's fields; their Ray nodes kept."""
+        self.ray_nodes = {r.metadata.src_node_id: node for r in replies
+                          if (node := ray_node(r)) is not None}
+        return [strip_ground_truth(r) for r in replies]
 
     def _eavesdrop(self, messages: list[Message], waiting: list[Message], benign: list[Message],
                    timeout: float | None) -> dict[int, Message]:

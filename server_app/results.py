@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -241,15 +241,16 @@ class ResultsWriter:
 class RoundLog:
     """One row of ``rounds.jsonl`` per round, written when the global model is evaluated: the
     evaluation, the defense's ``RoundRecord`` of the round (handed over by the strategy's
-    ``on_record``), and the detection metrics against the harness's ground truth; a progress
-    line on stdout. The heat maps a record carries are drawn over its probes in a PNG, then
-    dropped with them. The clock of the rounds' ``seconds`` and ``elapsed`` starts when the log
-    is made."""
+    ``on_record``), the detection metrics against the harness's ground truth and, when the
+    clients ran on Ray, ``ray_nodes``: {Ray node id: the nodes whose uploads it made}; a
+    progress line on stdout. The heat maps a record carries are drawn over its probes in a
+    PNG, then dropped with them. The clock of the rounds' ``seconds`` and ``elapsed`` starts
+    when the log is made."""
 
     def __init__(self, writer: ResultsWriter, num_rounds: int, elapsed: float = 0.0,
                  decisions: list | None = None) -> None:
         self.writer, self.num_rounds = writer, num_rounds
-        self._records: dict[int, tuple[RoundRecord, dict[int, bool]]] = {}
+        self._records: dict[int, tuple[RoundRecord, dict[int, bool], dict[str, list[int]]]] = {}
         self.decisions: list[tuple[dict[int, bool], set[int], dict[int, float] | None]] = (
             decisions or [])
         self._last = time.monotonic()
@@ -259,9 +260,15 @@ class RoundLog:
         """What a resumed log continues from (``RoundLog(..., **state)``)."""
         return {"elapsed": time.monotonic() - self.started, "decisions": self.decisions}
 
-    def add_record(self, record: RoundRecord, truth: Mapping[int, bool]) -> None:
-        """The defense's record of a round and who really attacked in it."""
-        self._records[record.round] = (record, {n: truth[n] for n in record.received if n in truth})
+    def add_record(self, record: RoundRecord, truth: Mapping[int, bool],
+                   ray_nodes: Mapping[int, str] | None = None) -> None:
+        """The defense's record of a round, who really attacked in it and, on Ray, which Ray
+        node made each upload."""
+        by_ray_node: dict[str, list[int]] = {}
+        for node in sorted(n for n in record.received if n in (ray_nodes or {})):
+            by_ray_node.setdefault(ray_nodes[node], []).append(node)
+        self._records[record.round] = (
+            record, {n: truth[n] for n in record.received if n in truth}, by_ray_node)
 
     def add_evaluation(self, server_round: int, accuracy: float, loss: float) -> dict[str, Any]:
         """Write the round's row (round 0: the initial model) and print its progress line."""
@@ -271,9 +278,11 @@ class RoundLog:
         row: dict[str, Any] = {"round": server_round, "accuracy": accuracy,
                                "loss": loss if math.isfinite(loss) else None,
                                "seconds": now - self._last, "elapsed": now - self.started}
-        record, truth = self._records.pop(server_round, (None, {}))
+        record, truth, ray_nodes = self._records.pop(server_round, (None, {}, {}))
         if record is not None:
             row["defense"] = record.to_json()
+            if ray_nodes:
+                row["ray_nodes"] = dict(sorted(ray_nodes.items()))
             attackers = {node for node, attacked in truth.items() if attacked}
             if truth:
                 removed = set(record.excluded) | set(record.rejected)
@@ -296,6 +305,10 @@ class RoundLog:
                 counts += f", missing {len(record.missing)}"
         print(f"[round {server_round}/{self.num_rounds}] elapsed {now - self.started:6.1f} s, "
               f"accuracy {accuracy:.4f}, loss {loss:.4f}{counts}", flush=True)
+        if len(ray_nodes) > 1:  # a Ray cluster: where the clients ran, in ``ray status``'s ids
+            where = ", ".join(f"{ray_node} ({len(nodes)} clients)"
+                              for ray_node, nodes in sorted(ray_nodes.items()))
+            log(INFO, "Round %d ran on %d Ray nodes: %s", server_round, len(ray_nodes), where)
         return row
 
     def pooled_detection(self) -> dict[str, Any] | None:

@@ -1,11 +1,14 @@
 """The ClientApp handlers on a simulated node: train and evaluate on the node's partition."""
 
+import sys
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client_app.app import evaluate, node_partition, train
+from client_app.app import evaluate, node_partition, ray_node, train
 from task.config import RunConfig
 from task.models import build_model
 from tests.helpers import act_as_serverapp
@@ -59,3 +62,16 @@ def test_sign_flip_attacker_uploads_its_honest_update_reversed():
         w, honest, upload = (r[key].numpy().astype(np.float64) for r in (sent, benign, flipped))
         np.testing.assert_allclose(upload - w, -(honest - w), atol=1e-6)
         assert np.abs(honest - w).max() > 0 or key.endswith("bias")
+
+
+def test_the_ray_node_is_named_only_inside_an_initialised_ray(monkeypatch):
+    """Outside Ray (a deployment's ClientApp process, which never imports it) there is none."""
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert ray_node() is None and "ray" not in sys.modules  # nor does it import Ray
+    idle = SimpleNamespace(is_initialized=lambda: False)
+    monkeypatch.setitem(sys.modules, "ray", idle)
+    assert ray_node() is None
+    context = SimpleNamespace(get_node_id=lambda: "ab" * 28)
+    worker = SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context)
+    monkeypatch.setitem(sys.modules, "ray", worker)
+    assert ray_node() == "ab" * 28

@@ -1,6 +1,9 @@
 """The experiment harness's Grid between real ClientApp handlers and a strategy: ground truth
 reaches the metrics and nothing else, and an eavesdropping attacker's reply looks benign."""
 
+import sys
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from server_app.eavesdrop import (
     ATTACK_MESSAGE,
     HARNESS_KEYS,
+    RUNTIME,
     EavesdroppingGrid,
     serves_benign_uploads,
 )
@@ -183,3 +187,55 @@ def test_malformed_benign_replies_are_not_served_to_attackers_and_break_nothing(
     strategy.aggregate_train(1, replies)
     assert sorted(strategy.last_record.rejected) == [1, 2]
     assert sorted(strategy.last_record.kept) == [3, 4, 5]
+
+
+class FakeRay:
+    """What ``client_app.app.ray_node`` asks of Ray in a Ray worker: every reply names ``node``."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_runtime_context(self):
+        return SimpleNamespace(get_node_id=lambda: self.node)
+
+
+class ForgedRayNodes(LocalGrid):
+    """Nodes 1-3 name their Ray node as a modified client could: no id, a number, a long one."""
+
+    FORGED = {1: "../../etc/passwd", 2: 7, 3: "ab" * 100}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if reply.has_content() and reply.metadata.src_node_id in self.FORGED:
+                reply.content[RUNTIME] = ConfigRecord(
+                    {"ray-node": self.FORGED[reply.metadata.src_node_id]})
+        return replies
+
+
+def test_the_ray_node_of_each_reply_reaches_the_harness_only(monkeypatch):
+    """On Ray, each training reply names the Ray node that made it (the eavesdropping
+    attacker's crafted reply too); the harness keeps the ids that look like one, and every
+    reply reaches the strategy without the record, which neither rejects nor sees it."""
+    ray_node = "0f" * 28
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(ray_node))
+    act_as_serverapp()
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
+    run_config = {**RunConfig().to_run_config(), "local-epochs": 1, "num-clients": 4,
+                  "num-attackers": 1, "attack": "undo-update"}  # node 4 eavesdrops
+    inner = ForgedRayNodes(run_config, len(NODES), 1, num_partitions=24)
+    grid = EavesdroppingGrid(inner, serve_benign=True)
+    messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                        dst_node_id=node, message_type="train", group_id="1") for node in NODES]
+    replies = list(grid.send_and_receive(messages))
+    assert inner.sent == ["train"] * len(NODES) + [ATTACK_MESSAGE]
+    assert grid.ray_nodes == {4: ray_node}
+    assert all(set(r.content.keys()) == {"arrays", "metrics"} for r in replies)
+    strategy = DetectingFedAvg()
+    strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
+    strategy.aggregate_train(1, replies)
+    assert strategy.last_record.kept == [1, 2, 3, 4] and not strategy.last_record.rejected

@@ -6,6 +6,7 @@ copy of one finished 1-round run."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -315,3 +316,24 @@ def test_plain_data_keeps_the_shape_of_0_d_arrays():
         back = from_plain(to_plain(value))
         assert back.shape == value.shape and back.dtype == value.dtype
         np.testing.assert_array_equal(back, value)
+
+
+def test_a_row_groups_the_uploads_by_the_ray_node_that_made_them(tmp_path, caplog):
+    """Replies that named their Ray node (``EavesdroppingGrid.ray_nodes``) are grouped by it;
+    a node that named none is left out; a run on more than one Ray node says so in the log."""
+    from server_app.results import RoundLog
+    from strategies.records import RoundRecord
+
+    record = RoundRecord(round=1, defense="fedavg", received=[11, 12, 13, 14], rejected={14: "x"},
+                         kept=[11, 12, 13], excluded=[], scores=None, details={}, timings={},
+                         aggregated=True)
+    head, worker = "a" * 56, "b" * 56
+    log = RoundLog(ResultsWriter(tmp_path), num_rounds=1)
+    log.add_record(record, {}, {13: worker, 11: head, 14: worker, 99: head})
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        row = log.add_evaluation(1, 0.9, 0.3)
+    assert row["ray_nodes"] == {head: [11], worker: [13, 14]}
+    assert json.loads((tmp_path / "rounds.jsonl").read_text())["ray_nodes"] == row["ray_nodes"]
+    assert f"Round 1 ran on 2 Ray nodes: {head} (1 clients), {worker} (2 clients)" in caplog.text
+    log.add_record(dataclasses.replace(record, round=2), {}, {})
+    assert "ray_nodes" not in log.add_evaluation(2, 0.9, 0.3)
