@@ -22,8 +22,9 @@ models w_1..w_I (claimed data sizes n_i) and the global model w_g only -- no tra
    the GAE's weights: there the loss starts at a minimum, where ascent is unstable.
    ``adversarial=False`` keeps A_fit, the control for what the adversarial step adds.
 5. **Spectral generation** (``spectral_transfer``): L = diag(A 1) - A = B Lambda B^T, L_hat from
-   A_hat = B_hat Lambda_hat B_hat^T, F_hat = B_hat B^T F (the benign features on the adversarial
-   graph), eigenvectors aligned band by band so that F_hat is independent of the eigensolver.
+   A_hat = B_hat Lambda_hat B_hat^T, F_hat = T F with T the paper's B_hat B^T built from spectral
+   projectors (the benign features on the adversarial graph): independent of the eigensolver and
+   continuous in its inputs.
 6. **Optimise under eq. 8** (``optimal_graph_update``): v = w' - w_g is u_bar off the graph and
    F_hat c on it, maximising the first-order damage D(v) = -<v, u_bar> / ||u_bar|| subject to
    ||v|| <= d_T, i.e. ||F_hat c|| <= r_G, r_G^2 = d_T^2 - ||u_bar off the graph||^2. The saddle
@@ -59,8 +60,9 @@ HIDDEN, LATENT = 32, 16
 KNAPSACK_UNITS = 10_000
 EIGENVALUE_TOLERANCE = 1e-8
 """Eigenvalues closer than this (relative to the largest) count as one (for the record)."""
-NEAR_DEGENERATE_GAP = 0.3
-"""Eigenvalues closer than this fraction of their spectrum's mean gap are mapped as one band."""
+SPECTRAL_BANDWIDTH = 1.0
+"""Width of the pairing of eigenvectors by rank (``spectral_transfer``), in ranks; also the width,
+in mean gaps, over which nearby eigenvalues' ranks are smoothed."""
 RANK_TOLERANCE = 1e-10
 """Singular values of F_hat below this fraction of the largest span no direction."""
 
@@ -272,32 +274,33 @@ def adversarial_structure(features: np.ndarray, adjacency: np.ndarray, settings:
     return structure, record
 
 
-def eigenspace_groups(*spectra: np.ndarray, relative_gap: float) -> list[np.ndarray]:
-    """Index ranges (ascending eigenvalues) that no spectrum separates: a new group starts at
-    index k only where every spectrum has a gap above ``relative_gap`` times its mean gap."""
-    separated = np.ones(len(spectra[0]) - 1, dtype=bool)
-    for eigenvalues in spectra:
-        mean_gap = max((eigenvalues[-1] - eigenvalues[0]) / max(len(eigenvalues) - 1, 1), 1e-300)
-        separated &= np.diff(eigenvalues) > relative_gap * mean_gap
-    return np.split(np.arange(len(spectra[0])), np.flatnonzero(separated) + 1)
+def smoothed_ranks(eigenvalues: np.ndarray, bandwidth: float) -> np.ndarray:
+    """Each eigenvalue's rank in its (ascending) spectrum, smoothed over ``bandwidth`` times the
+    spectrum's mean gap: sum_i Phi((lambda_k - lambda_i) / h). Well-separated eigenvalues get
+    k + 1/2, equal ones the same rank; continuous in the eigenvalues."""
+    mean_gap = max((eigenvalues[-1] - eigenvalues[0]) / max(len(eigenvalues) - 1, 1), 1e-300)
+    gaps = torch.from_numpy((eigenvalues[:, None] - eigenvalues[None, :]) / (bandwidth * mean_gap))
+    return torch.special.ndtr(gaps).sum(dim=1).numpy()
 
 
 def spectral_transfer(adjacency: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int]:
-    """Step 5's operator T (M, M), orthogonal, so that F_hat = T F; and the number of distinct
-    eigenvalues of L. Eigenvectors are paired in ascending order of their eigenvalues; where
-    either spectrum has (nearly) repeated eigenvalues the single vectors are not defined, only
-    their span, so each such index range is mapped as a whole: T = sum over groups of
-    B_hat_G R_G^T B_G^T, with R_G the orthogonal Procrustes rotation of B_G onto B_hat_G (for a
-    single pair, the sign that makes b_hat . b >= 0). T does not depend on which basis the
-    eigensolver returns for a repeated eigenvalue, and moves continuously with its inputs."""
+    """Step 5's operator T (M, M), F_hat = T F, and the number of distinct eigenvalues of L.
+
+    The paper's T = B_hat B^T pairs the k-th eigenvectors of L and L_hat. Single eigenvectors
+    are defined only up to sign, and (nearly) repeated eigenvalues only by their span, so that
+    T jumps with the eigensolver's choices and with tiny input changes. Built from the
+    eigenvectors' projectors instead: T = sum_(k,j) W_kj b_hat_k b_hat_k^T b_j b_j^T, with
+    W_kj = exp(-(r_hat_k - r_j)^2 / 2 s^2) over the smoothed ranks r, r_hat (``smoothed_ranks``,
+    s = ``SPECTRAL_BANDWIDTH``), so each b_j is carried to the b_hat of nearby rank in
+    proportion to their overlap. T is the identity when A_hat = A, depends on no basis or sign,
+    and moves continuously with A and A_hat."""
     eigenvalues, basis = np.linalg.eigh(laplacian(adjacency))
     adversarial_eigenvalues, adversarial_basis = np.linalg.eigh(laplacian(structure))
-    aligned = np.empty_like(basis)
-    for group in eigenspace_groups(eigenvalues, adversarial_eigenvalues,
-                                   relative_gap=NEAR_DEGENERATE_GAP):
-        u, _, vt = np.linalg.svd(basis[:, group].T @ adversarial_basis[:, group])
-        aligned[:, group] = basis[:, group] @ (u @ vt)  # the span's basis closest to B_hat_G
-    return adversarial_basis @ aligned.T, distinct_eigenvalues(eigenvalues)
+    ranks = smoothed_ranks(eigenvalues, SPECTRAL_BANDWIDTH)
+    adversarial_ranks = smoothed_ranks(adversarial_eigenvalues, SPECTRAL_BANDWIDTH)
+    weights = np.exp(-0.5 * ((adversarial_ranks[:, None] - ranks[None, :]) / SPECTRAL_BANDWIDTH) ** 2)
+    transfer = adversarial_basis @ (weights * (adversarial_basis.T @ basis)) @ basis.T
+    return transfer, distinct_eigenvalues(eigenvalues)
 
 
 def span_basis(generated: np.ndarray) -> np.ndarray:

@@ -103,7 +103,7 @@ def _cycle(n):
     return adjacency
 
 
-def test_spectral_transfer_is_orthogonal_and_the_identity_on_the_same_graph():
+def test_spectral_transfer_is_the_identity_on_the_same_graph_a_contraction_and_continuous():
     adjacency = cosine_graph(np.random.default_rng(4).normal(size=(50, 5)), 0.2)
     transfer, distinct = spectral_transfer(adjacency, adjacency.copy())
     np.testing.assert_allclose(transfer, np.eye(50), atol=1e-8)
@@ -111,7 +111,14 @@ def test_spectral_transfer_is_orthogonal_and_the_identity_on_the_same_graph():
     structure = (structure + structure.T) / 2
     np.fill_diagonal(structure, 0)
     transfer, _ = spectral_transfer(adjacency, structure)
-    np.testing.assert_allclose(transfer @ transfer.T, np.eye(50), atol=1e-10)
+    assert np.linalg.norm(transfer, 2) <= 1 + 1e-10  # a Gaussian Schur multiplier of B_hat^T B
+    assert np.linalg.norm(transfer - np.eye(50)) > 1  # and another graph moves the features
+    noise = np.random.default_rng(6).normal(size=(50, 50))
+    noise = (noise + noise.T) / 2
+    np.fill_diagonal(noise, 0)
+    changes = [np.linalg.norm(spectral_transfer(adjacency, structure + eps * noise)[0] - transfer)
+               for eps in (1e-6, 1e-7)]
+    assert changes[0] < 1e-3 and changes[0] / changes[1] == pytest.approx(10, rel=0.05)  # linear
 
 
 def test_spectral_transfer_does_not_depend_on_the_eigenbasis_of_a_repeated_eigenvalue():
@@ -254,17 +261,15 @@ def test_same_seed_same_output(mnist_round, reference):
     assert all(np.array_equal(again[k], reference[0][k]) for k in again)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: on the round its clients train on one thread (as the ClientApp does), the GAE's "
-    "output under a 1e-9 input perturbation has cosine 0.985 with the unperturbed one, below "
-    "SPEC 10's 0.99; the test passed only when earlier tests left torch on 2 threads"))
 def test_output_is_stable_under_a_1e9_perturbation_of_the_inputs(mnist_round, reference):
     global_state, benign, sizes = mnist_round
-    rng = np.random.default_rng(11)
-    perturbed = tuple({k: v.astype(np.float64) + 1e-9 * rng.standard_normal(v.shape)
-                       if v.dtype.kind == "f" else v for k, v in s.items()} for s in benign)
-    state, _ = _craft(mnist_round, states=perturbed)
-    assert _cosine(_deviation(mnist_round, state), _deviation(mnist_round, reference[0])) >= 0.99
+    ours = _deviation(mnist_round, reference[0])
+    for seed in (11, 12, 13):
+        rng = np.random.default_rng(seed)
+        perturbed = tuple({k: v.astype(np.float64) + 1e-9 * rng.standard_normal(v.shape)
+                           if v.dtype.kind == "f" else v for k, v in s.items()} for s in benign)
+        state, _ = _craft(mnist_round, states=perturbed)
+        assert _cosine(_deviation(mnist_round, state), ours) >= 0.99, seed
 
 
 def test_output_depends_on_the_trained_adversarial_gae_beyond_solver_noise(mnist_round, reference):
