@@ -112,6 +112,9 @@ class LayerCamAeSettings:
     ``benchmarks/detection_matrix.py`` for native maps (``strategies.detection.evidence``)."""
     memory: float = _DEFAULTS.layercam_ae_memory
     """Forgetting factor of the evidence (0: this round's score alone)."""
+    evidence_decay: str = _DEFAULTS.layercam_ae_evidence_decay
+    """How a client's evidence fades while it is not sampled: by the rounds it takes part in
+    (``"participation"``) or by every round that passes (``"rounds"``)."""
     score_cap: float = _DEFAULTS.layercam_ae_score_cap
     """Each round's score enters the evidence clipped to +-score_cap."""
     scale_rounds: int = _DEFAULTS.layercam_ae_scale_rounds
@@ -234,7 +237,8 @@ class LayerCamAe(DetectingFedAvg):
                                             for _ in range(settings.workers - 1 if parallel else 0)]
         self.combine = combine
         self.history = OutlierHistory(settings.window)
-        self.evidence = EvidenceLedger(settings.memory, settings.score_cap)
+        self.evidence = EvidenceLedger(settings.memory, settings.score_cap,
+                                       settings.evidence_decay)
         self.spreads = SpreadHistory(settings.scale_rounds)
 
     @classmethod
@@ -334,9 +338,9 @@ class LayerCamAe(DetectingFedAvg):
         node_ids = [u.node_id for u in uploads]
 
         start = time.perf_counter()
-        kept, scores, rule_details = (
-            self.decide_by_evidence(node_ids, errors) if self.settings.decision == "evidence"
-            else self.decide_by_vote(server_round, node_ids, errors))
+        decide = (self.decide_by_evidence if self.settings.decision == "evidence"
+                  else self.decide_by_vote)
+        kept, scores, rule_details = decide(server_round, node_ids, errors)
         timings["decision"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -358,13 +362,13 @@ class LayerCamAe(DetectingFedAvg):
         return Detection(kept=kept, scores=scores, details=details, timings=timings,
                          rejected=rejected, **self.heatmaps_to_keep(maps))
 
-    def decide_by_evidence(self, node_ids: list[int], errors: np.ndarray
+    def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:
         """Keep the clients whose evidence over rounds stays within +-robust_z and who are not
         in a low group (``strategies.detection.evidence``)."""
         s = self.settings
         z = self.spreads.scores(errors)
-        evidence = self.evidence.update(dict(zip(node_ids, z.tolist())))
+        evidence = self.evidence.update(dict(zip(node_ids, z.tolist())), server_round)
         excluded = excluded_by_evidence(evidence, s.robust_z, s.group_z, s.group_size)
         kept = [n for n in node_ids if n not in excluded]
         return kept, {n: abs(e) for n, e in evidence.items()}, {

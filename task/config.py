@@ -38,6 +38,8 @@ LAYERCAM_AE_DECISIONS = ("evidence", "voting")
 LAYERCAM_AE_THRESHOLDS = ("upper", "two-sided")
 HEATMAP_ENGINES = ("auto", "loop", "vmap")
 HEATMAP_SIZES = ("probe", "native")
+EVIDENCE_DECAYS = ("participation", "rounds")
+"""How evidence fades while a client is not sampled (``strategies.detection.evidence``)."""
 UPDATE_VIEWS = ("norm", "direction", "outside-range", "collusion")
 """The views of the updates beside the heat maps (``strategies.detection.update_views``)."""
 
@@ -238,6 +240,10 @@ class RunConfig:
     layercam_ae_memory: float = setting(
         0.8, "forgetting factor of the evidence (0: this round's score alone)",
         bounds=Range(0, 1, open_high=True))
+    layercam_ae_evidence_decay: str = setting(
+        "participation", "how a client's evidence fades over rounds it is not sampled in "
+        "(`clients-per-round`): `participation`, only by the rounds it takes part in; `rounds`, "
+        "by every round that passes", choices=EVIDENCE_DECAYS)
     layercam_ae_score_cap: float = setting(
         3.0, "a round's score enters the evidence clipped to ±cap (below the cut: one round "
         "alone excludes only as part of a low group)", bounds=Range(0, 100, open_low=True))

@@ -62,6 +62,21 @@ def test_a_client_absent_for_rounds_keeps_its_evidence_until_it_is_scored_again(
     assert back < first[1]  # its second low round adds to the first, however long ago
 
 
+def test_with_decay_by_rounds_the_evidence_of_an_absent_client_fades_with_the_rounds_missed():
+    ledger = EvidenceLedger(memory=0.8, cap=3.0, decay="rounds")
+    ledger.update({1: -2.0, 2: 0.5}, server_round=1)
+    for server_round in range(2, 7):  # client 1 misses rounds 2-6
+        ledger.update({2: 0.1}, server_round=server_round)
+    keep = 0.8 ** 6  # five rounds missed, then this round's own forgetting
+    back = ledger.update({1: -2.0}, server_round=7)[1]
+    assert back == pytest.approx((keep * -2.0 - 2.0) / np.sqrt(keep**2 + 1))
+    every_round = EvidenceLedger(memory=0.8, cap=3.0, decay="rounds")
+    by_participation = EvidenceLedger(memory=0.8, cap=3.0)
+    for server_round in range(1, 5):  # a client scored every round: both decays agree
+        scores = {3: -1.5 + 0.1 * server_round}
+        assert every_round.update(scores, server_round) == by_participation.update(scores)
+
+
 @pytest.mark.e2e
 def test_a_run_sends_each_round_to_its_sample_and_counts_only_those_client_rounds(tmp_path):
     clients, per_round, rounds, attackers = 8, 4, 3, 2

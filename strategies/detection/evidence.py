@@ -18,8 +18,12 @@ behaving so; a benign client with one unlucky round is readmitted once its later
 back. ``memory = 0`` is the one-round robust cut. The clip bounds what one round can say, as
 benign rounds have heavy tails; with the cap below the cut, one round alone excludes a client
 only as part of a low group. Benign scores are not independent either (a client's data stays
-its own), so the cut sits above what a persistently off-centre benign client accumulates. A
-client that skips a round keeps its evidence unchanged.
+its own), so the cut sits above what a persistently off-centre benign client accumulates.
+
+A client not sampled in a round (partial participation) is not scored in it. Its evidence
+decays by the rounds it took part in (``decay="participation"``, the default: it returns with
+the evidence it left with) or by the rounds that passed (``decay="rounds"``: S and V are first
+multiplied by memory and memory^2 once per round missed, so old evidence fades with time).
 
 ``excluded_by_evidence`` turns evidence into exclusions: beyond +-cut alone, or together with a
 group. Colluders form a mode of near-alike maps that the autoencoder reconstructs better than
@@ -38,6 +42,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from strategies.detection.thresholds import MAD_TO_STD, robust_z
+from task.config import EVIDENCE_DECAYS
 
 
 class SpreadHistory:
@@ -62,22 +67,36 @@ class SpreadHistory:
 class EvidenceLedger:
     """Per-client evidence E (module docstring), updated once per round."""
 
-    def __init__(self, memory: float, cap: float = math.inf) -> None:
+    def __init__(self, memory: float, cap: float = math.inf, decay: str = "participation") -> None:
         if not 0 <= memory < 1:
             raise ValueError(f"memory must be in [0, 1), got {memory}")
         if not cap > 0:
             raise ValueError(f"cap must be > 0, got {cap}")
+        if decay not in EVIDENCE_DECAYS:
+            raise ValueError(f"decay must be one of {EVIDENCE_DECAYS}, got {decay!r}")
         self.memory = memory
         self.cap = cap
+        self.decay = decay
         self.sums: dict[int, float] = {}
         self.variances: dict[int, float] = {}
+        self.last_round: dict[int, int] = {}
+        """The round each client was last scored in (``decay="rounds"``)."""
 
-    def update(self, scores: Mapping[int, float]) -> dict[int, float]:
-        """Add this round's signed scores; return the evidence of the clients scored."""
+    def update(self, scores: Mapping[int, float], server_round: int | None = None
+               ) -> dict[int, float]:
+        """Add this round's signed scores; return the evidence of the clients scored. With
+        ``decay="rounds"`` the round number tells how many rounds each client missed."""
+        if self.decay == "rounds" and server_round is None:
+            raise ValueError("decay='rounds' needs the round number")
         evidence = {}
         for node, z in scores.items():
-            total = self.memory * self.sums.get(node, 0.0) + min(max(float(z), -self.cap), self.cap)
-            variance = self.memory ** 2 * self.variances.get(node, 0.0) + 1.0
+            missed = 0
+            if self.decay == "rounds":
+                missed = max(server_round - self.last_round.get(node, server_round - 1) - 1, 0)
+                self.last_round[node] = server_round
+            keep = self.memory ** (missed + 1)
+            total = keep * self.sums.get(node, 0.0) + min(max(float(z), -self.cap), self.cap)
+            variance = keep ** 2 * self.variances.get(node, 0.0) + 1.0
             self.sums[node], self.variances[node] = total, variance
             evidence[node] = total / math.sqrt(variance)
         return evidence
