@@ -8,13 +8,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from strategies.aggregation import weighted_average
-from strategies.detection.autoencoder import PATIENCE, torch_threads
-from strategies.records import ClientUpload
-from task.data import load_federated_data
-from task.models import build_model
-from task.partition import client_indices
-from task.train import load_numpy_state, state_to_numpy, train
+from experiments.federation import LocalFederation, run_rounds
+from strategies.detection.autoencoder import PATIENCE
+from task.config import RunConfig
 
 
 def act_as_serverapp() -> None:
@@ -37,32 +33,20 @@ def reply(node_id: int, arrays: dict[str, np.ndarray] | None, metrics: dict) -> 
 
 
 def benign_trajectory(rounds: int, num_clients: int, seed: int = 0):
-    """Per round: the global model and every client's honestly trained state (1 local epoch),
-    following clean FedAvg. Returns (list of global states, list of lists of states, sizes).
-    Clients train on one intra-op thread, as the ClientApp does: the states do not depend on
-    the machine's thread count."""
-    torch.manual_seed(seed)
-    data = load_federated_data("mnist-embedded", seed)
-    labels = data.train.labels.numpy()
-    locals_ = [data.train.subset(client_indices(labels, c, num_clients, "iid", 0.5, seed))
-               for c in range(num_clients)]
-    global_state = state_to_numpy(build_model("cnn", 1, 10, 28))
+    """Per round: the global model and every client's honestly trained state (1 local epoch,
+    the embedded MNIST's CNN, IID), following clean FedAvg as ``flwr run`` runs it
+    (``experiments.federation``: the ClientApp's training seeds, one intra-op thread, so the
+    states do not depend on the machine's thread count). Returns (list of global states, list
+    of lists of states in client order, sizes, data)."""
+    config = RunConfig(dataset="mnist-embedded", model="cnn", partitioning="iid",
+                       num_clients=num_clients, seed=seed, local_epochs=1, defense="fedavg",
+                       attack="none", num_attackers=0)
+    federation = LocalFederation(config)
     globals_, states = [], []
-    for t in range(rounds):
-        round_states = []
-        for c, local in enumerate(locals_):
-            model = build_model("cnn", 1, 10, 28)
-            load_numpy_state(model, global_state)
-            with torch_threads(1):
-                train(model, local, epochs=1, batch_size=64, learning_rate=1e-3,
-                      weight_decay=0.0, device=torch.device("cpu"), seed=seed * 997 + t * 31 + c)
-            round_states.append(state_to_numpy(model))
-        globals_.append(global_state)
-        states.append(round_states)
-        global_state = weighted_average(
-            [ClientUpload(c, s, float(len(locals_[c]))) for c, s in enumerate(round_states)]
-        )
-    return globals_, states, [len(l) for l in locals_], data
+    for played in run_rounds(federation, config, rounds):
+        globals_.append(played.global_state)
+        states.append([u.arrays for u in sorted(played.uploads, key=lambda u: u.node_id)])
+    return globals_, states, [len(p) for p in federation.partitions], federation.data
 
 
 def autograd_reconstruction_errors(maps, *, hidden, epochs, lr=1e-3, weight_decay=1e-5, seed=0,
