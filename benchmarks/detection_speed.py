@@ -25,6 +25,7 @@ of the paper's score per round, and which clients each setting's rule flags.
 
     python benchmarks/detection_speed.py                         # CPU: all parts
     python benchmarks/detection_speed.py --part speed --busy 2
+    python benchmarks/detection_speed.py --part speed --models cnn --settings native --k 24 50 100 1000
     python benchmarks/detection_speed.py --part autoencoder --k 24 100 --dims 256 --against HEAD~1
     python benchmarks/detection_speed.py --part speed --device cuda --models resnet50 --k-large 24 \
         --image-size 224
@@ -118,7 +119,7 @@ def speed(args) -> None:
         burner.start()
     load = f"{args.busy} busy process(es) beside it" if args.busy else "quiet"
     # threads and workers are CPU settings: a GPU runs "paper" and "native" alone
-    settings = [s for s in SETTINGS if args.device == "cpu" or s in ("paper", "native")]
+    settings = [s for s in args.settings if args.device == "cpu" or s in ("paper", "native")]
     size = f", images {args.image_size}x{args.image_size}" if args.image_size else ""
     print(f"\nDetection per round ({args.device}{size}, {load}; median of {args.repeats}):\n")
     print("| model | K | setting | heat maps s | AE s (epochs) | decision s | update views s | "
@@ -280,6 +281,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=0,
                         help="probe and model input size for every model (0: each model's "
                              "usual: 28 for the CNN, 32 for the ResNets; SPEC's GPU target: 224)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="the settings --part speed measures (default: all four)")
     parser.add_argument("--busy", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=0.0,

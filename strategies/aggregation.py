@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from strategies.records import ClientUpload
-from task.params import State, flatten_updates, unflatten
+from task.params import State, flatten_updates, row_norms, unflatten
 
 
 def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
@@ -32,19 +32,23 @@ def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
     return out
 
 
-def clipped_to(uploads: Sequence[ClientUpload], global_state: State, bound: float
-               ) -> list[ClientUpload]:
+def clipped_to(uploads: Sequence[ClientUpload], global_state: State, bound: float,
+               norms: Mapping[int, float] | None = None) -> list[ClientUpload]:
     """The uploads with every update w - w_global longer than ``bound`` scaled down to it
     (float arrays; integer buffers as uploaded). Scaling towards w_global keeps BatchNorm
-    variances positive: each clipped value lies between the global's and the upload's."""
-    if not uploads:
-        return []
-    updates, names = flatten_updates([u.arrays for u in uploads], global_state)
-    norms = np.linalg.norm(updates, axis=1)
+    variances positive: each clipped value lies between the global's and the upload's.
+    ``norms``: each node's ||w - w_global||, when the caller has them (only the uploads to clip
+    are then flattened)."""
+    if norms is None:
+        updates, _ = flatten_updates([u.arrays for u in uploads], global_state)
+        norms = {u.node_id: float(n) for u, n in zip(uploads, row_norms(updates))}
     out = []
-    for upload, update, norm in zip(uploads, updates, norms):
+    for upload in uploads:
+        norm = norms[upload.node_id]
         if norm > bound:
-            arrays = unflatten(update * (bound / norm), names, global_state, buffers=upload.arrays)
+            update, names = flatten_updates([upload.arrays], global_state)
+            arrays = unflatten(update[0] * (bound / norm), names, global_state,
+                               buffers=upload.arrays)
             upload = dataclasses.replace(upload, arrays=arrays)
         out.append(upload)
     return out

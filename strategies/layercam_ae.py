@@ -49,7 +49,7 @@ from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
 from strategies.detection.update_views import VIEW_TAILS, norm_bound, view_scores
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
-from task.params import flatten_updates
+from task.params import flatten_updates, row_norms
 
 KEPT_PROBES = 8
 """Probes whose maps ``keep_heatmaps`` hands over at most (the saved grid's columns)."""
@@ -387,11 +387,12 @@ class LayerCamAe(DetectingFedAvg):
         if not (s.views or s.clip):
             return kept, scores, {"clip_bound": None}
         updates, _ = flatten_updates([u.arrays for u in uploads], self.global_state)
-        details: dict[str, Any] = {"clip_bound": norm_bound(updates, s.clip_z)
-                                   if s.clip else None}
+        node_ids = [u.node_id for u in uploads]
+        norms = row_norms(updates)
+        details: dict[str, Any] = {"clip_bound": norm_bound(norms, s.clip_z) if s.clip else None,
+                                   "update_norms": dict(zip(node_ids, norms.tolist()))}
         if not s.views:
             return kept, scores, details
-        node_ids = [u.node_id for u in uploads]
         views = view_scores(updates, s.views)
         relative = np.max(np.stack([z / (s.view_z * VIEW_TAILS[v]) for v, z in views.items()]),
                           axis=0)  # > 1: beyond the cut of some view
@@ -410,7 +411,8 @@ class LayerCamAe(DetectingFedAvg):
         bound = detection.details.get("clip_bound")
         if bound is None or self.global_state is None:
             return super().new_global_state(detection, kept)
-        return weighted_average(clipped_to(kept, self.global_state, bound))
+        return weighted_average(clipped_to(kept, self.global_state, bound,
+                                           detection.details["update_norms"]))
 
     def decide_by_vote(self, server_round: int, node_ids: list[int], errors: np.ndarray
                        ) -> tuple[list[int], dict[int, float], dict]:

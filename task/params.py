@@ -34,6 +34,11 @@ def gather(state: State, names: Sequence[str], indices: np.ndarray) -> np.ndarra
     return out
 
 
+def row_norms(vectors: np.ndarray) -> np.ndarray:
+    """||v_i|| of every row, without the squared copy ``np.linalg.norm`` makes."""
+    return np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+
+
 def flatten_updates(states: Sequence[State], global_state: State) -> tuple[np.ndarray, list[str]]:
     """(n, d) float64 matrix of the updates of the float arrays, and the array names in order.
     Each difference is written straight into its row (float64 before subtracting, as

@@ -8,6 +8,7 @@ from attacks import AttackInput, build_attack
 from strategies.aggregation import clipped_to
 from strategies.flame import cosine_distances, flame_admitted, flame_update
 from strategies.records import ClientUpload
+from task.params import row_norms
 from strategies.detection.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, column_median, direction_view, norm_view,
                                      outside_range_view, robust_z, view_scores)
 from task.config import UPDATE_VIEWS, RunConfig
@@ -88,6 +89,9 @@ def test_clipping_by_hand_keeps_integer_buffers_and_short_updates():
     np.testing.assert_allclose(clipped[0].arrays["w"], [1.5, 2.0])
     assert clipped[0].arrays["steps"] == 9 and clipped[0].arrays["steps"].shape == ()
     assert clipped[1] is short
+    given = clipped_to([long, short], global_state, bound=2.5, norms={1: 5.0, 2: 0.5})
+    np.testing.assert_array_equal(given[0].arrays["w"], clipped[0].arrays["w"])
+    assert given[1] is short  # with the norms given, only the upload to clip is touched
 
 
 def test_flame_on_a_hand_computed_case():
@@ -148,13 +152,13 @@ def test_block_wise_median_and_outside_range_equal_the_whole_array_computation(m
 
 def test_the_norm_bound_by_hand_and_against_a_boosted_minority():
     updates = np.diag([1.0, 2.0, 4.0, 8.0, 16.0])  # log norms 0, ln2, 2 ln2, 3 ln2, 4 ln2
-    assert norm_bound(updates, 0.0) == pytest.approx(4.0)  # the median norm
+    assert norm_bound(row_norms(updates), 0.0) == pytest.approx(4.0)  # the median norm
     # MAD of the log norms = ln 2: z = 1 lies 1.4826 ln 2 above the median
-    assert norm_bound(updates, 1.0) == pytest.approx(4.0 * 2 ** 1.4826)
+    assert norm_bound(row_norms(updates), 1.0) == pytest.approx(4.0 * 2 ** 1.4826)
     boosted = benign_round()
-    bound = norm_bound(boosted, 2.0)
+    bound = norm_bound(row_norms(boosted), 2.0)
     boosted[-3:] *= 1000  # three model-replacement uploads barely move it
-    assert norm_bound(boosted, 2.0) == pytest.approx(bound, rel=0.1)
+    assert norm_bound(row_norms(boosted), 2.0) == pytest.approx(bound, rel=0.1)
     assert bound < np.linalg.norm(benign_round(), axis=1).max() * 1.5
 
 

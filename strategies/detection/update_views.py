@@ -28,17 +28,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from strategies.detection.thresholds import MAD_TO_STD, robust_z
+from task.params import row_norms
 
 RANGE_WIDTH = 4.0
 """Robust standard deviations from the coordinate's median beyond which a value is outside
 the round's range (``outside-range``)."""
 
 TINY = 1e-12
-
-
-def row_norms(updates: np.ndarray) -> np.ndarray:
-    """||Delta_i|| of every row, without the squared copy ``np.linalg.norm`` makes."""
-    return np.sqrt(np.einsum("ij,ij->i", updates, updates))
 
 
 def norm_view(updates: np.ndarray) -> np.ndarray:
@@ -139,10 +135,11 @@ def view_scores(updates: np.ndarray, views: Sequence[str]) -> dict[str, np.ndarr
     return {view: robust_z(VIEWS[view](updates, centre)) for view in views}
 
 
-def norm_bound(updates: np.ndarray, z: float) -> float:
-    """exp(median + z * 1.4826 MAD) of the updates' log norms: the norm of a client ``z``
-    robust standard deviations above the round's median (z = 0: the median norm). Attackers
-    who are a minority move neither the median nor the MAD far, however long their uploads."""
-    logs = norm_view(updates)
+def norm_bound(norms: np.ndarray, z: float) -> float:
+    """exp(median + z * 1.4826 MAD) of the log of the updates' ``norms`` (``row_norms``): the
+    norm of a client ``z`` robust standard deviations above the round's median (z = 0: the
+    median norm). Attackers who are a minority move neither the median nor the MAD far,
+    however long their uploads."""
+    logs = np.log(np.maximum(norms, TINY))
     centre = float(np.median(logs))
     return float(np.exp(centre + z * MAD_TO_STD * float(np.median(np.abs(logs - centre)))))
