@@ -52,7 +52,8 @@ def federation(tmp_path):
     try:
         for i in range(NODES):
             role = "attacker" if i == NODES - 1 else "benign"
-            federation.add_node(f"node{i}", f"partition-id={i} num-partitions={NODES} role='{role}'")
+            federation.add_node(f"node{i}", f"partition-id={i} num-partitions={8 * NODES} "
+                                           f"role='{role}'")  # small partitions: quick training
         wait_for(lambda: federation.online() == NODES, 90, "three SuperNodes online", federation)
         yield federation
     finally:
