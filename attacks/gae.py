@@ -54,10 +54,13 @@ from torch import nn
 
 from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.observed import ObservedRound, observe_round
+from task.config import RunConfig, check_gae_nodes
 from task.params import State, unflatten
 
 HIDDEN, LATENT = 32, 16
 KNAPSACK_UNITS = 10_000
+_DEFAULTS = RunConfig()
+"""The declared defaults of the ``gae-*`` keys (``task.config``), the constructor's too."""
 EIGENVALUE_TOLERANCE = 1e-8
 """Eigenvalues closer than this (relative to the largest) count as one (for the record)."""
 SPECTRAL_BANDWIDTH = 1.0
@@ -172,15 +175,15 @@ class _GcnEncoder(nn.Module):
 class GaeSettings:
     """Step 4's autoencoder (run-config keys ``gae-*``)."""
 
-    epochs: int = 150
+    epochs: int = _DEFAULTS.gae_epochs
     """Adam steps of descent: the GAE learns to reconstruct A."""
-    adversarial: bool = True
+    adversarial: bool = _DEFAULTS.gae_adversarial
     """Ascend the reconstruction loss from there (the paper's adversarial regeneration)."""
-    adversarial_epochs: int = 20
+    adversarial_epochs: int = _DEFAULTS.gae_adversarial_epochs
     """Projected ascent steps on the latent embedding."""
-    perturbation: float = 0.05
+    perturbation: float = _DEFAULTS.gae_perturbation
     """Budget eps of the ascent: mean |A_hat - A_fit| over all pairs, A_fit the reconstruction."""
-    learning_rate: float = 0.005
+    learning_rate: float = _DEFAULTS.gae_learning_rate
 
 
 ADVERSARIAL_STEP = 0.05
@@ -349,11 +352,13 @@ class Gae(Attack):
     name = "gae"
     needs_benign_uploads = True
 
-    def __init__(self, graph_nodes: int = 500, candidate_nodes: int = 1000,
-                 edge_threshold: float = 0.5, edge_ramp: float = 0.2, budget: float = 0.5,
-                 radius: float = 0.0, settings: GaeSettings = GaeSettings()) -> None:
-        if candidate_nodes < graph_nodes:
-            raise ValueError("candidate_nodes must be >= graph_nodes")
+    def __init__(self, graph_nodes: int = _DEFAULTS.gae_graph_nodes,
+                 candidate_nodes: int = _DEFAULTS.gae_candidate_nodes,
+                 edge_threshold: float = _DEFAULTS.gae_edge_threshold,
+                 edge_ramp: float = _DEFAULTS.gae_edge_ramp, budget: float = _DEFAULTS.gae_budget,
+                 radius: float = _DEFAULTS.gae_radius, settings: GaeSettings = GaeSettings()
+                 ) -> None:
+        check_gae_nodes(candidate_nodes, graph_nodes, prefix="")
         self.graph_nodes, self.candidate_nodes = graph_nodes, candidate_nodes
         self.edge_threshold, self.edge_ramp = edge_threshold, edge_ramp
         self.budget, self.radius = budget, radius
@@ -362,11 +367,15 @@ class Gae(Attack):
 
     @classmethod
     def from_config(cls, config, model=None):
-        return cls(config.gae_graph_nodes, config.gae_candidate_nodes, config.gae_edge_threshold,
-                   config.gae_edge_ramp, config.gae_budget, config.gae_radius,
-                   GaeSettings(config.gae_epochs, config.gae_adversarial,
-                               config.gae_adversarial_epochs, config.gae_perturbation,
-                               config.gae_learning_rate))
+        return cls(graph_nodes=config.gae_graph_nodes,
+                   candidate_nodes=config.gae_candidate_nodes,
+                   edge_threshold=config.gae_edge_threshold, edge_ramp=config.gae_edge_ramp,
+                   budget=config.gae_budget, radius=config.gae_radius,
+                   settings=GaeSettings(epochs=config.gae_epochs,
+                                        adversarial=config.gae_adversarial,
+                                        adversarial_epochs=config.gae_adversarial_epochs,
+                                        perturbation=config.gae_perturbation,
+                                        learning_rate=config.gae_learning_rate))
 
     def craft(self, attack_input: AttackInput) -> State:
         state, self.last_report = self.craft_with_report(attack_input)

@@ -386,9 +386,7 @@ class RunConfig:
         """Check ranges and names; raise ``ConfigError`` naming the first bad key."""
         for key in KEYS:  # the declared choices and ranges
             key.check(getattr(self, key.field))
-        if self.gae_candidate_nodes < self.gae_graph_nodes:
-            raise ConfigError(f"gae-candidate-nodes ({self.gae_candidate_nodes}) must be >= "
-                              f"gae-graph-nodes ({self.gae_graph_nodes})")
+        check_gae_nodes(self.gae_candidate_nodes, self.gae_graph_nodes)
         for key, value in (("defense", self.defense), ("attack", self.attack)):
             if not NAME.fullmatch(value):  # names the run's folder: nothing but a plain name
                 raise ConfigError(f"{key}={value!r} is not a name (lower-case letters, digits "
@@ -490,6 +488,15 @@ def check_layercam_ae_decision(decision: str, threshold: str, votes: int, window
         raise ConfigError(f"{prefix}threshold='upper' (the paper's rule) needs "
                           f"{prefix}decision='voting'; the evidence decision accumulates the "
                           "two-sided score")
+
+
+def check_gae_nodes(candidate_nodes: int, graph_nodes: int, prefix: str = "gae-") -> None:
+    """GAE draws its graph's nodes from its candidates: there must be at least as many. Raises
+    ``ConfigError`` naming the keys, or with ``prefix=""`` the arguments of ``attacks.gae.Gae``."""
+    if candidate_nodes < graph_nodes:
+        sep = "-" if prefix else "_"
+        raise ConfigError(f"{prefix}candidate{sep}nodes ({candidate_nodes}) must be >= "
+                          f"{prefix}graph{sep}nodes ({graph_nodes})")
 
 
 def key_table() -> str:
