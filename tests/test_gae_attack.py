@@ -172,10 +172,20 @@ def test_step6_optimum_matches_an_iterative_solver(rank):
 
 
 @pytest.fixture(scope="module")
-def mnist_round():
-    """The embedded CNN's global model after one FedAvg round, 21 honestly trained clients."""
-    globals_, states, sizes, _ = benign_trajectory(rounds=2, num_clients=21, seed=0)
-    return globals_[1], tuple(states[1]), tuple(float(n) for n in sizes)
+def trajectory():
+    """Three FedAvg rounds of 21 honestly trained clients of the embedded CNN."""
+    return benign_trajectory(rounds=3, num_clients=21, seed=0)
+
+
+def _round(trajectory, index):
+    globals_, states, sizes, _ = trajectory
+    return globals_[index], tuple(states[index]), tuple(float(n) for n in sizes)
+
+
+@pytest.fixture(scope="module")
+def mnist_round(trajectory):
+    """The global model after one FedAvg round, and the clients' models trained from it."""
+    return _round(trajectory, 1)
 
 
 def _craft(round_, seed=7, states=None, **kwargs):
@@ -261,15 +271,19 @@ def test_same_seed_same_output(mnist_round, reference):
     assert all(np.array_equal(again[k], reference[0][k]) for k in again)
 
 
-def test_output_is_stable_under_a_1e9_perturbation_of_the_inputs(mnist_round, reference):
-    global_state, benign, sizes = mnist_round
-    ours = _deviation(mnist_round, reference[0])
+@pytest.mark.parametrize("index", [1, 2])
+def test_output_is_stable_under_a_1e9_perturbation_of_the_inputs(trajectory, index):
+    # round 3 (index 2) is one where eigenvectors paired in bands, aligned by sign, moved the
+    # output to cosine 0.959 under the first of these draws (docs/attacks.md)
+    round_ = _round(trajectory, index)
+    global_state, benign, sizes = round_
+    ours = _deviation(round_, _craft(round_)[0])
     for seed in (11, 12, 13):
         rng = np.random.default_rng(seed)
         perturbed = tuple({k: v.astype(np.float64) + 1e-9 * rng.standard_normal(v.shape)
                            if v.dtype.kind == "f" else v for k, v in s.items()} for s in benign)
-        state, _ = _craft(mnist_round, states=perturbed)
-        assert _cosine(_deviation(mnist_round, state), ours) >= 0.99, seed
+        state, _ = _craft(round_, states=perturbed)
+        assert _cosine(_deviation(round_, state), ours) >= 0.99, seed
 
 
 def test_output_depends_on_the_trained_adversarial_gae_beyond_solver_noise(mnist_round, reference):
