@@ -198,70 +198,45 @@ def autoencoder(args) -> None:
 def auc(args) -> None:
     import dataclasses
 
-    import numpy as np
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from attacks import AttackInput, build_attack
-    from strategies.aggregation import weighted_average
-    from strategies.records import ClientUpload
+    from experiments.federation import LocalFederation, run_rounds
     from task.config import RunConfig
-    from task.data import load_federated_data
-    from task.models import build_model
-    from task.partition import client_indices
-    from task.train import load_numpy_state, state_to_numpy, train
 
-    torch.set_num_threads(2)
     clients, attackers, seed = 24, 3, 0
-    data = load_federated_data("mnist-embedded", seed)
-    labels = data.train.labels.numpy()
-    parts = [data.train.subset(client_indices(labels, c, clients, "iid", 0.5, seed))
-             for c in range(clients)]
-    order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(seed))
-    probes = data.test.as_float(order[:4])
+    base = RunConfig(dataset="mnist-embedded", num_clients=clients, num_attackers=attackers,
+                     seed=seed, local_epochs=1, defense="fedavg")
+    federation = LocalFederation(base)
+    order = torch.randperm(len(federation.test), generator=torch.Generator().manual_seed(seed))
+    probes = federation.test.as_float(order[:4])
     print(f"\nScores on the same rounds (24 clients, 3 attackers, embedded MNIST; AUC per round "
           f"{args.rounds} rounds; flagged = attackers / benign the two-sided rule flags):\n")
     print("| attack | setting | AUC two-sided | AUC paper's score | flagged attackers | "
           "flagged benign | AE s |\n|---|---|---|---|---|---|---|")
-    torch.manual_seed(seed)
-    initial = state_to_numpy(build_model("cnn", 1, 10, 28))
-    model = build_model("cnn", 1, 10, 28)
+    every_round = range(1, args.rounds + 1)
     for attack_name in args.attacks:
-        attack = build_attack(dataclasses.replace(RunConfig(), attack=attack_name,
-                                                  num_attackers=attackers), model)
+        config = dataclasses.replace(base, attack=attack_name)
         strategies = {s: _strategy("cnn", s, args.tolerance, "cpu", probes, seed)
                       for s in ("paper-1-thread", "native")}
         results = {s: {"auc": [], "upper": [], "tp": 0, "fp": 0, "ae": []} for s in strategies}
-        global_state = initial
-        for server_round in range(1, args.rounds + 1):
-            states = []
-            for c in range(clients):
-                load_numpy_state(model, global_state)
-                train(model, parts[c], epochs=1, batch_size=64, learning_rate=1e-3,
-                      weight_decay=0.0, device=torch.device("cpu"), seed=server_round * 100 + c)
-                states.append(state_to_numpy(model))
-            benign = states[: clients - attackers]
-            rng = np.random.default_rng(server_round)
-            for c in range(clients - attackers, clients):
-                states[c] = attack.craft(AttackInput(
-                    global_state, states[c], rng, tuple(benign),
-                    tuple(float(len(parts[i])) for i in range(clients - attackers)),
-                    parts[c].as_float(torch.arange(16))))
-            uploads = [ClientUpload(c, s, float(len(parts[c]))) for c, s in enumerate(states)]
-            truth = [c >= clients - attackers for c in range(clients)]
+        # the rounds of a run whose FedAvg drops the attackers (the same rounds for every
+        # setting), each setting scoring the uploads of every round
+        for played in run_rounds(federation, config, args.rounds, oracle_rounds=every_round):
+            nodes = [u.node_id for u in played.uploads]
+            truth = [played.truth[n] for n in nodes]
             for setting, strategy in strategies.items():
-                strategy.global_state = global_state
-                detection = strategy.detect(server_round, uploads)
+                strategy.global_state = played.global_state
+                detection = strategy.detect(played.server_round, played.uploads)
                 details, record = detection.details, results[setting]
-                record["auc"].append(roc_auc_score(truth, [details["two_sided_scores"][c]
-                                                           for c in range(clients)]))
-                record["upper"].append(roc_auc_score(truth, [details["upper_scores"][c]
-                                                             for c in range(clients)]))
-                flagged = {u.node_id for u in uploads} - set(detection.kept)
-                record["tp"] += sum(truth[c] for c in flagged)
-                record["fp"] += sum(not truth[c] for c in flagged)
+                record["auc"].append(roc_auc_score(truth, [details["two_sided_scores"][n]
+                                                           for n in nodes]))
+                record["upper"].append(roc_auc_score(truth, [details["upper_scores"][n]
+                                                             for n in nodes]))
+                flagged = set(nodes) - set(detection.kept)
+                record["tp"] += sum(played.truth[n] for n in flagged)
+                record["fp"] += sum(not played.truth[n] for n in flagged)
                 record["ae"].append(detection.timings["autoencoder"])
-            global_state = weighted_average(uploads[: clients - attackers])
         for setting, record in results.items():
             print(f"| {attack_name} | {setting} | {' '.join(f'{a:.2f}' for a in record['auc'])} | "
                   f"{' '.join(f'{a:.2f}' for a in record['upper'])} | "

@@ -50,7 +50,9 @@ class DetectingFedAvg(FedAvg):
         Nodes sampled for training each round (``sample_nodes``; fewer when fewer are
         connected); 0: ``fraction_train`` of the connected nodes (Flower's key; 1.0 by default).
     sampling_seed : int (default: 0)
-        With the round number, seeds which nodes are sampled: a run samples the same nodes again.
+        With the round number, seeds which nodes are sampled: the same node ids are sampled
+        again (a resumed run). A new simulation gives its nodes new random ids, so it draws
+        other clients.
     on_record : callable, optional
         Called with each round's ``RoundRecord`` at the end of ``aggregate_train``.
     **fedavg_kwargs
