@@ -393,7 +393,7 @@ class LayerCamAe(DetectingFedAvg):
                                    "update_norms": dict(zip(node_ids, norms.tolist()))}
         if not s.views:
             return kept, scores, details
-        views = view_scores(updates, s.views)
+        views = view_scores(updates, s.views, norms)
         relative = np.max(np.stack([z / (s.view_z * VIEW_TAILS[v]) for v, z in views.items()]),
                           axis=0)  # > 1: beyond the cut of some view
         flagged = {n for n, r in zip(node_ids, relative) if r > 1.0}

@@ -37,14 +37,16 @@ the round's range (``outside-range``)."""
 TINY = 1e-12
 
 
-def norm_view(updates: np.ndarray) -> np.ndarray:
-    """log ||Delta_i|| (a zero update scores as the smallest float's log, never -inf)."""
-    return np.log(np.maximum(row_norms(updates), TINY))
+def norm_view(updates: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """log ||Delta_i|| (a zero update scores as the smallest float's log, never -inf);
+    ``norms``: the rows' norms, when the caller has them."""
+    return np.log(np.maximum(row_norms(updates) if norms is None else norms, TINY))
 
 
-def direction_view(updates: np.ndarray, centre: np.ndarray) -> np.ndarray:
+def direction_view(updates: np.ndarray, centre: np.ndarray,
+                   norms: np.ndarray | None = None) -> np.ndarray:
     """1 - cos(Delta_i, m): 0 along the median update, 1 orthogonal to it, 2 against it."""
-    norms = row_norms(updates) * np.linalg.norm(centre)
+    norms = (row_norms(updates) if norms is None else norms) * np.linalg.norm(centre)
     return 1.0 - (updates @ centre) / np.maximum(norms, TINY)
 
 
@@ -111,13 +113,14 @@ def collusion_view(updates: np.ndarray) -> np.ndarray:
     return np.log(max(scale, TINY) / np.maximum(nearest, floor))
 
 
-VIEWS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "norm": lambda updates, centre: norm_view(updates),
+VIEWS: dict[str, Callable[..., np.ndarray]] = {
+    "norm": lambda updates, centre, norms=None: norm_view(updates, norms),
     "direction": direction_view,
-    "outside-range": outside_range_view,
-    "collusion": lambda updates, centre: collusion_view(updates),
+    "outside-range": lambda updates, centre, norms=None: outside_range_view(updates, centre),
+    "collusion": lambda updates, centre, norms=None: collusion_view(updates),
 }
-"""Every view by its run-config name; each takes the updates and their coordinate-wise median."""
+"""Every view by its run-config name; each takes the updates, their coordinate-wise median and,
+optionally, the updates' norms (``row_norms``) when the caller has them."""
 
 VIEW_TAILS: dict[str, float] = {"norm": 1.0, "direction": 1.0, "outside-range": 2.0, "collusion": 1.0}
 """Each view's cut is ``layercam-ae-view-z`` times its factor. Under non-IID data a benign client
@@ -126,13 +129,16 @@ small, so the outside-range view's benign tail is wider than the others' (measur
 docs/defense-in-depth.md); a GAE upload's share lies far beyond either."""
 
 
-def view_scores(updates: np.ndarray, views: Sequence[str]) -> dict[str, np.ndarray]:
-    """Each named view's signed robust score per client (rows of ``updates``). Needs K >= 3:
-    with two clients there is no majority to be robust with."""
+def view_scores(updates: np.ndarray, views: Sequence[str],
+                norms: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each named view's signed robust score per client (rows of ``updates``; ``norms``: their
+    norms, when the caller has them). Needs K >= 3: with two clients there is no majority to
+    be robust with."""
     if len(updates) < 3:
         return {view: np.zeros(len(updates)) for view in views}
     centre = coordinate_median(updates)
-    return {view: robust_z(VIEWS[view](updates, centre)) for view in views}
+    norms = row_norms(updates) if norms is None else norms
+    return {view: robust_z(VIEWS[view](updates, centre, norms)) for view in views}
 
 
 def norm_bound(norms: np.ndarray, z: float) -> float:
