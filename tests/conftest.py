@@ -9,6 +9,7 @@ stopped in teardown so no Flower process outlives the tests.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +17,24 @@ from pathlib import Path
 import pytest
 
 from tests.local_federation import BIN, ROOT, flower_env, start_listening, stop
+
+
+def pytest_configure(config) -> None:
+    """Each pytest-xdist worker (``addopts``: two) gives torch and BLAS one thread: two
+    workers of two threads each on two cores spin against each other (a GAE test took 43 s
+    instead of 5). The Flower processes the tests start keep their own settings."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(1)
+        threadpool_limits(1)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Whole runs (marked ``e2e``) first, the rest in their order: the workers start the long
+    files at once and the short ones fill in after, so that no long file runs alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 @pytest.fixture(scope="session")
