@@ -82,7 +82,8 @@ class LayerCamAeSettings:
     small dense problems and keeps detection fast when other processes share the cores."""
     workers: int = _DEFAULTS.layercam_ae_workers
     """Threads that compute the heat maps on a CPU, each on its share of the uploads and its own
-    copy of the template (``strategies.detection.heatmaps``): they join once per round, so unlike
+    copy of the template (``strategies.detection.heatmaps``), and the update views, each on its
+    share of the coordinates (``update_views``): they join once per round, so unlike
     intra-op threads they cost little when the cores are shared. The autoencoder, one sequence
     of small steps, runs on one thread."""
     keep_heatmaps: bool = _DEFAULTS.layercam_ae_save_heatmaps
@@ -393,7 +394,7 @@ class LayerCamAe(DetectingFedAvg):
                                    "update_norms": dict(zip(node_ids, norms.tolist()))}
         if not s.views:
             return kept, scores, details
-        views = view_scores(updates, s.views, norms)
+        views = view_scores(updates, s.views, norms, workers=s.workers)
         relative = np.max(np.stack([z / (s.view_z * VIEW_TAILS[v]) for v, z in views.items()]),
                           axis=0)  # > 1: beyond the cut of some view
         flagged = {n for n, r in zip(node_ids, relative) if r > 1.0}

@@ -311,9 +311,10 @@ class RunConfig:
         1, "intra-op CPU threads of each detection operation (0: torch's default); one keeps "
         "detection fast when other processes share the cores", bounds=Range(0, 1024))
     layercam_ae_workers: int = setting(
-        2, "threads that compute the heat maps on a CPU, each on its share of the uploads with "
-        "its own copy of the model: the caller's thread takes the first share and they join "
-        "once a round, so they cost little when the cores are shared (measured in "
+        2, "threads that compute, on a CPU, the heat maps (each on its share of the uploads, "
+        "with its own copy of the model) and the update views (each on its share of the "
+        "coordinates); they join once a round, so they cost little when the cores are shared "
+        "(measured in "
         "[Benchmarks](benchmarks.md))", bounds=Range(1, 256))  # each holds a copy of the model
     layercam_ae_engine: str = setting(
         "auto", "heat-map engine: `loop`, `vmap`, or `auto` (by device: vmap on a GPU, the loop "

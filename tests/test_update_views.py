@@ -150,6 +150,58 @@ def test_block_wise_median_and_outside_range_equal_the_whole_array_computation(m
     np.testing.assert_allclose(views.outside_range_view(updates, whole), expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("k", [3, 4, 7, 24, 25])
+def test_one_sort_gives_the_median_and_outside_range_of_the_two_sorts_bit_for_bit(k, monkeypatch):
+    """``median_and_outside_range`` (the MAD from the sorted values, the blocks on threads)
+    equals ``coordinate_median`` then ``outside_range_view``, for any number of workers, with
+    tied values and coordinates whose MAD is 0."""
+    import strategies.detection.update_views as views
+
+    updates = benign_round(k=k, d=3001, seed=k)
+    updates[:, :50] = 0.0  # every client equal: MAD 0, mean deviation 0
+    updates[:2, 50:80] = 5.0  # MAD 0 with two clients off it
+    updates[:, 80:200] = np.round(updates[:, 80:200] * 20)  # many ties
+    updates[-1, 200:230] += 1.0  # one client's outlying coordinates
+    monkeypatch.setattr(views, "BLOCK_VALUES", k * 128)  # many blocks, the last one short
+    centre = views.coordinate_median(updates)
+    expected = outside_range_view(updates, centre)
+    assert np.count_nonzero(expected) >= 2 and expected.max() > 0.02  # shares to get right
+    for workers in (1, 2, 3):
+        got_centre, got = views.median_and_outside_range(updates, workers=workers)
+        np.testing.assert_array_equal(got_centre, centre)
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 6])
+def test_kth_deviation_is_the_kth_of_the_sorted_deviations(k):
+    from strategies.detection.update_views import kth_deviation
+
+    values = np.round(np.random.default_rng(k).normal(0.0, 3.0, (6, 400)))  # ties included
+    centre = np.random.default_rng(9).normal(0.0, 1.0, 400)  # not only the median
+    expected = np.sort(np.abs(values - centre), axis=0)[k - 1]
+    in_value_order = np.abs(np.sort(values, axis=0) - centre)
+    np.testing.assert_array_equal(kth_deviation(in_value_order, k), expected)
+
+
+@pytest.mark.parametrize("k", [3, 4, 24, 25])
+def test_outside_range_is_the_plain_numpy_formula(k):
+    """Against the definition written with numpy's median, around the round's median and
+    around another centre (the adaptive attacker scores a candidate against the benign one)."""
+    updates = benign_round(k=k, d=2003, seed=k)
+    updates[:, :40] = 0.0  # MAD 0: the mean absolute deviation scales
+    updates[:, 40:300] = np.round(updates[:, 40:300] * 30) / 30  # ties
+    updates[0, 300:340] += 0.5
+    for centre in (np.median(updates, axis=0), np.median(updates[1:], axis=0)):
+        magnitude = np.abs(updates - centre)
+        sigma = 1.4826 * np.median(magnitude, axis=0)
+        sigma = np.where(sigma > 0, sigma, magnitude.mean(axis=0))
+        squared = (updates - centre) ** 2
+        expected = np.where(magnitude > 4.0 * sigma, squared, 0.0).sum(axis=1) / squared.sum(axis=1)
+        assert expected[0] > 0.1
+        np.testing.assert_allclose(outside_range_view(updates, centre), expected, rtol=1e-12,
+                                   atol=1e-15)
+
+
 def test_the_norm_bound_by_hand_and_against_a_boosted_minority():
     updates = np.diag([1.0, 2.0, 4.0, 8.0, 16.0])  # log norms 0, ln2, 2 ln2, 3 ln2, 4 ln2
     assert norm_bound(row_norms(updates), 0.0) == pytest.approx(4.0)  # the median norm

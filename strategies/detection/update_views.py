@@ -24,6 +24,7 @@ Flower; ``strategies.layercam_ae`` fuses them with the heat maps' evidence.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -53,17 +54,37 @@ def direction_view(updates: np.ndarray, centre: np.ndarray,
 def outside_range_view(updates: np.ndarray, centre: np.ndarray,
                        width: float = RANGE_WIDTH) -> np.ndarray:
     """Share of ||Delta_i - m||^2 in the coordinates where |Delta_ij - m_j| > width * sigma_j,
-    sigma_j = 1.4826 MAD of coordinate j over the clients (ties: the mean absolute deviation).
-    Computed a block of coordinates at a time: the temporaries stay small for any model."""
-    outside, total = np.zeros(len(updates)), np.zeros(len(updates))
-    for block in column_blocks(updates):
-        deviations = updates[:, block] - centre[block]
-        magnitude = np.abs(deviations)
-        sigma = MAD_TO_STD * column_median(magnitude)
-        sigma = np.where(sigma > 0, sigma, magnitude.mean(axis=0))
-        squared = deviations ** 2
-        outside += np.where(magnitude > width * sigma, squared, 0.0).sum(axis=1)
-        total += squared.sum(axis=1)
+    sigma_j = 1.4826 MAD of coordinate j over the clients around m_j (ties: the mean absolute
+    deviation). Computed a block of coordinates at a time: the temporaries stay small for any
+    model."""
+    sums = [outside_sums(updates[:, block], np.sort(updates[:, block], axis=0), centre[block],
+                         width) for block in column_blocks(updates)]
+    return outside_share(sums, len(updates))
+
+
+def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
+                 width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per client, the squared deviation from ``centre`` outside the range, and all of it, over
+    one block of coordinates (``values``; ``ordered``: the same sorted along the rows, which
+    this overwrites)."""
+    deviations = values - centre
+    sigma = MAD_TO_STD * sorted_median_deviation(ordered, centre)
+    tied = sigma == 0
+    if tied.any():
+        sigma[tied] = np.abs(deviations[:, tied]).mean(axis=0)
+    outside = np.abs(deviations) > width * sigma
+    squared = np.multiply(deviations, deviations, out=deviations)
+    total = squared.sum(axis=1)
+    squared *= outside
+    return squared.sum(axis=1), total
+
+
+def outside_share(sums: Sequence[tuple[np.ndarray, np.ndarray]], clients: int) -> np.ndarray:
+    """The blocks' ``outside_sums`` added in order, as a share of each client's distance."""
+    outside, total = np.zeros(clients), np.zeros(clients)
+    for block_outside, block_total in sums:
+        outside += block_outside
+        total += block_total
     return outside / np.maximum(total, TINY)
 
 
@@ -83,9 +104,14 @@ def column_median(values: np.ndarray) -> np.ndarray:
     sorts the K values of every column together, several times faster than its median's
     partition along that strided axis, with the same arithmetic (the two middle values'
     mean for an even K)."""
-    ordered = np.sort(values, axis=0)
-    middle = len(values) // 2
-    return ordered[middle] if len(values) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+    return sorted_median(np.sort(values, axis=0))
+
+
+def sorted_median(ordered: np.ndarray) -> np.ndarray:
+    """The median of every column of ``ordered`` (sorted along the rows), a new array."""
+    middle = len(ordered) // 2
+    return (ordered[middle].copy() if len(ordered) % 2
+            else 0.5 * (ordered[middle - 1] + ordered[middle]))
 
 
 def coordinate_median(updates: np.ndarray) -> np.ndarray:
@@ -94,6 +120,49 @@ def coordinate_median(updates: np.ndarray) -> np.ndarray:
     for block in column_blocks(updates):
         centre[block] = column_median(updates[:, block])
     return centre
+
+
+def kth_deviation(deviations: np.ndarray, k: int) -> np.ndarray:
+    """The k-th smallest (k from 1) of every column of ``deviations`` = |x - c_j|, its rows in
+    the order of the sorted x, without sorting them: the k values nearest c_j are k
+    consecutive ones of the sorted column, and any k consecutive values reach at least that
+    deviation at one of their two ends, so it is the least, over windows, of the larger end."""
+    return np.maximum(deviations[:len(deviations) - k + 1], deviations[k - 1:]).min(axis=0)
+
+
+def sorted_median_deviation(ordered: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """``column_median(np.abs(values - centre))`` from the values' sorted columns ``ordered``
+    (overwritten): the same numbers, each one of the |x - c_j|, the two middle ones averaged
+    alike."""
+    deviations = np.abs(np.subtract(ordered, centre, out=ordered), out=ordered)
+    count = len(ordered)
+    if count % 2:
+        return kth_deviation(deviations, count // 2 + 1)
+    return 0.5 * (kth_deviation(deviations, count // 2)
+                  + kth_deviation(deviations, count // 2 + 1))
+
+
+def median_and_outside_range(updates: np.ndarray, width: float = RANGE_WIDTH,
+                             workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``coordinate_median(updates)`` and ``outside_range_view(updates, that median, width)``
+    with one sort of each block of coordinates (the median and the MAD both come from it),
+    the blocks shared among ``workers`` threads (numpy's sort and arithmetic release the GIL).
+    The blocks' sums add in order, so the result is the same for any ``workers`` and equal to
+    the two functions' to the last bit."""
+    def one_block(block: slice) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        values = updates[:, block]
+        ordered = np.sort(values, axis=0)
+        centre = sorted_median(ordered)
+        return centre, outside_sums(values, ordered, centre, width)
+
+    blocks = column_blocks(updates)
+    if workers > 1 and len(blocks) > 1:
+        with ThreadPoolExecutor(min(workers, len(blocks))) as pool:
+            parts = list(pool.map(one_block, blocks))
+    else:
+        parts = [one_block(block) for block in blocks]
+    return (np.concatenate([centre for centre, _ in parts]),
+            outside_share([sums for _, sums in parts], len(updates)))
 
 
 def nearest_distances(updates: np.ndarray) -> np.ndarray:
@@ -129,16 +198,20 @@ small, so the outside-range view's benign tail is wider than the others' (measur
 docs/defense-in-depth.md); a GAE upload's share lies far beyond either."""
 
 
-def view_scores(updates: np.ndarray, views: Sequence[str],
-                norms: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def view_scores(updates: np.ndarray, views: Sequence[str], norms: np.ndarray | None = None,
+                workers: int = 1) -> dict[str, np.ndarray]:
     """Each named view's signed robust score per client (rows of ``updates``; ``norms``: their
-    norms, when the caller has them). Needs K >= 3: with two clients there is no majority to
-    be robust with."""
+    norms, when the caller has them), the coordinate pass shared among ``workers`` threads.
+    Needs K >= 3: with two clients there is no majority to be robust with."""
     if len(updates) < 3:
         return {view: np.zeros(len(updates)) for view in views}
-    centre = coordinate_median(updates)
+    if "outside-range" in views:
+        centre, outside = median_and_outside_range(updates, workers=workers)
+    else:
+        centre, outside = coordinate_median(updates), None
     norms = row_norms(updates) if norms is None else norms
-    return {view: robust_z(VIEWS[view](updates, centre, norms)) for view in views}
+    return {view: robust_z(outside if view == "outside-range" else
+                           VIEWS[view](updates, centre, norms)) for view in views}
 
 
 def norm_bound(norms: np.ndarray, z: float) -> float:
