@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from task.config import RunConfig
+from task.reply import ATTACKER, AWAITS_BENIGN, RAY_NODE, RUNTIME
 
 if TYPE_CHECKING:
     import torch
@@ -107,10 +108,6 @@ def _training_data(local, config: RunConfig, attacker: bool):
     return build_attack(config).poison(local)
 
 
-RUNTIME = "runtime"
-"""The reply's ConfigRecord naming where it was made (``ray-node``); the harness takes it out."""
-
-
 def ray_node() -> str | None:
     """The id of the Ray node this ClientApp runs on, when Flower's simulation runs it in a
     Ray worker; ``None`` elsewhere (a deployment's ClientApp process never imports Ray, and
@@ -126,7 +123,7 @@ def _training_reply(msg: Message, arrays: ArrayRecord, metrics: dict) -> Message
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     node = ray_node()
     if node is not None:
-        content[RUNTIME] = ConfigRecord({"ray-node": node})
+        content[RUNTIME] = ConfigRecord({RAY_NODE: node})
     return Message(content, reply_to=msg)
 
 
@@ -156,7 +153,7 @@ def train(msg: Message, context: Context) -> Message:
     attack = build_attack(config, model) if attacker else None
     if attack is not None and attack.needs_benign_uploads:
         # The harness will send this round's benign uploads in a "train.attack" message.
-        metrics = {"num-examples": len(local), "attacker": 1.0, "awaits-benign": 1.0}
+        metrics = {"num-examples": len(local), ATTACKER: 1.0, AWAITS_BENIGN: 1.0}
         return _training_reply(msg, msg.content["arrays"], metrics)
     if attack is not None:
         local = attack.poison(local)  # honest data unless the attack poisons it
@@ -173,7 +170,7 @@ def train(msg: Message, context: Context) -> Message:
         state = attack.craft(AttackInput(global_state, state, np.random.default_rng(seed),
                                          probes=local_probes(local, attack),
                                          server_round=server_round))
-    metrics = {"train-loss": loss, "num-examples": len(local), "attacker": float(attacker)}
+    metrics = {"train-loss": loss, "num-examples": len(local), ATTACKER: float(attacker)}
     return _model_reply(msg, state, metrics)
 
 
@@ -233,7 +230,7 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     )
     # The fields of a benign reply: the median benign data size and training loss of the round.
     metrics = {"train-loss": float(settings["claimed-train-loss"]),
-               "num-examples": float(settings["claimed-num-examples"]), "attacker": 1.0}
+               "num-examples": float(settings["claimed-num-examples"]), ATTACKER: 1.0}
     return _model_reply(msg, state, metrics)
 
 

@@ -33,13 +33,10 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from task.params import content_key
+from task.reply import ATTACKER, AWAITS_BENIGN, HARNESS_METRICS, RAY_NODE, RUNTIME
 
 ATTACK_MESSAGE = f"{MessageType.TRAIN}.attack"
-HARNESS_KEYS = ("attacker", "awaits-benign")
-"""Metrics only the harness reads; taken out of every reply before a strategy sees it."""
-RUNTIME = "runtime"
-"""The ConfigRecord (``ray-node``) only the harness reads; taken out like ``HARNESS_KEYS``."""
-RAY_NODE = re.compile(r"[0-9a-f]{1,128}")
+RAY_NODE_ID = re.compile(r"[0-9a-f]{1,128}")
 """What a Ray node id looks like (56 hexadecimal digits in Ray 2); a client names its own."""
 
 
@@ -61,7 +58,7 @@ def _forwardable(reply: Message) -> tuple[bytes, int] | None:
     arrival), or ``None`` when it is no well-formed upload: arrays that decode and a positive
     ``num-examples``. The strategy's screening rejects such a reply; the harness must not
     fail on it first."""
-    if (not reply.has_content() or _metric(reply, "attacker") != 0.0
+    if (not reply.has_content() or _metric(reply, ATTACKER) != 0.0
             or "arrays" not in reply.content.array_records
             or not (_number(_metric(reply, "num-examples")) or 0) > 0):
         return None
@@ -76,15 +73,15 @@ def ray_node(reply: Message) -> str | None:
     """The Ray node a reply says it was made on, if it names one that looks like an id."""
     if not reply.has_content() or RUNTIME not in reply.content.config_records:
         return None
-    node = reply.content[RUNTIME].get("ray-node")
-    return node if isinstance(node, str) and RAY_NODE.fullmatch(node) else None
+    node = reply.content[RUNTIME].get(RAY_NODE)
+    return node if isinstance(node, str) and RAY_NODE_ID.fullmatch(node) else None
 
 
 def strip_ground_truth(reply: Message) -> Message:
     """Remove the harness's keys from the reply's metrics, and its ``runtime`` record, in place."""
     if reply.has_content():
         for record in reply.content.metric_records.values():
-            for key in HARNESS_KEYS:
+            for key in HARNESS_METRICS:
                 if key in record:
                     del record[key]
         if RUNTIME in reply.content:
@@ -122,9 +119,9 @@ class EavesdroppingGrid:
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         if not any(m.metadata.message_type == MessageType.TRAIN for m in messages):
             return replies
-        self.truth = {r.metadata.src_node_id: bool(_metric(r, "attacker")) for r in replies
-                      if isinstance(_metric(r, "attacker"), (int, float))}
-        asking = [r for r in replies if _metric(r, "awaits-benign") == 1.0]
+        self.truth = {r.metadata.src_node_id: bool(_metric(r, ATTACKER)) for r in replies
+                      if isinstance(_metric(r, ATTACKER), (int, float))}
+        asking = [r for r in replies if _metric(r, AWAITS_BENIGN) == 1.0]
         waiting = [r for r in asking if self.serve_benign and self.truth.get(r.metadata.src_node_id)]
         if len(waiting) < len(asking):
             log(WARNING, "Nodes %s asked for the benign uploads; they are served only to "

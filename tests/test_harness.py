@@ -9,16 +9,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from server_app.eavesdrop import (
-    ATTACK_MESSAGE,
-    HARNESS_KEYS,
-    RUNTIME,
-    EavesdroppingGrid,
-    serves_benign_uploads,
-)
+from server_app.eavesdrop import ATTACK_MESSAGE, EavesdroppingGrid, serves_benign_uploads
 from strategies.base import DetectingFedAvg
 from task.config import RunConfig
 from task.models import build_model
+from task.reply import HARNESS_METRICS, RAY_NODE, RUNTIME
 from tests.helpers import act_as_serverapp
 from tests.local_grid import LocalGrid
 
@@ -61,12 +56,12 @@ def test_ground_truth_reaches_the_harness_only(harness_round):
     assert grid.truth == {1: False, 2: False, 3: False, 4: True}
     for reply in replies:
         for record in reply.content.metric_records.values():
-            assert not set(HARNESS_KEYS) & set(record), (attack, dict(record))
+            assert not set(HARNESS_METRICS) & set(record), (attack, dict(record))
     strategy = SpyFedAvg()
     strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
     _, metrics = strategy.aggregate_train(1, replies)
     assert strategy.seen_keys == {"train-loss", "num-examples"}
-    assert not set(HARNESS_KEYS) & set(metrics)
+    assert not set(HARNESS_METRICS) & set(metrics)
 
 
 def test_attacker_reply_has_the_fields_of_a_benign_reply(harness_round):
@@ -107,7 +102,7 @@ def test_a_node_asking_for_benign_uploads_gets_nothing_when_none_are_served():
     assert inner.sent == ["train"] * len(NODES)  # no train.attack message went out
     asked = replies[4].content
     assert all(np.array_equal(asked["arrays"][k].numpy(), arrays[k].numpy()) for k in arrays.keys())
-    assert not set(HARNESS_KEYS) & set(asked["metrics"])
+    assert not set(HARNESS_METRICS) & set(asked["metrics"])
     assert grid.truth == {1: False, 2: False, 3: False, 4: True}
 
 
@@ -134,7 +129,7 @@ def test_a_node_that_is_no_configured_attacker_gets_nothing_when_it_asks():
                         dst_node_id=node, message_type="train", group_id="1") for node in NODES]
     replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
     assert inner.sent == ["train"] * len(NODES) + [ATTACK_MESSAGE]  # to the attacker alone
-    assert not set(HARNESS_KEYS) & set(replies[2].content["metrics"])  # passed on as sent
+    assert not set(HARNESS_METRICS) & set(replies[2].content["metrics"])  # passed on as sent
     trained = replies[2].content["arrays"]
     assert any(not np.array_equal(trained[k].numpy(), arrays[k].numpy()) for k in arrays.keys())
 
@@ -212,7 +207,7 @@ class ForgedRayNodes(LocalGrid):
         for reply in replies:
             if reply.has_content() and reply.metadata.src_node_id in self.FORGED:
                 reply.content[RUNTIME] = ConfigRecord(
-                    {"ray-node": self.FORGED[reply.metadata.src_node_id]})
+                    {RAY_NODE: self.FORGED[reply.metadata.src_node_id]})
         return replies
 
 
