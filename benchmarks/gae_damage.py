@@ -19,6 +19,7 @@ real ``flwr run``.
 
     python benchmarks/gae_damage.py                     # 3 seeds x iid/dirichlet x 3/6/12 attackers
     python benchmarks/gae_damage.py --rounds 5 --seeds 42 --attackers 3 --partitionings iid
+    python benchmarks/gae_damage.py --attacks gae        # GAE's rows (and no attack) only
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def _cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def run_group(task: tuple[int, str, tuple[int, ...], int]) -> list[dict]:
-    """Every attack and attacker count for one (seed, partitioning): round 1's benign training
-    is the same for all of them, so it is done once."""
+def run_group(task: tuple[int, str, tuple[int, ...], int, tuple[str, ...]]) -> list[dict]:
+    """Every attack and attacker count for one (seed, partitioning), after the run without
+    attackers (the change column's reference): round 1's benign training is the same for all
+    of them, so it is done once."""
     import torch
 
     from attacks.gae import Gae
@@ -55,12 +57,12 @@ def run_group(task: tuple[int, str, tuple[int, ...], int]) -> list[dict]:
     from experiments.federation import LocalFederation, run_rounds
     from task.config import RunConfig
 
-    seed, partitioning, attacker_counts, rounds = task
+    seed, partitioning, attacker_counts, rounds, attacks = task
     torch.set_num_threads(1)
     base = RunConfig(num_clients=NUM_CLIENTS, partitioning=partitioning, seed=seed,
                      defense="fedavg", num_server_rounds=rounds)
     federation = LocalFederation(base)
-    cells = [("none", 0)] + [(a, m) for a in ATTACKS[1:] for m in attacker_counts]
+    cells = [("none", 0)] + [(a, m) for a in attacks for m in attacker_counts]
     results = []
     for attack_name, attackers in cells:
         config = dataclasses.replace(base, attack=attack_name, num_attackers=attackers)
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--attackers", type=int, nargs="+", default=[3, 6, 12])
     parser.add_argument("--partitionings", nargs="+", default=["iid", "dirichlet"])
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS[1:]), choices=ATTACKS[1:],
+                        help="the attacks to run (no attack always runs: the reference)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the raw results as JSON")
     parser.add_argument("--flwr-check", action="store_true",
@@ -147,7 +151,7 @@ def main() -> None:
               f'"defense=\'fedavg\' attack=\'gae\' num-attackers=3 seed={args.seeds[0]} '
               f'num-server-rounds={args.rounds}"')
         return
-    tasks = [(seed, p, tuple(args.attackers), args.rounds)
+    tasks = [(seed, p, tuple(args.attackers), args.rounds, tuple(args.attacks))
              for seed in args.seeds for p in args.partitionings]
     started = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers) as pool:
