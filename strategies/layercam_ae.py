@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from functools import partial
 from logging import INFO
 from typing import Any
 
@@ -46,10 +48,11 @@ from strategies.detection.heatmaps import (
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
-from strategies.detection.update_views import VIEW_TAILS, norm_bound, view_scores
+from strategies.detection.update_views import (VIEW_TAILS, RoundSums, norm_bound, round_sums,
+                                               scores_from_sums)
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
-from task.params import flatten_updates, row_norms
+from task.params import flatten_updates, row_norms, stacked_floats, update_columns
 
 KEPT_PROBES = 8
 """Probes whose maps ``keep_heatmaps`` hands over at most (the saved grid's columns)."""
@@ -308,8 +311,16 @@ class LayerCamAe(DetectingFedAvg):
                 "probes": self.probes[:KEPT_PROBES].cpu().numpy()}
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
-        timings: dict[str, float] = {}
+        with ThreadPoolExecutor(1) as beside:  # the update views' sums beside the maps and AE
+            pending = (beside.submit(self.update_sums, uploads) if self.settings.views
+                       else None)
+            return self.detect_beside(server_round, uploads, pending)
 
+    def detect_beside(self, server_round: int, uploads: list[ClientUpload],
+                      pending: Future | None) -> Detection:
+        """``detect`` with the uploads' ``update_sums`` being computed in ``pending``."""
+        timings: dict[str, float] = {}
+        received = len(uploads)
         with torch_threads(self.threads):
             start = time.perf_counter()
             maps, uploads, rejected = self.finite_heatmaps(uploads)
@@ -345,8 +356,12 @@ class LayerCamAe(DetectingFedAvg):
         timings["decision"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        kept, scores, view_details = self.decide_by_views(uploads, kept, scores)
-        timings["views"] = time.perf_counter() - start
+        sums, seconds = (pending.result() if pending is not None and len(uploads) == received
+                         else self.update_sums(uploads) if self.settings.views else (None, 0.0))
+        kept, scores, view_details = self.decide_by_views(uploads, kept, scores, sums)
+        timings["views"] = time.perf_counter() - start  # what the views add to the step
+        if sums is not None:
+            view_details["views_seconds"] = seconds  # their own time, beside the maps and AE
 
         upper = upper_rule(errors, self.settings.beta)
         details = {
@@ -377,24 +392,35 @@ class LayerCamAe(DetectingFedAvg):
             "score_cap": self.evidence.cap, "group_z": s.group_z, "group_size": s.group_size,
             "z": dict(zip(node_ids, z.tolist()))}
 
+    def update_sums(self, uploads: list[ClientUpload]) -> tuple[RoundSums, float]:
+        """The update views' ``RoundSums`` of the uploads, a block of coordinates at a time from
+        their float arrays stacked once, on ``workers`` threads; and the seconds they took."""
+        start = time.perf_counter()
+        weights, origin = stacked_floats([u.arrays for u in uploads], self.global_state)
+        sums = round_sums(partial(update_columns, weights, origin), weights.shape,
+                          outside="outside-range" in self.settings.views,
+                          gram="collusion" in self.settings.views, workers=self.settings.workers)
+        return sums, time.perf_counter() - start
+
     def decide_by_views(self, uploads: list[ClientUpload], kept: list[int],
-                        scores: dict[int, float]) -> tuple[list[int], dict[int, float], dict]:
-        """Add the update views' exclusions to the heat maps' (``views``): an upload with a
-        view score beyond ``view_z`` (times the view's tail factor) is excluded this round.
-        With ``decision="evidence"`` a client's score is the larger of its heat-map evidence
-        and its largest view score, each relative to its cut (times ``robust_z``). Also the
-        clipping bound."""
+                        scores: dict[int, float], sums: RoundSums | None
+                        ) -> tuple[list[int], dict[int, float], dict]:
+        """Add the update views' exclusions to the heat maps' (``views``; ``sums``: the uploads'
+        ``update_sums``): an upload with a view score beyond ``view_z`` (times the view's tail
+        factor) is excluded this round. With ``decision="evidence"`` a client's score is the
+        larger of its heat-map evidence and its largest view score, each relative to its cut
+        (times ``robust_z``). Also the clipping bound."""
         s = self.settings
         if not (s.views or s.clip):
             return kept, scores, {"clip_bound": None}
-        updates, _ = flatten_updates([u.arrays for u in uploads], self.global_state)
         node_ids = [u.node_id for u in uploads]
-        norms = row_norms(updates)
+        norms = (sums.norms if sums is not None else
+                 row_norms(flatten_updates([u.arrays for u in uploads], self.global_state)[0]))
         details: dict[str, Any] = {"clip_bound": norm_bound(norms, s.clip_z) if s.clip else None,
                                    "update_norms": dict(zip(node_ids, norms.tolist()))}
         if not s.views:
             return kept, scores, details
-        views = view_scores(updates, s.views, norms, workers=s.workers)
+        views = scores_from_sums(sums, s.views)
         relative = np.max(np.stack([z / (s.view_z * VIEW_TAILS[v]) for v, z in views.items()]),
                           axis=0)  # > 1: beyond the cut of some view
         flagged = {n for n, r in zip(node_ids, relative) if r > 1.0}

@@ -291,11 +291,15 @@ def test_an_upload_whose_heat_map_overflows_is_rejected_and_the_round_goes_on():
     _, clean = decide(benign)
     assert record.kept == clean.last_record.kept
     assert record.scores == pytest.approx(clean.last_record.scores)
+    for view, scores in clean.last_record.details["views"].items():  # over the five, not six
+        assert record.details["views"][view] == pytest.approx(scores), view
     assert all(np.isfinite(v.numpy()).all() for v in arrays.values())
 
 
 def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a_kept_one(trajectory):
     from attacks.model_replacement import ModelReplacement
+    from strategies.detection.thresholds import robust_z
+    from strategies.detection.update_views import VIEWS
     from task.params import flatten_updates
 
     globals_, states, sizes, data = trajectory
@@ -316,6 +320,16 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     assert node(CLIENTS - 1) in flagged and len(flagged) <= 2
     assert record.details["views"]["norm"][node(CLIENTS - 1)] > strategy.settings.view_z
     assert len(record.excluded) <= 3
+    # the recorded norms and view scores (block sums, beside the heat maps) are the views'
+    # definitions on the whole update matrix
+    updates, _ = flatten_updates(round_states, globals_[0])
+    centre = np.median(updates, axis=0)
+    nodes = [node(c) for c in range(CLIENTS)]
+    assert [record.details["update_norms"][n] for n in nodes] == pytest.approx(
+        np.linalg.norm(updates, axis=1), rel=1e-12)
+    for view, function in VIEWS.items():
+        assert [record.details["views"][view][n] for n in nodes] == pytest.approx(
+            robust_z(function(updates, centre)), rel=1e-9, abs=1e-9), view
 
     # the heat maps alone: whatever they decide, a kept update moves the model no farther than
     # the round's median norm

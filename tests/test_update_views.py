@@ -145,9 +145,21 @@ def test_block_wise_median_and_outside_range_equal_the_whole_array_computation(m
     whole = np.median(updates, axis=0)
     expected = outside_range_view(updates, whole)
     monkeypatch.setattr(views, "BLOCK_VALUES", 7 * 64)  # 16 blocks, the last one short
+    monkeypatch.setattr(views, "MIN_BLOCK_COLUMNS", 1)
     assert len(views.column_blocks(updates)) == 16
     np.testing.assert_array_equal(views.coordinate_median(updates), whole)
     np.testing.assert_allclose(views.outside_range_view(updates, whole), expected, rtol=1e-12)
+
+
+def test_blocks_hold_at_least_min_block_columns_and_cover_every_column():
+    from strategies.detection.update_views import MIN_BLOCK_COLUMNS, column_blocks
+
+    for shape in [(1000, 300_000), (24, 383_306), (3, 10), (5000, 100)]:
+        blocks = column_blocks(shape)
+        assert blocks[0].start == 0 and blocks[-1].stop == shape[1]
+        assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+        assert all(b.stop - b.start >= min(MIN_BLOCK_COLUMNS, shape[1]) for b in blocks[:-1])
+    assert len(column_blocks((1000, 300_000))) == -(-300_000 // MIN_BLOCK_COLUMNS)
 
 
 def plain_outside_range(updates, centre, width=4.0):
@@ -160,10 +172,11 @@ def plain_outside_range(updates, centre, width=4.0):
 
 
 @pytest.mark.parametrize("k", [3, 4, 7, 24, 25])
-def test_one_sort_gives_the_median_and_outside_range_of_the_two_sorts_bit_for_bit(k, monkeypatch):
-    """``median_and_outside_range`` (the MAD from the sorted values, the blocks on threads)
-    equals ``coordinate_median`` then ``outside_range_view`` bit for bit, for any number of
-    workers, and the plain numpy formula, with tied values and coordinates whose MAD is 0."""
+def test_round_sums_are_the_views_sums_of_the_whole_matrix(k, monkeypatch):
+    """``round_sums`` (one sort per block giving the median and the MAD, the blocks on
+    threads) against each sum written on the whole matrix with numpy's median, with tied
+    values and coordinates whose MAD is 0; the same to the last bit for any number of
+    workers."""
     import strategies.detection.update_views as views
 
     updates = benign_round(k=k, d=3001, seed=k)
@@ -172,15 +185,42 @@ def test_one_sort_gives_the_median_and_outside_range_of_the_two_sorts_bit_for_bi
     updates[:, 80:200] = np.round(updates[:, 80:200] * 20) / 20  # many ties
     updates[-1, 200:230] += 1.0  # one client's outlying coordinates
     monkeypatch.setattr(views, "BLOCK_VALUES", k * 128)  # many blocks, the last one short
+    monkeypatch.setattr(views, "MIN_BLOCK_COLUMNS", 1)
     centre = np.median(updates, axis=0)
     plain = plain_outside_range(updates, centre)
     assert plain.max() > 0.02  # a share to get right
-    expected = outside_range_view(updates, centre)
-    np.testing.assert_allclose(expected, plain, rtol=1e-12, atol=1e-15)
+    close = dict(rtol=1e-12, atol=1e-15)
     for workers in (1, 2, 3):
-        got_centre, got = views.median_and_outside_range(updates, workers=workers)
-        np.testing.assert_array_equal(got_centre, centre)
-        np.testing.assert_array_equal(got, expected)
+        sums = views.round_sums(lambda block: updates[:, block], updates.shape, workers=workers)
+        np.testing.assert_allclose(sums.squared_norms, (updates ** 2).sum(axis=1), **close)
+        np.testing.assert_allclose(sums.median_dots, updates @ centre, **close)
+        np.testing.assert_allclose(sums.median_squared_norm, centre @ centre, **close)
+        np.testing.assert_allclose(sums.distance, ((updates - centre) ** 2).sum(axis=1), **close)
+        np.testing.assert_allclose(sums.outside / sums.distance, plain, **close)
+        np.testing.assert_allclose(sums.gram, updates @ updates.T, **close)
+        if workers == 1:
+            first = sums
+        for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):
+            np.testing.assert_array_equal(getattr(sums, name), getattr(first, name))
+        assert sums.median_squared_norm == first.median_squared_norm
+    without = views.round_sums(lambda block: updates[:, block], updates.shape, outside=False,
+                               gram=False)
+    assert without.outside is None and without.distance is None and without.gram is None
+    np.testing.assert_array_equal(without.median_dots, first.median_dots)
+
+
+@pytest.mark.parametrize("k", [3, 4, 24])
+def test_view_scores_are_the_robust_scores_of_the_views_definitions(k):
+    """``view_scores`` (through the block sums) against each view's definition on the whole
+    matrix (``VIEWS``, the functions the adaptive attacker scores with) around numpy's median."""
+    updates = benign_round(k=k, d=2003, seed=k)
+    updates[0, :40] += 0.5
+    updates[-1] *= -3
+    centre = np.median(updates, axis=0)
+    scores = view_scores(updates, UPDATE_VIEWS, workers=2)
+    for view, function in VIEWS.items():
+        np.testing.assert_allclose(scores[view], robust_z(function(updates, centre)),
+                                   rtol=1e-9, atol=1e-9, err_msg=view)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 6])
@@ -225,6 +265,29 @@ def test_the_norm_bound_by_hand_and_against_a_boosted_minority():
 def test_column_median_is_numpys_median_bit_for_bit(k):
     values = np.random.default_rng(k).normal(0.0, 1.0, (k, 301))
     np.testing.assert_array_equal(column_median(values), np.median(values, axis=0))
+
+
+def test_update_columns_of_the_stacked_floats_are_flatten_updates_bit_for_bit():
+    from task.params import flatten_updates, stacked_floats, update_columns
+
+    rng = np.random.default_rng(0)
+    global_state = {"w": rng.normal(0, 1, (3, 5)).astype(np.float32),
+                    "steps": np.array(3, dtype=np.int64),
+                    "b": rng.normal(0, 1, 4).astype(np.float32)}
+    states = [{"w": (global_state["w"] + rng.normal(0, 1e-3, (3, 5))).astype(np.float32),
+               "steps": np.array(9), "b": rng.normal(0, 1e3, 4).astype(np.float32)}
+              for _ in range(3)]
+    weights, origin = stacked_floats(states, global_state)
+    assert weights.dtype == np.float32 and weights.shape == (3, 19)  # half the float64 copy
+    expected, _ = flatten_updates(states, global_state)
+    for columns in (slice(0, 19), slice(2, 7), slice(15, 19)):
+        np.testing.assert_array_equal(update_columns(weights, origin, columns), expected[:, columns])
+    mixed = {**global_state, "b": global_state["b"].astype(np.float64)}  # float64 beside float32
+    mixed_states = [{**s, "b": s["b"].astype(np.float64) + 1e-12} for s in states]
+    weights, origin = stacked_floats(mixed_states, mixed)
+    assert weights.dtype == np.float64
+    np.testing.assert_array_equal(update_columns(weights, origin, slice(0, 19)),
+                                  flatten_updates(mixed_states, mixed)[0])
 
 
 def test_flatten_updates_is_each_states_float64_difference_in_name_order():

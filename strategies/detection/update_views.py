@@ -17,16 +17,22 @@ round's clients, oriented so that a large positive z is suspicious:
   Clients that upload one crafted model (ALIE, IPM, Min-Max, Min-Sum) sit far closer to each
   other than independent benign clients do.
 
-The views are pure functions of the numbers, so they are tested on crafted rounds without
-Flower; ``strategies.layercam_ae`` fuses them with the heat maps' evidence.
+Every view reduces to a few sums over the coordinates (``RoundSums``: the norms, the dot
+products with m, the distances from m inside and outside the range, the Gram matrix), so the
+server adds them up a block of coordinates at a time (``round_sums``) and never holds the
+float64 update matrix whole. The views are pure functions of the numbers, so they are tested on
+crafted rounds without Flower; ``strategies.layercam_ae`` fuses them with the heat maps'
+evidence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from strategies.detection.thresholds import MAD_TO_STD, robust_z
 from task.params import row_norms
@@ -47,8 +53,13 @@ def norm_view(updates: np.ndarray, norms: np.ndarray | None = None) -> np.ndarra
 def direction_view(updates: np.ndarray, centre: np.ndarray,
                    norms: np.ndarray | None = None) -> np.ndarray:
     """1 - cos(Delta_i, m): 0 along the median update, 1 orthogonal to it, 2 against it."""
-    norms = (row_norms(updates) if norms is None else norms) * np.linalg.norm(centre)
-    return 1.0 - (updates @ centre) / np.maximum(norms, TINY)
+    return cosine_distance(updates @ centre, row_norms(updates) if norms is None else norms,
+                           float(np.linalg.norm(centre)))
+
+
+def cosine_distance(dots: np.ndarray, norms: np.ndarray, centre_norm: float) -> np.ndarray:
+    """1 - Delta_i . m / (||Delta_i|| ||m||) from the dot products and the norms."""
+    return 1.0 - dots / np.maximum(norms * centre_norm, TINY)
 
 
 def outside_range_view(updates: np.ndarray, centre: np.ndarray,
@@ -93,10 +104,16 @@ BLOCK_VALUES = 1 << 16
 several passes (deviation, magnitude, sort, square) stay in the CPU's cache."""
 
 
-def column_blocks(updates: np.ndarray) -> list[slice]:
-    """Slices of the coordinates, each holding at most ``BLOCK_VALUES`` values of ``updates``."""
-    width = max(1, BLOCK_VALUES // max(1, len(updates)))
-    return [slice(start, start + width) for start in range(0, updates.shape[1], width)]
+MIN_BLOCK_COLUMNS = 256
+"""Coordinates per block at least, however many clients: each block adds a K x K Gram matrix."""
+
+
+def column_blocks(updates: np.ndarray | tuple[int, int]) -> list[slice]:
+    """Slices of the coordinates, each holding at most ``BLOCK_VALUES`` values of ``updates``
+    (or of a matrix of that shape) and at least ``MIN_BLOCK_COLUMNS`` columns."""
+    clients, columns = updates if isinstance(updates, tuple) else updates.shape
+    width = max(1, min(columns, max(BLOCK_VALUES // max(1, clients), MIN_BLOCK_COLUMNS)))
+    return [slice(start, min(start + width, columns)) for start in range(0, columns, width)]
 
 
 def column_median(values: np.ndarray) -> np.ndarray:
@@ -142,32 +159,105 @@ def sorted_median_deviation(ordered: np.ndarray, centre: np.ndarray) -> np.ndarr
                   + kth_deviation(deviations, count // 2 + 1))
 
 
-def median_and_outside_range(updates: np.ndarray, width: float = RANGE_WIDTH,
-                             workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """``coordinate_median(updates)`` and ``outside_range_view(updates, that median, width)``
-    with one sort of each block of coordinates (the median and the MAD both come from it),
-    the blocks shared among ``workers`` threads (numpy's sort and arithmetic release the GIL).
-    The blocks' sums add in order, so the result is the same for any ``workers`` and equal to
-    the two functions' to the last bit."""
-    def one_block(block: slice) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        values = updates[:, block]
+@dataclass
+class RoundSums:
+    """The sums over the coordinates that every view reduces to, for the round's (K, D)
+    updates Delta and their coordinate-wise median m (d = Delta - m): each is a sum of the
+    blocks' sums, so no view needs Delta whole."""
+
+    squared_norms: np.ndarray
+    """||Delta_i||^2."""
+    median_dots: np.ndarray
+    """Delta_i . m."""
+    median_squared_norm: float
+    """||m||^2."""
+    outside: np.ndarray | None = None
+    """The sum of d_ij^2 over the coordinates where |d_ij| > width * sigma_j (``outside_sums``)."""
+    distance: np.ndarray | None = None
+    """||d_i||^2."""
+    gram: np.ndarray | None = None
+    """Delta Delta^T (K x K)."""
+
+    def add(self, other: RoundSums) -> None:
+        """Add another block's sums to these (in place)."""
+        self.squared_norms += other.squared_norms
+        self.median_dots += other.median_dots
+        self.median_squared_norm += other.median_squared_norm
+        for name in ("outside", "distance", "gram"):
+            if getattr(self, name) is not None:
+                getattr(self, name).__iadd__(getattr(other, name))
+
+    @property
+    def norms(self) -> np.ndarray:
+        """||Delta_i||."""
+        return np.sqrt(self.squared_norms)
+
+
+BLOCKS_IN_FLIGHT = 8
+"""Blocks whose sums the threads hold at most before they are added (each may hold a K x K
+Gram matrix)."""
+
+
+def round_sums(block_of: Callable[[slice], np.ndarray], shape: tuple[int, int], *,
+               outside: bool = True, gram: bool = True, width: float = RANGE_WIDTH,
+               workers: int = 1) -> RoundSums:
+    """``RoundSums`` of the (K, D) updates of ``shape`` whose float64 columns ``block_of(cols)``
+    returns (a new array or a view it may keep), one sort of each block giving the median and
+    the MAD; ``outside``/``gram``: the outside-range view's and the collusion view's sums. The
+    blocks are shared among ``workers`` threads (numpy's sort, arithmetic and BLAS release the
+    GIL) and their sums added in the blocks' order, so the result is the same for any
+    ``workers``. Each block's BLAS calls run on one thread: numpy's BLAS threads on top of
+    the workers would oversubscribe the cores (at K = 100, two workers took twice as long)."""
+    def one_block(block: slice) -> RoundSums:
+        values = block_of(block)
         ordered = np.sort(values, axis=0)
         centre = sorted_median(ordered)
-        return centre, outside_sums(values, ordered, centre, width)
+        sums = RoundSums(np.einsum("ij,ij->i", values, values), values @ centre,
+                         float(centre @ centre), gram=values @ values.T if gram else None)
+        if outside:  # last: overwrites ``ordered``
+            sums.outside, sums.distance = outside_sums(values, ordered, centre, width)
+        return sums
 
-    blocks = column_blocks(updates)
-    if workers > 1 and len(blocks) > 1:
-        with ThreadPoolExecutor(min(workers, len(blocks))) as pool:
-            parts = list(pool.map(one_block, blocks))
-    else:
-        parts = [one_block(block) for block in blocks]
-    return (np.concatenate([centre for centre, _ in parts]),
-            outside_share([sums for _, sums in parts], len(updates)))
+    blocks = column_blocks(shape)
+    total = RoundSums(np.zeros(shape[0]), np.zeros(shape[0]), 0.0,
+                      np.zeros(shape[0]) if outside else None,
+                      np.zeros(shape[0]) if outside else None,
+                      np.zeros((shape[0], shape[0])) if gram else None)
+    with threadpool_limits(1, user_api="blas"):
+        if workers > 1 and len(blocks) > 1:
+            with ThreadPoolExecutor(min(workers, len(blocks))) as pool:
+                for start in range(0, len(blocks), BLOCKS_IN_FLIGHT):
+                    for part in pool.map(one_block, blocks[start:start + BLOCKS_IN_FLIGHT]):
+                        total.add(part)
+        else:
+            for block in blocks:
+                total.add(one_block(block))
+    return total
+
+
+def scores_from_sums(sums: RoundSums, views: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each named view's signed robust score per client, from the round's ``RoundSums``.
+    Needs K >= 3: with two clients there is no majority to be robust with."""
+    norms = sums.norms
+    if len(norms) < 3:
+        return {view: np.zeros(len(norms)) for view in views}
+    values = {
+        "norm": lambda: np.log(np.maximum(norms, TINY)),
+        "direction": lambda: cosine_distance(sums.median_dots, norms,
+                                             float(np.sqrt(sums.median_squared_norm))),
+        "outside-range": lambda: sums.outside / np.maximum(sums.distance, TINY),
+        "collusion": lambda: collusion_from_nearest(nearest_from_gram(sums.gram)),
+    }
+    return {view: robust_z(values[view]()) for view in views}
 
 
 def nearest_distances(updates: np.ndarray) -> np.ndarray:
     """Each update's distance to its nearest other update (via the Gram matrix)."""
-    gram = updates @ updates.T
+    return nearest_from_gram(updates @ updates.T)
+
+
+def nearest_from_gram(gram: np.ndarray) -> np.ndarray:
+    """Each row's distance to its nearest other row, from their Gram matrix."""
     squared = np.diag(gram)[:, None] + np.diag(gram)[None, :] - 2.0 * gram
     np.fill_diagonal(squared, np.inf)
     return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
@@ -176,7 +266,11 @@ def nearest_distances(updates: np.ndarray) -> np.ndarray:
 def collusion_view(updates: np.ndarray) -> np.ndarray:
     """log(median_j nn_j / nn_i), nn_i the distance to the client's nearest other upload:
     identical uploads score the largest finite value the floor allows."""
-    nearest = nearest_distances(updates)
+    return collusion_from_nearest(nearest_distances(updates))
+
+
+def collusion_from_nearest(nearest: np.ndarray) -> np.ndarray:
+    """``collusion_view`` from the nearest-neighbour distances."""
     scale = float(np.median(nearest))
     floor = max(scale, TINY) * 1e-6
     return np.log(max(scale, TINY) / np.maximum(nearest, floor))
@@ -198,20 +292,14 @@ small, so the outside-range view's benign tail is wider than the others' (measur
 docs/defense-in-depth.md); a GAE upload's share lies far beyond either."""
 
 
-def view_scores(updates: np.ndarray, views: Sequence[str], norms: np.ndarray | None = None,
-                workers: int = 1) -> dict[str, np.ndarray]:
-    """Each named view's signed robust score per client (rows of ``updates``; ``norms``: their
-    norms, when the caller has them), the coordinate pass shared among ``workers`` threads.
-    Needs K >= 3: with two clients there is no majority to be robust with."""
-    if len(updates) < 3:
-        return {view: np.zeros(len(updates)) for view in views}
-    if "outside-range" in views:
-        centre, outside = median_and_outside_range(updates, workers=workers)
-    else:
-        centre, outside = coordinate_median(updates), None
-    norms = row_norms(updates) if norms is None else norms
-    return {view: robust_z(outside if view == "outside-range" else
-                           VIEWS[view](updates, centre, norms)) for view in views}
+def view_scores(updates: np.ndarray, views: Sequence[str], workers: int = 1
+                ) -> dict[str, np.ndarray]:
+    """Each named view's signed robust score per client (rows of ``updates``), through
+    ``round_sums`` (zero with fewer than three clients)."""
+    sums = round_sums(lambda block: updates[:, block], updates.shape,
+                      outside="outside-range" in views, gram="collusion" in views,
+                      workers=workers)
+    return scores_from_sums(sums, views)
 
 
 def norm_bound(norms: np.ndarray, z: float) -> float:
