@@ -107,8 +107,7 @@ def measure_speed(model_name, k, setting, tolerance, device, repeats, image_size
         start = time.perf_counter()
         detection = strategy.detect(2 + r, uploads)
         rows.append({**detection.timings, "total": time.perf_counter() - start,
-                     "epochs": detection.details["ae_epochs"],
-                     "views_own": detection.details.get("views_seconds", 0.0)})
+                     "epochs": detection.details["ae_epochs"]})
     queue.put({key: statistics.median(row[key] for row in rows) for key in rows[0]}
               | {"extra_mb": peak_mb() - before})
 
@@ -123,9 +122,8 @@ def speed(args) -> None:
     settings = [s for s in args.settings if args.device == "cpu" or s in ("paper", "native")]
     size = f", images {args.image_size}x{args.image_size}" if args.image_size else ""
     print(f"\nDetection per round ({args.device}{size}, {load}; median of {args.repeats}):\n")
-    print("| model | K | setting | heat maps s | AE s (epochs) | decision s | update views s "
-          "(their own, beside the maps) | total s | ms per client | extra MB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | K | setting | heat maps s | AE s (epochs) | decision s | update views s | "
+          "total s | ms per client | extra MB |\n|---|---|---|---|---|---|---|---|---|---|")
     try:
         for model_name in args.models:
             for k in args.k if model_name == "cnn" else args.k_large:
@@ -139,7 +137,7 @@ def speed(args) -> None:
                     process.join()
                     print(f"| {model_name} | {k} | {setting} | {row['heatmaps']:.3f} | "
                           f"{row['autoencoder']:.3f} ({row['epochs']:.0f}) | {row['decision']:.4f} | "
-                          f"{row['views']:.4f} ({row['views_own']:.3f}) | "
+                          f"{row['views']:.4f} | "
                           f"{row['total']:.3f} | {1000 * row['total'] / k:.2f} | "
                           f"{row['extra_mb']:.0f} |", flush=True)
     finally:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import partial
 from logging import INFO
@@ -48,8 +47,7 @@ from strategies.detection.heatmaps import (
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
-from strategies.detection.update_views import (VIEW_TAILS, RoundSums, norm_bound, round_sums,
-                                               scores_from_sums)
+from strategies.detection.update_views import VIEW_TAILS, norm_bound, round_sums, scores_from_sums
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
 from task.params import flatten_updates, row_norms, stacked_floats, update_columns
@@ -311,16 +309,8 @@ class LayerCamAe(DetectingFedAvg):
                 "probes": self.probes[:KEPT_PROBES].cpu().numpy()}
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
-        with ThreadPoolExecutor(1) as beside:  # the update views' sums beside the maps and AE
-            pending = (beside.submit(self.update_sums, uploads) if self.settings.views
-                       else None)
-            return self.detect_beside(server_round, uploads, pending)
-
-    def detect_beside(self, server_round: int, uploads: list[ClientUpload],
-                      pending: Future | None) -> Detection:
-        """``detect`` with the uploads' ``update_sums`` being computed in ``pending``."""
         timings: dict[str, float] = {}
-        received = len(uploads)
+
         with torch_threads(self.threads):
             start = time.perf_counter()
             maps, uploads, rejected = self.finite_heatmaps(uploads)
@@ -356,12 +346,8 @@ class LayerCamAe(DetectingFedAvg):
         timings["decision"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        sums, seconds = (pending.result() if pending is not None and len(uploads) == received
-                         else self.update_sums(uploads) if self.settings.views else (None, 0.0))
-        kept, scores, view_details = self.decide_by_views(uploads, kept, scores, sums)
-        timings["views"] = time.perf_counter() - start  # what the views add to the step
-        if sums is not None:
-            view_details["views_seconds"] = seconds  # their own time, beside the maps and AE
+        kept, scores, view_details = self.decide_by_views(uploads, kept, scores)
+        timings["views"] = time.perf_counter() - start
 
         upper = upper_rule(errors, self.settings.beta)
         details = {
@@ -392,28 +378,24 @@ class LayerCamAe(DetectingFedAvg):
             "score_cap": self.evidence.cap, "group_z": s.group_z, "group_size": s.group_size,
             "z": dict(zip(node_ids, z.tolist()))}
 
-    def update_sums(self, uploads: list[ClientUpload]) -> tuple[RoundSums, float]:
-        """The update views' ``RoundSums`` of the uploads, a block of coordinates at a time from
-        their float arrays stacked once, on ``workers`` threads; and the seconds they took."""
-        start = time.perf_counter()
-        weights, origin = stacked_floats([u.arrays for u in uploads], self.global_state)
-        sums = round_sums(partial(update_columns, weights, origin), weights.shape,
-                          outside="outside-range" in self.settings.views,
-                          gram="collusion" in self.settings.views, workers=self.settings.workers)
-        return sums, time.perf_counter() - start
-
     def decide_by_views(self, uploads: list[ClientUpload], kept: list[int],
-                        scores: dict[int, float], sums: RoundSums | None
-                        ) -> tuple[list[int], dict[int, float], dict]:
-        """Add the update views' exclusions to the heat maps' (``views``; ``sums``: the uploads'
-        ``update_sums``): an upload with a view score beyond ``view_z`` (times the view's tail
-        factor) is excluded this round. With ``decision="evidence"`` a client's score is the
-        larger of its heat-map evidence and its largest view score, each relative to its cut
-        (times ``robust_z``). Also the clipping bound."""
+                        scores: dict[int, float]) -> tuple[list[int], dict[int, float], dict]:
+        """Add the update views' exclusions to the heat maps' (``views``): an upload with a
+        view score beyond ``view_z`` (times the view's tail factor) is excluded this round.
+        With ``decision="evidence"`` a client's score is the larger of its heat-map evidence
+        and its largest view score, each relative to its cut (times ``robust_z``). Also the
+        clipping bound. The views' sums are added a block of coordinates at a time from the
+        uploads' float arrays stacked once (``round_sums``), on ``workers`` threads."""
         s = self.settings
         if not (s.views or s.clip):
             return kept, scores, {"clip_bound": None}
         node_ids = [u.node_id for u in uploads]
+        sums = None
+        if s.views:
+            weights, origin = stacked_floats([u.arrays for u in uploads], self.global_state)
+            sums = round_sums(partial(update_columns, weights, origin), weights.shape,
+                              outside="outside-range" in s.views, gram="collusion" in s.views,
+                              workers=s.workers)
         norms = (sums.norms if sums is not None else
                  row_norms(flatten_updates([u.arrays for u in uploads], self.global_state)[0]))
         details: dict[str, Any] = {"clip_bound": norm_bound(norms, s.clip_z) if s.clip else None,

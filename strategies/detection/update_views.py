@@ -78,8 +78,8 @@ def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
     """Per client, the squared deviation from ``centre`` outside the range, and all of it, over
     one block of coordinates (``values``; ``ordered``: the same sorted along the rows, which
     this overwrites)."""
-    deviations = values - centre
     sigma = MAD_TO_STD * sorted_median_deviation(ordered, centre)
+    deviations = np.subtract(values, centre, out=ordered)  # the sorted values are spent
     tied = sigma == 0
     if tied.any():
         sigma[tied] = np.abs(deviations[:, tied]).mean(axis=0)
