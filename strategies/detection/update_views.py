@@ -212,8 +212,10 @@ def round_sums(block_of: Callable[[slice], np.ndarray], shape: tuple[int, int], 
         values = block_of(block)
         ordered = np.sort(values, axis=0)
         centre = sorted_median(ordered)
-        sums = RoundSums(np.einsum("ij,ij->i", values, values), values @ centre,
-                         float(centre @ centre), gram=values @ values.T if gram else None)
+        products = values @ values.T if gram else None
+        squares = (np.diag(products).copy() if gram  # the Gram's diagonal: no second pass
+                   else np.einsum("ij,ij->i", values, values))
+        sums = RoundSums(squares, values @ centre, float(centre @ centre), gram=products)
         if outside:  # last: overwrites ``ordered``
             sums.outside, sums.distance = outside_sums(values, ordered, centre, width)
         return sums
