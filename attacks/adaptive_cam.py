@@ -17,7 +17,9 @@ feasibility is monotone in gamma.
 Against the update views (``layercam-ae-views``, ``strategies.detection.update_views``) it knows each view
 (``adaptive-cam-knows-views``; false: the views-blind attack above, its control)
 and keeps every view's value within the benign uploads' range (so its robust score stays below
-the largest benign one, whatever the cut). Reversing the mean update cannot pass the direction
+the largest benign one, whatever the cut), and the pair of its two highest views within the
+pair rule (``layercam-ae-view-pair``: its ``view_excess`` no higher than a benign upload's, nor
+past the cut). Reversing the mean update cannot pass the direction
 view, so its candidates turn away from the mean instead: w(gamma) = w_g + (1 - gamma) u_bar +
 gamma ||u_bar|| e, with e the unit ALIE direction -sign(u_bar) * sigma (sigma the benign
 updates' per-coordinate deviation) made orthogonal to u_bar, and against the collusion view
@@ -35,7 +37,9 @@ from torch.func import functional_call
 from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.eavesdropping import largest_gamma
 from strategies.detection.heatmaps import as_tensors, layercam_heatmaps
-from strategies.detection.update_views import VIEWS, coordinate_median, nearest_distances
+from strategies.detection.thresholds import robust_z
+from strategies.detection.update_views import (VIEW_TAILS, VIEWS, coordinate_median,
+                                               nearest_distances, view_excess)
 from task.models import default_cam_layer
 from task.params import State, flatten_updates, unflatten
 
@@ -48,15 +52,18 @@ class AdaptiveCam(Attack):
     needs_benign_uploads = True
     needs_local_probes = True
 
-    def __init__(self, model: nn.Module, layer: str, views: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: nn.Module, layer: str, views: tuple[str, ...] = (),
+                 view_z: float = 6.0, view_pair: float = 1.0) -> None:
         self.model, self.layer, self.views = model.eval(), layer, tuple(views)
+        self.view_z, self.view_pair = view_z, view_pair
 
     @classmethod
     def from_config(cls, config, model=None):
         if model is None:
             raise ValueError("adaptive-cam needs the model architecture")
         return cls(model, config.layercam_ae_target_layer or default_cam_layer(config.model),
-                   config.layercam_ae_view_names if config.adaptive_cam_knows_views else ())
+                   config.layercam_ae_view_names if config.adaptive_cam_knows_views else (),
+                   config.layercam_ae_view_z, config.layercam_ae_view_pair)
 
     def craft(self, attack_input: AttackInput) -> State:
         benign, global_state = attack_input.benign_states, attack_input.global_state
@@ -124,12 +131,21 @@ class AdaptiveCam(Attack):
 
     def view_bounds(self, updates: np.ndarray):
         """A test that an update's value in every view lies within the benign uploads' range
-        (each view computed against the benign coordinate-wise median)."""
+        (each view computed against the benign coordinate-wise median), and that its two
+        highest views pass the pair rule no further than a benign upload's do, nor past the
+        cut (robust scores over the benign uploads and the update)."""
         centre = coordinate_median(updates)
         views = [v for v in self.views if v != "collusion"]  # the offset answers collusion
         highest = {v: float(VIEWS[v](updates, centre).max()) for v in views}
 
         def within(update: np.ndarray) -> bool:
             stacked = np.vstack([updates, update])
-            return all(float(VIEWS[v](stacked, centre)[-1]) <= highest[v] for v in views)
+            values = {v: VIEWS[v](stacked, centre) for v in views}
+            if any(float(values[v][-1]) > highest[v] for v in views):
+                return False
+            if len(views) < 2 or self.view_pair >= 1.0:  # the pair rule adds nothing
+                return True
+            excess = view_excess(np.stack([robust_z(values[v]) / (self.view_z * VIEW_TAILS[v])
+                                           for v in views]), self.view_pair)
+            return float(excess[-1]) <= min(1.0, float(excess[:-1].max()))
         return within

@@ -47,7 +47,8 @@ from strategies.detection.heatmaps import (
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
-from strategies.detection.update_views import VIEW_TAILS, norm_bound, round_sums, scores_from_sums
+from strategies.detection.update_views import (VIEW_TAILS, norm_bound, round_sums,
+                                               scores_from_sums, view_excess)
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
 from task.params import flatten_updates, row_norms, stacked_floats, update_columns
@@ -144,6 +145,8 @@ class LayerCamAeSettings:
     heat maps alone."""
     view_z: float = _DEFAULTS.layercam_ae_view_z
     """The views' cut."""
+    view_pair: float = _DEFAULTS.layercam_ae_view_pair
+    """Two views each beyond this share of their cuts exclude an upload too (``view_excess``)."""
     clip: bool = _DEFAULTS.layercam_ae_clip
     """Clip every kept update to ``norm_bound(updates, clip_z)`` before averaging: the norm a
     benign client at ``clip_z`` robust standard deviations of the round's log norms has."""
@@ -381,8 +384,8 @@ class LayerCamAe(DetectingFedAvg):
     def decide_by_views(self, uploads: list[ClientUpload], kept: list[int],
                         scores: dict[int, float]) -> tuple[list[int], dict[int, float], dict]:
         """Add the update views' exclusions to the heat maps' (``views``): an upload with a
-        view score beyond ``view_z`` (times the view's tail factor) is excluded this round.
-        With ``decision="evidence"`` a client's score is the larger of its heat-map evidence
+        view score beyond ``view_z`` (times the view's tail factor), or two beyond ``view_pair``
+        of theirs, is excluded this round (``view_excess`` > 1). With ``decision="evidence"`` a client's score is the larger of its heat-map evidence
         and its largest view score, each relative to its cut (times ``robust_z``). Also the
         clipping bound. The views' sums are added a block of coordinates at a time from the
         uploads' float arrays stacked once (``round_sums``), on ``workers`` threads."""
@@ -403,14 +406,15 @@ class LayerCamAe(DetectingFedAvg):
         if not s.views:
             return kept, scores, details
         views = scores_from_sums(sums, s.views)
-        relative = np.max(np.stack([z / (s.view_z * VIEW_TAILS[v]) for v, z in views.items()]),
-                          axis=0)  # > 1: beyond the cut of some view
+        relative = view_excess(np.stack([z / (s.view_z * VIEW_TAILS[v])
+                                         for v, z in views.items()]), s.view_pair)
         flagged = {n for n, r in zip(node_ids, relative) if r > 1.0}
         if s.decision == "evidence":  # (the vote's scores are errors: left as they are)
             scores = {n: s.robust_z * max(scores[n] / s.robust_z, float(r))
                       for n, r in zip(node_ids, relative)}
         details.update({"views": {v: dict(zip(node_ids, z.tolist())) for v, z in views.items()},
-                        "view_z": s.view_z, "flagged_by_views": sorted(flagged)})
+                        "view_z": s.view_z, "view_pair": s.view_pair,
+                        "flagged_by_views": sorted(flagged)})
         return [n for n in kept if n not in flagged], scores, details
 
     def new_global_state(self, detection: Detection, kept: list[ClientUpload]

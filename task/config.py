@@ -332,6 +332,10 @@ class RunConfig:
         6.0, "exclude an upload in the round it arrives when one of its view scores (robust z "
         "over the round's uploads) exceeds this (the outside-range view: twice this)",
         bounds=Range(0, 1e6, open_low=True))
+    layercam_ae_view_pair: float = setting(
+        0.6, "also exclude an upload in the round it arrives when two of its view scores each "
+        "exceed this share of their cuts (two sides agreeing; 1: one view past its cut only)",
+        bounds=Range(0, 1, open_low=True))
     layercam_ae_clip: bool = setting(
         True, "clip every kept update to the norm exp(median + z·1.4826·MAD) of the round's log "
         "update norms before averaging: no kept upload moves the model more than a benign "

@@ -65,6 +65,8 @@ def test_pyproject_declares_every_key_with_the_typed_default():
     ("gae-candidate-nodes", 10, "gae-candidate-nodes"),
     ("layercam-ae-views", "norm,heatmap", "layercam-ae-views='heatmap' is not one of"),
     ("layercam-ae-view-z", 0.0, "layercam-ae-view-z"),
+    ("layercam-ae-view-pair", 0.0, r"layercam-ae-view-pair must be in \(0, 1\]"),
+    ("layercam-ae-view-pair", 1.5, r"layercam-ae-view-pair must be in \(0, 1\]"),
     ("flame-noise", 2.0, "flame-noise"),
     ("model-replacement-boost", -1.0, "model-replacement-boost"),
     # names that would build a path

@@ -216,7 +216,8 @@ def test_the_settings_are_read_from_their_run_config_keys_defaults_included():
                  keep_heatmaps=True, hidden=64, epochs=50, lr=1e-2, weight_decay=0.0,
                  tolerance=1e-3, seed=7, decision="voting", robust_z=3.0, memory=0.5,
                  evidence_decay="rounds", score_cap=4.0, scale_rounds=1, group_z=2.25, group_size=0, threshold="upper",
-                 beta=2.0, window=4, votes=3, views=("norm",), view_z=5.0, clip=False, clip_z=0.0)
+                 beta=2.0, window=4, votes=3, views=("norm",), view_z=5.0, view_pair=0.9, clip=False,
+                 clip_z=0.0)
     assert set(other) == {f.name for f in fields(LayerCamAeSettings)}
     assert all(v != getattr(LayerCamAeSettings(), f) for f, v in other.items())
     config = RunConfig.from_run_config({LayerCamAeSettings.key_of(f): ",".join(v) if f == "views"

@@ -249,6 +249,21 @@ def test_outside_range_is_the_plain_numpy_formula(k):
                                    atol=1e-15)
 
 
+def test_view_excess_by_hand_one_view_past_its_cut_or_two_past_the_pair_share():
+    from strategies.detection.update_views import view_excess
+
+    relative = np.array([[1.2, 0.7, 0.7, 0.62, 0.0],   # a view's score over its cut
+                         [0.1, 0.65, 0.5, 0.5, 0.0],
+                         [0.0, 0.2, 0.2, 0.61, 0.0]])
+    np.testing.assert_allclose(view_excess(relative, 0.6),
+                               [1.2, 0.65 / 0.6, 0.5 / 0.6, 0.61 / 0.6, 0.0])
+    excluded = view_excess(relative, 0.6) > 1
+    assert excluded.tolist() == [True, True, False, True, False]
+    # pair 1: the largest view alone, the rule without pairs
+    np.testing.assert_allclose(view_excess(relative, 1.0), relative.max(axis=0))
+    np.testing.assert_allclose(view_excess(relative[:1], 0.6), relative[0])  # one view
+
+
 def test_the_norm_bound_by_hand_and_against_a_boosted_minority():
     updates = np.diag([1.0, 2.0, 4.0, 8.0, 16.0])  # log norms 0, ln2, 2 ln2, 3 ln2, 4 ln2
     assert norm_bound(row_norms(updates), 0.0) == pytest.approx(4.0)  # the median norm

@@ -294,6 +294,17 @@ small, so the outside-range view's benign tail is wider than the others' (measur
 docs/defense-in-depth.md); a GAE upload's share lies far beyond either."""
 
 
+def view_excess(relative: np.ndarray, pair: float) -> np.ndarray:
+    """How far past the cuts each client's views are, from ``relative`` (views x clients: each
+    view's score over its cut): the largest, or the second largest over ``pair``, whichever is
+    more. Above 1 the upload is excluded: one view past its cut, or two sides agreeing, each
+    past ``pair`` of its cut (``pair`` = 1: the largest alone)."""
+    ordered = np.sort(relative, axis=0)
+    if len(ordered) < 2:
+        return ordered[-1] if len(ordered) else np.zeros(relative.shape[1])
+    return np.maximum(ordered[-1], ordered[-2] / pair)
+
+
 def view_scores(updates: np.ndarray, views: Sequence[str], workers: int = 1
                 ) -> dict[str, np.ndarray]:
     """Each named view's signed robust score per client (rows of ``updates``), through
