@@ -300,7 +300,7 @@ def test_an_upload_whose_heat_map_overflows_is_rejected_and_the_round_goes_on():
 def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a_kept_one(trajectory):
     from attacks.model_replacement import ModelReplacement
     from strategies.detection.thresholds import robust_z
-    from strategies.detection.update_views import VIEWS
+    from strategies.detection.update_views import VIEW_TAILS, VIEWS, view_excess
     from task.params import flatten_updates
 
     globals_, states, sizes, data = trajectory
@@ -331,6 +331,12 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     for view, function in VIEWS.items():
         assert [record.details["views"][view][n] for n in nodes] == pytest.approx(
             robust_z(function(updates, centre)), rel=1e-9, abs=1e-9), view
+    # the flagged uploads are those whose views pass one cut or two 0.6 shares of theirs
+    cuts = np.array([[strategy.settings.view_z * VIEW_TAILS[v]] for v in VIEWS])
+    relative = np.array([[record.details["views"][v][n] for n in nodes] for v in VIEWS]) / cuts
+    excess = view_excess(relative, record.details["view_pair"])
+    assert record.details["view_pair"] == 0.6
+    assert record.details["flagged_by_views"] == sorted(n for n, e in zip(nodes, excess) if e > 1)
 
     # the heat maps alone: whatever they decide, a kept update moves the model no farther than
     # the round's median norm
