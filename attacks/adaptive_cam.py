@@ -37,9 +37,8 @@ from torch.func import functional_call
 from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.eavesdropping import largest_gamma
 from strategies.detection.heatmaps import as_tensors, layercam_heatmaps
-from strategies.detection.thresholds import robust_z
 from strategies.detection.update_views import (VIEW_TAILS, VIEWS, coordinate_median,
-                                               nearest_distances, view_excess)
+                                               nearest_distances, robust_z, view_excess)
 from task.models import default_cam_layer
 from task.params import State, flatten_updates, unflatten
 
