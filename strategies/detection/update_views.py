@@ -184,8 +184,9 @@ class RoundSums:
         self.median_dots += other.median_dots
         self.median_squared_norm += other.median_squared_norm
         for name in ("outside", "distance", "gram"):
-            if getattr(self, name) is not None:
-                getattr(self, name).__iadd__(getattr(other, name))
+            mine = getattr(self, name)
+            if mine is not None:
+                mine += getattr(other, name)
 
     @property
     def norms(self) -> np.ndarray:
@@ -207,7 +208,7 @@ def round_sums(block_of: Callable[[slice], np.ndarray], shape: tuple[int, int], 
     blocks are shared among ``workers`` threads (numpy's sort, arithmetic and BLAS release the
     GIL) and their sums added in the blocks' order, so the result is the same for any
     ``workers``. Each block's BLAS calls run on one thread: numpy's BLAS threads on top of
-    the workers would oversubscribe the cores (at K = 100, two workers took twice as long)."""
+    the workers would oversubscribe the cores (measured in docs/benchmarks.md, "Block sums")."""
     def one_block(block: slice) -> RoundSums:
         values = block_of(block)
         ordered = np.sort(values, axis=0)
