@@ -79,6 +79,7 @@ def test_the_views_are_quiet_on_a_benign_round_and_need_three_clients():
     scores = view_scores(benign_round(), UPDATE_VIEWS)
     assert max(float(np.max(z)) for z in scores.values()) < 4.0
     assert all((z == 0).all() for z in view_scores(benign_round(k=2), UPDATE_VIEWS).values())
+    assert all(len(z) == 0 for z in view_scores(np.empty((0, 10)), UPDATE_VIEWS).values())
 
 
 def test_clipping_by_hand_keeps_integer_buffers_and_short_updates():

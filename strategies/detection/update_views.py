@@ -310,6 +310,8 @@ def view_scores(updates: np.ndarray, views: Sequence[str], workers: int = 1
                 ) -> dict[str, np.ndarray]:
     """Each named view's signed robust score per client (rows of ``updates``), through
     ``round_sums`` (zero with fewer than three clients)."""
+    if len(updates) < 3:  # no majority to be robust with (and no median of no rows)
+        return {view: np.zeros(len(updates)) for view in views}
     sums = round_sums(lambda block: updates[:, block], updates.shape,
                       outside="outside-range" in views, gram="collusion" in views,
                       workers=workers)
