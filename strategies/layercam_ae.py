@@ -385,9 +385,9 @@ class LayerCamAe(DetectingFedAvg):
                         scores: dict[int, float]) -> tuple[list[int], dict[int, float], dict]:
         """Add the update views' exclusions to the heat maps' (``views``): an upload with a
         view score beyond ``view_z`` (times the view's tail factor), or two beyond ``view_pair``
-        of theirs, is excluded this round (``view_excess`` > 1). With ``decision="evidence"`` a client's score is the larger of its heat-map evidence
-        and its largest view score, each relative to its cut (times ``robust_z``). Also the
-        clipping bound. The views' sums are added a block of coordinates at a time from the
+        of theirs, is excluded this round (``view_excess`` > 1). With ``decision="evidence"``
+        a client's score is the larger of its heat-map evidence and its view excess, each
+        relative to its cut (times ``robust_z``). Also the clipping bound. The views' sums are added a block of coordinates at a time from the
         uploads' float arrays stacked once (``round_sums``), on ``workers`` threads."""
         s = self.settings
         if not (s.views or s.clip):
