@@ -30,9 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from strategies.detection.thresholds import MAD_TO_STD, robust_z
 from task.params import row_norms
@@ -194,6 +195,13 @@ class RoundSums:
         return np.sqrt(self.squared_norms)
 
 
+@cache
+def _thread_pools() -> ThreadpoolController:
+    """The process's native thread pools, found once (finding them scans every loaded
+    library; limiting them through a found controller does not)."""
+    return ThreadpoolController()
+
+
 BLOCKS_IN_FLIGHT = 8
 """Blocks whose sums the threads hold at most before they are added (each may hold a K x K
 Gram matrix)."""
@@ -226,7 +234,7 @@ def round_sums(block_of: Callable[[slice], np.ndarray], shape: tuple[int, int], 
                       np.zeros(shape[0]) if outside else None,
                       np.zeros(shape[0]) if outside else None,
                       np.zeros((shape[0], shape[0])) if gram else None)
-    with threadpool_limits(1, user_api="blas"):
+    with _thread_pools().limit(limits=1, user_api="blas"):
         if workers > 1 and len(blocks) > 1:
             with ThreadPoolExecutor(min(workers, len(blocks))) as pool:
                 for start in range(0, len(blocks), BLOCKS_IN_FLIGHT):
