@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from functools import partial
 from logging import INFO
 from typing import Any
 
@@ -51,7 +50,7 @@ from strategies.detection.update_views import (VIEW_TAILS, norm_bound, round_sum
                                                scores_from_sums, view_excess)
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
-from task.params import flatten_updates, row_norms, stacked_floats, update_columns
+from task.params import flatten_updates, row_norms, stacked_floats
 
 KEPT_PROBES = 8
 """Probes whose maps ``keep_heatmaps`` hands over at most (the saved grid's columns)."""
@@ -387,8 +386,9 @@ class LayerCamAe(DetectingFedAvg):
         view score beyond ``view_z`` (times the view's tail factor), or two beyond ``view_pair``
         of theirs, is excluded this round (``view_excess`` > 1). With ``decision="evidence"``
         a client's score is the larger of its heat-map evidence and its view excess, each
-        relative to its cut (times ``robust_z``). Also the clipping bound. The views' sums are added a block of coordinates at a time from the
-        uploads' float arrays stacked once (``round_sums``), on ``workers`` threads."""
+        relative to its cut (times ``robust_z``). Also the clipping bound. The views' sums are
+        added a block of coordinates at a time from the uploads' float arrays stacked once, in
+        the model's dtype (``round_sums``), on ``workers`` threads."""
         s = self.settings
         if not (s.views or s.clip):
             return kept, scores, {"clip_bound": None}
@@ -396,9 +396,8 @@ class LayerCamAe(DetectingFedAvg):
         sums = None
         if s.views:
             weights, origin = stacked_floats([u.arrays for u in uploads], self.global_state)
-            sums = round_sums(partial(update_columns, weights, origin), weights.shape,
-                              outside="outside-range" in s.views, gram="collusion" in s.views,
-                              workers=s.workers)
+            sums = round_sums(weights, origin, outside="outside-range" in s.views,
+                              gram="collusion" in s.views, workers=s.workers)
         norms = (sums.norms if sums is not None else
                  row_norms(flatten_updates([u.arrays for u in uploads], self.global_state)[0]))
         details: dict[str, Any] = {"clip_bound": norm_bound(norms, s.clip_z) if s.clip else None,

@@ -58,8 +58,8 @@ def flatten_updates(states: Sequence[State], global_state: State) -> tuple[np.nd
 def stacked_floats(states: Sequence[State], global_state: State) -> tuple[np.ndarray, np.ndarray]:
     """The states' float arrays as the rows of one (n, d) matrix and the global state's as one
     vector, in name order and in the arrays' common dtype (float32 for float32 models: half
-    ``flatten_updates``' memory). ``update_columns`` makes any block of columns of the update
-    matrix from them."""
+    ``flatten_updates``' memory). ``strategies.detection.update_views.round_sums`` takes the
+    update matrix's columns from them a block at a time."""
     names = float_names(global_state)
     dtype = np.result_type(*(global_state[k].dtype for k in names)) if names else np.float64
     sizes = [global_state[k].size for k in names]
@@ -70,12 +70,6 @@ def stacked_floats(states: Sequence[State], global_state: State) -> tuple[np.nda
             row[offset:offset + size] = np.asarray(state[name]).ravel()
             offset += size
     return weights, np.concatenate([np.asarray(global_state[k]).ravel() for k in names]).astype(dtype)
-
-
-def update_columns(weights: np.ndarray, origin: np.ndarray, columns: slice) -> np.ndarray:
-    """``flatten_updates(states, global_state)[0][:, columns]``, bit for bit, from
-    ``stacked_floats(states, global_state)``: float64 before subtracting."""
-    return np.subtract(weights[:, columns], origin[columns], dtype=np.float64)
 
 
 def unflatten(vector: np.ndarray, names: Sequence[str], global_state: State,

@@ -321,16 +321,17 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     assert node(CLIENTS - 1) in flagged and len(flagged) <= 2
     assert record.details["views"]["norm"][node(CLIENTS - 1)] > strategy.settings.view_z
     assert len(record.excluded) <= 3
-    # the recorded norms and view scores (block sums, beside the heat maps) are the views'
-    # definitions on the whole update matrix
+    # the recorded norms and view scores (block sums in the model's float32, beside the heat
+    # maps) are the views' definitions on the whole float64 update matrix, to float32 rounding
     updates, _ = flatten_updates(round_states, globals_[0])
     centre = np.median(updates, axis=0)
     nodes = [node(c) for c in range(CLIENTS)]
     assert [record.details["update_norms"][n] for n in nodes] == pytest.approx(
-        np.linalg.norm(updates, axis=1), rel=1e-12)
+        np.linalg.norm(updates, axis=1), rel=1e-6)
     for view, function in VIEWS.items():
+        expected = robust_z(function(updates, centre))
         assert [record.details["views"][view][n] for n in nodes] == pytest.approx(
-            robust_z(function(updates, centre)), rel=1e-9, abs=1e-9), view
+            expected, rel=1e-5, abs=1e-5), view
     # the flagged uploads are those whose views pass one cut or two 0.6 shares of theirs
     cuts = np.array([[strategy.settings.view_z * VIEW_TAILS[v]] for v in VIEWS])
     relative = np.array([[record.details["views"][v][n] for n in nodes] for v in VIEWS]) / cuts

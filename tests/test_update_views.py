@@ -145,7 +145,7 @@ def test_block_wise_median_and_outside_range_equal_the_whole_array_computation(m
     updates[3, :40] += 1.0
     whole = np.median(updates, axis=0)
     expected = outside_range_view(updates, whole)
-    monkeypatch.setattr(views, "BLOCK_VALUES", 7 * 64)  # 16 blocks, the last one short
+    monkeypatch.setattr(views, "BLOCK_BYTES", 7 * 64 * 8)  # 16 blocks, the last one short
     monkeypatch.setattr(views, "MIN_BLOCK_COLUMNS", 1)
     assert len(views.column_blocks(updates)) == 16
     np.testing.assert_array_equal(views.coordinate_median(updates), whole)
@@ -185,14 +185,14 @@ def test_round_sums_are_the_views_sums_of_the_whole_matrix(k, monkeypatch):
     updates[:2, 50:80] = 5.0  # MAD 0 with two clients off it
     updates[:, 80:200] = np.round(updates[:, 80:200] * 20) / 20  # many ties
     updates[-1, 200:230] += 1.0  # one client's outlying coordinates
-    monkeypatch.setattr(views, "BLOCK_VALUES", k * 128)  # many blocks, the last one short
+    monkeypatch.setattr(views, "BLOCK_BYTES", k * 128 * 8)  # many blocks, the last one short
     monkeypatch.setattr(views, "MIN_BLOCK_COLUMNS", 1)
     centre = np.median(updates, axis=0)
     plain = plain_outside_range(updates, centre)
     assert plain.max() > 0.02  # a share to get right
     close = dict(rtol=1e-12, atol=1e-15)
     for workers in (1, 2, 3):
-        sums = views.round_sums(lambda block: updates[:, block], updates.shape, workers=workers)
+        sums = views.round_sums(updates, workers=workers)
         np.testing.assert_allclose(sums.squared_norms, (updates ** 2).sum(axis=1), **close)
         np.testing.assert_allclose(sums.median_dots, updates @ centre, **close)
         np.testing.assert_allclose(sums.median_squared_norm, centre @ centre, **close)
@@ -204,8 +204,7 @@ def test_round_sums_are_the_views_sums_of_the_whole_matrix(k, monkeypatch):
         for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):
             np.testing.assert_array_equal(getattr(sums, name), getattr(first, name))
         assert sums.median_squared_norm == first.median_squared_norm
-    without = views.round_sums(lambda block: updates[:, block], updates.shape, outside=False,
-                               gram=False)
+    without = views.round_sums(updates, outside=False, gram=False)
     assert without.outside is None and without.distance is None and without.gram is None
     np.testing.assert_array_equal(without.median_dots, first.median_dots)
 
@@ -283,27 +282,58 @@ def test_column_median_is_numpys_median_bit_for_bit(k):
     np.testing.assert_array_equal(column_median(values), np.median(values, axis=0))
 
 
-def test_update_columns_of_the_stacked_floats_are_flatten_updates_bit_for_bit():
-    from task.params import flatten_updates, stacked_floats, update_columns
-
-    rng = np.random.default_rng(0)
-    global_state = {"w": rng.normal(0, 1, (3, 5)).astype(np.float32),
+def float32_round(k=24, seed=0):
+    """A float32 model's global state and k uploads: benign steps of about 1e-3, and one
+    client writing 100x that into a few coordinates."""
+    rng = np.random.default_rng(seed)
+    global_state = {"w": rng.normal(0, 1, (40, 50)).astype(np.float32),
                     "steps": np.array(3, dtype=np.int64),
-                    "b": rng.normal(0, 1, 4).astype(np.float32)}
-    states = [{"w": (global_state["w"] + rng.normal(0, 1e-3, (3, 5))).astype(np.float32),
-               "steps": np.array(9), "b": rng.normal(0, 1e3, 4).astype(np.float32)}
-              for _ in range(3)]
+                    "b": rng.normal(0, 1, 37).astype(np.float32)}
+    shared = {k: rng.normal(0, 1e-3, v.shape) for k, v in global_state.items() if k != "steps"}
+    states = [{k: (v + shared[k] + rng.normal(0, 1e-3, v.shape)).astype(np.float32)
+               if k != "steps" else np.array(9) for k, v in global_state.items()}
+              for _ in range(k)]
+    states[0]["w"][:2, :10] += np.float32(0.1)
+    return global_state, states
+
+
+@pytest.mark.parametrize("k", [3, 24, 25])
+def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatch):
+    """A float32 model's uploads are stacked and differenced in float32 (``stacked_floats``,
+    ``round_sums``): every sum within float32 rounding of the float64 sums of
+    ``flatten_updates``, the views' scores with them, and the same bits for any number of
+    workers. A float64 array beside the float32 ones makes the stack float64: then the sums
+    are ``flatten_updates``' to the last bit."""
+    import strategies.detection.update_views as views
+    from task.params import flatten_updates, stacked_floats
+
+    monkeypatch.setattr(views, "BLOCK_BYTES", k * 64 * 4)  # many blocks
+    monkeypatch.setattr(views, "MIN_BLOCK_COLUMNS", 1)
+    global_state, states = float32_round(k, seed=k)
     weights, origin = stacked_floats(states, global_state)
-    assert weights.dtype == np.float32 and weights.shape == (3, 19)  # half the float64 copy
-    expected, _ = flatten_updates(states, global_state)
-    for columns in (slice(0, 19), slice(2, 7), slice(15, 19)):
-        np.testing.assert_array_equal(update_columns(weights, origin, columns), expected[:, columns])
-    mixed = {**global_state, "b": global_state["b"].astype(np.float64)}  # float64 beside float32
+    assert weights.dtype == np.float32 and weights.shape == (k, 2037)  # half the float64 copy
+    updates, _ = flatten_updates(states, global_state)
+    single = views.round_sums(updates)
+    for workers in (1, 2, 3):
+        sums = views.round_sums(weights, origin, workers=workers)
+        for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):
+            np.testing.assert_allclose(getattr(sums, name), getattr(single, name), rtol=1e-5,
+                                       atol=1e-12, err_msg=name)
+            if workers == 1:
+                first = sums
+            np.testing.assert_array_equal(getattr(sums, name), getattr(first, name))
+    assert single.outside[0] / single.distance[0] > 0.5  # the crafted client's share
+    for view, score in views.scores_from_sums(first, UPDATE_VIEWS).items():
+        np.testing.assert_allclose(score, views.scores_from_sums(single, UPDATE_VIEWS)[view],
+                                   rtol=1e-4, atol=1e-4, err_msg=view)
+    mixed = {**global_state, "b": global_state["b"].astype(np.float64)}
     mixed_states = [{**s, "b": s["b"].astype(np.float64) + 1e-12} for s in states]
     weights, origin = stacked_floats(mixed_states, mixed)
     assert weights.dtype == np.float64
-    np.testing.assert_array_equal(update_columns(weights, origin, slice(0, 19)),
-                                  flatten_updates(mixed_states, mixed)[0])
+    exact = views.round_sums(weights, origin, workers=2)
+    expected = views.round_sums(flatten_updates(mixed_states, mixed)[0])
+    for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):
+        np.testing.assert_array_equal(getattr(exact, name), getattr(expected, name))
 
 
 def test_flatten_updates_is_each_states_float64_difference_in_name_order():

@@ -18,9 +18,9 @@ round's clients, oriented so that a large positive z is suspicious:
   other than independent benign clients do.
 
 Every view reduces to a few sums over the coordinates (``RoundSums``: the norms, the dot
-products with m, the distances from m inside and outside the range, the Gram matrix), so the
-server adds them up a block of coordinates at a time (``round_sums``) and never holds the
-float64 update matrix whole. The views are pure functions of the numbers, so they are tested on
+products with m, the distances from m outside the range, the Gram matrix), so the server adds
+them up a block of coordinates at a time (``round_sums``), in the model's own dtype, and never
+holds the update matrix whole. The views are pure functions of the numbers, so they are tested on
 crafted rounds without Flower; ``strategies.layercam_ae`` fuses them with the heat maps'
 evidence.
 """
@@ -69,51 +69,53 @@ def outside_range_view(updates: np.ndarray, centre: np.ndarray,
     sigma_j = 1.4826 MAD of coordinate j over the clients around m_j (ties: the mean absolute
     deviation). Computed a block of coordinates at a time: the temporaries stay small for any
     model."""
-    sums = [outside_sums(updates[:, block], np.sort(updates[:, block], axis=0), centre[block],
-                         width) for block in column_blocks(updates)]
-    return outside_share(sums, len(updates))
+    outside, distance = np.zeros(len(updates)), np.zeros(len(updates))
+    for block in column_blocks(updates):
+        values = updates[:, block]
+        deviations = values - centre[block]
+        distance += np.einsum("ij,ij->i", deviations, deviations)
+        outside += outside_sums(values, np.sort(values, axis=0), centre[block], width)
+    return outside / np.maximum(distance, TINY)
 
 
 def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
-                 width: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per client, the squared deviation from ``centre`` outside the range, and all of it, over
-    one block of coordinates (``values``; ``ordered``: the same sorted along the rows, which
-    this overwrites)."""
+                 width: float) -> np.ndarray:
+    """Per client, the sum of (x_ij - c_j)^2 over the coordinates j of this block of ``values``
+    where |x_ij - c_j| > width * sigma_j (float64; ``ordered``: ``values`` sorted along the
+    rows, which this overwrites). Only the columns whose smallest or largest value is outside
+    the range are read again: in the others no client is."""
+    low, high = ordered[0].copy(), ordered[-1].copy()
     sigma = MAD_TO_STD * sorted_median_deviation(ordered, centre)
-    deviations = np.subtract(values, centre, out=ordered)  # the sorted values are spent
-    tied = sigma == 0
-    if tied.any():
-        sigma[tied] = np.abs(deviations[:, tied]).mean(axis=0)
-    outside = np.abs(deviations) > width * sigma
-    squared = np.multiply(deviations, deviations, out=deviations)
-    total = squared.sum(axis=1)
-    squared *= outside
-    return squared.sum(axis=1), total
+    tied = np.flatnonzero(sigma == 0)
+    if len(tied):
+        sigma[tied] = np.abs(values[:, tied] - centre[tied]).mean(axis=0)
+    reach = width * sigma
+    # |x - c| rounds as x - c does, so these are the columns where some |x_ij - c_j| > reach_j
+    columns = np.flatnonzero((high - centre > reach) | (centre - low > reach))
+    deviations = values[:, columns] - centre[columns]
+    squared = np.square(deviations)
+    squared *= np.abs(deviations) > reach[columns]
+    return squared.sum(axis=1, dtype=np.float64)
 
 
-def outside_share(sums: Sequence[tuple[np.ndarray, np.ndarray]], clients: int) -> np.ndarray:
-    """The blocks' ``outside_sums`` added in order, as a share of each client's distance."""
-    outside, total = np.zeros(clients), np.zeros(clients)
-    for block_outside, block_total in sums:
-        outside += block_outside
-        total += block_total
-    return outside / np.maximum(total, TINY)
-
-
-BLOCK_VALUES = 1 << 16
-"""Values (K x columns) per block of ``column_blocks``: 512 KB of float64, so that a block's
-several passes (deviation, magnitude, sort, square) stay in the CPU's cache."""
+BLOCK_BYTES = 1 << 19
+"""Bytes (K x columns values) per block of ``column_blocks``: 512 KB, so that a block's several
+passes (sort, deviation, magnitude) stay in the CPU's cache."""
 
 
 MIN_BLOCK_COLUMNS = 256
 """Coordinates per block at least, however many clients: each block adds a K x K Gram matrix."""
 
 
-def column_blocks(updates: np.ndarray | tuple[int, int]) -> list[slice]:
-    """Slices of the coordinates, each holding at most ``BLOCK_VALUES`` values of ``updates``
-    (or of a matrix of that shape) and at least ``MIN_BLOCK_COLUMNS`` columns."""
-    clients, columns = updates if isinstance(updates, tuple) else updates.shape
-    width = max(1, min(columns, max(BLOCK_VALUES // max(1, clients), MIN_BLOCK_COLUMNS)))
+def column_blocks(updates: np.ndarray | tuple[int, int], itemsize: int = 8) -> list[slice]:
+    """Slices of the coordinates, each holding at most ``BLOCK_BYTES`` of ``updates`` (or of a
+    matrix of that shape whose values take ``itemsize`` bytes) and at least
+    ``MIN_BLOCK_COLUMNS`` columns."""
+    if isinstance(updates, np.ndarray):
+        updates, itemsize = updates.shape, updates.itemsize
+    clients, columns = updates
+    per_block = BLOCK_BYTES // itemsize // max(1, clients)
+    width = max(1, min(columns, max(per_block, MIN_BLOCK_COLUMNS)))
     return [slice(start, min(start + width, columns)) for start in range(0, columns, width)]
 
 
@@ -175,7 +177,7 @@ class RoundSums:
     outside: np.ndarray | None = None
     """The sum of d_ij^2 over the coordinates where |d_ij| > width * sigma_j (``outside_sums``)."""
     distance: np.ndarray | None = None
-    """||d_i||^2."""
+    """||d_i||^2 (``round_sums`` derives it from the other sums once they are added up)."""
     gram: np.ndarray | None = None
     """Delta Delta^T (K x K)."""
 
@@ -207,33 +209,37 @@ BLOCKS_IN_FLIGHT = 8
 Gram matrix)."""
 
 
-def round_sums(block_of: Callable[[slice], np.ndarray], shape: tuple[int, int], *,
-               outside: bool = True, gram: bool = True, width: float = RANGE_WIDTH,
-               workers: int = 1) -> RoundSums:
-    """``RoundSums`` of the (K, D) updates of ``shape`` whose float64 columns ``block_of(cols)``
-    returns (a new array or a view it may keep), one sort of each block giving the median and
-    the MAD; ``outside``/``gram``: the outside-range view's and the collusion view's sums. The
-    blocks are shared among ``workers`` threads (numpy's sort, arithmetic and BLAS release the
-    GIL) and their sums added in the blocks' order, so the result is the same for any
-    ``workers``. Each block's BLAS calls run on one thread: numpy's BLAS threads on top of
-    the workers would oversubscribe the cores (measured in docs/benchmarks.md, "Block sums")."""
+def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside: bool = True,
+               gram: bool = True, width: float = RANGE_WIDTH, workers: int = 1) -> RoundSums:
+    """``RoundSums`` of the (K, D) updates ``weights - origin`` (``origin`` None: ``weights``
+    are the updates), a block of coordinates at a time: each block's differences are taken in
+    ``weights``' dtype (float32 for float32 models: half the bytes to sort and pass over), one
+    sort gives the median and the MAD, and the block's sums are added in float64.
+    ``outside``/``gram``: the outside-range view's and the collusion view's sums; ||d_i||^2
+    comes from the other sums (||Delta_i||^2 - 2 Delta_i . m + ||m||^2). The blocks are shared
+    among ``workers`` threads (numpy's sort, arithmetic and BLAS release the GIL) and their
+    sums added in the blocks' order, so the result is the same for any ``workers``. Each
+    block's BLAS calls run on one thread: numpy's BLAS threads on top of the workers would
+    oversubscribe the cores (measured in docs/benchmarks.md, "Block sums")."""
     def one_block(block: slice) -> RoundSums:
-        values = block_of(block)
+        values = weights[:, block] if origin is None else weights[:, block] - origin[block]
         ordered = np.sort(values, axis=0)
         centre = sorted_median(ordered)
         products = values @ values.T if gram else None
-        squares = (np.diag(products).copy() if gram  # the Gram's diagonal: no second pass
+        squares = (np.diag(products) if gram  # the Gram's diagonal: no second pass
                    else np.einsum("ij,ij->i", values, values))
-        sums = RoundSums(squares, values @ centre, float(centre @ centre), gram=products)
+        sums = RoundSums(squares.astype(np.float64), (values @ centre).astype(np.float64),
+                         float(np.dot(centre, centre)),
+                         gram=None if products is None else products.astype(np.float64))
         if outside:  # last: overwrites ``ordered``
-            sums.outside, sums.distance = outside_sums(values, ordered, centre, width)
+            sums.outside = outside_sums(values, ordered, centre, width)
         return sums
 
-    blocks = column_blocks(shape)
-    total = RoundSums(np.zeros(shape[0]), np.zeros(shape[0]), 0.0,
-                      np.zeros(shape[0]) if outside else None,
-                      np.zeros(shape[0]) if outside else None,
-                      np.zeros((shape[0], shape[0])) if gram else None)
+    clients = len(weights)
+    blocks = column_blocks(weights)
+    total = RoundSums(np.zeros(clients), np.zeros(clients), 0.0,
+                      np.zeros(clients) if outside else None, None,
+                      np.zeros((clients, clients)) if gram else None)
     with _thread_pools().limit(limits=1, user_api="blas"):
         if workers > 1 and len(blocks) > 1:
             with ThreadPoolExecutor(min(workers, len(blocks))) as pool:
@@ -243,6 +249,9 @@ def round_sums(block_of: Callable[[slice], np.ndarray], shape: tuple[int, int], 
         else:
             for block in blocks:
                 total.add(one_block(block))
+    if outside:  # the outside part of a distance is part of it, whatever the rounding
+        total.distance = np.maximum(total.squared_norms - 2.0 * total.median_dots
+                                    + total.median_squared_norm, total.outside)
     return total
 
 
@@ -320,8 +329,7 @@ def view_scores(updates: np.ndarray, views: Sequence[str], workers: int = 1
     ``round_sums`` (zero with fewer than three clients)."""
     if len(updates) < 3:  # no majority to be robust with (and no median of no rows)
         return {view: np.zeros(len(updates)) for view in views}
-    sums = round_sums(lambda block: updates[:, block], updates.shape,
-                      outside="outside-range" in views, gram="collusion" in views,
+    sums = round_sums(updates, outside="outside-range" in views, gram="collusion" in views,
                       workers=workers)
     return scores_from_sums(sums, views)
 
