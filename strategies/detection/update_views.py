@@ -85,10 +85,10 @@ def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
     rows, which this overwrites). Only the columns whose smallest or largest value is outside
     the range are read again: in the others no client is."""
     low, high = ordered[0].copy(), ordered[-1].copy()
-    sigma = MAD_TO_STD * sorted_median_deviation(ordered, centre)
-    tied = np.flatnonzero(sigma == 0)
-    if len(tied):
-        sigma[tied] = np.abs(values[:, tied] - centre[tied]).mean(axis=0)
+    sigma = MAD_TO_STD * sorted_median_deviation(ordered, centre)  # ``ordered``: now |x - c|
+    tied = sigma == 0
+    if tied.any():
+        sigma[tied] = ordered.mean(axis=0)[tied]
     reach = width * sigma
     # |x - c| rounds as x - c does, so these are the columns where some |x_ij - c_j| > reach_j
     columns = np.flatnonzero((high - centre > reach) | (centre - low > reach))
