@@ -336,6 +336,28 @@ def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatc
         np.testing.assert_array_equal(getattr(exact, name), getattr(expected, name))
 
 
+def test_round_sums_of_a_float16_models_stack_are_taken_in_float32():
+    """Half-precision uploads are differenced and summed in float32 at least: float16 squares
+    of updates this size would overflow to inf."""
+    import strategies.detection.update_views as views
+    from task.params import flatten_updates, stacked_floats
+
+    global_state, states = float32_round(7)
+    half = {k: v.astype(np.float16) if v.dtype.kind == "f" else v for k, v in global_state.items()}
+    half_states = [{k: v.astype(np.float16) if v.dtype.kind == "f" else v for k, v in s.items()}
+                   for s in states]
+    for state in half_states:
+        state["b"] = state["b"] + np.float16(300.0)  # 300^2 x 37 is past float16's 65504
+    weights, origin = stacked_floats(half_states, half)
+    assert weights.dtype == np.float16
+    sums = views.round_sums(weights, origin, workers=2)
+    expected = views.round_sums(flatten_updates(half_states, half)[0])
+    assert np.isfinite(sums.squared_norms).all() and sums.squared_norms.min() > 300.0 ** 2 * 37
+    for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):
+        np.testing.assert_allclose(getattr(sums, name), getattr(expected, name), rtol=1e-5,
+                                   atol=1e-9, err_msg=name)
+
+
 def test_flatten_updates_is_each_states_float64_difference_in_name_order():
     from task.params import flatten_updates
 

@@ -18,11 +18,11 @@ round's clients, oriented so that a large positive z is suspicious:
   other than independent benign clients do.
 
 Every view reduces to a few sums over the coordinates (``RoundSums``: the norms, the dot
-products with m, the distances from m outside the range, the Gram matrix), so the server adds
-them up a block of coordinates at a time (``round_sums``), in the model's own dtype, and never
-holds the update matrix whole. The views are pure functions of the numbers, so they are tested on
-crafted rounds without Flower; ``strategies.layercam_ae`` fuses them with the heat maps'
-evidence.
+products with m, the distances from m inside and outside the range, the Gram matrix), so the
+server adds them up a block of coordinates at a time (``round_sums``), in the model's own dtype,
+and never holds the update matrix whole. The views are pure functions of the numbers, so they
+are tested on crafted rounds without Flower; ``strategies.layercam_ae`` fuses them with the heat
+maps' evidence.
 """
 
 from __future__ import annotations
@@ -71,19 +71,19 @@ def outside_range_view(updates: np.ndarray, centre: np.ndarray,
     model."""
     outside, distance = np.zeros(len(updates)), np.zeros(len(updates))
     for block in column_blocks(updates):
-        values = updates[:, block]
-        deviations = values - centre[block]
-        distance += np.einsum("ij,ij->i", deviations, deviations)
-        outside += outside_sums(values, np.sort(values, axis=0), centre[block], width)
+        block_outside, block_distance = outside_sums(
+            updates[:, block], np.sort(updates[:, block], axis=0), centre[block], width)
+        outside += block_outside
+        distance += block_distance
     return outside / np.maximum(distance, TINY)
 
 
 def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
-                 width: float) -> np.ndarray:
-    """Per client, the sum of (x_ij - c_j)^2 over the coordinates j of this block of ``values``
-    where |x_ij - c_j| > width * sigma_j (float64; ``ordered``: ``values`` sorted along the
-    rows, which this overwrites). Only the columns whose smallest or largest value is outside
-    the range are read again: in the others no client is."""
+                 width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per client, over this block of ``values``, the sum of (x_ij - c_j)^2 over the coordinates
+    j where |x_ij - c_j| > width * sigma_j, and over all of them (float64; ``ordered``:
+    ``values`` sorted along the rows, which this overwrites). Only the columns whose smallest or
+    largest value is outside the range are masked: in the others no client is."""
     low, high = ordered[0].copy(), ordered[-1].copy()
     sigma = MAD_TO_STD * sorted_median_deviation(ordered, centre)  # ``ordered``: now |x - c|
     tied = sigma == 0
@@ -92,10 +92,13 @@ def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
     reach = width * sigma
     # |x - c| rounds as x - c does, so these are the columns where some |x_ij - c_j| > reach_j
     columns = np.flatnonzero((high - centre > reach) | (centre - low > reach))
-    deviations = values[:, columns] - centre[columns]
-    squared = np.square(deviations)
-    squared *= np.abs(deviations) > reach[columns]
-    return squared.sum(axis=1, dtype=np.float64)
+    deviations = np.subtract(values, centre, out=ordered)  # the sorted deviations are spent
+    picked = deviations[:, columns]
+    outside = np.abs(picked) > reach[columns]
+    squared = np.square(deviations, out=deviations)
+    picked = np.square(picked, out=picked) * outside
+    # summed along the rows: numpy's pairwise sum, accurate in float32
+    return (picked.sum(axis=1).astype(np.float64), squared.sum(axis=1).astype(np.float64))
 
 
 BLOCK_BYTES = 1 << 19
@@ -177,7 +180,7 @@ class RoundSums:
     outside: np.ndarray | None = None
     """The sum of d_ij^2 over the coordinates where |d_ij| > width * sigma_j (``outside_sums``)."""
     distance: np.ndarray | None = None
-    """||d_i||^2 (``round_sums`` derives it from the other sums once they are added up)."""
+    """||d_i||^2."""
     gram: np.ndarray | None = None
     """Delta Delta^T (K x K)."""
 
@@ -213,16 +216,18 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
                gram: bool = True, width: float = RANGE_WIDTH, workers: int = 1) -> RoundSums:
     """``RoundSums`` of the (K, D) updates ``weights - origin`` (``origin`` None: ``weights``
     are the updates), a block of coordinates at a time: each block's differences are taken in
-    ``weights``' dtype (float32 for float32 models: half the bytes to sort and pass over), one
-    sort gives the median and the MAD, and the block's sums are added in float64.
-    ``outside``/``gram``: the outside-range view's and the collusion view's sums; ||d_i||^2
-    comes from the other sums (||Delta_i||^2 - 2 Delta_i . m + ||m||^2). The blocks are shared
-    among ``workers`` threads (numpy's sort, arithmetic and BLAS release the GIL) and their
-    sums added in the blocks' order, so the result is the same for any ``workers``. Each
-    block's BLAS calls run on one thread: numpy's BLAS threads on top of the workers would
+    ``weights``' dtype, at least float32 (float32 for float32 models: half the bytes to sort and
+    pass over), one sort gives the median and the MAD, and the block's sums are added in float64.
+    ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks
+    are shared among ``workers`` threads (numpy's sort, arithmetic and BLAS release the GIL)
+    and their sums added in the blocks' order, so the result is the same for any ``workers``.
+    Each block's BLAS calls run on one thread: numpy's BLAS threads on top of the workers would
     oversubscribe the cores (measured in docs/benchmarks.md, "Block sums")."""
+    dtype = np.promote_types(weights.dtype, np.float32)  # float16 sums would overflow
+
     def one_block(block: slice) -> RoundSums:
-        values = weights[:, block] if origin is None else weights[:, block] - origin[block]
+        values = (weights[:, block].astype(dtype, copy=False) if origin is None
+                  else np.subtract(weights[:, block], origin[block], dtype=dtype))
         ordered = np.sort(values, axis=0)
         centre = sorted_median(ordered)
         products = values @ values.T if gram else None
@@ -232,13 +237,14 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
                          float(np.dot(centre, centre)),
                          gram=None if products is None else products.astype(np.float64))
         if outside:  # last: overwrites ``ordered``
-            sums.outside = outside_sums(values, ordered, centre, width)
+            sums.outside, sums.distance = outside_sums(values, ordered, centre, width)
         return sums
 
     clients = len(weights)
-    blocks = column_blocks(weights)
+    blocks = column_blocks(weights.shape, dtype.itemsize)
     total = RoundSums(np.zeros(clients), np.zeros(clients), 0.0,
-                      np.zeros(clients) if outside else None, None,
+                      np.zeros(clients) if outside else None,
+                      np.zeros(clients) if outside else None,
                       np.zeros((clients, clients)) if gram else None)
     with _thread_pools().limit(limits=1, user_api="blas"):
         if workers > 1 and len(blocks) > 1:
@@ -249,9 +255,6 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
         else:
             for block in blocks:
                 total.add(one_block(block))
-    if outside:  # the outside part of a distance is part of it, whatever the rounding
-        total.distance = np.maximum(total.squared_norms - 2.0 * total.median_dots
-                                    + total.median_squared_norm, total.outside)
     return total
 
 
