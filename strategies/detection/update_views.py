@@ -81,14 +81,15 @@ def outside_range_view(updates: np.ndarray, centre: np.ndarray,
 def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
                  width: float) -> tuple[np.ndarray, np.ndarray]:
     """Per client, over this block of ``values``, the sum of (x_ij - c_j)^2 over the coordinates
-    j where |x_ij - c_j| > width * sigma_j, and over all of them (float64; ``ordered``:
-    ``values`` sorted along the rows, which this overwrites). Only the columns whose smallest or
-    largest value is outside the range are masked: in the others no client is."""
+    j where |x_ij - c_j| > width * sigma_j, and over all of them (summed in the values' dtype,
+    returned as float64; ``ordered``: ``values`` sorted along the rows, which this overwrites).
+    Only the columns whose smallest or largest value is outside the range are masked: in the
+    others no client is."""
     low, high = ordered[0].copy(), ordered[-1].copy()
     sigma = MAD_TO_STD * sorted_median_deviation(ordered, centre)  # ``ordered``: now |x - c|
     tied = sigma == 0
     if tied.any():
-        sigma[tied] = ordered.mean(axis=0)[tied]
+        sigma[tied] = ordered.mean(axis=0)[tied]  # every column's: cheaper than a gather
     reach = width * sigma
     # |x - c| rounds as x - c does, so these are the columns where some |x_ij - c_j| > reach_j
     columns = np.flatnonzero((high - centre > reach) | (centre - low > reach))
