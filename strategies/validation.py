@@ -116,10 +116,8 @@ def check_upload(
         problem = buffer_problem(name, value)
         if problem:
             return None, problem
-        if value.dtype.kind == "f":  # in the array's dtype, float32 at least: the bound is a
-            # factor of 1,000, far above float32's rounding, and a norm past its range is inf
-            step = np.subtract(value, expected, dtype=np.promote_types(value.dtype, np.float32))
-            squared_distance += float(np.dot(step.ravel(), step.ravel()))
+        if value.dtype.kind == "f":
+            squared_distance += squared_step(value, expected)
         arrays[name] = value
     distance = math.sqrt(squared_distance)
     if distance > max_update_ratio * (reference_norm + 1.0):
@@ -128,6 +126,18 @@ def check_upload(
             f"{max_update_ratio * (reference_norm + 1.0):.3g}"
         )
     return ClientUpload(node_id, arrays, float(num_examples), dict(metrics)), ""
+
+
+def squared_step(value: np.ndarray, expected: np.ndarray) -> float:
+    """||value - expected||^2, in the arrays' dtype (float32 at least) through one dot product:
+    the bound it is checked against is 1,000 x (||global|| + 1), far above float32's rounding.
+    Past float32's range (a step beyond about 1.8e19) it is taken again in float64."""
+    with np.errstate(over="ignore"):
+        step = np.subtract(value, expected, dtype=np.promote_types(value.dtype, np.float32))
+        squared = float(np.dot(step.ravel(), step.ravel()))
+    if math.isfinite(squared):
+        return squared
+    return float(np.sum((value.astype(np.float64) - expected) ** 2))
 
 
 def buffer_problem(name: str, value: np.ndarray) -> str:

@@ -418,3 +418,24 @@ def test_extreme_but_possible_buffers_leave_everything_finite(defense, bn_settin
     json.dumps(record.to_json(), allow_nan=False)  # nothing non-finite in the record
     assert set(record.received) == set(range(VALID)) | {100 + i for i in range(count)}
     assert all(isinstance(r, str) and r for r in record.rejected.values())
+
+
+def test_the_norm_check_is_float64_exact_past_float32s_range():
+    """The norm check's step is summed in float32, and again in float64 where float32
+    overflows: an upload of a float32 model whose step is beyond 1.8e19 (its square past
+    float32's range) but inside the bound is kept, one beyond the bound is rejected."""
+    from strategies.validation import screen_replies, squared_step
+
+    rng = np.random.default_rng(0)
+    small = rng.normal(0, 1, 1000).astype(np.float32)
+    assert squared_step(small + 1, small) == pytest.approx(1000.0, rel=1e-6)
+    half = np.float16(60000.0) * np.ones(100, np.float16)  # float16 squares would overflow
+    assert squared_step(half, -half) == pytest.approx(100 * 120000.0 ** 2, rel=1e-6)
+    global_state = {"w": np.full(4, 1e18, np.float32)}
+    inside = {"w": np.full(4, 2e19, np.float32)}  # step 3.8e19 against a bound of 2e21
+    outside = {"w": np.full(4, 3e21, np.float32)}
+    uploads, rejected, _ = screen_replies(
+        [reply(1, inside, {"num-examples": 10}), reply(2, outside, {"num-examples": 10})],
+        global_state, "num-examples")
+    assert [u.node_id for u in uploads] == [1]
+    assert "exceeds" in rejected[2] and "inf" not in rejected[2]
