@@ -316,11 +316,11 @@ def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatc
     single = views.round_sums(updates)
     for workers in (1, 2, 3):
         sums = views.round_sums(weights, origin, workers=workers)
+        if workers == 1:
+            first = sums
         for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):
             np.testing.assert_allclose(getattr(sums, name), getattr(single, name), rtol=1e-5,
                                        atol=1e-12, err_msg=name)
-            if workers == 1:
-                first = sums
             np.testing.assert_array_equal(getattr(sums, name), getattr(first, name))
     assert single.outside[0] / single.distance[0] > 0.5  # the crafted client's share
     for view, score in views.scores_from_sums(first, UPDATE_VIEWS).items():

@@ -97,7 +97,8 @@ def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
     picked = deviations[:, columns]
     outside = np.abs(picked) > reach[columns]
     squared = np.square(deviations, out=deviations)
-    picked = np.square(picked, out=picked) * outside
+    np.square(picked, out=picked)
+    picked *= outside
     # summed along the rows: numpy's pairwise sum, accurate in float32
     return (picked.sum(axis=1).astype(np.float64), squared.sum(axis=1).astype(np.float64))
 
