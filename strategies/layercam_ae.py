@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import wait
 from dataclasses import dataclass, fields
 from logging import INFO
 from typing import Any
@@ -46,8 +47,9 @@ from strategies.detection.heatmaps import (
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
-from strategies.detection.update_views import (VIEW_TAILS, norm_bound, round_sums,
-                                               scores_from_sums, view_excess)
+from strategies.detection.update_views import (VIEW_TAILS, RoundSums, norm_bound,
+                                               round_sums, scores_from_sums, view_excess,
+                                               worker_pool)
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
 from task.params import flatten_updates, row_norms, stacked_floats
@@ -86,7 +88,7 @@ class LayerCamAeSettings:
     copy of the template (``strategies.detection.heatmaps``), and the update views, each on its
     share of the coordinates (``update_views``): they join once per round, so unlike
     intra-op threads they cost little when the cores are shared. The autoencoder, one sequence
-    of small steps, runs on one thread."""
+    of small steps, runs on one thread, beside the views' blocks (``autoencoder_and_sums``)."""
     keep_heatmaps: bool = _DEFAULTS.layercam_ae_save_heatmaps
     """Hand the round's maps and their probes (the first ``KEPT_PROBES``) to the harness in
     ``Detection.heatmaps`` and ``Detection.probes`` (key ``layercam-ae-save-heatmaps``)."""
@@ -319,23 +321,21 @@ class LayerCamAe(DetectingFedAvg):
             if maps.is_cuda:  # GPU work is asynchronous: time it, not its launch
                 torch.cuda.synchronize(maps.device)
             timings["heatmaps"] = time.perf_counter() - start
-            if not uploads:
-                return Detection(kept=[], rejected=rejected, timings=timings,
-                                 details={"skipped": "no finite heat map"})
+        if not uploads:
+            return Detection(kept=[], rejected=rejected, timings=timings,
+                             details={"skipped": "no finite heat map"})
 
-            start = time.perf_counter()
-            errors, epochs = reconstruction_errors(
-                maps.flatten(1), seed=self.settings.seed + server_round,
-                **self.settings.autoencoder)
-            errors = errors.cpu().numpy()
-            timings["autoencoder"] = time.perf_counter() - start
+        start = time.perf_counter()
+        errors, epochs, timings["autoencoder"], sums = self.autoencoder_and_sums(
+            maps, uploads, server_round)
+        beside = time.perf_counter() - start - timings["autoencoder"]  # what the views added
         if not np.isfinite(errors).all():  # finite maps in [0, 1] keep the AE finite; never
             # let it reach the evidence if they did not
             rejected.update({u.node_id: "reconstruction error is not finite"
                              for u, e in zip(uploads, errors) if not np.isfinite(e)})
             keep = np.isfinite(errors)
             maps, errors = maps[torch.from_numpy(keep).to(maps.device)], errors[keep]
-            uploads = [u for u, ok in zip(uploads, keep) if ok]
+            uploads, sums = [u for u, ok in zip(uploads, keep) if ok], None
             if not uploads:
                 return Detection(kept=[], rejected=rejected, timings=timings,
                                  details={"skipped": "no finite reconstruction error"})
@@ -348,8 +348,8 @@ class LayerCamAe(DetectingFedAvg):
         timings["decision"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        kept, scores, view_details = self.decide_by_views(uploads, kept, scores)
-        timings["views"] = time.perf_counter() - start
+        kept, scores, view_details = self.decide_by_views(uploads, kept, scores, sums)
+        timings["views"] = beside + time.perf_counter() - start
 
         upper = upper_rule(errors, self.settings.beta)
         details = {
@@ -366,6 +366,44 @@ class LayerCamAe(DetectingFedAvg):
         return Detection(kept=kept, scores=scores, details=details, timings=timings,
                          rejected=rejected, **self.heatmaps_to_keep(maps))
 
+    def train_autoencoder(self, maps: torch.Tensor, server_round: int
+                          ) -> tuple[np.ndarray, int, float]:
+        """R (eq. 12) of a fresh autoencoder trained on this round's ``maps``, its epochs and
+        its seconds (on whichever thread runs it: the thread count is set there)."""
+        start = time.perf_counter()
+        with torch_threads(self.threads):
+            errors, epochs = reconstruction_errors(
+                maps.flatten(1), seed=self.settings.seed + server_round,
+                **self.settings.autoencoder)
+            errors = errors.cpu().numpy()
+        return errors, epochs, time.perf_counter() - start
+
+    def autoencoder_and_sums(self, maps: torch.Tensor, uploads: list[ClientUpload],
+                             server_round: int
+                             ) -> tuple[np.ndarray, int, float, RoundSums | None]:
+        """``train_autoencoder``, and on a CPU with ``workers`` > 1 the views' ``RoundSums``
+        beside it: the autoencoder, one sequence of small steps, keeps one core busy, so it runs
+        on one of ``worker_pool``'s threads while this thread stacks the uploads and the
+        views' blocks take the pool's other threads (all of them once it ends). Elsewhere the
+        sums are left to ``decide_by_views`` (None)."""
+        s = self.settings
+        if not (s.views and s.workers > 1 and self.device.type == "cpu"):
+            return *self.train_autoencoder(maps, server_round), None
+        training = worker_pool(s.workers).submit(self.train_autoencoder, maps, server_round)
+        try:
+            sums = self.update_sums(uploads)
+        finally:
+            wait([training])  # never leave it running into the next round
+        return *training.result(), sums
+
+    def update_sums(self, uploads: list[ClientUpload]) -> RoundSums:
+        """The views' sums over the uploads' float arrays, stacked once in the model's dtype
+        (``round_sums``, on ``workers`` threads)."""
+        s = self.settings
+        weights, origin = stacked_floats([u.arrays for u in uploads], self.global_state)
+        return round_sums(weights, origin, outside="outside-range" in s.views,
+                          gram="collusion" in s.views, workers=s.workers)
+
     def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:
         """Keep the clients whose evidence over rounds stays within +-robust_z and who are not
@@ -381,23 +419,20 @@ class LayerCamAe(DetectingFedAvg):
             "z": dict(zip(node_ids, z.tolist()))}
 
     def decide_by_views(self, uploads: list[ClientUpload], kept: list[int],
-                        scores: dict[int, float]) -> tuple[list[int], dict[int, float], dict]:
+                        scores: dict[int, float], sums: RoundSums | None = None
+                        ) -> tuple[list[int], dict[int, float], dict]:
         """Add the update views' exclusions to the heat maps' (``views``): an upload with a
         view score beyond ``view_z`` (times the view's tail factor), or two beyond ``view_pair``
         of theirs, is excluded this round (``view_excess`` > 1). With ``decision="evidence"``
         a client's score is the larger of its heat-map evidence and its view excess, each
-        relative to its cut (times ``robust_z``). Also the clipping bound. The views' sums are
-        added a block of coordinates at a time from the uploads' float arrays stacked once, in
-        the model's dtype (``round_sums``), on ``workers`` threads."""
+        relative to its cut (times ``robust_z``). Also the clipping bound. ``sums``: the
+        uploads' ``update_sums`` when the caller has them."""
         s = self.settings
         if not (s.views or s.clip):
             return kept, scores, {"clip_bound": None}
         node_ids = [u.node_id for u in uploads]
-        sums = None
-        if s.views:
-            weights, origin = stacked_floats([u.arrays for u in uploads], self.global_state)
-            sums = round_sums(weights, origin, outside="outside-range" in s.views,
-                              gram="collusion" in s.views, workers=s.workers)
+        if s.views and sums is None:
+            sums = self.update_sums(uploads)
         norms = (sums.norms if sums is not None else
                  row_norms(flatten_updates([u.arrays for u in uploads], self.global_state)[0]))
         details: dict[str, Any] = {"clip_bound": norm_bound(norms, s.clip_z) if s.clip else None,

@@ -381,3 +381,61 @@ def test_kept_heat_maps_cover_every_probe_and_come_with_the_probes(probes):
         # in the record's order (uploads are taken in the order of their content)
         maps = strategy.heatmaps([ClientUpload(c, states[c], 10) for c in record.received])
         np.testing.assert_allclose(record.heatmaps, maps[:, :kept].numpy(), atol=1e-6)
+
+
+def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajectory, monkeypatch):
+    """On a CPU with two workers the autoencoder trains on a pool thread while the views' sums
+    are added: every decision, score, view and aggregate equals the one-thread run's bit for
+    bit, and the round's timings still add up to no more than the time it took (the views
+    count only what they add beyond the autoencoder)."""
+    import threading
+    import time
+
+    globals_, states, sizes, data = trajectory
+    trained_on, walls = [], {"autoencoder_and_sums": 0.0, "decide_by_views": 0.0}
+    train = LayerCamAe.train_autoencoder
+
+    def recorded_train(self, maps, server_round):
+        trained_on.append(threading.current_thread().name)
+        return train(self, maps, server_round)
+
+    def timed(name):
+        method = getattr(LayerCamAe, name)
+
+        def run(self, *args):
+            start = time.perf_counter()
+            try:
+                return method(self, *args)
+            finally:
+                walls[name] += time.perf_counter() - start
+        return run
+
+    monkeypatch.setattr(LayerCamAe, "train_autoencoder", recorded_train)
+    for name in walls:
+        monkeypatch.setattr(LayerCamAe, name, timed(name))
+    outcomes, timings = {}, []
+    for workers in (1, 2):
+        strategy, rng, rounds = make_strategy(data, workers=workers, device=torch.device("cpu")), \
+            np.random.default_rng(0), []
+        walls.update(dict.fromkeys(walls, 0.0))
+        for t in range(2):
+            round_states = list(states[t])
+            for c, s in zip(ATTACKER_IDS, craft("ipm", globals_[t], [states[t][c] for c in ATTACKER_IDS],
+                                              states[t][: CLIENTS - ATTACKERS], rng)):
+                round_states[c] = s
+            strategy.global_state = globals_[t]
+            replies = [reply(node(c), s, {"num-examples": sizes[c]}) for c, s in enumerate(round_states)]
+            arrays, _ = strategy.aggregate_train(t + 1, replies)
+            record = strategy.last_record
+            details = {k: v for k, v in record.details.items() if k != "ae_epochs"}
+            rounds.append((record.excluded, record.scores, details,
+                           {k: v.numpy().tobytes() for k, v in arrays.items()}))
+            if workers == 2:
+                timings.append(record.timings)
+        outcomes[workers] = rounds
+    assert outcomes[1] == outcomes[2]
+    assert trained_on[:2] == ["MainThread"] * 2
+    assert all(name.startswith("update-views") for name in trained_on[2:])
+    assert len(trained_on) == 4
+    spent = sum(t["autoencoder"] + t["views"] for t in timings)
+    assert 0 < spent <= walls["autoencoder_and_sums"] + walls["decide_by_views"]

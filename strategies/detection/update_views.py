@@ -203,6 +203,14 @@ class RoundSums:
 
 
 @cache
+def worker_pool(workers: int) -> ThreadPoolExecutor:
+    """The long-lived pool ``round_sums`` shares its blocks on (one per size: a fresh thread's
+    first operations cost extra, which every round would pay again). ``LayerCamAe`` runs the
+    autoencoder on it too, so that the views' blocks fill the core it leaves idle."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="update-views")
+
+
+@cache
 def _thread_pools() -> ThreadpoolController:
     """The process's native thread pools, found once (finding them scans every loaded
     library; limiting them through a found controller does not)."""
@@ -221,8 +229,9 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
     ``weights``' dtype, at least float32 (float32 for float32 models: half the bytes to sort and
     pass over), one sort gives the median and the MAD, and the block's sums are added in float64.
     ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks
-    are shared among ``workers`` threads (numpy's sort, arithmetic and BLAS release the GIL)
-    and their sums added in the blocks' order, so the result is the same for any ``workers``.
+    are shared among the ``workers`` threads of ``worker_pool`` (numpy's sort, arithmetic and
+    BLAS release the GIL) and their sums added in the blocks' order, so the result is the same
+    for any ``workers``.
     Each block's BLAS calls run on one thread: numpy's BLAS threads on top of the workers would
     oversubscribe the cores (measured in docs/benchmarks.md, "Block sums")."""
     dtype = np.promote_types(weights.dtype, np.float32)  # float16 sums would overflow
@@ -250,10 +259,10 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
                       np.zeros((clients, clients)) if gram else None)
     with _thread_pools().limit(limits=1, user_api="blas"):
         if workers > 1 and len(blocks) > 1:
-            with ThreadPoolExecutor(min(workers, len(blocks))) as pool:
-                for start in range(0, len(blocks), BLOCKS_IN_FLIGHT):
-                    for part in pool.map(one_block, blocks[start:start + BLOCKS_IN_FLIGHT]):
-                        total.add(part)
+            pool = worker_pool(workers)
+            for start in range(0, len(blocks), BLOCKS_IN_FLIGHT):
+                for part in pool.map(one_block, blocks[start:start + BLOCKS_IN_FLIGHT]):
+                    total.add(part)
         else:
             for block in blocks:
                 total.add(one_block(block))
