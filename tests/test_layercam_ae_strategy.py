@@ -437,5 +437,8 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
     assert trained_on[:2] == ["MainThread"] * 2
     assert all(name.startswith("update-views") for name in trained_on[2:])
     assert len(trained_on) == 4
+    # the overlap is the autoencoder's whole time (tens of ms a round); counted twice, it would
+    # pass the wall far beyond the microseconds that the calls themselves add
     spent = sum(t["autoencoder"] + t["views"] for t in timings)
-    assert 0 < spent <= walls["autoencoder_and_sums"] + walls["decide_by_views"]
+    assert 0 < spent <= walls["autoencoder_and_sums"] + walls["decide_by_views"] + 2e-3
+    assert sum(t["autoencoder"] for t in timings) > 10e-3
