@@ -38,6 +38,16 @@ def craft(attack, global_state, own, benign, rng):
     return [attack.craft(AttackInput(global_state, state, rng, tuple(benign))) for state in own]
 
 
+def attacked_round(trajectory, t, attack, rng):
+    """Round ``t``'s uploads, the attackers' replaced by what ``attack`` crafts."""
+    globals_, states, _, _ = trajectory
+    round_states = list(states[t])
+    for c, s in zip(ATTACKER_IDS, craft(attack, globals_[t], [states[t][c] for c in ATTACKER_IDS],
+                                      states[t][: CLIENTS - ATTACKERS], rng)):
+        round_states[c] = s
+    return round_states
+
+
 def make_strategy(data, probe_labels=None, device=None, **settings):
     order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(0))
     return LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
@@ -55,10 +65,7 @@ def run_rounds(strategy, trajectory, attack):
     rng = np.random.default_rng(0)
     aucs, excluded, result = {"upper": [], "two-sided": [], "decision": []}, [], None
     for t in range(ROUNDS):
-        round_states = list(states[t])
-        for c, s in zip(ATTACKER_IDS, craft(attack, globals_[t], [states[t][c] for c in ATTACKER_IDS],
-                                          states[t][: CLIENTS - ATTACKERS], rng)):
-            round_states[c] = s
+        round_states = attacked_round(trajectory, t, attack, rng)
         strategy.global_state = globals_[t]
         replies = [reply(node(c), s, {"num-examples": sizes[c], "train-loss": 0.1})
                    for c, s in enumerate(round_states)]
@@ -193,10 +200,7 @@ def test_decisions_and_the_aggregate_depend_neither_on_arrival_order_nor_on_node
         strategy, rng, rounds = make_strategy(data), np.random.default_rng(0), []
         client_of = {n: c for c, n in enumerate(ids)}
         for t in range(2):
-            round_states = list(states[t])
-            for c, s in zip(ATTACKER_IDS, craft("ipm", globals_[t], [states[t][c] for c in ATTACKER_IDS],
-                                              states[t][: CLIENTS - ATTACKERS], rng)):
-                round_states[c] = s
+            round_states = attacked_round(trajectory, t, "ipm", rng)
             strategy.global_state = globals_[t]
             replies = [reply(ids[c], round_states[c], {"num-examples": sizes[c]}) for c in order]
             arrays, _ = strategy.aggregate_train(t + 1, replies)
@@ -419,10 +423,7 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
             np.random.default_rng(0), []
         walls.update(dict.fromkeys(walls, 0.0))
         for t in range(2):
-            round_states = list(states[t])
-            for c, s in zip(ATTACKER_IDS, craft("ipm", globals_[t], [states[t][c] for c in ATTACKER_IDS],
-                                              states[t][: CLIENTS - ATTACKERS], rng)):
-                round_states[c] = s
+            round_states = attacked_round(trajectory, t, "ipm", rng)
             strategy.global_state = globals_[t]
             replies = [reply(node(c), s, {"num-examples": sizes[c]}) for c, s in enumerate(round_states)]
             arrays, _ = strategy.aggregate_train(t + 1, replies)
