@@ -31,6 +31,7 @@ grad, autograd records only the head after the target layer. Two engines compute
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -167,6 +168,9 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
     """A long-lived pool per size: a fresh thread's first operations cost extra, which every
     round would pay again with new threads."""
     return ThreadPoolExecutor(workers, thread_name_prefix="heatmaps")
+
+
+os.register_at_fork(after_in_child=_worker_pool.cache_clear)  # a child has none of the threads
 
 
 def _cams_threads(

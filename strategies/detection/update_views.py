@@ -27,6 +27,7 @@ maps' evidence.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -208,6 +209,9 @@ def worker_pool(workers: int) -> ThreadPoolExecutor:
     first operations cost extra, which every round would pay again). ``LayerCamAe`` runs the
     autoencoder on it too, so that the views' blocks fill the core it leaves idle."""
     return ThreadPoolExecutor(workers, thread_name_prefix="update-views")
+
+
+os.register_at_fork(after_in_child=worker_pool.cache_clear)  # a child has none of the threads
 
 
 @cache
