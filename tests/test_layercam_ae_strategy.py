@@ -396,12 +396,16 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
     import time
 
     globals_, states, sizes, data = trajectory
-    trained_on, walls = [], {"autoencoder_and_sums": 0.0, "decide_by_views": 0.0}
-    train = LayerCamAe.train_autoencoder
+    trained_on, walls, summed = [], {"autoencoder_and_sums": 0.0, "decide_by_views": 0.0}, []
+    train, update_sums = LayerCamAe.train_autoencoder, LayerCamAe.update_sums
 
     def recorded_train(self, maps, server_round):
         trained_on.append(threading.current_thread().name)
         return train(self, maps, server_round)
+
+    def counted_sums(self, uploads):
+        summed.append(len(uploads))
+        return update_sums(self, uploads)
 
     def timed(name):
         method = getattr(LayerCamAe, name)
@@ -415,6 +419,7 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
         return run
 
     monkeypatch.setattr(LayerCamAe, "train_autoencoder", recorded_train)
+    monkeypatch.setattr(LayerCamAe, "update_sums", counted_sums)
     for name in walls:
         monkeypatch.setattr(LayerCamAe, name, timed(name))
     outcomes, timings = {}, []
@@ -438,6 +443,7 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
     assert trained_on[:2] == ["MainThread"] * 2
     assert all(name.startswith("update-views") for name in trained_on[2:])
     assert len(trained_on) == 4
+    assert summed == [CLIENTS] * 4  # once a round: the sums made beside the AE are the ones used
     # the overlap is the autoencoder's whole time (tens of ms a round); counted twice, it would
     # pass the wall far beyond the microseconds that the calls themselves add
     spent = sum(t["autoencoder"] + t["views"] for t in timings)
