@@ -47,9 +47,10 @@ from strategies.detection.heatmaps import (
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
-from strategies.detection.update_views import (VIEW_TAILS, RoundSums, norm_bound,
-                                               round_sums, scores_from_sums, view_excess,
-                                               worker_pool)
+from strategies.detection.update_views import (VIEWS_POOL, VIEW_TAILS, RoundSums,
+                                               norm_bound, round_sums, scores_from_sums,
+                                               view_excess)
+from strategies.detection.worker_pools import worker_pool
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
 from task.params import flatten_updates, row_norms, stacked_floats
@@ -383,13 +384,13 @@ class LayerCamAe(DetectingFedAvg):
                              ) -> tuple[np.ndarray, int, float, RoundSums | None]:
         """``train_autoencoder``, and on a CPU with ``workers`` > 1 the views' ``RoundSums``
         beside it: the autoencoder, one sequence of small steps, keeps one core busy, so it runs
-        on one of ``worker_pool``'s threads while this thread stacks the uploads and the
+        on one of the views' pool's threads (``VIEWS_POOL``) while this thread stacks the uploads and the
         views' blocks take the pool's other threads (all of them once it ends). Elsewhere the
         sums are left to ``decide_by_views`` (None)."""
         s = self.settings
         if not (s.views and s.workers > 1 and self.device.type == "cpu"):
             return *self.train_autoencoder(maps, server_round), None
-        training = worker_pool(s.workers).submit(self.train_autoencoder, maps, server_round)
+        training = worker_pool(VIEWS_POOL, s.workers).submit(self.train_autoencoder, maps, server_round)
         try:
             sums = self.update_sums(uploads)
         finally:

@@ -374,22 +374,20 @@ def test_flatten_updates_is_each_states_float64_difference_in_name_order():
     assert updates.dtype == np.float64
 
 
-@pytest.mark.parametrize("pool", ["update_views", "heatmaps"])
-def test_the_long_lived_worker_pools_work_in_a_forked_child(pool):
+@pytest.mark.parametrize("name", ["update-views", "heatmaps"])
+def test_the_long_lived_worker_pools_work_in_a_forked_child(name):
     """A child of ``os.fork`` inherits a cached pool but none of its threads: without a fresh
     pool there, whatever it submits would wait forever (a detection round in a forked worker)."""
     import os
 
-    import strategies.detection.update_views as views
-    from strategies.detection import heatmaps
+    from strategies.detection.worker_pools import worker_pool
 
-    make = views.worker_pool if pool == "update_views" else heatmaps._worker_pool
-    assert make(2).submit(int, "7").result() == 7  # the parent's pool exists, threads running
+    assert worker_pool(name, 2).submit(int, "7").result() == 7  # the parent's threads run
     child = os.fork()
     if child == 0:  # the child never returns into pytest, whatever happens
         ok = False
         try:
-            ok = make(2).submit(int, "7").result(timeout=10) == 7
+            ok = worker_pool(name, 2).submit(int, "7").result(timeout=10) == 7
         finally:
             os._exit(0 if ok else 1)
     _, status = os.waitpid(child, 0)

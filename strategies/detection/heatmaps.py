@@ -30,17 +30,17 @@ grad, autograd records only the head after the target layer. Two engines compute
 
 from __future__ import annotations
 
-import functools
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+from strategies.detection.worker_pools import worker_pool
 
 CamCombine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -163,16 +163,6 @@ def _cams_loop(
     return torch.stack(cams)
 
 
-@functools.cache
-def _worker_pool(workers: int) -> ThreadPoolExecutor:
-    """A long-lived pool per size: a fresh thread's first operations cost extra, which every
-    round would pay again with new threads."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="heatmaps")
-
-
-os.register_at_fork(after_in_child=_worker_pool.cache_clear)  # a child has none of the threads
-
-
 def _cams_threads(
     models: Sequence[nn.Module], states: Sequence[Mapping[str, np.ndarray | torch.Tensor]],
     probes: torch.Tensor, layer: str, classes: torch.Tensor, combine: CamCombine,
@@ -191,7 +181,7 @@ def _cams_threads(
 
     # the calling thread takes the first share: its core is awake, a pool thread's may not be
     # (with one share no pool is made)
-    futures = [_worker_pool(len(jobs) - 1).submit(run, job) for job in jobs[1:]]
+    futures = [worker_pool("heatmaps", len(jobs) - 1).submit(run, job) for job in jobs[1:]]
     try:
         first = _cams_loop(jobs[0][0], jobs[0][1], probes, layer, classes, combine)
     finally:

@@ -27,9 +27,7 @@ maps' evidence.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -37,6 +35,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from strategies.detection.thresholds import MAD_TO_STD, robust_z
+from strategies.detection.worker_pools import worker_pool
 from task.params import row_norms
 
 RANGE_WIDTH = 4.0
@@ -203,15 +202,9 @@ class RoundSums:
         return np.sqrt(self.squared_norms)
 
 
-@cache
-def worker_pool(workers: int) -> ThreadPoolExecutor:
-    """The long-lived pool ``round_sums`` shares its blocks on (one per size: a fresh thread's
-    first operations cost extra, which every round would pay again). ``LayerCamAe`` runs the
-    autoencoder on it too, so that the views' blocks fill the core it leaves idle."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="update-views")
-
-
-os.register_at_fork(after_in_child=worker_pool.cache_clear)  # a child has none of the threads
+VIEWS_POOL = "update-views"
+"""The ``worker_pool`` the blocks are shared on. ``LayerCamAe`` runs the autoencoder on it too,
+so that the views' blocks fill the core it leaves idle."""
 
 
 @cache
@@ -233,7 +226,7 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
     ``weights``' dtype, at least float32 (float32 for float32 models: half the bytes to sort and
     pass over), one sort gives the median and the MAD, and the block's sums are added in float64.
     ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks
-    are shared among the ``workers`` threads of ``worker_pool`` (numpy's sort, arithmetic and
+    are shared among the ``workers`` threads of ``worker_pool(VIEWS_POOL)`` (numpy's sort, arithmetic and
     BLAS release the GIL) and their sums added in the blocks' order, so the result is the same
     for any ``workers``.
     Each block's BLAS calls run on one thread: numpy's BLAS threads on top of the workers would
@@ -263,7 +256,7 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
                       np.zeros((clients, clients)) if gram else None)
     with _thread_pools().limit(limits=1, user_api="blas"):
         if workers > 1 and len(blocks) > 1:
-            pool = worker_pool(workers)
+            pool = worker_pool(VIEWS_POOL, workers)
             for start in range(0, len(blocks), BLOCKS_IN_FLIGHT):
                 for part in pool.map(one_block, blocks[start:start + BLOCKS_IN_FLIGHT]):
                     total.add(part)
