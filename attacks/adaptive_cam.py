@@ -26,6 +26,11 @@ gamma ||u_bar|| e, with e the unit ALIE direction -sign(u_bar) * sigma (sigma th
 updates' per-coordinate deviation) made orthogonal to u_bar, and against the collusion view
 each attacker adds its own random offset, sized so that two attackers sit as far apart as a
 benign upload from its nearest neighbour (halved while the offset alone leaves a view's range).
+The offset is a random mix of the benign uploads' deviations from their mean
+(``adaptive-cam-offsets='span'``): it varies the parameters as benign clients vary them, so it
+stays inside every view's range at full size. The control, ``'isotropic'``, is a random
+direction of all parameters: it writes into coordinates the benign clients leave small, so it is
+halved until it passes, and the attackers end up close together.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from attacks.eavesdropping import largest_gamma
 from strategies.detection.heatmaps import as_tensors, layercam_heatmaps
 from strategies.detection.update_views import (VIEW_TAILS, VIEWS, coordinate_median,
                                                nearest_distances, robust_z, view_excess)
+from task.config import ADAPTIVE_CAM_OFFSETS
 from task.models import default_cam_layer
 from task.params import State, flatten_updates, unflatten
 
@@ -53,9 +59,11 @@ class AdaptiveCam(Attack):
     needs_local_probes = True
 
     def __init__(self, model: nn.Module, layer: str, views: tuple[str, ...] = (),
-                 view_z: float = 6.0, view_pair: float = 1.0) -> None:
+                 view_z: float = 6.0, view_pair: float = 1.0, offsets: str = "span") -> None:
+        if offsets not in ADAPTIVE_CAM_OFFSETS:
+            raise ValueError(f"offsets must be one of {ADAPTIVE_CAM_OFFSETS}, got {offsets!r}")
         self.model, self.layer, self.views = model.eval(), layer, tuple(views)
-        self.view_z, self.view_pair = view_z, view_pair
+        self.view_z, self.view_pair, self.offsets = view_z, view_pair, offsets
 
     @classmethod
     def from_config(cls, config, model=None):
@@ -63,7 +71,8 @@ class AdaptiveCam(Attack):
             raise ValueError("adaptive-cam needs the model architecture")
         return cls(model, config.layercam_ae_target_layer or default_cam_layer(config.model),
                    config.layercam_ae_view_names if config.adaptive_cam_knows_views else (),
-                   config.layercam_ae_view_z, config.layercam_ae_view_pair)
+                   config.layercam_ae_view_z, config.layercam_ae_view_pair,
+                   config.adaptive_cam_offsets)
 
     def craft(self, attack_input: AttackInput) -> State:
         benign, global_state = attack_input.benign_states, attack_input.global_state
@@ -122,11 +131,14 @@ class AdaptiveCam(Attack):
         step = alie / max(float(np.linalg.norm(alie)), 1e-12)
         offset = np.zeros_like(mean)
         if "collusion" in self.views:
-            noise = rng.normal(0.0, 1.0, mean.shape)
+            if self.offsets == "span":
+                noise = rng.normal(0.0, 1.0, len(updates)) @ (updates - mean)
+            else:
+                noise = rng.normal(0.0, 1.0, mean.shape)
             # two attackers' independent offsets of length r lie about r * sqrt(2) apart: as far
             # apart as a benign upload from its nearest neighbour
             radius = float(np.median(nearest_distances(updates))) / np.sqrt(2.0)
-            offset = radius * noise / np.linalg.norm(noise)
+            offset = radius * noise / max(float(np.linalg.norm(noise)), 1e-30)
         return step, offset
 
     def view_bounds(self, updates: np.ndarray):

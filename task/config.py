@@ -41,6 +41,7 @@ HEATMAP_SIZES = ("probe", "native")
 EVIDENCE_DECAYS = ("participation", "rounds")
 """How evidence fades while a client is not sampled (``strategies.detection.evidence``)."""
 UPDATE_VIEWS = ("norm", "direction", "outside-range", "collusion")
+ADAPTIVE_CAM_OFFSETS = ("span", "isotropic")
 """The views of the updates beside the heat maps (``strategies.detection.update_views``)."""
 
 
@@ -346,6 +347,10 @@ class RunConfig:
     adaptive_cam_knows_views: bool = setting(  # attacks/adaptive_cam.py
         True, "`adaptive-cam` keeps every view of `layercam-ae-views` within the benign range "
         "(false: its views-blind start, the control)")
+    adaptive_cam_offsets: str = setting(
+        "span", "`adaptive-cam`'s offset against the collusion view: a random mix of the benign "
+        "uploads' deviations (`span`: it varies as benign clients vary) or a random direction "
+        "of all parameters (`isotropic`, the control)", choices=ADAPTIVE_CAM_OFFSETS)
     # model replacement (attacks/model_replacement.py)
     model_replacement_boost: float = setting(
         0.0, "model replacement: γ (0: `num-clients`)",

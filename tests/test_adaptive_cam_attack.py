@@ -90,3 +90,31 @@ def test_adaptive_cam_that_knows_the_views_stays_within_each_views_benign_range(
     assert all(m @ mean < 0.99 * (mean @ mean) for m in malicious)
     # two attackers are no closer to each other than benign clients are to their nearest
     assert np.linalg.norm(malicious[0] - malicious[1]) > 0
+
+
+@pytest.mark.parametrize("offsets", ["span", "isotropic"])
+def test_adaptive_cam_offsets_lie_in_the_benign_deviations_span_or_not(trained_round, offsets):
+    from strategies.detection.update_views import nearest_distances
+
+    global_state, benign, _ = trained_round
+    attack = build_attack(RunConfig(attack="adaptive-cam", adaptive_cam_offsets=offsets),
+                          build_model("cnn", 1, 10, 28))
+    updates, _ = flatten_updates(benign, global_state)
+    _, offset = attack.turn(updates, np.random.default_rng(0))
+    _, other = attack.turn(updates, np.random.default_rng(1))
+    # as long as the median nearest-neighbour distance over sqrt(2): two offsets lie about that
+    # far apart
+    radius = np.median(nearest_distances(updates)) / np.sqrt(2.0)
+    np.testing.assert_allclose([np.linalg.norm(offset), np.linalg.norm(other)], radius, rtol=1e-9)
+    assert not np.allclose(offset, other)  # each attacker draws its own
+    basis, _ = np.linalg.qr((updates - updates.mean(axis=0)).T)
+    outside = np.linalg.norm(offset - basis @ (basis.T @ offset)) / radius
+    if offsets == "span":  # a mix of the benign deviations: nothing outside their span
+        assert outside < 1e-9
+    else:  # a random direction of ~10^5 parameters: almost all of it outside a 6-vector span
+        assert outside > 0.99
+
+
+def test_adaptive_cam_rejects_an_unknown_offset():
+    with pytest.raises(ValueError, match="adaptive-cam-offsets"):
+        RunConfig.from_run_config({"adaptive-cam-offsets": "gaussian"})
