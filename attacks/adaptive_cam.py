@@ -28,9 +28,9 @@ each attacker adds its own random offset, sized so that two attackers sit as far
 benign upload from its nearest neighbour (halved while the offset alone leaves a view's range).
 The offset is a random mix of the benign uploads' deviations from their mean
 (``adaptive-cam-offsets='span'``): it varies the parameters as benign clients vary them, so it
-stays inside every view's range at full size. The control, ``'isotropic'``, is a random
-direction of all parameters: it writes into coordinates the benign clients leave small, so it is
-halved until it passes, and the attackers end up close together.
+seldom needs halving. The control, ``'isotropic'``, is a random direction of all parameters: it
+writes into coordinates the benign clients leave small, so it is halved more often, and the
+attackers end up close together.
 """
 
 from __future__ import annotations
