@@ -41,8 +41,9 @@ HEATMAP_SIZES = ("probe", "native")
 EVIDENCE_DECAYS = ("participation", "rounds")
 """How evidence fades while a client is not sampled (``strategies.detection.evidence``)."""
 UPDATE_VIEWS = ("norm", "direction", "outside-range", "collusion")
-ADAPTIVE_CAM_OFFSETS = ("span", "isotropic")
 """The views of the updates beside the heat maps (``strategies.detection.update_views``)."""
+ADAPTIVE_CAM_OFFSETS = ("span", "isotropic")
+"""How ``adaptive-cam`` draws its offset against the collusion view (``attacks.adaptive_cam``)."""
 
 
 class ConfigError(ValueError):
