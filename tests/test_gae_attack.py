@@ -276,7 +276,7 @@ def test_output_is_stable_under_a_1e9_perturbation_of_the_inputs(trajectory, ind
     # round 3 (index 2) is one where eigenvectors paired in bands, aligned by sign, moved the
     # output to cosine 0.959 under the first of these draws, and on an AMD EPYC (MKL, AVX-512)
     # round 2 (index 1) to 0.870 under two of them. On that machine the GAE's own training
-    # moves A_hat by up to 2.5e-3 under the perturbation on some draws, which step 5 as built
+    # moves A_hat by 2.5e-3 under one of those draws (by 6e-6 under another), which step 5 as built
     # now carries to 0.985; elsewhere it gives >= 0.99997 there (docs/attacks.md). The bound
     # sits between the two constructions on both machines.
     round_ = _round(trajectory, index)
