@@ -384,13 +384,14 @@ class LayerCamAe(DetectingFedAvg):
                              ) -> tuple[np.ndarray, int, float, RoundSums | None]:
         """``train_autoencoder``, and on a CPU with ``workers`` > 1 the views' ``RoundSums``
         beside it: the autoencoder, one sequence of small steps, keeps one core busy, so it runs
-        on one of the views' pool's threads (``VIEWS_POOL``) while this thread stacks the uploads and the
-        views' blocks take the pool's other threads (all of them once it ends). Elsewhere the
-        sums are left to ``decide_by_views`` (None)."""
+        on one of the views' pool's threads (``VIEWS_POOL``) while this thread stacks the uploads
+        and the views' blocks take the pool's other threads (all of them once it ends).
+        Elsewhere the sums are left to ``decide_by_views`` (None)."""
         s = self.settings
         if not (s.views and s.workers > 1 and self.device.type == "cpu"):
             return *self.train_autoencoder(maps, server_round), None
-        training = worker_pool(VIEWS_POOL, s.workers).submit(self.train_autoencoder, maps, server_round)
+        training = worker_pool(VIEWS_POOL, s.workers).submit(self.train_autoencoder, maps,
+                                                             server_round)
         try:
             sums = self.update_sums(uploads)
         finally:

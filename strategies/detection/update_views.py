@@ -226,9 +226,9 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
     ``weights``' dtype, at least float32 (float32 for float32 models: half the bytes to sort and
     pass over), one sort gives the median and the MAD, and the block's sums are added in float64.
     ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks
-    are shared among the ``workers`` threads of ``worker_pool(VIEWS_POOL)`` (numpy's sort, arithmetic and
-    BLAS release the GIL) and their sums added in the blocks' order, so the result is the same
-    for any ``workers``.
+    are shared among the ``workers`` threads of ``worker_pool(VIEWS_POOL)`` (numpy's sort,
+    arithmetic and BLAS release the GIL) and their sums added in the blocks' order, so the
+    result is the same for any ``workers``.
     Each block's BLAS calls run on one thread: numpy's BLAS threads on top of the workers would
     oversubscribe the cores (measured in docs/benchmarks.md, "Block sums")."""
     dtype = np.promote_types(weights.dtype, np.float32)  # float16 sums would overflow
