@@ -53,7 +53,7 @@ from strategies.detection.update_views import (VIEWS_POOL, VIEW_TAILS, RoundSums
 from strategies.detection.worker_pools import worker_pool
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
-from task.params import flatten_updates, row_norms, stacked_floats
+from task.params import StateColumns, flatten_updates, row_norms
 
 KEPT_PROBES = 8
 """Probes whose maps ``keep_heatmaps`` hands over at most (the saved grid's columns)."""
@@ -384,8 +384,8 @@ class LayerCamAe(DetectingFedAvg):
                              ) -> tuple[np.ndarray, int, float, RoundSums | None]:
         """``train_autoencoder``, and on a CPU with ``workers`` > 1 the views' ``RoundSums``
         beside it: the autoencoder, one sequence of small steps, keeps one core busy, so it runs
-        on one of the views' pool's threads (``VIEWS_POOL``) while this thread stacks the uploads
-        and the views' blocks take the pool's other threads (all of them once it ends).
+        on one of the views' pool's threads (``VIEWS_POOL``) while the views' blocks take the
+        pool's other threads (all of them once it ends).
         Elsewhere the sums are left to ``decide_by_views`` (None)."""
         s = self.settings
         if not (s.views and s.workers > 1 and self.device.type == "cpu"):
@@ -399,11 +399,11 @@ class LayerCamAe(DetectingFedAvg):
         return *training.result(), sums
 
     def update_sums(self, uploads: list[ClientUpload]) -> RoundSums:
-        """The views' sums over the uploads' float arrays, stacked once in the model's dtype
-        (``round_sums``, on ``workers`` threads)."""
+        """The views' sums over the uploads' float arrays, in the model's dtype, a block of
+        columns gathered at a time (``StateColumns``, ``round_sums``, on ``workers`` threads)."""
         s = self.settings
-        weights, origin = stacked_floats([u.arrays for u in uploads], self.global_state)
-        return round_sums(weights, origin, outside="outside-range" in s.views,
+        weights = StateColumns([u.arrays for u in uploads], self.global_state)
+        return round_sums(weights, weights.origin, outside="outside-range" in s.views,
                           gram="collusion" in s.views, workers=s.workers)
 
     def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray

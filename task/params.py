@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -55,21 +57,40 @@ def flatten_updates(states: Sequence[State], global_state: State) -> tuple[np.nd
     return updates, names
 
 
-def stacked_floats(states: Sequence[State], global_state: State) -> tuple[np.ndarray, np.ndarray]:
-    """The states' float arrays as the rows of one (n, d) matrix and the global state's as one
-    vector, in name order and in the arrays' common dtype (float32 for float32 models: half
-    ``flatten_updates``' memory). ``strategies.detection.update_views.round_sums`` takes the
-    update matrix's columns from them a block at a time."""
-    names = float_names(global_state)
-    dtype = np.result_type(*(global_state[k].dtype for k in names)) if names else np.float64
-    sizes = [global_state[k].size for k in names]
-    weights = np.empty((len(states), sum(sizes)), dtype)
-    for row, state in zip(weights, states):
-        offset = 0
-        for name, size in zip(names, sizes):
-            row[offset:offset + size] = np.asarray(state[name]).ravel()
-            offset += size
-    return weights, np.concatenate([np.asarray(global_state[k]).ravel() for k in names]).astype(dtype)
+class StateColumns:
+    """The states' float arrays as the rows of an (n, d) matrix, in name order and in the
+    arrays' common dtype (float32 for float32 models), read a block of columns at a time
+    (``columns``): nothing ever holds the matrix whole, so no round allocates (and
+    page-faults in) a copy of every upload. ``origin``: the global state's arrays as one
+    vector in that dtype. ``strategies.detection.update_views.round_sums`` takes the update
+    matrix's blocks from it."""
+
+    def __init__(self, states: Sequence[State], global_state: State) -> None:
+        names = float_names(global_state)
+        self.dtype = (np.result_type(*(global_state[k].dtype for k in names)) if names
+                      else np.dtype(np.float64))
+        self.starts = [0, *itertools.accumulate(global_state[k].size for k in names)]
+        self.shape = (len(states), self.starts[-1])
+        self.rows = [[np.asarray(state[k]).reshape(-1) for k in names] for state in states]
+        self.origin = (np.concatenate([np.asarray(global_state[k]).ravel() for k in names])
+                       .astype(self.dtype) if names else np.zeros(0, self.dtype))
+
+    def columns(self, block: slice) -> np.ndarray:
+        """A new (n, width) array: the matrix's columns ``block`` (a slice with step 1)."""
+        start, stop = block.start or 0, self.shape[1] if block.stop is None else block.stop
+        out = np.empty((self.shape[0], max(0, stop - start)), self.dtype)
+        first = bisect.bisect_right(self.starts, start) - 1
+        for array in range(max(first, 0), len(self.starts) - 1):
+            begin, end = self.starts[array], self.starts[array + 1]
+            if begin >= stop:
+                break
+            low, high = max(start, begin), min(stop, end)
+            if low >= high:
+                continue
+            target, source = slice(low - start, high - start), slice(low - begin, high - begin)
+            for row, arrays in zip(out, self.rows):
+                row[target] = arrays[array][source]
+        return out
 
 
 def unflatten(vector: np.ndarray, names: Sequence[str], global_state: State,

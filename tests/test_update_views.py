@@ -297,21 +297,44 @@ def float32_round(k=24, seed=0):
     return global_state, states
 
 
+def test_state_columns_are_the_stacked_matrixs_columns():
+    """``StateColumns.columns`` gathers any block of the uploads' float arrays, across array
+    boundaries and past the integer buffers, with the same values (and dtype) as stacking
+    every upload's arrays into one matrix and slicing it."""
+    from task.params import StateColumns, float_names
+
+    global_state, states = float32_round(5)
+    names = float_names(global_state)
+    stacked = np.stack([np.concatenate([s[k].ravel() for k in names]) for s in states])
+    columns = StateColumns(states, global_state)
+    assert columns.shape == stacked.shape == (5, 2037) and columns.dtype == np.float32
+    np.testing.assert_array_equal(columns.origin,
+                                  np.concatenate([global_state[k].ravel() for k in names]))
+    rng = np.random.default_rng(3)
+    cuts = [(0, 2037), (0, 1), (1999, 2001), (2000, 2037), (2036, 2037), (7, 7), (0, 2000)]
+    cuts += [tuple(sorted(rng.integers(0, 2038, 2))) for _ in range(50)]
+    for start, stop in cuts:
+        block = columns.columns(slice(int(start), int(stop)))
+        assert block.dtype == np.float32 and block.flags.c_contiguous
+        np.testing.assert_array_equal(block, stacked[:, start:stop], err_msg=f"{start}:{stop}")
+
+
 @pytest.mark.parametrize("k", [3, 24, 25])
 def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatch):
-    """A float32 model's uploads are stacked and differenced in float32 (``stacked_floats``,
+    """A float32 model's uploads are gathered and differenced in float32 (``StateColumns``,
     ``round_sums``): every sum within float32 rounding of the float64 sums of
     ``flatten_updates``, the views' scores with them, and the same bits for any number of
     workers. A float64 array beside the float32 ones makes the stack float64: then the sums
     are ``flatten_updates``' to the last bit."""
     import strategies.detection.update_views as views
-    from task.params import flatten_updates, stacked_floats
+    from task.params import StateColumns, flatten_updates
 
     monkeypatch.setattr(views, "BLOCK_BYTES", k * 64 * 4)  # many blocks
     monkeypatch.setattr(views, "MIN_BLOCK_COLUMNS", 1)
     global_state, states = float32_round(k, seed=k)
-    weights, origin = stacked_floats(states, global_state)
-    assert weights.dtype == np.float32 and weights.shape == (k, 2037)  # half the float64 copy
+    weights = StateColumns(states, global_state)
+    origin = weights.origin
+    assert weights.dtype == np.float32 and weights.shape == (k, 2037)  # half the float64 bytes
     updates, _ = flatten_updates(states, global_state)
     single = views.round_sums(updates)
     for workers in (1, 2, 3):
@@ -328,7 +351,8 @@ def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatc
                                    rtol=1e-4, atol=1e-4, err_msg=view)
     mixed = {**global_state, "b": global_state["b"].astype(np.float64)}
     mixed_states = [{**s, "b": s["b"].astype(np.float64) + 1e-12} for s in states]
-    weights, origin = stacked_floats(mixed_states, mixed)
+    weights = StateColumns(mixed_states, mixed)
+    origin = weights.origin
     assert weights.dtype == np.float64
     exact = views.round_sums(weights, origin, workers=2)
     expected = views.round_sums(flatten_updates(mixed_states, mixed)[0])
@@ -340,7 +364,7 @@ def test_round_sums_of_a_float16_models_stack_are_taken_in_float32():
     """Half-precision uploads are differenced and summed in float32 at least: float16 squares
     of updates this size would overflow to inf."""
     import strategies.detection.update_views as views
-    from task.params import flatten_updates, stacked_floats
+    from task.params import StateColumns, flatten_updates
 
     global_state, states = float32_round(7)
     half = {k: v.astype(np.float16) if v.dtype.kind == "f" else v for k, v in global_state.items()}
@@ -348,7 +372,8 @@ def test_round_sums_of_a_float16_models_stack_are_taken_in_float32():
                    for s in states]
     for state in half_states:
         state["b"] = state["b"] + np.float16(300.0)  # 300^2 x 37 is past float16's 65504
-    weights, origin = stacked_floats(half_states, half)
+    weights = StateColumns(half_states, half)
+    origin = weights.origin
     assert weights.dtype == np.float16
     sums = views.round_sums(weights, origin, workers=2)
     expected = views.round_sums(flatten_updates(half_states, half)[0])

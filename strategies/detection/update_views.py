@@ -36,7 +36,7 @@ from threadpoolctl import ThreadpoolController
 
 from strategies.detection.thresholds import MAD_TO_STD, robust_z
 from strategies.detection.worker_pools import worker_pool
-from task.params import row_norms
+from task.params import StateColumns, row_norms
 
 RANGE_WIDTH = 4.0
 """Robust standard deviations from the coordinate's median beyond which a value is outside
@@ -219,12 +219,15 @@ BLOCKS_IN_FLIGHT = 8
 Gram matrix)."""
 
 
-def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside: bool = True,
-               gram: bool = True, width: float = RANGE_WIDTH, workers: int = 1) -> RoundSums:
+def round_sums(weights: np.ndarray | StateColumns, origin: np.ndarray | None = None, *,
+               outside: bool = True, gram: bool = True, width: float = RANGE_WIDTH,
+               workers: int = 1) -> RoundSums:
     """``RoundSums`` of the (K, D) updates ``weights - origin`` (``origin`` None: ``weights``
-    are the updates), a block of coordinates at a time: each block's differences are taken in
-    ``weights``' dtype, at least float32 (float32 for float32 models: half the bytes to sort and
-    pass over), one sort gives the median and the MAD, and the block's sums are added in float64.
+    are the updates), a block of coordinates at a time (``weights`` a ``StateColumns``: each
+    block gathered from the uploads' arrays, no (K, D) copy made): each block's differences are
+    taken in ``weights``' dtype, at least float32 (float32 for float32 models: half the bytes to
+    sort and pass over), one sort gives the median and the MAD, and the block's sums are added
+    in float64.
     ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks
     are shared among the ``workers`` threads of ``worker_pool(VIEWS_POOL)`` (numpy's sort,
     arithmetic and BLAS release the GIL) and their sums added in the blocks' order, so the
@@ -233,9 +236,11 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
     oversubscribe the cores (measured in docs/benchmarks.md, "Block sums")."""
     dtype = np.promote_types(weights.dtype, np.float32)  # float16 sums would overflow
 
+    read = weights.columns if isinstance(weights, StateColumns) else lambda b: weights[:, b]
+
     def one_block(block: slice) -> RoundSums:
-        values = (weights[:, block].astype(dtype, copy=False) if origin is None
-                  else np.subtract(weights[:, block], origin[block], dtype=dtype))
+        values = (read(block).astype(dtype, copy=False) if origin is None
+                  else np.subtract(read(block), origin[block], dtype=dtype))
         ordered = np.sort(values, axis=0)
         centre = sorted_median(ordered)
         products = values @ values.T if gram else None
@@ -248,7 +253,7 @@ def round_sums(weights: np.ndarray, origin: np.ndarray | None = None, *, outside
             sums.outside, sums.distance = outside_sums(values, ordered, centre, width)
         return sums
 
-    clients = len(weights)
+    clients = weights.shape[0]
     blocks = column_blocks(weights.shape, dtype.itemsize)
     total = RoundSums(np.zeros(clients), np.zeros(clients), 0.0,
                       np.zeros(clients) if outside else None,
