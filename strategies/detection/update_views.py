@@ -234,8 +234,9 @@ def round_sums(weights: np.ndarray | StateColumns, origin: np.ndarray | None = N
     taken in ``weights``' dtype, at least float32 (float32 for float32 models: half the bytes to
     sort and pass over), one sort gives the median and the MAD, and the block's sums are added
     in float64.
-    ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks
-    are shared among the ``workers`` threads of ``worker_pool(VIEWS_POOL)`` (numpy's sort,
+    ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks,
+    ``BLOCKS_PER_GATHER`` consecutive ones a task, are shared among the ``workers`` threads of
+    ``worker_pool(VIEWS_POOL)`` (numpy's sort,
     arithmetic and BLAS release the GIL) and their sums added in the blocks' order, so the
     result is the same for any ``workers``.
     Each block's BLAS calls run on one thread: numpy's BLAS threads on top of the workers would
