@@ -236,9 +236,8 @@ def round_sums(weights: np.ndarray | StateColumns, origin: np.ndarray | None = N
     in float64.
     ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks,
     ``BLOCKS_PER_GATHER`` consecutive ones a task, are shared among the ``workers`` threads of
-    ``worker_pool(VIEWS_POOL)`` (numpy's sort,
-    arithmetic and BLAS release the GIL) and their sums added in the blocks' order, so the
-    result is the same for any ``workers``.
+    ``worker_pool(VIEWS_POOL)`` (numpy's sort, arithmetic and BLAS release the GIL) and their
+    sums added in the blocks' order, so the result is the same for any ``workers``.
     Each block's BLAS calls run on one thread: numpy's BLAS threads on top of the workers would
     oversubscribe the cores (measured in docs/benchmarks.md, "Block sums")."""
     dtype = np.promote_types(weights.dtype, np.float32)  # float16 sums would overflow
