@@ -218,11 +218,8 @@ BLOCKS_PER_GATHER = 8
 """Consecutive blocks a thread reads from ``weights`` at once: gathering a ``StateColumns``
 block takes one Python-level copy per upload and array, under the GIL, so reading eight
 blocks' columns together makes eight times fewer of them, and the threads' numpy work
-overlaps instead of queueing for the GIL."""
-
-GATHERS_IN_FLIGHT = 2
-"""Gathers per worker whose block sums the threads hold at most before they are added (each
-block's sums may hold a K x K Gram matrix)."""
+overlaps instead of queueing for the GIL. The threads hold one gather's block sums each
+before they are added (each block's sums may hold a K x K Gram matrix)."""
 
 
 def round_sums(weights: np.ndarray | StateColumns, origin: np.ndarray | None = None, *,
@@ -273,9 +270,9 @@ def round_sums(weights: np.ndarray | StateColumns, origin: np.ndarray | None = N
     groups = [blocks[i:i + BLOCKS_PER_GATHER] for i in range(0, len(blocks), BLOCKS_PER_GATHER)]
     with _thread_pools().limit(limits=1, user_api="blas"):
         if workers > 1 and len(groups) > 1:
-            pool, window = worker_pool(VIEWS_POOL, workers), GATHERS_IN_FLIGHT * workers
-            for start in range(0, len(groups), window):
-                for parts in pool.map(blocks_sums, groups[start:start + window]):
+            pool = worker_pool(VIEWS_POOL, workers)
+            for start in range(0, len(groups), workers):
+                for parts in pool.map(blocks_sums, groups[start:start + workers]):
                     for part in parts:
                         total.add(part)
         else:
