@@ -385,8 +385,8 @@ class LayerCamAe(DetectingFedAvg):
         """``train_autoencoder``, and on a CPU with ``workers`` > 1 the views' ``RoundSums``
         beside it: the autoencoder, one sequence of small steps, keeps one core busy, so it runs
         on one of the views' pool's threads (``VIEWS_POOL``) while the views' blocks take the
-        pool's other threads (all of them once it ends).
-        Elsewhere the sums are left to ``decide_by_views`` (None)."""
+        pool's other threads (all of them once it ends). Elsewhere the sums are left to
+        ``decide_by_views`` (None)."""
         s = self.settings
         if not (s.views and s.workers > 1 and self.device.type == "cpu"):
             return *self.train_autoencoder(maps, server_round), None
@@ -403,7 +403,7 @@ class LayerCamAe(DetectingFedAvg):
         columns gathered at a time (``StateColumns``, ``round_sums``, on ``workers`` threads)."""
         s = self.settings
         weights = StateColumns([u.arrays for u in uploads], self.global_state)
-        return round_sums(weights, weights.origin, outside="outside-range" in s.views,
+        return round_sums(weights, outside="outside-range" in s.views,
                           gram="collusion" in s.views, workers=s.workers)
 
     def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray

@@ -76,11 +76,12 @@ class StateColumns:
                        .astype(self.dtype) if names else np.zeros(0, self.dtype))
 
     def columns(self, block: slice) -> np.ndarray:
-        """A new (n, width) array: the matrix's columns ``block`` (a slice with step 1)."""
-        start, stop = block.start or 0, self.shape[1] if block.stop is None else block.stop
+        """A new (n, width) array: the matrix's columns ``block`` (a slice with a start and a
+        stop, step 1)."""
+        start, stop = block.start, block.stop
         out = np.empty((self.shape[0], max(0, stop - start)), self.dtype)
-        first = bisect.bisect_right(self.starts, start) - 1
-        for array in range(max(first, 0), len(self.starts) - 1):
+        first = bisect.bisect_right(self.starts, start) - 1  # the array holding column ``start``
+        for array in range(first, len(self.starts) - 1):
             begin, end = self.starts[array], self.starts[array + 1]
             if begin >= stop:
                 break

@@ -333,12 +333,11 @@ def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatc
     monkeypatch.setattr(views, "MIN_BLOCK_COLUMNS", 1)
     global_state, states = float32_round(k, seed=k)
     weights = StateColumns(states, global_state)
-    origin = weights.origin
     assert weights.dtype == np.float32 and weights.shape == (k, 2037)  # half the float64 bytes
     updates, _ = flatten_updates(states, global_state)
     single = views.round_sums(updates)
     for workers in (1, 2, 3):
-        sums = views.round_sums(weights, origin, workers=workers)
+        sums = views.round_sums(weights, workers=workers)
         if workers == 1:
             first = sums
         for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):
@@ -352,9 +351,8 @@ def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatc
     mixed = {**global_state, "b": global_state["b"].astype(np.float64)}
     mixed_states = [{**s, "b": s["b"].astype(np.float64) + 1e-12} for s in states]
     weights = StateColumns(mixed_states, mixed)
-    origin = weights.origin
     assert weights.dtype == np.float64
-    exact = views.round_sums(weights, origin, workers=2)
+    exact = views.round_sums(weights, workers=2)
     expected = views.round_sums(flatten_updates(mixed_states, mixed)[0])
     for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):
         np.testing.assert_array_equal(getattr(exact, name), getattr(expected, name))
@@ -373,9 +371,8 @@ def test_round_sums_of_a_float16_models_stack_are_taken_in_float32():
     for state in half_states:
         state["b"] = state["b"] + np.float16(300.0)  # 300^2 x 37 is past float16's 65504
     weights = StateColumns(half_states, half)
-    origin = weights.origin
     assert weights.dtype == np.float16
-    sums = views.round_sums(weights, origin, workers=2)
+    sums = views.round_sums(weights, workers=2)
     expected = views.round_sums(flatten_updates(half_states, half)[0])
     assert np.isfinite(sums.squared_norms).all() and sums.squared_norms.min() > 300.0 ** 2 * 37
     for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):

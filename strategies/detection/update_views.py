@@ -27,6 +27,7 @@ maps' evidence.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -222,15 +223,14 @@ overlaps instead of queueing for the GIL. The threads hold one gather's block su
 before they are added (each block's sums may hold a K x K Gram matrix)."""
 
 
-def round_sums(weights: np.ndarray | StateColumns, origin: np.ndarray | None = None, *,
-               outside: bool = True, gram: bool = True, width: float = RANGE_WIDTH,
-               workers: int = 1) -> RoundSums:
-    """``RoundSums`` of the (K, D) updates ``weights - origin`` (``origin`` None: ``weights``
-    are the updates), a block of coordinates at a time (``weights`` a ``StateColumns``: each
-    block gathered from the uploads' arrays, no (K, D) copy made): each block's differences are
-    taken in ``weights``' dtype, at least float32 (float32 for float32 models: half the bytes to
-    sort and pass over), one sort gives the median and the MAD, and the block's sums are added
-    in float64.
+def round_sums(weights: np.ndarray | StateColumns, *, outside: bool = True, gram: bool = True,
+               width: float = RANGE_WIDTH, workers: int = 1) -> RoundSums:
+    """``RoundSums`` of the (K, D) updates, a block of coordinates at a time: ``weights`` is
+    either the updates or a ``StateColumns`` of the uploads, whose updates are their arrays minus
+    its ``origin`` (each block gathered from the uploads' arrays, no (K, D) copy made). Each
+    block's differences are taken in ``weights``' dtype, at least float32 (float32 for float32
+    models: half the bytes to sort and pass over), one sort gives the median and the MAD, and the
+    block's sums are added in float64.
     ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks,
     ``BLOCKS_PER_GATHER`` consecutive ones a task, are shared among the ``workers`` threads of
     ``worker_pool(VIEWS_POOL)`` (numpy's sort, arithmetic and BLAS release the GIL) and their
@@ -239,7 +239,10 @@ def round_sums(weights: np.ndarray | StateColumns, origin: np.ndarray | None = N
     oversubscribe the cores (measured in docs/benchmarks.md, "Block sums")."""
     dtype = np.promote_types(weights.dtype, np.float32)  # float16 sums would overflow
 
-    read = weights.columns if isinstance(weights, StateColumns) else lambda b: weights[:, b]
+    if isinstance(weights, StateColumns):
+        read, origin = weights.columns, weights.origin
+    else:
+        read, origin = (lambda block: weights[:, block]), None
 
     def blocks_sums(group: list[slice]) -> list[RoundSums]:
         start = group[0].start
@@ -271,14 +274,14 @@ def round_sums(weights: np.ndarray | StateColumns, origin: np.ndarray | None = N
     with _thread_pools().limit(limits=1, user_api="blas"):
         if workers > 1 and len(groups) > 1:
             pool = worker_pool(VIEWS_POOL, workers)
-            for start in range(0, len(groups), workers):
-                for parts in pool.map(blocks_sums, groups[start:start + workers]):
-                    for part in parts:
-                        total.add(part)
+            summed = itertools.chain.from_iterable(
+                pool.map(blocks_sums, groups[start:start + workers])
+                for start in range(0, len(groups), workers))
         else:
-            for group in groups:
-                for part in blocks_sums(group):
-                    total.add(part)
+            summed = map(blocks_sums, groups)
+        for parts in summed:  # in the blocks' order
+            for part in parts:
+                total.add(part)
     return total
 
 
