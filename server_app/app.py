@@ -23,8 +23,8 @@ app = ServerApp()
 
 
 SIMULATION_NODE_WAIT = 10.0
-"""Seconds a simulation's ServerApp waits for its SuperNodes: the simulation engine registers
-all of them at once as it starts, so a shortfall after this is its federation config."""
+"""Seconds a simulation's ServerApp waits for its first SuperNode: the simulation engine
+registers all of them at once as it starts, so the count it then shows is final."""
 
 
 def is_simulation(grid: Grid) -> bool:
@@ -34,22 +34,27 @@ def is_simulation(grid: Grid) -> bool:
     return isinstance(grid, InMemoryGrid)
 
 
-def wait_for_nodes(grid: Grid, needed: int, timeout: float, simulated: bool) -> int:
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, simulated: bool,
+                   poll: float = 0.5) -> int:
     """Block until ``needed`` SuperNodes are connected; ``ConfigError`` naming the shortfall
-    after ``timeout`` seconds (in a simulation, after ``SIMULATION_NODE_WAIT``)."""
+    after ``timeout`` seconds, or in a simulation as soon as its count is final: above zero
+    and the same in two polls (within ``SIMULATION_NODE_WAIT`` at most)."""
     if simulated:
         timeout = min(timeout, SIMULATION_NODE_WAIT)
-    deadline = time.monotonic() + timeout
+    deadline, previous = time.monotonic() + timeout, 0
     while True:
         connected = len(list(grid.get_node_ids()))
         if connected >= needed:
             return connected
-        if time.monotonic() > deadline:
+        final = simulated and 0 < connected == previous
+        if final or time.monotonic() > deadline:
             advice = (f"pass --federation-config \"num-supernodes={needed} ...\" to flwr run"
                       if simulated else f"start {needed} SuperNodes")
+            waited = "" if final else f" after {timeout:.0f} s"
             raise ConfigError(f"num-clients={needed} but the federation has {connected} "
-                              f"SuperNode(s) after {timeout:.0f} s: {advice} (or lower num-clients)")
-        time.sleep(0.5)
+                              f"SuperNode(s){waited}: {advice} (or lower num-clients)")
+        previous = connected
+        time.sleep(poll)
 
 
 @app.main()

@@ -33,7 +33,9 @@ def pytest_configure(config) -> None:
 
 def pytest_collection_modifyitems(items) -> None:
     """Whole runs (marked ``e2e``) first, the rest in their order: the workers start the long
-    files at once and the short ones fill in after, so that no long file runs alone at the end."""
+    files at once and the short ones fill in after, so that no long file runs alone at the end
+    (``--no-loadscope-reorder`` in ``addopts``: pytest-xdist would otherwise hand out the files
+    with the most tests first, which puts the whole runs, a few tests each, last)."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 

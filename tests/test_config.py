@@ -78,6 +78,22 @@ def test_bad_value_raises_naming_the_key(key, value, match):
         RunConfig.from_run_config({key: value})
 
 
+def test_the_serverapp_stops_on_a_bad_run_config_in_one_line_naming_the_key(tmp_path):
+    """What ``flwr run --run-config`` hands the ServerApp is validated before anything is built
+    or written (through Flower, ``test_e2e_simulation.py`` shows such a one-line stop reach
+    the user)."""
+    from flwr.app import Context, RecordDict
+
+    from server_app.app import main
+
+    run_config = {"dirichlet-alpha": -1.0, "results-dir": str(tmp_path)}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config)
+    with pytest.raises(SystemExit, match=r"^Invalid run config: dirichlet-alpha must be in"):
+        main(None, context)  # no Grid: the config stops the run first
+    assert not any(tmp_path.iterdir())
+
+
 def test_views_parse_to_names_and_empty_is_the_heat_maps_alone():
     assert RunConfig().layercam_ae_view_names == ("norm", "direction", "outside-range", "collusion")
     assert RunConfig.from_run_config({"layercam-ae-views": " norm , collusion"}

@@ -56,15 +56,10 @@ def test_layercam_ae_run_with_an_adaptive_attacker_records_detection(simulation_
     assert summary["detection"]["tp"] + summary["detection"]["fn"] == 2
 
 
-def test_bad_run_config_stops_with_the_key_named(simulation_link):
-    output, results = simulation_link.run("dirichlet-alpha=-1.0", num_supernodes=2)
-    assert "dirichlet-alpha" in output
-    assert not results.exists() or not any(results.iterdir())
-
-
 def test_too_few_simulated_supernodes_stop_at_once_with_the_advice(simulation_link):
     """A plain ``flwr run .`` gets Flower's 2 simulated SuperNodes for num-clients=24: the run
-    stops after the simulation's short wait (not node-wait-timeout = 120 s), in one line."""
+    stops after the simulation's short wait (not node-wait-timeout = 120 s), in one line. A bad
+    run config stops the same way, earlier (``test_config.py``)."""
     output, results = simulation_link.run("num-server-rounds=1", num_supernodes=2, timeout=90)
     assert "num-clients=24 but the federation has 2 SuperNode(s)" in output, output[-3000:]
     assert "num-supernodes=24" in output and "Traceback" not in output

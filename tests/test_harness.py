@@ -1,5 +1,6 @@
 """The experiment harness's Grid between real ClientApp handlers and a strategy: ground truth
-reaches the metrics and nothing else, and an eavesdropping attacker's reply looks benign."""
+reaches the metrics and nothing else, and an eavesdropping attacker's reply looks benign; and
+how the ServerApp waits for its SuperNodes."""
 
 import sys
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from server_app.eavesdrop import ATTACK_MESSAGE, EavesdroppingGrid, serves_benign_uploads
 from strategies.base import DetectingFedAvg
-from task.config import RunConfig
+from task.config import ConfigError, RunConfig
 from task.models import build_model
 from task.reply import HARNESS_METRICS, RAY_NODE, RUNTIME
 from tests.helpers import act_as_serverapp
@@ -234,3 +235,36 @@ def test_the_ray_node_of_each_reply_reaches_the_harness_only(monkeypatch):
     strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
     strategy.aggregate_train(1, replies)
     assert strategy.last_record.kept == [1, 2, 3, 4] and not strategy.last_record.rejected
+
+
+class CountingGrid:
+    """A Grid whose connected node count follows ``counts`` poll by poll (then stays)."""
+
+    def __init__(self, counts: list[int]) -> None:
+        self.counts, self.polls = counts, 0
+
+    def get_node_ids(self) -> list[int]:
+        count = self.counts[min(self.polls, len(self.counts) - 1)]
+        self.polls += 1
+        return list(range(count))
+
+
+@pytest.mark.parametrize("counts, polls", [([0, 0, 2, 2], 4), ([0, 2, 2], 3)])
+def test_a_simulation_short_of_nodes_stops_once_its_count_is_final(counts, polls):
+    from server_app.app import wait_for_nodes
+
+    grid = CountingGrid(counts)
+    with pytest.raises(ConfigError, match=r"federation has 2 SuperNode\(s\): pass "
+                                          r"--federation-config \"num-supernodes=24"):
+        wait_for_nodes(grid, 24, timeout=120, simulated=True, poll=0.001)
+    assert grid.polls == polls  # not before two polls agree, not after
+
+
+def test_a_count_still_growing_is_waited_for_and_a_deployment_waits_its_timeout():
+    from server_app.app import wait_for_nodes
+
+    assert wait_for_nodes(CountingGrid([0, 7, 15, 24]), 24, 120, simulated=True, poll=0.001) == 24
+    grid = CountingGrid([2])  # SuperNodes may still be starting: the full timeout
+    with pytest.raises(ConfigError, match=r"has 2 SuperNode\(s\) after 0 s: start 24 SuperNodes"):
+        wait_for_nodes(grid, 24, timeout=0.05, simulated=False, poll=0.001)
+    assert grid.polls > 10
