@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from strategies.records import ClientUpload
-from task.params import State, flatten_updates, row_norms, unflatten
+from task.params import State, flatten_updates, unflatten, update_norms
 
 
 def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
@@ -37,11 +37,11 @@ def clipped_to(uploads: Sequence[ClientUpload], global_state: State, bound: floa
     """The uploads with every update w - w_global longer than ``bound`` scaled down to it
     (float arrays; integer buffers as uploaded). Scaling towards w_global keeps BatchNorm
     variances positive: each clipped value lies between the global's and the upload's.
-    ``norms``: each node's ||w - w_global||, when the caller has them (only the uploads to clip
-    are then flattened)."""
+    ``norms``: each node's ||w - w_global||, when the caller has them. Only the uploads to clip
+    are flattened."""
     if norms is None:
-        updates, _ = flatten_updates([u.arrays for u in uploads], global_state)
-        norms = {u.node_id: float(n) for u, n in zip(uploads, row_norms(updates))}
+        norms = dict(zip((u.node_id for u in uploads),
+                         update_norms([u.arrays for u in uploads], global_state).tolist()))
     out = []
     for upload in uploads:
         norm = norms[upload.node_id]

@@ -53,7 +53,7 @@ from strategies.detection.update_views import (VIEWS_POOL, VIEW_TAILS, RoundSums
 from strategies.detection.worker_pools import worker_pool
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
-from task.params import StateColumns, flatten_updates, row_norms
+from task.params import StateColumns, update_norms
 
 KEPT_PROBES = 8
 """Probes whose maps ``keep_heatmaps`` hands over at most (the saved grid's columns)."""
@@ -436,7 +436,7 @@ class LayerCamAe(DetectingFedAvg):
         if s.views and sums is None:
             sums = self.update_sums(uploads)
         norms = (sums.norms if sums is not None else
-                 row_norms(flatten_updates([u.arrays for u in uploads], self.global_state)[0]))
+                 update_norms([u.arrays for u in uploads], self.global_state))
         details: dict[str, Any] = {"clip_bound": norm_bound(norms, s.clip_z) if s.clip else None,
                                    "update_norms": dict(zip(node_ids, norms.tolist()))}
         if not s.views:

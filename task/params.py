@@ -41,6 +41,19 @@ def row_norms(vectors: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
 
 
+def update_norms(states: Sequence[State], global_state: State) -> np.ndarray:
+    """||w_i - w_global|| of each state's float arrays, in float64 (the norms of
+    ``flatten_updates``' rows), an array at a time: no (n, d) matrix of the updates is made."""
+    names = float_names(global_state)
+    squares = np.zeros(len(states))
+    for row, state in enumerate(states):
+        for name in names:
+            difference = np.subtract(np.asarray(state[name]).ravel(),
+                                     np.asarray(global_state[name]).ravel(), dtype=np.float64)
+            squares[row] += np.dot(difference, difference)
+    return np.sqrt(squares)
+
+
 def flatten_updates(states: Sequence[State], global_state: State) -> tuple[np.ndarray, list[str]]:
     """(n, d) float64 matrix of the updates of the float arrays, and the array names in order.
     Each difference is written straight into its row (float64 before subtracting, as

@@ -319,6 +319,19 @@ def test_state_columns_are_the_stacked_matrixs_columns():
         np.testing.assert_array_equal(block, stacked[:, start:stop], err_msg=f"{start}:{stop}")
 
 
+def test_update_norms_are_the_flattened_updates_row_norms():
+    """``update_norms`` (the clipping's norms without the views' sums) equals the norms of
+    ``flatten_updates``' float64 rows, integer buffers left out, with no matrix made."""
+    from task.params import flatten_updates, update_norms
+
+    global_state, states = float32_round(6, seed=4)  # each upload's "steps" is 9, the global's 3
+    states[2] = {k: v.copy() for k, v in global_state.items()}  # no update: norm 0
+    updates, _ = flatten_updates(states, global_state)
+    norms = update_norms(states, global_state)
+    assert norms.dtype == np.float64 and norms[2] == 0.0
+    np.testing.assert_allclose(norms, row_norms(updates), rtol=1e-13)
+
+
 @pytest.mark.parametrize("k", [3, 24, 25])
 def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatch):
     """A float32 model's uploads are gathered and differenced in float32 (``StateColumns``,
