@@ -304,7 +304,7 @@ def test_an_upload_whose_heat_map_overflows_is_rejected_and_the_round_goes_on():
 def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a_kept_one(trajectory):
     from attacks.model_replacement import ModelReplacement
     from strategies.detection.thresholds import robust_z
-    from strategies.detection.update_views import VIEW_TAILS, VIEWS, view_excess
+    from strategies.detection.update_views import VIEW_TAILS, VIEWS, norm_bound, view_excess
     from task.params import flatten_updates
 
     globals_, states, sizes, data = trajectory
@@ -344,11 +344,15 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     assert record.details["flagged_by_views"] == sorted(n for n, e in zip(nodes, excess) if e > 1)
 
     # the heat maps alone: whatever they decide, a kept update moves the model no farther than
-    # the round's median norm
+    # the round's clipping bound, taken from each upload's own norm
     strategy = make_strategy(data, views=(), clip=True)
     strategy.global_state = globals_[0]
     arrays, _ = strategy.aggregate_train(1, replies)
     record = strategy.last_record
+    norms = np.linalg.norm(updates, axis=1)
+    assert [record.details["update_norms"][n] for n in nodes] == pytest.approx(norms, rel=1e-12)
+    assert record.details["clip_bound"] == pytest.approx(
+        norm_bound(norms, strategy.settings.clip_z), rel=1e-12)
     new_global = {k: v.numpy() for k, v in arrays.items()}
     step = flatten_updates([new_global], globals_[0])[0][0]
     assert np.linalg.norm(step) <= record.details["clip_bound"] * (1 + 1e-6)
