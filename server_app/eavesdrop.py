@@ -166,7 +166,8 @@ class EavesdroppingGrid:
             node = reply.metadata.src_node_id
             node_content = RecordDict(dict(content.items()))
             node_content["arrays"] = global_arrays[node]
-            attack_messages.append(self._grid.create_message(
-                node_content, ATTACK_MESSAGE, node, messages[0].metadata.group_id))
+            attack_messages.append(Message(node_content, dst_node_id=node,
+                                           message_type=ATTACK_MESSAGE,
+                                           group_id=messages[0].metadata.group_id))
         answers = self._grid.send_and_receive(attack_messages, timeout=timeout)
         return {a.metadata.src_node_id: a for a in answers if not a.has_error()}

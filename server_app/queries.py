@@ -17,7 +17,8 @@ class GridQueries:
 
     def ask(self, message_type: str, server_round: int, requests: Mapping[int, RecordDict],
             timeout: float) -> dict[int, Message]:
-        messages = [self.grid.create_message(content, message_type, node_id, str(server_round))
+        messages = [Message(content, dst_node_id=node_id, message_type=message_type,
+                            group_id=str(server_round))
                     for node_id, content in requests.items()]
         replies: dict[int, Message] = {}
         for reply in self.grid.send_and_receive(messages, timeout=timeout):

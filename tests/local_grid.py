@@ -41,11 +41,6 @@ class LocalGrid:
     def get_node_ids(self) -> list[int]:
         return [node for node in self.contexts if node not in self.offline]
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
-
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
         replies = []
