@@ -116,7 +116,7 @@ class RunConfig:
         "cnn", "`cnn` (FAA-DL's MNIST CNN), `resnet18`, `resnet50`, `regnety-800mf` "
         "(torchvision, adapted to channels, size and classes)", choices=MODELS)
     partitioning: str = setting(
-        "iid", "`iid` or `dirichlet` (flwr-datasets partitioners, by `seed`)",
+        "iid", "`iid` or `dirichlet` (flwr-datasets' splits, by `seed`)",
         choices=PARTITIONINGS)
     dirichlet_alpha: float = setting(
         0.5, "Dirichlet concentration (smaller = more skewed; the paper uses 0.1 … 0.9)",

@@ -60,3 +60,44 @@ def test_bad_partition_arguments_raise(labels):
         partition_indices(labels.tobytes(), 4, "dirichlet", 0.0, 0)
     with pytest.raises(ValueError, match="partitioning"):
         partition_indices(labels.tobytes(), 4, "shards", 0.5, 0)
+
+
+def flwr_datasets_partitions(labels: np.ndarray, num_partitions: int, partitioning: str,
+                             alpha: float, seed: int) -> list[np.ndarray]:
+    """The oracle: flwr-datasets' partitioners over a table of (row index, label)."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    table = Dataset.from_dict({"index": np.arange(len(labels)), "label": labels})
+    if partitioning == "iid":
+        partitioner, table = IidPartitioner(num_partitions), table.shuffle(seed=seed)
+    else:
+        partitioner = DirichletPartitioner(
+            num_partitions, partition_by="label", alpha=alpha,
+            min_partition_size=min(10, len(labels) // num_partitions), seed=seed)
+    partitioner.dataset = table
+    return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
+            for i in range(num_partitions)]
+
+
+@pytest.mark.parametrize(("how", "n", "alpha", "seed"), [
+    ("iid", 24, 0.5, 42), ("iid", 7, 0.5, 1), ("iid", 1000, 0.5, 3),
+    ("dirichlet", 24, 0.5, 42), ("dirichlet", 24, 0.5, 1), ("dirichlet", 100, 0.3, 7),
+    ("dirichlet", 5, 5.0, 0), ("dirichlet", 24, 0.1, 2)])
+def test_partitions_are_flwr_datasets_partitions(labels, how, n, alpha, seed):
+    """The same index arrays, in the same order, as flwr-datasets' partitioners give (the seed-2
+    alpha-0.1 split redraws: some client gets fewer than 10 images at the first draw)."""
+    mine = partition_indices(labels.astype(np.int64).tobytes(), n, how, alpha, seed)
+    theirs = flwr_datasets_partitions(labels, n, how, alpha, seed)
+    assert len(mine) == len(theirs) == n
+    assert all(np.array_equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_a_dirichlet_split_that_keeps_failing_stops_with_the_advice():
+    """Nine rows of one class for three clients at alpha 0.01: a draw nearly always gives one
+    client all of them, so no draw gives each client its 3 rows; flwr-datasets also stops."""
+    labels = np.zeros(9, dtype=np.int64)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="dirichlet-alpha"):
+        partition_indices(labels.tobytes(), 3, "dirichlet", 0.01, 0)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="max number of attempts"):
+        flwr_datasets_partitions(labels, 3, "dirichlet", 0.01, 0)
