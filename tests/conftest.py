@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.local_federation import BIN, ROOT, flower_env, start_listening, stop
+from tests.local_federation import BIN, flower_env, stage_app, start_listening, stop
 
 
 def pytest_configure(config) -> None:
@@ -63,8 +63,8 @@ def torch_threads_reset(initial_torch_threads):
 class SimulationLink:
     """A running ``flower-superlink --simulation`` and how to submit runs to it."""
 
-    def __init__(self, home: Path, port: int) -> None:
-        self.home, self.port = home, port
+    def __init__(self, home: Path, port: int, app: Path) -> None:
+        self.home, self.port, self.app = home, port, app
 
     def env(self) -> dict[str, str]:
         return flower_env(self.home)
@@ -76,7 +76,7 @@ class SimulationLink:
         results folder (``summary.json``), which the caller checks.
         """
         results = Path(self.home) / f"results-{time.monotonic_ns()}"
-        cmd = [str(BIN / "flwr"), "run", str(ROOT), "sim", "--stream",
+        cmd = [str(BIN / "flwr"), "run", str(self.app), "sim", "--stream",
                "--federation-config",
                f"num-supernodes={num_supernodes} client-resources-num-cpus=1 init-args-num-cpus=2",
                "--run-config", f"{run_config} results-dir='{results}'"]
@@ -85,7 +85,14 @@ class SimulationLink:
 
 
 @pytest.fixture(scope="session")
-def simulation_link(tmp_path_factory):
+def flower_app(tmp_path_factory) -> Path:
+    """This app as ``flwr run`` packs it, outside the repository and its .venv
+    (``stage_app``)."""
+    return stage_app(tmp_path_factory.mktemp("app"))
+
+
+@pytest.fixture(scope="session")
+def simulation_link(tmp_path_factory, flower_app):
     home = tmp_path_factory.mktemp("flwr-home")
 
     def command(port: int) -> list[str]:
@@ -97,7 +104,7 @@ def simulation_link(tmp_path_factory):
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    yield SimulationLink(home, port)
+    yield SimulationLink(home, port, flower_app)
     stop(proc)  # the SuperLink and the apps it spawned
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from task.config import KEYS, ConfigError, RunConfig, key_table
+from tests.local_federation import stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
@@ -162,3 +163,13 @@ def test_every_key_is_declared_with_its_meaning_and_its_range_or_values():
         assert key.choices is None or key.type is str, f"{key.name}: choices on a {key.type}"
         assert key.separator is None or key.choices is not None, key.name
     assert [key.name for key in KEYS] == list(RunConfig().to_run_config())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec's and click's, in Flower's build
+def test_the_staged_app_packs_the_fab_the_repository_packs(tmp_path):
+    """The whole runs submit ``stage_app``'s copy of this app (``flwr run`` on the repository
+    walks its .venv too): the FAB that ``flwr run`` builds from it is the repository's, byte
+    for byte."""
+    from flwr.cli.build import build_fab_from_disk
+
+    assert build_fab_from_disk(stage_app(tmp_path)) == build_fab_from_disk(ROOT)

@@ -59,6 +59,7 @@ class Federation:
     node_links: dict[str, str]  # each host's gateway: the server's address on its link
     cli_env: dict  # the operator's CLI, on the server
     link: subprocess.Popen
+    app: Path  # what the operator runs (``flower_app``: the FAB's files)
 
     def cli(self, *args: str, host: str = "hub", env: dict | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess:
@@ -76,7 +77,7 @@ def _wait_for(condition, timeout: float, what: str, every: float = 1.0) -> None:
 
 
 @pytest.fixture
-def federation(tmp_path):
+def federation(tmp_path, flower_app):
     lab = Lab()
     try:
         node_links = {name: lab.add_host(name)[0] for name, _ in NODES + [("rogue", ""), ("wrongca", "")]}
@@ -99,7 +100,7 @@ def federation(tmp_path):
                           *(f"{address}:{FLEET_PORT}" for address in node_links.values())],
                   tmp_path / "proxy.log", _env(tmp_path / "home-proxy"), tmp_path)
         federation = Federation(lab, tmp_path, certs, keys, node_links, _env(tmp_path / "home-cli"),
-                                link)
+                                link, flower_app)
         subprocess.run([ROOT / "deploy/add-connection.sh", "lab", f"127.0.0.1:{LINK_PORT}",
                         certs / "ca.crt"], env=federation.cli_env, check=True, capture_output=True)
         _wait_for(lambda: federation.cli("supernode", "list", "lab").returncode == 0, 60,
@@ -205,8 +206,8 @@ def test_two_rounds_of_layercam_ae_across_hosts_with_tls_and_authenticated_nodes
     _wait_for(lambda: len(_online(federation)) == len(NODES), 90, "three SuperNodes online")
     _assert_node_host_cannot_drive_the_federation(federation, "node2")  # the attacker's host
     node_env = _node_cli_env(federation, "node2")
-    submitted = federation.cli("run", str(ROOT), "fleet", "--run-config", "num-server-rounds=1",
-                               host="node2", env=node_env, timeout=120)
+    submitted = federation.cli("run", str(federation.app), "fleet", "--run-config",
+                               "num-server-rounds=1", host="node2", env=node_env, timeout=120)
     assert submitted.returncode != 0 and "404 Not Found" in submitted.stdout + submitted.stderr, (
         submitted.stdout + submitted.stderr)
     results = tmp_path / "results"
@@ -220,8 +221,8 @@ def test_two_rounds_of_layercam_ae_across_hosts_with_tls_and_authenticated_nodes
     # by the detection matrix.
     with open(tmp_path / "cli.log", "w") as output:
         run = subprocess.Popen(
-            _in(federation.lab.namespace("hub"), BIN / "flwr", "run", ROOT, "lab", "--stream",
-                "--run-config",
+            _in(federation.lab.namespace("hub"), BIN / "flwr", "run", federation.app, "lab",
+                "--stream", "--run-config",
                 f"num-server-rounds=2 num-clients={len(NODES)} num-attackers=1 attack='sign-flip' "
                 f"sign-flip-scale=1.0 defense='layercam-ae' local-epochs=1 layercam-ae-epochs=50 "
                 f"min-replies=2 results-dir='{results}'"),

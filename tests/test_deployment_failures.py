@@ -47,8 +47,8 @@ def finished(results: Path) -> bool:
 
 
 @pytest.fixture
-def federation(tmp_path):
-    federation = LocalFederation(tmp_path)
+def federation(tmp_path, flower_app):
+    federation = LocalFederation(tmp_path, flower_app)
     try:
         for i in range(NODES):
             role = "attacker" if i == NODES - 1 else "benign"

@@ -17,7 +17,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from experiments.report import find_runs
-from tests.local_federation import BIN, ROOT
+from tests.local_federation import BIN
 
 pytestmark = pytest.mark.e2e
 
@@ -38,18 +38,19 @@ num-clients = [3, 4]
 """
 
 
-def sweep_command(grid: Path, sweep_dir: Path) -> list[str]:
+def sweep_command(grid: Path, sweep_dir: Path, app: Path) -> list[str]:
     return [str(BIN / "layercam-sweep"), str(grid), "--sweep-dir", str(sweep_dir),
-            "--project", str(ROOT), "--federation", "sim", "--federation-config",
+            "--project", str(app), "--federation", "sim", "--federation-config",
             "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=2"]
 
 
 def test_a_stopped_sweep_resumes_records_failures_and_reports(simulation_link, tmp_path):
+    app = simulation_link.app
     grid, sweep_dir = tmp_path / "grid.toml", tmp_path / "sweep"
     grid.write_text(GRID)
     first_cell = sweep_dir / "cells" / "defense=layercam-ae__num-clients=3__seed=42"
     with open(tmp_path / "first.log", "w") as log:
-        sweep = subprocess.Popen(sweep_command(grid, sweep_dir), env=simulation_link.env(),
+        sweep = subprocess.Popen(sweep_command(grid, sweep_dir, app), env=simulation_link.env(),
                                  stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
         deadline = time.monotonic() + 300
         while not list(first_cell.glob("attempt-*/*/summary.json")):
@@ -58,7 +59,7 @@ def test_a_stopped_sweep_resumes_records_failures_and_reports(simulation_link, t
             time.sleep(0.5)
         sweep.send_signal(signal.SIGTERM)  # mid-grid: the second cell has started
         assert sweep.wait(timeout=120) != 0
-    again = subprocess.run(sweep_command(grid, sweep_dir), env=simulation_link.env(),
+    again = subprocess.run(sweep_command(grid, sweep_dir, app), env=simulation_link.env(),
                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 1, again.stdout + again.stderr  # some cells failed
     assert "2 cells, 1 already done" in again.stdout
