@@ -2,10 +2,11 @@
 through the real ClientApp (a SuperNode starts a ``flwr-clientapp`` process per message).
 
 Each run is a new Python process that imports the ClientApp, builds the embedded CNN's global
-model, and answers a round-1 train message for client 0 of ``--clients`` (IID, one local epoch,
-as the default experiment's clients train) through ``tests.local_grid``, which hands it to the
-ClientApp as a SuperNode would. Prints each run's CPU (user + system) and wall seconds, and
-which heavy modules the process imported.
+model, and answers a round-1 train message for client 0 of ``--clients`` (IID, two local
+epochs: the default experiment's settings) through ``tests.local_grid``, which hands it to the
+ClientApp in-process as a SuperNode would. A real ``flwr-clientapp`` process also starts its own
+gRPC connection and loads the FAB, which this leaves out. Prints each run's CPU (user + system)
+and wall seconds, and which heavy modules the process imported.
 
     python benchmarks/client_process.py --runs 3
 """

@@ -52,7 +52,7 @@ class Adam:
         scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         for p in params:
             if id(p) not in self.state:  # (step, first moment, second moment)
-                self.state[id(p)] = (torch.tensor(0.0, dtype=scalar),
+                self.state[id(p)] = (torch.tensor(0.0, dtype=scalar, device="cpu"),
                                      torch.zeros_like(p, memory_format=torch.preserve_format),
                                      torch.zeros_like(p, memory_format=torch.preserve_format))
         steps, exp_avgs, exp_avg_sqs = ([self.state[id(p)][i] for p in params] for i in range(3))

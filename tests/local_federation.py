@@ -28,8 +28,8 @@ STARTS = 3
 def stage_app(directory: Path) -> Path:
     """A copy of this Flower app in ``directory`` holding what its FAB holds: pyproject.toml,
     .gitignore and the files its ``fab-include`` patterns match. ``flwr run`` walks the whole
-    app directory before it filters, and the repository's .venv holds some 50,000 files: 3 s
-    of CPU a run. ``tests/test_config.py`` checks that both build the same FAB."""
+    app directory before it filters, and the repository's .venv holds some 50,000 files: about
+    4 s of CPU a run (``flwr build``: 5.2 s from the repository, 1.1 s from the copy). ``tests/test_config.py`` checks that both build the same FAB."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     names = ["pyproject.toml", ".gitignore"]
     names += sorted({str(path.relative_to(ROOT))

@@ -93,11 +93,14 @@ def test_partitions_are_flwr_datasets_partitions(labels, how, n, alpha, seed):
     assert all(np.array_equal(a, b) for a, b in zip(mine, theirs))
 
 
-def test_a_dirichlet_split_that_keeps_failing_stops_with_the_advice():
+def test_a_dirichlet_split_that_keeps_failing_stops_with_the_advice_after_as_many_draws():
     """Nine rows of one class for three clients at alpha 0.01: a draw nearly always gives one
-    client all of them, so no draw gives each client its 3 rows; flwr-datasets also stops."""
+    client all of them, so no draw gives each client its 3 rows. Both stop, after the same
+    number of draws (one warning each)."""
     labels = np.zeros(9, dtype=np.int64)
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="dirichlet-alpha"):
+    with pytest.warns(UserWarning) as mine, pytest.raises(ValueError, match="dirichlet-alpha"):
         partition_indices(labels.tobytes(), 3, "dirichlet", 0.01, 0)
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="max number of attempts"):
+    with pytest.warns(UserWarning) as theirs, pytest.raises(ValueError,
+                                                            match="max number of attempts"):
         flwr_datasets_partitions(labels, 3, "dirichlet", 0.01, 0)
+    assert len(mine) == len([w for w in theirs if "min_partition_size" in str(w.message)]) == 11
