@@ -29,7 +29,8 @@ def stage_app(directory: Path) -> Path:
     """A copy of this Flower app in ``directory`` holding what its FAB holds: pyproject.toml,
     .gitignore and the files its ``fab-include`` patterns match. ``flwr run`` walks the whole
     app directory before it filters, and the repository's .venv holds some 50,000 files: about
-    4 s of CPU a run (``flwr build``: 5.2 s from the repository, 1.1 s from the copy). ``tests/test_config.py`` checks that both build the same FAB."""
+    4 s of CPU a run (``flwr build``: 5.2 s from the repository, 1.1 s from the copy).
+    ``tests/test_config.py`` checks that both build the same FAB."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     names = ["pyproject.toml", ".gitignore"]
     names += sorted({str(path.relative_to(ROOT))
@@ -119,9 +120,10 @@ def descendants(pid: int, name: str) -> list[int]:
 
 
 class LocalFederation:
-    """An insecure SuperLink and SuperNodes on loopback, and the CLI to run this project on it."""
+    """An insecure SuperLink and SuperNodes on loopback, and the CLI to run this project on it
+    (``app``: its files, ``stage_app``)."""
 
-    def __init__(self, workdir: Path, app: Path = ROOT) -> None:
+    def __init__(self, workdir: Path, app: Path) -> None:
         self.workdir, self.app = workdir, app
         self.nodes: dict[str, subprocess.Popen] = {}
         self.link, self.port = self._start_link()

@@ -165,7 +165,8 @@ def test_every_key_is_declared_with_its_meaning_and_its_range_or_values():
     assert [key.name for key in KEYS] == list(RunConfig().to_run_config())
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec's and click's, in Flower's build
+# pathspec's and click's deprecation warnings, raised in Flower's build
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_staged_app_packs_the_fab_the_repository_packs(tmp_path):
     """The whole runs submit ``stage_app``'s copy of this app (``flwr run`` on the repository
     walks its .venv too): the FAB that ``flwr run`` builds from it is the repository's, byte
