@@ -5,9 +5,10 @@ as ``flwr run`` runs them with default keys otherwise (the ServerApp's seeding, 
 probes and strategy; the ClientApp's training seeds, attack inputs and claimed sizes), and
 prints one Markdown table: pooled detection recall, precision, FPR, F1 and AUC over all
 client-rounds, and the final accuracy next to the no-attack run of the same defense, seed and
-partitioning. The strategy's own ``detect`` and ``aggregate`` decide each round, on uploads in
-the order the server puts them in (``task.params.content_key``), and eavesdropping attackers
-get the benign uploads in the harness's order; only Flower's messaging is absent.
+partitioning (that no-attack cell always runs; ``--attacks none`` runs only it). The
+strategy's own ``detect`` and ``aggregate`` decide each round, on uploads in the order the
+server puts them in (``task.params.content_key``), and eavesdropping attackers get the benign
+uploads in the harness's order; only Flower's messaging is absent.
 ``--flwr-check`` prints the ``flwr run`` command that reproduces one cell. Round 1's benign
 training does not depend on the defense or the attack, so each worker does it once per seed
 and partitioning.
@@ -205,8 +206,8 @@ def main() -> None:
         for partitioning in args.partitionings:
             for defense in args.defenses:
                 cells = [Cell(defense, "none", 0, partitioning, seed, overrides)]
-                cells += [Cell(defense, a, m, partitioning, seed, overrides)
-                          for a in args.attacks for m in args.attackers]
+                cells += [Cell(defense, a, m, partitioning, seed, overrides)  # none: above
+                          for a in args.attacks if a != "none" for m in args.attackers]
                 groups.append(cells)
     if args.flwr_check:
         c = groups[0][1]
