@@ -11,7 +11,7 @@ Per round, in ``aggregate_train`` (what older Flower called ``aggregate_fit``):
 2. A fresh autoencoder on this round's maps; reconstruction errors R (eq. 11-12).
 3. The decision. Default (``decision="evidence"``): each client's signed robust scores of this
    and past rounds, combined with forgetting (``strategies.detection.evidence``), excluded while
-   |evidence| > ``robust_z``. The paper's (``decision="voting"``): per-round outliers by its
+   evidence > ``robust_z`` or < -``low_z``, or within a low group. The paper's (``decision="voting"``): per-round outliers by its
    one-sided rule (``threshold="upper"``, eq. 13-15) or the robust two-sided rule
    (``threshold="two-sided"``, ``strategies.detection.thresholds``), and a vote every ``window`` rounds
    (eq. 16-17, ``strategies.detection.voting``). Both rules' scores are recorded every round.
@@ -111,9 +111,9 @@ class LayerCamAeSettings:
     # the decision
     decision: str = _DEFAULTS.layercam_ae_decision
     """``"evidence"``: exclude while the client's evidence over rounds exceeds ``robust_z``
-    (``strategies.detection.evidence``); ``"voting"``: the paper's per-round rule plus voting."""
+    (or falls below -``low_z``; ``strategies.detection.evidence``); ``"voting"``: the paper's per-round rule plus voting."""
     robust_z: float = _DEFAULTS.layercam_ae_robust_z
-    """Cut of the robust score (and of the evidence), chosen with
+    """Cut of the robust score (and of the evidence's high side), chosen with
     ``benchmarks/detection_matrix.py`` for native maps (``strategies.detection.evidence``)."""
     memory: float = _DEFAULTS.layercam_ae_memory
     """Forgetting factor of the evidence (0: this round's score alone)."""
@@ -125,8 +125,10 @@ class LayerCamAeSettings:
     scale_rounds: int = _DEFAULTS.layercam_ae_scale_rounds
     """The evidence's scores use the robust spread pooled over this many rounds (1: this
     round's MAD alone)."""
+    low_z: float = _DEFAULTS.layercam_ae_low_z
+    """The evidence's cut on the low side (``robust_z`` is the high side's)."""
     group_z: float = _DEFAULTS.layercam_ae_group_z
-    """Clients whose evidence is between -robust_z and -group_z are excluded together when
+    """Clients whose evidence is between -low_z and -group_z are excluded together when
     there are at least ``group_size`` of them (colluders)."""
     group_size: int = _DEFAULTS.layercam_ae_group_size
     """The fewest clients such a group excludes (0 disables)."""
@@ -262,8 +264,9 @@ class LayerCamAe(DetectingFedAvg):
         super().summary()
         s = self.settings
         rule = (f"evidence (memory {self.evidence.memory:.2f}, cap {self.evidence.cap:.2f}, "
-                f"scale over {self.spreads.spreads.maxlen} rounds, z {s.robust_z:.2f}, "
-                f"groups of {s.group_size} in [-{s.robust_z:.2f}, -{s.group_z:.2f}))"
+                f"scale over {self.spreads.spreads.maxlen} rounds, z {s.robust_z:.2f} high, "
+                f"{s.low_z:.2f} low, groups of {s.group_size} in [-{s.low_z:.2f}, "
+                f"-{s.group_z:.2f}))"
                 if s.decision == "evidence" else
                 f"{s.threshold} (beta {s.beta:.2f}, z {s.robust_z:.2f}), "
                 f"vote {s.votes} of {s.window}")
@@ -408,15 +411,19 @@ class LayerCamAe(DetectingFedAvg):
 
     def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:
-        """Keep the clients whose evidence over rounds stays within +-robust_z and who are not
-        in a low group (``strategies.detection.evidence``)."""
+        """Keep the clients whose evidence over rounds stays within [-low_z, robust_z] and who
+        are not in a low group (``strategies.detection.evidence``)."""
         s = self.settings
         z = self.spreads.scores(errors)
         evidence = self.evidence.update(dict(zip(node_ids, z.tolist())), server_round)
-        excluded = excluded_by_evidence(evidence, s.robust_z, s.group_z, s.group_size)
+        excluded = excluded_by_evidence(evidence, s.robust_z, s.group_z, s.group_size,
+                                        low_cut=s.low_z)
         kept = [n for n in node_ids if n not in excluded]
-        return kept, {n: abs(e) for n, e in evidence.items()}, {
-            "evidence": evidence, "threshold": s.robust_z, "memory": self.evidence.memory,
+        # the score relative to its side's cut, on robust_z's scale: beyond robust_z alone
+        low = s.robust_z / s.low_z
+        return kept, {n: e if e >= 0 else -e * low for n, e in evidence.items()}, {
+            "evidence": evidence, "threshold": s.robust_z, "low_threshold": s.low_z,
+            "memory": self.evidence.memory,
             "score_cap": self.evidence.cap, "group_z": s.group_z, "group_size": s.group_size,
             "z": dict(zip(node_ids, z.tolist()))}
 

@@ -253,11 +253,11 @@ class RunConfig:
         5, "the scores' robust spread (1.4826·MAD/median) is pooled, as a median, over this many "
         "rounds (1: this round's alone)", bounds=Range(1, 10_000))
     layercam_ae_group_z: float = setting(
-        2.75, "clients whose evidence is between −robust-z and −group-z are excluded together "
+        2.75, "clients whose evidence is between −low-z and −group-z are excluded together "
         "when there are at least `layercam-ae-group-size` of them (colluders)",
         bounds=Range(0, 100, open_low=True))
     layercam_ae_group_size: int = setting(
-        3, "clients whose evidence is between −robust-z and −group-z are excluded together when "
+        3, "clients whose evidence is between −low-z and −group-z are excluded together when "
         "there are at least this many of them (colluders; 0 disables)",
         bounds=Range(0, 100_000))
     layercam_ae_threshold: str = setting(
@@ -269,8 +269,15 @@ class RunConfig:
     layercam_ae_beta: float = setting(1.0, "the paper's β: δ = mean(R) + β·std(R)",
                                       bounds=Range(0, 100))
     layercam_ae_robust_z: float = setting(
-        3.75, "the cut: exclude while |evidence| > z (`evidence`), or flag |R − median(R)| > z · "
-        "1.4826 · MAD(R) in a round (`voting` with `two-sided`)",
+        3.75, "the cut: exclude while evidence > z (`evidence`; the low side's: "
+        "`layercam-ae-low-z`), or flag |R − median(R)| > z · 1.4826 · MAD(R) in a round "
+        "(`voting` with `two-sided`)",
+        bounds=Range(0, 100, open_low=True))
+    layercam_ae_low_z: float = setting(
+        4.2, "the cut on the low side: exclude a client alone while its evidence < −low-z "
+        "(`evidence`); above it, a client the autoencoder reconstructs better than the rest "
+        "is excluded only within a group (`layercam-ae-group-z`): alone it is the most typical "
+        "client, as an honest one whose class mix is nearest the round's average is",
         bounds=Range(0, 100, open_low=True))
     layercam_ae_window: int = setting(
         3, "`voting`: every ξ rounds; malicious if an outlier in ≥ ε (`layercam-ae-votes`) of "
@@ -307,8 +314,8 @@ class RunConfig:
         "native", "the AE's input: maps at the target layer's resolution (`native`: 8×8 for the "
         "CNN: the information of the probe-size map in fewer values, and cheaper detection) "
         "or upsampled to the probe size (`probe`, the paper's; with it the previous decision "
-        "keys suit better: `robust-z` 3.0, `score-cap` 4.0, `group-z` 2.25). Both compared in "
-        "[Benchmarks](benchmarks.md)", choices=HEATMAP_SIZES)
+        "keys suit better: `robust-z` and `low-z` 3.0, `score-cap` 4.0, `group-z` 2.25). Both "
+        "compared in [Benchmarks](benchmarks.md)", choices=HEATMAP_SIZES)
     layercam_ae_threads: int = setting(
         1, "intra-op CPU threads of each detection operation (0: torch's default); one keeps "
         "detection fast when other processes share the cores", bounds=Range(0, 1024))

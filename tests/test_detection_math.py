@@ -65,14 +65,14 @@ def test_evidence_is_the_exponentially_weighted_stouffer_sum():
 
 
 def excluded_per_round(rounds: list[np.ndarray], memory=0.8, cut=3.0, cap=4.0, scale_rounds=5,
-                       group_z=2.25, group_size=3) -> list[set[int]]:
+                       group_z=2.25, group_size=3, low_cut=None) -> list[set[int]]:
     """The evidence decision on a sequence of rounds' reconstruction errors; the keys default
     to the values these tests were written for (cut 3, clip 4, band from -2.25), the defaults
     before native maps (``RunConfig`` holds the current ones)."""
     ledger, spreads, out = EvidenceLedger(memory, cap), SpreadHistory(scale_rounds), []
     for errors in rounds:
         evidence = ledger.update(dict(enumerate(spreads.scores(errors))))
-        out.append(excluded_by_evidence(evidence, cut, group_z, group_size))
+        out.append(excluded_by_evidence(evidence, cut, group_z, group_size, low_cut))
     return out
 
 
@@ -279,3 +279,49 @@ def test_the_default_cut_tolerates_a_persistent_benign_offset_but_not_a_persiste
     wild = [benign_errors(rng) for _ in range(4)]
     wild[0][7] = wild[1][7] = 1.0 + 8 * 0.05
     assert [7 in e for e in excluded_per_round(wild, **keys)][:2] == [False, True]
+
+
+def test_a_lone_typical_client_needs_the_low_cut_a_group_below_it_does_not():
+    """The default keys: one client held 1.5 sd below the median every round (reconstructed
+    better than the rest, as the honest client nearest the average class mix is) reaches
+    E of about -4 within 16 rounds: beyond the high side's cut (3.75), within the low side's
+    (4.2). Held as far above, it is excluded; three held there together are a group, and the
+    band reaches down to -low-z, so they are excluded too."""
+    d = RunConfig()
+    keys = dict(memory=d.layercam_ae_memory, cut=d.layercam_ae_robust_z,
+                cap=d.layercam_ae_score_cap, scale_rounds=d.layercam_ae_scale_rounds,
+                group_z=d.layercam_ae_group_z, group_size=d.layercam_ae_group_size,
+                low_cut=d.layercam_ae_low_z)
+    assert d.layercam_ae_robust_z < d.layercam_ae_low_z
+    rng = np.random.default_rng(5)
+
+    def held(clients, sd):
+        rounds = [benign_errors(rng) for _ in range(16)]
+        for errors in rounds:
+            errors[clients] = 1.0 + sd * 0.05
+        return rounds
+
+    low = held([5], -1.5)
+    assert all(5 not in e for e in excluded_per_round(low, **keys))
+    symmetric = excluded_per_round(low, **{**keys, "low_cut": keys["cut"]})
+    assert sum(5 in e for e in symmetric) >= 6
+    assert sum(5 in e for e in excluded_per_round(held([5], 1.5), **keys)) >= 6
+    group = excluded_per_round(held([5, 6, 7], -1.5), **keys)
+    assert sum({5, 6, 7} <= e for e in group) >= 6
+    assert all(e <= {5, 6, 7} for e in group)
+    # two rounds at the clip (E = 5.4 / sqrt(1.64) = 4.22) still exclude a lone client
+    wild = [benign_errors(rng) for _ in range(3)]
+    wild[0][7] = wild[1][7] = 1.0 - 8 * 0.05
+    assert [7 in e for e in excluded_per_round(wild, **keys)][:2] == [False, True]
+
+
+def test_the_low_cut_is_its_own_and_defaults_to_the_cut():
+    evidence = {n: 0.1 * (n % 5) for n in range(24)}
+    lone = {**evidence, 3: -4.0, 4: 4.0}
+    assert excluded_by_evidence(lone, 3.75, 2.75, 3) == {3, 4}
+    assert excluded_by_evidence(lone, 3.75, 2.75, 3, low_cut=4.25) == {4}
+    assert excluded_by_evidence({**lone, 3: -4.3}, 3.75, 2.75, 3, low_cut=4.25) == {3, 4}
+    # the band reaches -low_cut: three at -4.0 to -3.0 are a group
+    trio = {**evidence, 1: -4.0, 2: -4.1, 3: -3.0}
+    assert excluded_by_evidence(trio, 3.75, 2.75, 3, low_cut=4.25) == {1, 2, 3}
+    assert excluded_by_evidence(trio, 3.75, 2.75, 3) == {1, 2}

@@ -218,7 +218,7 @@ def test_the_settings_are_read_from_their_run_config_keys_defaults_included():
     assert LayerCamAeSettings.from_config(RunConfig()) == LayerCamAeSettings()
     other = dict(target_class=3, map_size="probe", engine="vmap", threads=2, workers=3,
                  keep_heatmaps=True, hidden=64, epochs=50, lr=1e-2, weight_decay=0.0,
-                 tolerance=1e-3, seed=7, decision="voting", robust_z=3.0, memory=0.5,
+                 tolerance=1e-3, seed=7, decision="voting", robust_z=3.0, low_z=3.5, memory=0.5,
                  evidence_decay="rounds", score_cap=4.0, scale_rounds=1, group_z=2.25, group_size=0, threshold="upper",
                  beta=2.0, window=4, votes=3, views=("norm",), view_z=5.0, view_pair=0.9, clip=False,
                  clip_z=0.0)
@@ -453,3 +453,30 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
     spent = sum(t["autoencoder"] + t["views"] for t in timings)
     assert 0 < spent <= walls["autoencoder_and_sums"] + walls["decide_by_views"] + 2e-3
     assert sum(t["autoencoder"] for t in timings) > 10e-3
+
+
+def test_the_decision_takes_the_low_side_cut_and_scores_relative_to_it():
+    """A client held 1.5 sd below the round's median errors is kept under the default low-side
+    cut, excluded when the low side's cut is the high side's; its recorded score is its
+    evidence on the high side's scale, beyond ``robust_z`` exactly when it is excluded."""
+    from tests.test_detection_math import benign_errors
+
+    def decide(**settings):
+        strategy = LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
+                              probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
+                              settings=LayerCamAeSettings(seed=0, **settings))
+        rng, out = np.random.default_rng(5), []
+        for server_round in range(1, 17):
+            errors = benign_errors(rng)
+            errors[5] = 1.0 - 1.5 * 0.05
+            kept, scores, details = strategy.decide_by_evidence(server_round, list(range(24)),
+                                                                errors)
+            evidence = details["evidence"][5]
+            assert scores[5] == pytest.approx(-evidence * strategy.settings.robust_z
+                                              / strategy.settings.low_z)
+            assert (5 not in kept) == (scores[5] > strategy.settings.robust_z)
+            out.append(5 not in kept)
+        return out
+
+    assert not any(decide())
+    assert sum(decide(low_z=LayerCamAeSettings().robust_z)) >= 6

@@ -25,12 +25,16 @@ decays by the rounds it took part in (``decay="participation"``, the default: it
 the evidence it left with) or by the rounds that passed (``decay="rounds"``: S and V are first
 multiplied by memory and memory^2 once per round missed, so old evidence fades with time).
 
-``excluded_by_evidence`` turns evidence into exclusions: beyond +-cut alone, or together with a
-group. Colluders form a mode of near-alike maps that the autoencoder reconstructs better than
-the diverse benign ones, so they sit together on the low side; when at least ``group_size``
-clients are between -cut and -group_z at once, they are excluded together, which benign clients
-rarely are. Clients beyond the cut do not count towards a group, so that excluded attackers do
-not sweep benign clients near the band's edge out with them. Measurements: docs/defenses.md.
+``excluded_by_evidence`` turns evidence into exclusions: beyond the cut alone, or together
+with a group. Colluders form a mode of near-alike maps that the autoencoder reconstructs better
+than the diverse benign ones, so they sit together on the low side; when at least
+``group_size`` clients are between -low_cut and -group_z at once, they are excluded together,
+which benign clients rarely are. Clients beyond the cut do not count towards a group, so that
+excluded attackers do not sweep benign clients near the band's edge out with them. Alone, a
+client on the low side is the one the autoencoder finds most typical, as an honest client
+whose data is nearest the round's average is round after round under non-IID data: the low
+side's cut for a lone client (``low_cut``) may sit above the high side's. Measurements:
+docs/defenses.md and docs/defense-in-depth.md.
 """
 
 from __future__ import annotations
@@ -103,12 +107,14 @@ class EvidenceLedger:
 
 
 def excluded_by_evidence(evidence: Mapping[int, float], cut: float, group_z: float,
-                         group_size: int) -> set[int]:
-    """Clients with |E| > cut, and the clients with -cut <= E < -group_z when there are at
-    least ``group_size`` of them (0: no group rule). Clients already beyond the cut do not
-    make up a group: once clear attackers are out, a benign client near -group_z stays in."""
-    excluded = {n for n, e in evidence.items() if abs(e) > cut}
-    band = {n for n, e in evidence.items() if -cut <= e < -group_z}
+                         group_size: int, low_cut: float | None = None) -> set[int]:
+    """Clients with E > cut or E < -low_cut (default: the cut), and the clients with
+    -low_cut <= E < -group_z when there are at least ``group_size`` of them (0: no group
+    rule). Clients already beyond the cut do not make up a group: once clear attackers are
+    out, a benign client near -group_z stays in."""
+    low_cut = cut if low_cut is None else low_cut
+    excluded = {n for n, e in evidence.items() if e > cut or e < -low_cut}
+    band = {n for n, e in evidence.items() if -low_cut <= e < -group_z}
     if group_size > 0 and len(band) >= group_size:
         excluded |= band
     return excluded
