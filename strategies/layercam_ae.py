@@ -11,8 +11,8 @@ Per round, in ``aggregate_train`` (what older Flower called ``aggregate_fit``):
 2. A fresh autoencoder on this round's maps; reconstruction errors R (eq. 11-12).
 3. The decision. Default (``decision="evidence"``): each client's signed robust scores of this
    and past rounds, combined with forgetting (``strategies.detection.evidence``), excluded while
-   evidence > ``robust_z`` or < -``low_z``, or within a low group. The paper's (``decision="voting"``): per-round outliers by its
-   one-sided rule (``threshold="upper"``, eq. 13-15) or the robust two-sided rule
+   evidence > ``robust_z`` or < -``low_z``, or within a low group. The paper's
+   (``decision="voting"``): per-round outliers by its one-sided rule (``threshold="upper"``, eq. 13-15) or the robust two-sided rule
    (``threshold="two-sided"``, ``strategies.detection.thresholds``), and a vote every ``window`` rounds
    (eq. 16-17, ``strategies.detection.voting``). Both rules' scores are recorded every round.
 4. FedAvg of the kept uploads (eq. 16); the previous global model if none is kept.
@@ -111,7 +111,8 @@ class LayerCamAeSettings:
     # the decision
     decision: str = _DEFAULTS.layercam_ae_decision
     """``"evidence"``: exclude while the client's evidence over rounds exceeds ``robust_z``
-    (or falls below -``low_z``; ``strategies.detection.evidence``); ``"voting"``: the paper's per-round rule plus voting."""
+    (or falls below -``low_z``; ``strategies.detection.evidence``); ``"voting"``: the paper's
+    per-round rule plus voting."""
     robust_z: float = _DEFAULTS.layercam_ae_robust_z
     """Cut of the robust score (and of the evidence's high side), chosen with
     ``benchmarks/detection_matrix.py`` for native maps (``strategies.detection.evidence``)."""
@@ -163,6 +164,7 @@ class LayerCamAeSettings:
         for field in fields(self):
             KEYS_BY_NAME[self.key_of(field.name)].check(getattr(self, field.name), field.name)
         check_layercam_ae_decision(self.decision, self.threshold, self.votes, self.window,
+                                   self.group_z, self.low_z,
                                    prefix="")
 
     @staticmethod

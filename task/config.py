@@ -424,7 +424,8 @@ class RunConfig:
         if self.num_attackers > 0 and self.attack == "none":
             raise ConfigError("num-attackers > 0 needs an attack other than 'none'")
         check_layercam_ae_decision(self.layercam_ae_decision, self.layercam_ae_threshold,
-                                   self.layercam_ae_votes, self.layercam_ae_window)
+                                   self.layercam_ae_votes, self.layercam_ae_window,
+                                   self.layercam_ae_group_z, self.layercam_ae_low_z)
         if not self.results_dir:
             raise ConfigError("results-dir must not be empty")
 
@@ -495,13 +496,19 @@ KEYS_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
 
 
 def check_layercam_ae_decision(decision: str, threshold: str, votes: int, window: int,
+                               group_z: float, low_z: float,
                                prefix: str = "layercam-ae-") -> None:
     """The rules that relate LayerCAM-AE's decision keys, checked once each key's value is
-    valid: the vote's threshold fits in its window, and the evidence decision accumulates the
-    two-sided score. Raises ``ConfigError`` naming the keys, or with ``prefix=""`` the fields of
-    settings built without a run config (``strategies.layercam_ae.LayerCamAeSettings``)."""
+    valid: the vote's threshold fits in its window, the evidence's low group has a band
+    [-low_z, -group_z) to sit in, and the evidence decision accumulates the two-sided score.
+    Raises ``ConfigError`` naming the keys, or with ``prefix=""`` the fields of settings built
+    without a run config (``strategies.layercam_ae.LayerCamAeSettings``)."""
     if votes > window:
         raise ConfigError(f"{prefix}votes ({votes}) must be <= {prefix}window ({window})")
+    sep = "-" if prefix else "_"
+    if group_z >= low_z:
+        raise ConfigError(f"{prefix}group{sep}z ({group_z}) must be < {prefix}low{sep}z "
+                          f"({low_z}): the low group sits between them")
     if decision == "evidence" and threshold != "two-sided":
         raise ConfigError(f"{prefix}threshold='upper' (the paper's rule) needs "
                           f"{prefix}decision='voting'; the evidence decision accumulates the "

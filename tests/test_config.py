@@ -106,6 +106,16 @@ def test_ints_given_as_whole_floats_are_accepted():
     assert RunConfig.from_run_config({"num-server-rounds": 3.0}).num_server_rounds == 3
 
 
+def test_the_low_group_needs_a_band_between_group_z_and_low_z():
+    with pytest.raises(ConfigError, match=r"layercam-ae-group-z \(4.2\) must be < layercam-ae-low"):
+        RunConfig.from_run_config({"layercam-ae-group-z": 4.2})
+    from strategies.layercam_ae import LayerCamAeSettings
+
+    with pytest.raises(ConfigError, match=r"group_z \(3.0\) must be < low_z \(2.5\)"):
+        LayerCamAeSettings(group_z=3.0, low_z=2.5)
+    assert RunConfig.from_run_config({"layercam-ae-low-z": 3.0}).layercam_ae_low_z == 3.0
+
+
 def test_the_papers_upper_threshold_needs_the_voting_decision():
     with pytest.raises(ConfigError, match="layercam-ae-decision='voting'"):
         RunConfig.from_run_config({"layercam-ae-threshold": "upper"})

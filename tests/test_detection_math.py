@@ -285,8 +285,8 @@ def test_a_lone_typical_client_needs_the_low_cut_a_group_below_it_does_not():
     """The default keys: one client held 1.5 sd below the median every round (reconstructed
     better than the rest, as the honest client nearest the average class mix is) reaches
     E of about -4 within 16 rounds: beyond the high side's cut (3.75), within the low side's
-    (4.2). Held as far above, it is excluded; three held there together are a group, and the
-    band reaches down to -low-z, so they are excluded too."""
+    (4.2). Held as far above, it is excluded; three held there together are excluded as a group
+    (that the band reaches down to -low-z: the hand-computed cases below)."""
     d = RunConfig()
     keys = dict(memory=d.layercam_ae_memory, cut=d.layercam_ae_robust_z,
                 cap=d.layercam_ae_score_cap, scale_rounds=d.layercam_ae_scale_rounds,

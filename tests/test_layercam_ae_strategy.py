@@ -458,7 +458,8 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
 def test_the_decision_takes_the_low_side_cut_and_scores_relative_to_it():
     """A client held 1.5 sd below the round's median errors is kept under the default low-side
     cut, excluded when the low side's cut is the high side's; its recorded score is its
-    evidence on the high side's scale, beyond ``robust_z`` exactly when it is excluded."""
+    evidence on the high side's scale, beyond ``robust_z`` exactly when it is excluded. A
+    client held as far above keeps its evidence as its score."""
     from tests.test_detection_math import benign_errors
 
     def decide(**settings):
@@ -468,9 +469,10 @@ def test_the_decision_takes_the_low_side_cut_and_scores_relative_to_it():
         rng, out = np.random.default_rng(5), []
         for server_round in range(1, 17):
             errors = benign_errors(rng)
-            errors[5] = 1.0 - 1.5 * 0.05
+            errors[5], errors[6] = 1.0 - 1.5 * 0.05, 1.0 + 1.5 * 0.05
             kept, scores, details = strategy.decide_by_evidence(server_round, list(range(24)),
                                                                 errors)
+            assert details["evidence"][6] > 0 and scores[6] == details["evidence"][6]
             evidence = details["evidence"][5]
             assert scores[5] == pytest.approx(-evidence * strategy.settings.robust_z
                                               / strategy.settings.low_z)
