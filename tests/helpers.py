@@ -1,8 +1,10 @@
-"""Builders shared by strategy tests: Flower reply messages and benign training rounds; the
-textbook autoencoder (nn.Sequential, loss.backward(), unfused Adam) the strategy's one is
-checked against."""
+"""Builders shared by strategy tests: Flower reply messages, benign training rounds and a
+round's benign reconstruction errors; the textbook autoencoder (nn.Sequential,
+loss.backward(), unfused Adam) the strategy's one is checked against."""
 
 from __future__ import annotations
+
+import statistics
 
 import numpy as np
 import torch
@@ -94,3 +96,9 @@ def check_faa_dl_round(row: dict, attackers_flagged: bool) -> dict:
     if attackers_flagged:
         assert detection["tp"] >= 1, details
     return record
+
+
+def benign_errors(rng: np.random.Generator, k: int = 24, spread: float = 0.05) -> np.ndarray:
+    """A round's benign reconstruction errors: k normal quantiles around 1, in random order."""
+    quantiles = statistics.NormalDist().inv_cdf
+    return 1.0 + spread * rng.permutation([quantiles((i + 0.5) / k) for i in range(k)])

@@ -1,8 +1,6 @@
 """Hand-made cases for the pure parts of LayerCAM-AE: AE scores, thresholds, evidence over
 rounds, voting, aggregation."""
 
-import statistics
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,7 @@ from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
 from task.config import RunConfig
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.params import content_key
-from tests.helpers import autograd_reconstruction_errors
+from tests.helpers import autograd_reconstruction_errors, benign_errors
 
 
 def test_upper_rule_matches_eq_13_14():
@@ -76,6 +74,15 @@ def excluded_per_round(rounds: list[np.ndarray], memory=0.8, cut=3.0, cap=4.0, s
     return out
 
 
+def default_keys() -> dict:
+    """``excluded_per_round``'s keys at the run config's defaults."""
+    d = RunConfig()
+    return dict(memory=d.layercam_ae_memory, cut=d.layercam_ae_robust_z,
+                cap=d.layercam_ae_score_cap, scale_rounds=d.layercam_ae_scale_rounds,
+                group_z=d.layercam_ae_group_z, group_size=d.layercam_ae_group_size,
+                low_cut=d.layercam_ae_low_z)
+
+
 def test_a_low_group_is_excluded_together_a_pair_or_a_high_group_is_not():
     evidence = {n: 0.1 * (n % 5) for n in range(24)}
     group = {**evidence, 21: -2.4, 22: -2.6, 23: -2.3}
@@ -90,12 +97,6 @@ def test_a_low_group_is_excluded_together_a_pair_or_a_high_group_is_not():
     high = {**evidence, 21: 2.4, 22: 2.6, 23: 2.3}
     assert excluded_by_evidence(high, 3.0, 2.25, 3) == set()
     assert excluded_by_evidence({1: -0.5, 2: 0.5}, 3.0, 2.25, 3) == set()  # K = 2
-
-
-def benign_errors(rng: np.random.Generator, k: int = 24, spread: float = 0.05) -> np.ndarray:
-    """A round's benign reconstruction errors: k normal quantiles around 1, in random order."""
-    quantiles = statistics.NormalDist().inv_cdf
-    return 1.0 + spread * rng.permutation([quantiles((i + 0.5) / k) for i in range(k)])
 
 
 def test_a_tight_colluding_group_below_the_one_round_cut_is_excluded_from_round_two():
@@ -262,13 +263,10 @@ def test_content_key_orders_by_what_a_state_holds():
 
 def test_the_default_cut_tolerates_a_persistent_benign_offset_but_not_a_persistent_outlier():
     """Benign scores persist (a client's data stays its own): a client held 1.2 sd below the
-    median (z about -1.1) reaches |E| of about 3.2 over the rounds, inside the default cut of
-    3.5 but beyond the previous 3 (cap 4). With the clip (3) below the cut, one wild round
+    median (z about -1.1) reaches |E| of about 3.2 over the rounds, inside the default cuts
+    (3.75, and 4.2 on the low side) but beyond the previous 3 (cap 4). With the clip (3) below the cut, one wild round
     alone does not exclude; two do."""
-    defaults = RunConfig()
-    keys = dict(memory=defaults.layercam_ae_memory, cut=defaults.layercam_ae_robust_z,
-                cap=defaults.layercam_ae_score_cap, scale_rounds=defaults.layercam_ae_scale_rounds,
-                group_z=defaults.layercam_ae_group_z, group_size=defaults.layercam_ae_group_size)
+    keys = default_keys()
     rng = np.random.default_rng(3)
     offset = [benign_errors(rng) for _ in range(20)]
     for errors in offset:
@@ -287,12 +285,8 @@ def test_a_lone_typical_client_needs_the_low_cut_a_group_below_it_does_not():
     E of about -4 within 16 rounds: beyond the high side's cut (3.75), within the low side's
     (4.2). Held as far above, it is excluded; three held there together are excluded as a group
     (that the band reaches down to -low-z: the hand-computed cases below)."""
-    d = RunConfig()
-    keys = dict(memory=d.layercam_ae_memory, cut=d.layercam_ae_robust_z,
-                cap=d.layercam_ae_score_cap, scale_rounds=d.layercam_ae_scale_rounds,
-                group_z=d.layercam_ae_group_z, group_size=d.layercam_ae_group_size,
-                low_cut=d.layercam_ae_low_z)
-    assert d.layercam_ae_robust_z < d.layercam_ae_low_z
+    keys = default_keys()
+    assert keys["cut"] < keys["low_cut"]
     rng = np.random.default_rng(5)
 
     def held(clients, sd):

@@ -16,7 +16,7 @@ from strategies.records import ClientUpload, Detection
 from task.config import RunConfig
 from task.models import build_model
 from task.train import evaluate, load_numpy_state
-from tests.helpers import benign_trajectory, reply
+from tests.helpers import benign_errors, benign_trajectory, reply
 
 ROUNDS, CLIENTS, ATTACKERS = 3, 24, 3
 ATTACKER_IDS = list(range(CLIENTS - ATTACKERS, CLIENTS))
@@ -460,8 +460,6 @@ def test_the_decision_takes_the_low_side_cut_and_scores_relative_to_it():
     cut, excluded when the low side's cut is the high side's; its recorded score is its
     evidence on the high side's scale, beyond ``robust_z`` exactly when it is excluded. A
     client held as far above keeps its evidence as its score."""
-    from tests.test_detection_math import benign_errors
-
     def decide(**settings):
         strategy = LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
                               probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
