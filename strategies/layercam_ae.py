@@ -12,8 +12,9 @@ Per round, in ``aggregate_train`` (what older Flower called ``aggregate_fit``):
 3. The decision. Default (``decision="evidence"``): each client's signed robust scores of this
    and past rounds, combined with forgetting (``strategies.detection.evidence``), excluded while
    evidence > ``robust_z`` or < -``low_z``, or within a low group. The paper's
-   (``decision="voting"``): per-round outliers by its one-sided rule (``threshold="upper"``, eq. 13-15) or the robust two-sided rule
-   (``threshold="two-sided"``, ``strategies.detection.thresholds``), and a vote every ``window`` rounds
+   (``decision="voting"``): per-round outliers by its one-sided rule (``threshold="upper"``,
+   eq. 13-15) or the robust two-sided rule (``threshold="two-sided"``,
+   ``strategies.detection.thresholds``), and a vote every ``window`` rounds
    (eq. 16-17, ``strategies.detection.voting``). Both rules' scores are recorded every round.
 4. FedAvg of the kept uploads (eq. 16); the previous global model if none is kept.
 """

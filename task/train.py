@@ -49,9 +49,10 @@ class Adam:
     @torch.no_grad()
     def step(self) -> None:
         params = [p for p in self.params if p.grad is not None]
-        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         for p in params:
             if id(p) not in self.state:  # (step, first moment, second moment)
+                scalar = (torch.float64 if torch.get_default_dtype() == torch.float64
+                          else torch.float32)
                 self.state[id(p)] = (torch.tensor(0.0, dtype=scalar, device="cpu"),
                                      torch.zeros_like(p, memory_format=torch.preserve_format),
                                      torch.zeros_like(p, memory_format=torch.preserve_format))
