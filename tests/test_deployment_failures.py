@@ -1,12 +1,13 @@
 """A server crash in a real deployment (``tests.local_federation``: a SuperLink and three
 SuperNodes as separate processes on loopback, the ``flwr`` CLI submitting runs): a full run;
-then the same run, its ServerApp process killed (SIGKILL) once round 1 is checkpointed and
-resumed from its results folder, ends with the full run's rounds.jsonl and final model (and the
-rounds both wrote before the kill were the same: one seed, the same files). A client host that
-goes down is in ``test_deployment.py``."""
+then the same run, its ServerApp process killed (SIGKILL) once round 1 is checkpointed, stopped
+with ``flwr stop`` as an operator would and resumed from its results folder, ends with the full
+run's rounds.jsonl and final model (and the rounds both wrote before the kill were the same: one
+seed, the same files). A client host that goes down is in ``test_deployment.py``."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -60,6 +61,12 @@ def federation(tmp_path, flower_app):
         federation.close()
 
 
+def running_run(federation: LocalFederation) -> str:
+    listing = federation.cli("ls", "local", "--format", "json")
+    (run,) = [r for r in json.loads(listing.stdout)["runs"] if r["status"] == "running"]
+    return run["run-id"]
+
+
 def submit(federation: LocalFederation, results: Path, extra: str = "") -> None:
     submitted = federation.submit(f"{RUN} results-dir='{results}' {extra}")
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
@@ -79,6 +86,11 @@ def test_a_killed_serverapp_resumes_to_the_full_run(federation, tmp_path):
     folder = run_folder(killed)
     assert not (folder / "summary.json").exists() and not (folder / "model.pt").exists()
     assert rows_without_timings(folder) == rows_without_timings(run_folder(full))[:2]  # rounds 0 and 1: the same files
+    # the operator stops the crashed run (docs/experiments.md): else the SuperLink marks it
+    # failed only once its heartbeats are missed, and until then the SuperNodes wait on the
+    # round-2 messages it had sent (45 s here)
+    stopped = federation.cli("stop", running_run(federation), "local")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     submit(federation, tmp_path / "unused", f"resume-from='{folder}'")
     wait_for(lambda: (folder / "summary.json").exists(), 300, "the resumed run", federation)
 
