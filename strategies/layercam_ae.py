@@ -134,6 +134,8 @@ class LayerCamAeSettings:
     there are at least ``group_size`` of them (colluders)."""
     group_size: int = _DEFAULTS.layercam_ae_group_size
     """The fewest clients such a group excludes (0 disables)."""
+    hold: bool = _DEFAULTS.layercam_ae_hold
+    """An excluded client stays excluded while its evidence stays below -``group_z``."""
     threshold: str = _DEFAULTS.layercam_ae_threshold
     """Per-round rule of ``decision="voting"``: ``"upper"``, the paper's delta = mean + beta *
     std (eq. 13-14); ``"two-sided"``, |R - median| / (1.4826 MAD) > robust_z."""
@@ -217,7 +219,7 @@ class LayerCamAe(DetectingFedAvg):
     """
 
     name = "layercam-ae"
-    checkpointed = ("history", "evidence", "spreads")
+    checkpointed = ("history", "evidence", "spreads", "held")
 
     def __init__(
         self,
@@ -252,6 +254,8 @@ class LayerCamAe(DetectingFedAvg):
         self.evidence = EvidenceLedger(settings.memory, settings.score_cap,
                                        settings.evidence_decay)
         self.spreads = SpreadHistory(settings.scale_rounds)
+        self.held: set[int] = set()
+        """Clients the evidence excluded the last round they were scored (``hold``)."""
 
     @classmethod
     def from_config(cls, config: RunConfig, assets: ServerAssets, **kwargs: Any) -> LayerCamAe:
@@ -414,13 +418,16 @@ class LayerCamAe(DetectingFedAvg):
 
     def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray
                            ) -> tuple[list[int], dict[int, float], dict]:
-        """Keep the clients whose evidence over rounds stays within [-low_z, robust_z] and who
-        are not in a low group (``strategies.detection.evidence``)."""
+        """Keep the clients whose evidence over rounds stays within [-low_z, robust_z], who
+        are not in a low group and not held (``strategies.detection.evidence``); ``held`` in
+        the details: the clients the hold alone excludes."""
         s = self.settings
         z = self.spreads.scores(errors)
         evidence = self.evidence.update(dict(zip(node_ids, z.tolist())), server_round)
-        excluded = excluded_by_evidence(evidence, s.robust_z, s.group_z, s.group_size,
-                                        low_cut=s.low_z)
+        rule = dict(cut=s.robust_z, group_z=s.group_z, group_size=s.group_size, low_cut=s.low_z)
+        unheld = excluded_by_evidence(evidence, **rule)
+        excluded = excluded_by_evidence(evidence, **rule, held=self.held if s.hold else ())
+        self.held = (self.held - evidence.keys()) | excluded  # the absent keep their state
         kept = [n for n in node_ids if n not in excluded]
         # the score relative to its side's cut, on robust_z's scale: beyond robust_z alone
         low = s.robust_z / s.low_z
@@ -428,7 +435,7 @@ class LayerCamAe(DetectingFedAvg):
             "evidence": evidence, "threshold": s.robust_z, "low_threshold": s.low_z,
             "memory": self.evidence.memory,
             "score_cap": self.evidence.cap, "group_z": s.group_z, "group_size": s.group_size,
-            "z": dict(zip(node_ids, z.tolist()))}
+            "held": sorted(excluded - unheld), "z": dict(zip(node_ids, z.tolist()))}
 
     def decide_by_views(self, uploads: list[ClientUpload], kept: list[int],
                         scores: dict[int, float], sums: RoundSums | None = None

@@ -319,3 +319,24 @@ def test_the_low_cut_is_its_own_and_defaults_to_the_cut():
     trio = {**evidence, 1: -4.0, 2: -4.1, 3: -3.0}
     assert excluded_by_evidence(trio, 3.75, 2.75, 3, low_cut=4.25) == {1, 2, 3}
     assert excluded_by_evidence(trio, 3.75, 2.75, 3) == {1, 2}
+
+
+def test_a_held_client_stays_excluded_until_its_evidence_is_back_above_minus_group_z():
+    evidence = {n: 0.1 * (n % 5) for n in range(24)}
+    # a low group, excluded together
+    first = {**evidence, 21: -3.0, 22: -3.1, 23: -3.2}
+    assert excluded_by_evidence(first, 3.75, 2.75, 3, low_cut=4.2) == {21, 22, 23}
+    # one crosses the lone cut: the other two are no group of three; held, they stay out
+    second = {**evidence, 21: -4.5, 22: -3.3, 23: -3.0}
+    assert excluded_by_evidence(second, 3.75, 2.75, 3, low_cut=4.2) == {21}
+    assert excluded_by_evidence(second, 3.75, 2.75, 3, low_cut=4.2,
+                                held={21, 22, 23}) == {21, 22, 23}
+    # back above -group_z, a held client is readmitted; one not scored is not in the result;
+    # the hold has no high side (a held client at +3.0, within the cut, is readmitted)
+    third = {**evidence, 21: -4.3, 22: -2.7, 23: 3.0}
+    del third[20]
+    assert excluded_by_evidence(third, 3.75, 2.75, 3, low_cut=4.2,
+                                held={20, 21, 22, 23}) == {21}
+    # a client never excluded is not held, however long it sits in the band alone
+    assert excluded_by_evidence({**evidence, 5: -4.0}, 3.75, 2.75, 3, low_cut=4.2,
+                                held={21}) == set()

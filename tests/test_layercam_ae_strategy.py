@@ -219,9 +219,9 @@ def test_the_settings_are_read_from_their_run_config_keys_defaults_included():
     other = dict(target_class=3, map_size="probe", engine="vmap", threads=2, workers=3,
                  keep_heatmaps=True, hidden=64, epochs=50, lr=1e-2, weight_decay=0.0,
                  tolerance=1e-3, seed=7, decision="voting", robust_z=3.0, low_z=3.5, memory=0.5,
-                 evidence_decay="rounds", score_cap=4.0, scale_rounds=1, group_z=2.25, group_size=0, threshold="upper",
-                 beta=2.0, window=4, votes=3, views=("norm",), view_z=5.0, view_pair=0.9, clip=False,
-                 clip_z=0.0)
+                 evidence_decay="rounds", score_cap=4.0, scale_rounds=1, group_z=2.25,
+                 group_size=0, hold=False, threshold="upper", beta=2.0, window=4, votes=3,
+                 views=("norm",), view_z=5.0, view_pair=0.9, clip=False, clip_z=0.0)
     assert set(other) == {f.name for f in fields(LayerCamAeSettings)}
     assert all(v != getattr(LayerCamAeSettings(), f) for f, v in other.items())
     config = RunConfig.from_run_config({LayerCamAeSettings.key_of(f): ",".join(v) if f == "views"
@@ -453,6 +453,58 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
     spent = sum(t["autoencoder"] + t["views"] for t in timings)
     assert 0 < spent <= walls["autoencoder_and_sums"] + walls["decide_by_views"] + 2e-3
     assert sum(t["autoencoder"] for t in timings) > 10e-3
+
+
+def test_the_hold_keeps_a_group_out_as_its_members_cross_the_lone_cut():
+    """Three colluders sit 2.5 sd low every round: a low group from round 3. From round 4 one
+    of them sits 8 sd low and crosses the lone cut first, leaving two in the band, no group of
+    three, until they cross it too (round 6). With the hold (the default) the two stay
+    excluded in rounds 4-5, named in ``held``, and a resumed strategy (``checkpoint_state``)
+    holds them as well; without it they are readmitted. A held client not scored in a round
+    (partial participation) is still held when it comes back."""
+    def strategy(**settings):
+        return LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
+                          probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
+                          settings=LayerCamAeSettings(seed=0, **settings))
+
+    rng = np.random.default_rng(0)
+    rounds = []
+    for server_round in range(1, 9):
+        errors = benign_errors(rng)
+        errors[21:] = 1.0 - 2.5 * 0.05 + rng.normal(0, 0.002, 3)
+        if server_round >= 4:
+            errors[21] = 1.0 - 8 * 0.05
+        rounds.append(errors)
+
+    def run(decider, first, last, absent=()):
+        out = []
+        for server_round in range(first, last + 1):
+            nodes = [n for n in range(24) if not (server_round == 4 and n in absent)]
+            kept, _, details = decider.decide_by_evidence(server_round, nodes,
+                                                          rounds[server_round - 1][nodes])
+            out.append((set(nodes) - set(kept), set(details["held"])))
+        return out
+
+    group = {21, 22, 23}
+    without = run(strategy(hold=False), 1, 8)
+    assert [e for e, _ in without] == [set(), set(), group, {21}, {21}, group, group, group]
+    assert all(held == set() for _, held in without)
+
+    held = run(strategy(), 1, 8)
+    assert [e for e, _ in held] == [set(), set(), group, group, group, group, group, group]
+    assert [h for _, h in held] == [set(), set(), set(), {22, 23}, {22, 23}, set(), set(), set()]
+
+    first = strategy()
+    run(first, 1, 3)
+    resumed = strategy()
+    resumed.restore_state(first.checkpoint_state())
+    assert resumed.held == group
+    assert run(resumed, 4, 8) == held[3:]
+
+    away = strategy()
+    out = run(away, 1, 5, absent={22})
+    assert out[3] == ({21, 23}, {23}) and 22 in away.held  # not scored in round 4: still held
+    assert out[4] == (group, {22, 23})
 
 
 def test_the_decision_takes_the_low_side_cut_and_scores_relative_to_it():

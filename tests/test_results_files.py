@@ -130,7 +130,7 @@ DAMAGES = {
     "broken rng": (edited(broken_rng), "rng"),
     "round not a number": (edited(lambda s: s.update(round="1")), "not a round number"),
     "state the defense does not keep": (edited(lambda s: s["strategy"].update(min_replies=0)),
-                                        "strategy: state ['evidence', 'history', 'min_replies'"),
+                                        "strategy: state ['evidence', 'held', 'history', 'min_replies'"),
 }
 
 
