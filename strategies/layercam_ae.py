@@ -22,7 +22,7 @@ Per round, in ``aggregate_train`` (what older Flower called ``aggregate_fit``):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import wait
 from dataclasses import dataclass, fields
 from logging import INFO
@@ -353,14 +353,22 @@ class LayerCamAe(DetectingFedAvg):
         node_ids = [u.node_id for u in uploads]
 
         start = time.perf_counter()
-        decide = (self.decide_by_evidence if self.settings.decision == "evidence"
-                  else self.decide_by_vote)
-        kept, scores, rule_details = decide(server_round, node_ids, errors)
-        timings["decision"] = time.perf_counter() - start
+        excess, view_details = self.judge_by_views(uploads, sums)
+        flagged = {n for n, r in excess.items() if r > 1.0}
+        timings["views"] = beside + time.perf_counter() - start
 
         start = time.perf_counter()
-        kept, scores, view_details = self.decide_by_views(uploads, kept, scores, sums)
-        timings["views"] = beside + time.perf_counter() - start
+        s = self.settings
+        if s.decision == "evidence":
+            kept, scores, rule_details = self.decide_by_evidence(server_round, node_ids, errors,
+                                                                 flagged)
+            if excess:  # the larger of the heat maps' and the views' score, each to its cut
+                scores = {n: s.robust_z * max(scores[n] / s.robust_z, excess[n])
+                          for n in node_ids}
+        else:  # (the vote's scores are errors: left as they are)
+            kept, scores, rule_details = self.decide_by_vote(server_round, node_ids, errors)
+        kept = [n for n in kept if n not in flagged]
+        timings["decision"] = time.perf_counter() - start
 
         upper = upper_rule(errors, self.settings.beta)
         details = {
@@ -396,7 +404,7 @@ class LayerCamAe(DetectingFedAvg):
         beside it: the autoencoder, one sequence of small steps, keeps one core busy, so it runs
         on one of the views' pool's threads (``VIEWS_POOL``) while the views' blocks take the
         pool's other threads (all of them once it ends). Elsewhere the sums are left to
-        ``decide_by_views`` (None)."""
+        ``judge_by_views`` (None)."""
         s = self.settings
         if not (s.views and s.workers > 1 and self.device.type == "cpu"):
             return *self.train_autoencoder(maps, server_round), None
@@ -416,15 +424,18 @@ class LayerCamAe(DetectingFedAvg):
         return round_sums(weights, outside="outside-range" in s.views,
                           gram="collusion" in s.views, workers=s.workers)
 
-    def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray
+    def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray,
+                           flagged: Collection[int] = ()
                            ) -> tuple[list[int], dict[int, float], dict]:
         """Keep the clients whose evidence over rounds stays within [-low_z, robust_z], who
-        are not in a low group and not held (``strategies.detection.evidence``); ``held`` in
-        the details: the clients the hold alone excludes."""
+        are not in a low group and not held (``strategies.detection.evidence``); the clients
+        the views exclude this round (``flagged``) make no group. ``held`` in the details: the
+        clients the hold alone excludes."""
         s = self.settings
         z = self.spreads.scores(errors)
         evidence = self.evidence.update(dict(zip(node_ids, z.tolist())), server_round)
-        rule = dict(cut=s.robust_z, group_z=s.group_z, group_size=s.group_size, low_cut=s.low_z)
+        rule = dict(cut=s.robust_z, group_z=s.group_z, group_size=s.group_size, low_cut=s.low_z,
+                    out=flagged)
         unheld = excluded_by_evidence(evidence, **rule)
         excluded = excluded_by_evidence(evidence, **rule, held=self.held if s.hold else ())
         self.held = (self.held - evidence.keys()) | excluded  # the absent keep their state
@@ -437,18 +448,16 @@ class LayerCamAe(DetectingFedAvg):
             "score_cap": self.evidence.cap, "group_z": s.group_z, "group_size": s.group_size,
             "held": sorted(excluded - unheld), "z": dict(zip(node_ids, z.tolist()))}
 
-    def decide_by_views(self, uploads: list[ClientUpload], kept: list[int],
-                        scores: dict[int, float], sums: RoundSums | None = None
-                        ) -> tuple[list[int], dict[int, float], dict]:
-        """Add the update views' exclusions to the heat maps' (``views``): an upload with a
-        view score beyond ``view_z`` (times the view's tail factor), or two beyond ``view_pair``
-        of theirs, is excluded this round (``view_excess`` > 1). With ``decision="evidence"``
-        a client's score is the larger of its heat-map evidence and its view excess, each
-        relative to its cut (times ``robust_z``). Also the clipping bound. ``sums``: the
-        uploads' ``update_sums`` when the caller has them."""
+    def judge_by_views(self, uploads: list[ClientUpload], sums: RoundSums | None = None
+                       ) -> tuple[dict[int, float], dict]:
+        """Each upload's view excess (``views``; ``view_excess``): a view score beyond
+        ``view_z`` (times the view's tail factor), or two beyond ``view_pair`` of theirs, give
+        an excess > 1, and the upload is excluded this round. Empty without views. The details
+        hold the views' scores and the clipping bound. ``sums``: the uploads' ``update_sums``
+        when the caller has them."""
         s = self.settings
         if not (s.views or s.clip):
-            return kept, scores, {"clip_bound": None}
+            return {}, {"clip_bound": None}
         node_ids = [u.node_id for u in uploads]
         if s.views and sums is None:
             sums = self.update_sums(uploads)
@@ -457,18 +466,15 @@ class LayerCamAe(DetectingFedAvg):
         details: dict[str, Any] = {"clip_bound": norm_bound(norms, s.clip_z) if s.clip else None,
                                    "update_norms": dict(zip(node_ids, norms.tolist()))}
         if not s.views:
-            return kept, scores, details
+            return {}, details
         views = scores_from_sums(sums, s.views)
         relative = view_excess(np.stack([z / (s.view_z * VIEW_TAILS[v])
                                          for v, z in views.items()]), s.view_pair)
-        flagged = {n for n, r in zip(node_ids, relative) if r > 1.0}
-        if s.decision == "evidence":  # (the vote's scores are errors: left as they are)
-            scores = {n: s.robust_z * max(scores[n] / s.robust_z, float(r))
-                      for n, r in zip(node_ids, relative)}
+        excess = dict(zip(node_ids, relative.tolist()))
         details.update({"views": {v: dict(zip(node_ids, z.tolist())) for v, z in views.items()},
                         "view_z": s.view_z, "view_pair": s.view_pair,
-                        "flagged_by_views": sorted(flagged)})
-        return [n for n in kept if n not in flagged], scores, details
+                        "flagged_by_views": sorted(n for n, r in excess.items() if r > 1.0)})
+        return excess, details
 
     def new_global_state(self, detection: Detection, kept: list[ClientUpload]
                          ) -> dict[str, np.ndarray]:

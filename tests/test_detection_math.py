@@ -321,6 +321,20 @@ def test_the_low_cut_is_its_own_and_defaults_to_the_cut():
     assert excluded_by_evidence(trio, 3.75, 2.75, 3) == {1, 2}
 
 
+def test_clients_the_views_exclude_make_no_low_group():
+    evidence = {n: 0.1 * (n % 5) for n in range(24)}
+    # three attackers the views exclude sit in the band beside a benign client near its edge
+    band = {**evidence, 21: -3.4, 22: -3.1, 23: -3.2, 5: -2.9}
+    assert excluded_by_evidence(band, 3.75, 2.75, 3, low_cut=4.2) == {5, 21, 22, 23}
+    assert excluded_by_evidence(band, 3.75, 2.75, 3, low_cut=4.2, out={21, 22, 23}) == set()
+    # one of them flagged: the other two and the benign client are still three
+    assert excluded_by_evidence(band, 3.75, 2.75, 3, low_cut=4.2, out={21}) == {5, 22, 23}
+    # out of a group, not out of the lone cut or the hold
+    lone = {**band, 21: -4.5, 22: 4.0}
+    assert excluded_by_evidence(lone, 3.75, 2.75, 3, low_cut=4.2, out={21, 22, 23},
+                                held={23}) == {21, 22, 23}
+
+
 def test_a_held_client_stays_excluded_until_its_evidence_is_back_above_minus_group_z():
     evidence = {n: 0.1 * (n % 5) for n in range(24)}
     # a low group, excluded together

@@ -400,7 +400,7 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
     import time
 
     globals_, states, sizes, data = trajectory
-    trained_on, walls, summed = [], {"autoencoder_and_sums": 0.0, "decide_by_views": 0.0}, []
+    trained_on, walls, summed = [], {"autoencoder_and_sums": 0.0, "judge_by_views": 0.0}, []
     train, update_sums = LayerCamAe.train_autoencoder, LayerCamAe.update_sums
 
     def recorded_train(self, maps, server_round):
@@ -451,8 +451,57 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
     # the overlap is the autoencoder's whole time (tens of ms a round); counted twice, it would
     # pass the wall far beyond the microseconds that the calls themselves add
     spent = sum(t["autoencoder"] + t["views"] for t in timings)
-    assert 0 < spent <= walls["autoencoder_and_sums"] + walls["decide_by_views"] + 2e-3
+    assert 0 < spent <= walls["autoencoder_and_sums"] + walls["judge_by_views"] + 2e-3
     assert sum(t["autoencoder"] for t in timings) > 10e-3
+
+
+def test_the_clients_the_views_exclude_reach_the_evidence_decision(trajectory, monkeypatch):
+    """A round through ``aggregate_train``: the uploads the views flag are the ones the
+    evidence decision is told are out (they make no low group), and they are excluded."""
+    globals_, states, sizes, data = trajectory
+    strategy = make_strategy(data)
+    strategy.global_state = globals_[0]
+    judge, decide, told = LayerCamAe.judge_by_views, LayerCamAe.decide_by_evidence, []
+
+    def flag_two(self, uploads, sums=None):
+        excess, details = judge(self, uploads, sums)
+        excess.update({node(0): 1.5, node(1): 2.0})
+        return excess, details
+
+    def recorded(self, server_round, node_ids, errors, flagged=()):
+        told.append(set(flagged))
+        return decide(self, server_round, node_ids, errors, flagged)
+
+    monkeypatch.setattr(LayerCamAe, "judge_by_views", flag_two)
+    monkeypatch.setattr(LayerCamAe, "decide_by_evidence", recorded)
+    replies = [reply(node(c), s, {"num-examples": sizes[c]}) for c, s in enumerate(states[0])]
+    strategy.aggregate_train(1, replies)
+    assert told[0] >= {node(0), node(1)}
+    assert {node(0), node(1)} <= set(strategy.last_record.excluded)
+    assert strategy.last_record.scores[node(1)] == pytest.approx(
+        2.0 * strategy.settings.robust_z)
+
+
+def test_a_benign_client_is_not_swept_out_with_the_clients_the_views_exclude():
+    """Three attackers sit 2.5 sd low every round, a benign client 1.8 sd low: from round 6 it
+    is in the band with them. Told the views exclude the three, the decision leaves it in (they
+    are out already, and it is no group alone); not told, the four make a group."""
+    def excluded(flagged):
+        strategy = LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
+                              probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
+                              settings=LayerCamAeSettings(seed=0))
+        rng, out = np.random.default_rng(0), []
+        for server_round in range(1, 9):
+            errors = benign_errors(rng)
+            errors[21:] = 1.0 - 2.5 * 0.05 + rng.normal(0, 0.002, 3)
+            errors[5] = 1.0 - 1.8 * 0.05
+            kept, _, _ = strategy.decide_by_evidence(server_round, list(range(24)), errors,
+                                                     flagged)
+            out.append(5 not in kept)
+        return out
+
+    assert excluded(()) == [False] * 5 + [True] * 3
+    assert not any(excluded({21, 22, 23}))
 
 
 def test_the_hold_keeps_a_group_out_as_its_members_cross_the_lone_cut():

@@ -29,15 +29,15 @@ multiplied by memory and memory^2 once per round missed, so old evidence fades w
 with a group. Colluders form a mode of near-alike maps that the autoencoder reconstructs better
 than the diverse benign ones, so they sit together on the low side; when at least
 ``group_size`` clients are between -low_cut and -group_z at once, they are excluded together,
-which benign clients rarely are. Clients beyond the cut do not count towards a group, so that
-excluded attackers do not sweep benign clients near the band's edge out with them. Alone, a
-client on the low side is the one the autoencoder finds most typical, as an honest client
-whose data is nearest the round's average is round after round under non-IID data: the low
-side's cut for a lone client (``low_cut``) may sit above the high side's. Once excluded, a
-client stays excluded while its evidence stays below -group_z (``held``): colluders cross the
-lone cut one at a time, and without it the ones left behind fall short of a group and are
-readmitted while their evidence still says low. Measurements: docs/defenses.md and
-docs/defense-in-depth.md.
+which benign clients rarely are. Clients beyond the cut, or excluded by the update views, do
+not count towards a group, so that excluded attackers do not sweep benign clients near the
+band's edge out with them. Alone, a client on the low side is the one the autoencoder finds
+most typical, as an honest client whose data is nearest the round's average is round after
+round under non-IID data: the low side's cut for a lone client (``low_cut``) may sit above the
+high side's. Once excluded, a client stays excluded while its evidence stays below -group_z
+(``held``): colluders cross the lone cut one at a time, and without it the ones left behind
+fall short of a group and are readmitted while their evidence still says low. Measurements:
+docs/defenses.md and docs/defense-in-depth.md.
 """
 
 from __future__ import annotations
@@ -111,16 +111,17 @@ class EvidenceLedger:
 
 def excluded_by_evidence(evidence: Mapping[int, float], cut: float, group_z: float,
                          group_size: int, low_cut: float | None = None,
-                         held: Collection[int] = ()) -> set[int]:
+                         held: Collection[int] = (), out: Collection[int] = ()) -> set[int]:
     """Clients with E > cut or E < -low_cut (default: the cut), and the clients with
     -low_cut <= E < -group_z when there are at least ``group_size`` of them (0: no group
-    rule). Clients already beyond the cut do not make up a group: once clear attackers are
-    out, a benign client near -group_z stays in. A client in ``held`` (excluded by this rule
-    the last round it was scored) stays excluded while E < -group_z: a low group whose
+    rule). Clients already beyond the cut do not make up a group, nor do the clients in
+    ``out`` (excluded this round on other grounds: the update views): once clear attackers
+    are out, a benign client near -group_z stays in. A client in ``held`` (excluded by this
+    rule the last round it was scored) stays excluded while E < -group_z: a low group whose
     members cross the lone cut one by one does not leave the rest alone in the band."""
     low_cut = cut if low_cut is None else low_cut
     excluded = {n for n, e in evidence.items() if e > cut or e < -low_cut}
-    band = {n for n, e in evidence.items() if -low_cut <= e < -group_z}
+    band = {n for n, e in evidence.items() if -low_cut <= e < -group_z and n not in out}
     if group_size > 0 and len(band) >= group_size:
         excluded |= band
     return excluded | {n for n in held if evidence.get(n, 0.0) < -group_z}
