@@ -135,7 +135,8 @@ class LayerCamAeSettings:
     group_size: int = _DEFAULTS.layercam_ae_group_size
     """The fewest clients such a group excludes (0 disables)."""
     hold: bool = _DEFAULTS.layercam_ae_hold
-    """An excluded client stays excluded while its evidence stays below -``group_z``."""
+    """A client excluded (by the evidence or the views) stays excluded while its evidence
+    stays below -``group_z``."""
     threshold: str = _DEFAULTS.layercam_ae_threshold
     """Per-round rule of ``decision="voting"``: ``"upper"``, the paper's delta = mean + beta *
     std (eq. 13-14); ``"two-sided"``, |R - median| / (1.4826 MAD) > robust_z."""
@@ -255,7 +256,8 @@ class LayerCamAe(DetectingFedAvg):
                                        settings.evidence_decay)
         self.spreads = SpreadHistory(settings.scale_rounds)
         self.held: set[int] = set()
-        """Clients the evidence excluded the last round they were scored (``hold``)."""
+        """Clients excluded (by the evidence or the views) the last round they were scored
+        (``hold``)."""
 
     @classmethod
     def from_config(cls, config: RunConfig, assets: ServerAssets, **kwargs: Any) -> LayerCamAe:
@@ -429,8 +431,9 @@ class LayerCamAe(DetectingFedAvg):
                            ) -> tuple[list[int], dict[int, float], dict]:
         """Keep the clients whose evidence over rounds stays within [-low_z, robust_z], who
         are not in a low group and not held (``strategies.detection.evidence``); the clients
-        the views exclude this round (``flagged``) make no group. ``held`` in the details: the
-        clients the hold alone excludes."""
+        the views exclude this round (``flagged``) make no group, and are held next round like
+        the clients the evidence excludes. ``held`` in the details: the clients the hold alone
+        excludes."""
         s = self.settings
         z = self.spreads.scores(errors)
         evidence = self.evidence.update(dict(zip(node_ids, z.tolist())), server_round)
@@ -438,7 +441,9 @@ class LayerCamAe(DetectingFedAvg):
                     out=flagged)
         unheld = excluded_by_evidence(evidence, **rule)
         excluded = excluded_by_evidence(evidence, **rule, held=self.held if s.hold else ())
-        self.held = (self.held - evidence.keys()) | excluded  # the absent keep their state
+        # held next round: this round's excluded, by the evidence or the views; the absent
+        # keep their state
+        self.held = (self.held - evidence.keys()) | excluded | set(flagged)
         kept = [n for n in node_ids if n not in excluded]
         # the score relative to its side's cut, on robust_z's scale: beyond robust_z alone
         low = s.robust_z / s.low_z

@@ -261,10 +261,11 @@ class RunConfig:
         "there are at least this many of them (colluders; 0 disables)",
         bounds=Range(0, 100_000))
     layercam_ae_hold: bool = setting(
-        True, "a client the evidence excluded stays excluded while its evidence stays below "
-        "−group-z (`evidence`): colluders cross the low side's cut one at a time, and without "
-        "the hold the rest fall short of a group and are readmitted while their evidence still "
-        "says low (false: readmitted once within the cuts and no group)")
+        True, "a client excluded (by the evidence or the views) stays excluded while its "
+        "evidence stays below −group-z (`evidence`): colluders cross the low side's cut, or "
+        "leave the views' ranges, one at a time, and without the hold the rest fall short of a "
+        "group and are readmitted while their evidence still says low (false: readmitted once "
+        "within the cuts and no group)")
     layercam_ae_threshold: str = setting(
         "two-sided", "per-round rule of `voting`: `upper` = the paper's (eq. 13–15), `two-sided` "
         "= robust; the paper's rule on the paper's input, heat maps alone, is "

@@ -504,6 +504,31 @@ def test_a_benign_client_is_not_swept_out_with_the_clients_the_views_exclude():
     assert not any(excluded({21, 22, 23}))
 
 
+def test_a_client_the_views_exclude_is_held_while_its_evidence_stays_low():
+    """Two colluders sit 2.5 sd low every round, too few for a group; the views exclude them in
+    round 3 alone. Held, they stay out in round 4 (evidence about -3.9, below -group_z), until
+    their evidence crosses the lone cut (round 5); without the hold they are back in round 4."""
+    def excluded(**settings):
+        strategy = LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
+                              probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
+                              settings=LayerCamAeSettings(seed=0, **settings))
+        rng, out = np.random.default_rng(0), []
+        for server_round in range(1, 9):
+            errors = benign_errors(rng)
+            errors[22:] = 1.0 - 2.5 * 0.05 + rng.normal(0, 0.002, 2)
+            flagged = {22, 23} if server_round == 3 else set()
+            kept, _, details = strategy.decide_by_evidence(server_round, list(range(24)),
+                                                           errors, flagged)
+            out.append(((set(range(24)) - set(kept)) | flagged, set(details["held"])))
+        return out
+
+    pair = {22, 23}
+    held = excluded()
+    assert [e for e, _ in held] == [set(), set()] + [pair] * 6
+    assert [h for _, h in held] == [set()] * 3 + [pair] + [set()] * 4
+    assert [e for e, _ in excluded(hold=False)] == [set(), set(), pair, set()] + [pair] * 4
+
+
 def test_the_hold_keeps_a_group_out_as_its_members_cross_the_lone_cut():
     """Three colluders sit 2.5 sd low every round: a low group from round 3. From round 4 one
     of them sits 8 sd low and crosses the lone cut first, leaving two in the band, no group of

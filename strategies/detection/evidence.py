@@ -34,9 +34,10 @@ not count towards a group, so that excluded attackers do not sweep benign client
 band's edge out with them. Alone, a client on the low side is the one the autoencoder finds
 most typical, as an honest client whose data is nearest the round's average is round after
 round under non-IID data: the low side's cut for a lone client (``low_cut``) may sit above the
-high side's. Once excluded, a client stays excluded while its evidence stays below -group_z
-(``held``): colluders cross the lone cut one at a time, and without it the ones left behind
-fall short of a group and are readmitted while their evidence still says low. Measurements:
+high side's. Once excluded (by the evidence or the views), a client stays excluded while its
+evidence stays below -group_z (``held``): colluders cross the lone cut, or leave the views'
+ranges, one at a time, and without the hold the ones left behind fall short of a group and are
+readmitted while their evidence still says low. Measurements:
 docs/defenses.md and docs/defense-in-depth.md.
 """
 
@@ -116,9 +117,10 @@ def excluded_by_evidence(evidence: Mapping[int, float], cut: float, group_z: flo
     -low_cut <= E < -group_z when there are at least ``group_size`` of them (0: no group
     rule). Clients already beyond the cut do not make up a group, nor do the clients in
     ``out`` (excluded this round on other grounds: the update views): once clear attackers
-    are out, a benign client near -group_z stays in. A client in ``held`` (excluded by this
-    rule the last round it was scored) stays excluded while E < -group_z: a low group whose
-    members cross the lone cut one by one does not leave the rest alone in the band."""
+    are out, a benign client near -group_z stays in. A client in ``held`` (excluded the last
+    round it was scored, by this rule or on other grounds) stays excluded while E < -group_z:
+    a low group whose members cross the lone cut one by one does not leave the rest alone in
+    the band."""
     low_cut = cut if low_cut is None else low_cut
     excluded = {n for n, e in evidence.items() if e > cut or e < -low_cut}
     band = {n for n, e in evidence.items() if -low_cut <= e < -group_z and n not in out}
