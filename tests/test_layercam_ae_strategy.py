@@ -482,14 +482,20 @@ def test_the_clients_the_views_exclude_reach_the_evidence_decision(trajectory, m
         2.0 * strategy.settings.robust_z)
 
 
+def deciding_strategy(**settings) -> LayerCamAe:
+    """A LayerCAM-AE to drive ``decide_by_evidence`` with crafted errors (its probes are random:
+    no heat map is computed)."""
+    return LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
+                      probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
+                      settings=LayerCamAeSettings(seed=0, **settings))
+
+
 def test_a_benign_client_is_not_swept_out_with_the_clients_the_views_exclude():
     """Three attackers sit 2.5 sd low every round, a benign client 1.8 sd low: from round 6 it
     is in the band with them. Told the views exclude the three, the decision leaves it in (they
     are out already, and it is no group alone); not told, the four make a group."""
     def excluded(flagged):
-        strategy = LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
-                              probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
-                              settings=LayerCamAeSettings(seed=0))
+        strategy = deciding_strategy()
         rng, out = np.random.default_rng(0), []
         for server_round in range(1, 9):
             errors = benign_errors(rng)
@@ -509,9 +515,7 @@ def test_a_client_the_views_exclude_is_held_while_its_evidence_stays_low():
     round 3 alone. Held, they stay out in round 4 (evidence about -3.9, below -group_z), until
     their evidence crosses the lone cut (round 5); without the hold they are back in round 4."""
     def excluded(**settings):
-        strategy = LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
-                              probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
-                              settings=LayerCamAeSettings(seed=0, **settings))
+        strategy = deciding_strategy(**settings)
         rng, out = np.random.default_rng(0), []
         for server_round in range(1, 9):
             errors = benign_errors(rng)
@@ -536,11 +540,6 @@ def test_the_hold_keeps_a_group_out_as_its_members_cross_the_lone_cut():
     excluded in rounds 4-5, named in ``held``, and a resumed strategy (``checkpoint_state``)
     holds them as well; without it they are readmitted. A held client not scored in a round
     (partial participation) is still held when it comes back."""
-    def strategy(**settings):
-        return LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
-                          probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
-                          settings=LayerCamAeSettings(seed=0, **settings))
-
     rng = np.random.default_rng(0)
     rounds = []
     for server_round in range(1, 9):
@@ -560,22 +559,22 @@ def test_the_hold_keeps_a_group_out_as_its_members_cross_the_lone_cut():
         return out
 
     group = {21, 22, 23}
-    without = run(strategy(hold=False), 1, 8)
+    without = run(deciding_strategy(hold=False), 1, 8)
     assert [e for e, _ in without] == [set(), set(), group, {21}, {21}, group, group, group]
     assert all(held == set() for _, held in without)
 
-    held = run(strategy(), 1, 8)
+    held = run(deciding_strategy(), 1, 8)
     assert [e for e, _ in held] == [set(), set(), group, group, group, group, group, group]
     assert [h for _, h in held] == [set(), set(), set(), {22, 23}, {22, 23}, set(), set(), set()]
 
-    first = strategy()
+    first = deciding_strategy()
     run(first, 1, 3)
-    resumed = strategy()
+    resumed = deciding_strategy()
     resumed.restore_state(first.checkpoint_state())
     assert resumed.held == group
     assert run(resumed, 4, 8) == held[3:]
 
-    away = strategy()
+    away = deciding_strategy()
     out = run(away, 1, 5, absent={22})
     assert out[3] == ({21, 23}, {23}) and 22 in away.held  # not scored in round 4: still held
     assert out[4] == (group, {22, 23})
@@ -587,9 +586,7 @@ def test_the_decision_takes_the_low_side_cut_and_scores_relative_to_it():
     evidence on the high side's scale, beyond ``robust_z`` exactly when it is excluded. A
     client held as far above keeps its evidence as its score."""
     def decide(**settings):
-        strategy = LayerCamAe(model_fn=lambda: build_model("cnn", 1, 10, 28),
-                              probes=torch.rand(4, 1, 28, 28), target_layer="conv2",
-                              settings=LayerCamAeSettings(seed=0, **settings))
+        strategy = deciding_strategy(**settings)
         rng, out = np.random.default_rng(5), []
         for server_round in range(1, 17):
             errors = benign_errors(rng)
