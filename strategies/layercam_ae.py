@@ -451,7 +451,8 @@ class LayerCamAe(DetectingFedAvg):
             "evidence": evidence, "threshold": s.robust_z, "low_threshold": s.low_z,
             "memory": self.evidence.memory,
             "score_cap": self.evidence.cap, "group_z": s.group_z, "group_size": s.group_size,
-            "held": sorted(excluded - unheld), "z": dict(zip(node_ids, z.tolist()))}
+            "held": sorted(excluded - unheld - set(flagged)),
+            "z": dict(zip(node_ids, z.tolist()))}
 
     def judge_by_views(self, uploads: list[ClientUpload], sums: RoundSums | None = None
                        ) -> tuple[dict[int, float], dict]:

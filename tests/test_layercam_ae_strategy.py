@@ -513,14 +513,15 @@ def test_a_benign_client_is_not_swept_out_with_the_clients_the_views_exclude():
 def test_a_client_the_views_exclude_is_held_while_its_evidence_stays_low():
     """Two colluders sit 2.5 sd low every round, too few for a group; the views exclude them in
     round 3 alone. Held, they stay out in round 4 (evidence about -3.9, below -group_z), until
-    their evidence crosses the lone cut (round 5); without the hold they are back in round 4."""
-    def excluded(**settings):
+    their evidence crosses the lone cut (round 5); without the hold they are back in round 4.
+    Flagged again in round 4, they are the views' exclusions there, not named as held."""
+    def excluded(flag_rounds=(3,), **settings):
         strategy = deciding_strategy(**settings)
         rng, out = np.random.default_rng(0), []
         for server_round in range(1, 9):
             errors = benign_errors(rng)
             errors[22:] = 1.0 - 2.5 * 0.05 + rng.normal(0, 0.002, 2)
-            flagged = {22, 23} if server_round == 3 else set()
+            flagged = {22, 23} if server_round in flag_rounds else set()
             kept, _, details = strategy.decide_by_evidence(server_round, list(range(24)),
                                                            errors, flagged)
             out.append(((set(range(24)) - set(kept)) | flagged, set(details["held"])))
@@ -531,6 +532,9 @@ def test_a_client_the_views_exclude_is_held_while_its_evidence_stays_low():
     assert [e for e, _ in held] == [set(), set()] + [pair] * 6
     assert [h for _, h in held] == [set()] * 3 + [pair] + [set()] * 4
     assert [e for e, _ in excluded(hold=False)] == [set(), set(), pair, set()] + [pair] * 4
+    flagged_twice = excluded(flag_rounds=(3, 4))
+    assert [e for e, _ in flagged_twice] == [e for e, _ in held]
+    assert all(h == set() for _, h in flagged_twice)
 
 
 def test_the_hold_keeps_a_group_out_as_its_members_cross_the_lone_cut():
