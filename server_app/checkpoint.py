@@ -3,8 +3,9 @@
 After every round the harness saves, in the run's results folder, what the rest of the run
 depends on: the global model, the defense's state carried between rounds
 (``DetectingFedAvg.checkpoint_state``: LayerCAM-AE's evidence, spreads, votes and held
-clients, the nodes seen), the detection log, and the server's random generators. A resumed run restores them and
-goes on from the next round in the same folder, so that it ends as the uninterrupted run would.
+clients, the nodes seen), the detection log, and the server's random generators. A resumed run
+restores them and goes on from the next round in the same folder, so that it ends as the
+uninterrupted run would.
 
 A checkpoint is data, never code: it holds tensors and plain Python values only (dicts, lists,
 tuples, sets, numbers, strings), and is read with ``torch.load(weights_only=True)``, which

@@ -37,7 +37,8 @@ from torch.func import functional_call
 from strategies.detection.autoencoder import reconstruction_errors, torch_threads
 from strategies.aggregation import clipped_to, weighted_average
 from strategies.base import DetectingFedAvg
-from strategies.detection.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
+from strategies.detection.evidence import (EvidenceLedger, SpreadHistory, excluded_by_evidence,
+                                           still_held)
 from strategies.detection.heatmaps import (
     CamCombine,
     as_tensors,
@@ -437,10 +438,9 @@ class LayerCamAe(DetectingFedAvg):
         s = self.settings
         z = self.spreads.scores(errors)
         evidence = self.evidence.update(dict(zip(node_ids, z.tolist())), server_round)
-        rule = dict(cut=s.robust_z, group_z=s.group_z, group_size=s.group_size, low_cut=s.low_z,
-                    out=flagged)
-        unheld = excluded_by_evidence(evidence, **rule)
-        excluded = excluded_by_evidence(evidence, **rule, held=self.held if s.hold else ())
+        unheld = excluded_by_evidence(evidence, s.robust_z, s.group_z, s.group_size,
+                                      low_cut=s.low_z, out=flagged)
+        excluded = unheld | (still_held(evidence, self.held, s.group_z) if s.hold else set())
         # held next round: this round's excluded, by the evidence or the views; the absent
         # keep their state
         self.held = (self.held - evidence.keys()) | excluded | set(flagged)

@@ -7,7 +7,8 @@ import torch
 
 from strategies.aggregation import weighted_average
 from strategies.detection.autoencoder import PATIENCE, reconstruction_errors, torch_threads
-from strategies.detection.evidence import EvidenceLedger, SpreadHistory, excluded_by_evidence
+from strategies.detection.evidence import (EvidenceLedger, SpreadHistory, excluded_by_evidence,
+                                          still_held)
 from strategies.records import ClientUpload
 from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
 from task.config import RunConfig
@@ -264,8 +265,8 @@ def test_content_key_orders_by_what_a_state_holds():
 def test_the_default_cut_tolerates_a_persistent_benign_offset_but_not_a_persistent_outlier():
     """Benign scores persist (a client's data stays its own): a client held 1.2 sd below the
     median (z about -1.1) reaches |E| of about 3.2 over the rounds, inside the default cuts
-    (3.75, and 4.2 on the low side) but beyond the previous 3 (cap 4). With the clip (3) below the cut, one wild round
-    alone does not exclude; two do."""
+    (3.75, and 4.2 on the low side) but beyond the previous 3 (cap 4). With the clip (3) below
+    the cut, one wild round alone does not exclude; two do."""
     keys = default_keys()
     rng = np.random.default_rng(3)
     offset = [benign_errors(rng) for _ in range(20)]
@@ -321,6 +322,13 @@ def test_the_low_cut_is_its_own_and_defaults_to_the_cut():
     assert excluded_by_evidence(trio, 3.75, 2.75, 3) == {1, 2}
 
 
+def decided(evidence, held=(), out=()) -> set[int]:
+    """The default keys' rule as the strategy composes it: the cuts and the group (without the
+    clients in ``out``), and the clients still held."""
+    return (excluded_by_evidence(evidence, 3.75, 2.75, 3, low_cut=4.2, out=out)
+            | still_held(evidence, held, 2.75))
+
+
 def test_clients_the_views_exclude_make_no_low_group():
     evidence = {n: 0.1 * (n % 5) for n in range(24)}
     # three attackers the views exclude sit in the band beside a benign client near its edge
@@ -331,8 +339,7 @@ def test_clients_the_views_exclude_make_no_low_group():
     assert excluded_by_evidence(band, 3.75, 2.75, 3, low_cut=4.2, out={21}) == {5, 22, 23}
     # out of a group, not out of the lone cut or the hold
     lone = {**band, 21: -4.5, 22: 4.0}
-    assert excluded_by_evidence(lone, 3.75, 2.75, 3, low_cut=4.2, out={21, 22, 23},
-                                held={23}) == {21, 22, 23}
+    assert decided(lone, out={21, 22, 23}, held={23}) == {21, 22, 23}
 
 
 def test_a_held_client_stays_excluded_until_its_evidence_is_back_above_minus_group_z():
@@ -343,14 +350,11 @@ def test_a_held_client_stays_excluded_until_its_evidence_is_back_above_minus_gro
     # one crosses the lone cut: the other two are no group of three; held, they stay out
     second = {**evidence, 21: -4.5, 22: -3.3, 23: -3.0}
     assert excluded_by_evidence(second, 3.75, 2.75, 3, low_cut=4.2) == {21}
-    assert excluded_by_evidence(second, 3.75, 2.75, 3, low_cut=4.2,
-                                held={21, 22, 23}) == {21, 22, 23}
+    assert decided(second, held={21, 22, 23}) == {21, 22, 23}
     # back above -group_z, a held client is readmitted; one not scored is not in the result;
     # the hold has no high side (a held client at +3.0, within the cut, is readmitted)
     third = {**evidence, 21: -4.3, 22: -2.7, 23: 3.0}
     del third[20]
-    assert excluded_by_evidence(third, 3.75, 2.75, 3, low_cut=4.2,
-                                held={20, 21, 22, 23}) == {21}
+    assert decided(third, held={20, 21, 22, 23}) == {21}
     # a client never excluded is not held, however long it sits in the band alone
-    assert excluded_by_evidence({**evidence, 5: -4.0}, 3.75, 2.75, 3, low_cut=4.2,
-                                held={21}) == set()
+    assert decided({**evidence, 5: -4.0}, held={21}) == set()

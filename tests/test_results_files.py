@@ -129,8 +129,9 @@ DAMAGES = {
     "object dtype": (edited(object_array), "only numbers"),
     "broken rng": (edited(broken_rng), "rng"),
     "round not a number": (edited(lambda s: s.update(round="1")), "not a round number"),
-    "state the defense does not keep": (edited(lambda s: s["strategy"].update(min_replies=0)),
-                                        "strategy: state ['evidence', 'held', 'history', 'min_replies'"),
+    "state the defense does not keep": (
+        edited(lambda s: s["strategy"].update(min_replies=0)),
+        "strategy: state ['evidence', 'held', 'history', 'min_replies'"),
 }
 
 

@@ -35,7 +35,7 @@ band's edge out with them. Alone, a client on the low side is the one the autoen
 most typical, as an honest client whose data is nearest the round's average is round after
 round under non-IID data: the low side's cut for a lone client (``low_cut``) may sit above the
 high side's. Once excluded (by the evidence or the views), a client stays excluded while its
-evidence stays below -group_z (``held``): colluders cross the lone cut, or leave the views'
+evidence stays below -group_z (``still_held``): colluders cross the lone cut, or leave the views'
 ranges, one at a time, and without the hold the ones left behind fall short of a group and are
 readmitted while their evidence still says low. Measurements:
 docs/defenses.md and docs/defense-in-depth.md.
@@ -112,18 +112,23 @@ class EvidenceLedger:
 
 def excluded_by_evidence(evidence: Mapping[int, float], cut: float, group_z: float,
                          group_size: int, low_cut: float | None = None,
-                         held: Collection[int] = (), out: Collection[int] = ()) -> set[int]:
+                         out: Collection[int] = ()) -> set[int]:
     """Clients with E > cut or E < -low_cut (default: the cut), and the clients with
     -low_cut <= E < -group_z when there are at least ``group_size`` of them (0: no group
     rule). Clients already beyond the cut do not make up a group, nor do the clients in
     ``out`` (excluded this round on other grounds: the update views): once clear attackers
-    are out, a benign client near -group_z stays in. A client in ``held`` (excluded the last
-    round it was scored, by this rule or on other grounds) stays excluded while E < -group_z:
-    a low group whose members cross the lone cut one by one does not leave the rest alone in
-    the band."""
+    are out, a benign client near -group_z stays in. The hold is ``still_held``."""
     low_cut = cut if low_cut is None else low_cut
     excluded = {n for n, e in evidence.items() if e > cut or e < -low_cut}
     band = {n for n, e in evidence.items() if -low_cut <= e < -group_z and n not in out}
     if group_size > 0 and len(band) >= group_size:
         excluded |= band
-    return excluded | {n for n in held if evidence.get(n, 0.0) < -group_z}
+    return excluded
+
+
+def still_held(evidence: Mapping[int, float], held: Collection[int], group_z: float) -> set[int]:
+    """The clients of ``held`` (excluded the last round they were scored, by the evidence or
+    on other grounds) scored this round whose evidence is still below -group_z: they stay
+    excluded, so that a low group whose members cross the lone cut one by one does not leave
+    the rest alone in the band."""
+    return {n for n in held if evidence.get(n, 0.0) < -group_z}
