@@ -49,9 +49,8 @@ from strategies.detection.heatmaps import (
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.detection.thresholds import robust_z, two_sided_rule, upper_rule
-from strategies.detection.update_views import (VIEWS_POOL, VIEW_TAILS, RoundSums,
-                                               norm_bound, round_sums, scores_from_sums,
-                                               view_excess)
+from strategies.detection.update_views import (VIEWS_POOL, RoundSums, judge_views,
+                                               norm_bound, round_sums)
 from strategies.detection.worker_pools import worker_pool
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
@@ -157,6 +156,9 @@ class LayerCamAeSettings:
     """The views' cut."""
     view_pair: float = _DEFAULTS.layercam_ae_view_pair
     """Two views each beyond this share of their cuts exclude an upload too (``view_excess``)."""
+    rejudge: bool = _DEFAULTS.layercam_ae_rejudge
+    """Once the views exclude uploads, judge every upload again against the others
+    (``judge_views``)."""
     clip: bool = _DEFAULTS.layercam_ae_clip
     """Clip every kept update to ``norm_bound(updates, clip_z)`` before averaging: the norm a
     benign client at ``clip_z`` robust standard deviations of the round's log norms has."""
@@ -419,13 +421,17 @@ class LayerCamAe(DetectingFedAvg):
             wait([training])  # never leave it running into the next round
         return *training.result(), sums
 
-    def update_sums(self, uploads: list[ClientUpload]) -> RoundSums:
+    def update_sums(self, uploads: list[ClientUpload], gram: bool = True,
+                    reference: np.ndarray | None = None) -> RoundSums:
         """The views' sums over the uploads' float arrays, in the model's dtype, a block of
-        columns gathered at a time (``StateColumns``, ``round_sums``, on ``workers`` threads)."""
+        columns gathered at a time (``StateColumns``, ``round_sums``, on ``workers`` threads);
+        ``gram=False``: without the collusion view's Gram matrix; ``reference``: the uploads
+        the centre and the ranges are taken over."""
         s = self.settings
         weights = StateColumns([u.arrays for u in uploads], self.global_state)
         return round_sums(weights, outside="outside-range" in s.views,
-                          gram="collusion" in s.views, workers=s.workers)
+                          gram=gram and "collusion" in s.views, workers=s.workers,
+                          reference=reference)
 
     def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray,
                            flagged: Collection[int] = ()
@@ -473,13 +479,14 @@ class LayerCamAe(DetectingFedAvg):
                                    "update_norms": dict(zip(node_ids, norms.tolist()))}
         if not s.views:
             return {}, details
-        views = scores_from_sums(sums, s.views)
-        relative = view_excess(np.stack([z / (s.view_z * VIEW_TAILS[v])
-                                         for v, z in views.items()]), s.view_pair)
+        again = ((lambda reference: self.update_sums(uploads, gram=False, reference=reference))
+                 if s.rejudge else None)
+        views, relative, aside = judge_views(sums, s.views, s.view_z, s.view_pair, again)
         excess = dict(zip(node_ids, relative.tolist()))
         details.update({"views": {v: dict(zip(node_ids, z.tolist())) for v, z in views.items()},
                         "view_z": s.view_z, "view_pair": s.view_pair,
-                        "flagged_by_views": sorted(n for n, r in excess.items() if r > 1.0)})
+                        "flagged_by_views": sorted(n for n, r in excess.items() if r > 1.0),
+                        "set_aside_by_views": sorted(n for n, a in zip(node_ids, aside) if a)})
         return excess, details
 
     def new_global_state(self, detection: Detection, kept: list[ClientUpload]

@@ -351,6 +351,11 @@ class RunConfig:
         0.6, "also exclude an upload in the round it arrives when two of its view scores each "
         "exceed this share of their cuts (two sides agreeing; 1: one view past its cut only)",
         bounds=Range(0, 1, open_low=True))
+    layercam_ae_rejudge: bool = setting(
+        True, "once the views exclude uploads in a round, judge every upload again against "
+        "the uploads they kept: the centre, the coordinates' ranges and each view's spread are "
+        "then those of the kept, not shrunk by identical crafted uploads (false: one judgement "
+        "over all)")
     layercam_ae_clip: bool = setting(
         True, "clip every kept update to the norm exp(median + z·1.4826·MAD) of the round's log "
         "update norms before averaging: no kept upload moves the model more than a benign "

@@ -221,7 +221,8 @@ def test_the_settings_are_read_from_their_run_config_keys_defaults_included():
                  tolerance=1e-3, seed=7, decision="voting", robust_z=3.0, low_z=3.5, memory=0.5,
                  evidence_decay="rounds", score_cap=4.0, scale_rounds=1, group_z=2.25,
                  group_size=0, hold=False, threshold="upper", beta=2.0, window=4, votes=3,
-                 views=("norm",), view_z=5.0, view_pair=0.9, clip=False, clip_z=0.0)
+                 views=("norm",), view_z=5.0, view_pair=0.9, rejudge=False, clip=False,
+                 clip_z=0.0)
     assert set(other) == {f.name for f in fields(LayerCamAeSettings)}
     assert all(v != getattr(LayerCamAeSettings(), f) for f, v in other.items())
     config = RunConfig.from_run_config({LayerCamAeSettings.key_of(f): ",".join(v) if f == "views"
@@ -607,3 +608,32 @@ def test_the_decision_takes_the_low_side_cut_and_scores_relative_to_it():
 
     assert not any(decide())
     assert sum(decide(low_z=LayerCamAeSettings().robust_z)) >= 6
+
+
+def test_the_views_judge_again_against_the_uploads_they_keep():
+    """The hand-computed round of tests/test_update_views.py's second judgement, as uploads:
+    21 honest updates in random directions, their log norms 0.05 apart, one of them
+    the longest, and three identical uploads at the median norm. One judgement excludes the
+    honest client with the three; judged again (the default), against the 20 others, it is
+    kept, and the record names the four the first judgement set aside."""
+    rng = np.random.default_rng(0)
+    logs = np.concatenate([np.arange(-10, 11) * 0.05, [0.0] * 3])
+    logs[20] = 5.5 * 1.4826 * 0.25
+    directions = rng.normal(0.0, 1.0, (24, 500))
+    directions[21:] = directions[21]
+    updates = directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    updates *= np.exp(logs)[:, None]
+    uploads = [ClientUpload(c, {"w": u.astype(np.float32)}, 10.0) for c, u in enumerate(updates)]
+
+    def judged(**settings):
+        strategy = deciding_strategy(views=("norm", "collusion"), **settings)
+        strategy.global_state = {"w": np.zeros(500, np.float32)}
+        excess, details = strategy.judge_by_views(uploads)
+        return sorted(n for n, e in excess.items() if e > 1.0), details
+
+    once, details = judged(rejudge=False)
+    assert once == [20, 21, 22, 23] and details["set_aside_by_views"] == []
+    again, details = judged()
+    assert again == [21, 22, 23] == details["flagged_by_views"]
+    assert details["set_aside_by_views"] == [20, 21, 22, 23]
+    assert 5.5 < details["views"]["norm"][20] < 6.0

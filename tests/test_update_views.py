@@ -163,11 +163,12 @@ def test_blocks_hold_at_least_min_block_columns_and_cover_every_column():
     assert len(column_blocks((1000, 300_000))) == -(-300_000 // MIN_BLOCK_COLUMNS)
 
 
-def plain_outside_range(updates, centre, width=4.0):
-    """The outside-range view written with numpy's median and ``np.where``: the oracle."""
+def plain_outside_range(updates, centre, width=4.0, reference=slice(None)):
+    """The outside-range view written with numpy's median and ``np.where``, each coordinate's
+    sigma over the ``reference`` rows: the oracle."""
     magnitude = np.abs(updates - centre)
-    sigma = 1.4826 * np.median(magnitude, axis=0)
-    sigma = np.where(sigma > 0, sigma, magnitude.mean(axis=0))
+    sigma = 1.4826 * np.median(magnitude[reference], axis=0)
+    sigma = np.where(sigma > 0, sigma, magnitude[reference].mean(axis=0))
     squared = (updates - centre) ** 2
     return np.where(magnitude > width * sigma, squared, 0.0).sum(axis=1) / squared.sum(axis=1)
 
@@ -207,6 +208,102 @@ def test_round_sums_are_the_views_sums_of_the_whole_matrix(k, monkeypatch):
     without = views.round_sums(updates, outside=False, gram=False)
     assert without.outside is None and without.distance is None and without.gram is None
     np.testing.assert_array_equal(without.median_dots, first.median_dots)
+
+
+@pytest.mark.parametrize("k", [8, 24, 25])
+def test_round_sums_against_reference_rows_take_the_centre_and_ranges_over_those_rows(
+        k, monkeypatch):
+    """With ``reference``, the median and each coordinate's sigma are the reference rows'
+    (numpy's median over them, the oracle), the sums every row's; the scores' medians and
+    spreads are the reference clients' too (``robust_z`` over them)."""
+    import strategies.detection.update_views as views
+
+    updates = benign_round(k=k, d=3001, seed=k)
+    updates[:, :50] = 0.0  # MAD 0
+    updates[:, 80:200] = np.round(updates[:, 80:200] * 20) / 20  # ties
+    updates[-3:] = updates[-1] + 0.02  # three identical uploads, off the others
+    updates[0, 200:240] += 0.3
+    monkeypatch.setattr(views, "BLOCK_BYTES", k * 128 * 8)
+    monkeypatch.setattr(views, "MIN_BLOCK_COLUMNS", 1)
+    reference = np.arange(k - 3)
+    centre = np.median(updates[reference], axis=0)
+    expected = plain_outside_range(updates, centre, reference=reference)
+    assert not np.allclose(expected, plain_outside_range(updates, np.median(updates, axis=0)))
+    close = dict(rtol=1e-12, atol=1e-15)
+    for workers in (1, 2):
+        sums = views.round_sums(updates, workers=workers, reference=reference)
+        np.testing.assert_allclose(sums.median_dots, updates @ centre, **close)
+        np.testing.assert_allclose(sums.median_squared_norm, centre @ centre, **close)
+        np.testing.assert_allclose(sums.distance, ((updates - centre) ** 2).sum(axis=1), **close)
+        np.testing.assert_allclose(sums.outside / sums.distance, expected, **close)
+        np.testing.assert_allclose(sums.squared_norms, (updates ** 2).sum(axis=1), **close)
+    scores = views.scores_from_sums(sums, UPDATE_VIEWS, reference)
+    definitions = {"norm": np.log(row_norms(updates)),
+                   "direction": 1 - updates @ centre / (row_norms(updates)
+                                                         * np.linalg.norm(centre)),
+                   "outside-range": expected,
+                   "collusion": np.log(np.median(views.nearest_distances(updates)[reference])
+                                       / np.maximum(views.nearest_distances(updates), 1e-300))}
+    for view, values in definitions.items():
+        basis = values[reference]
+        mad = 1.4826 * np.median(np.abs(basis - np.median(basis)))
+        finite = np.isfinite(values) & (values < 100)  # the identical uploads' floor aside
+        np.testing.assert_allclose(scores[view][finite],
+                                   ((values - np.median(basis)) / mad)[finite],
+                                   rtol=1e-9, atol=1e-9, err_msg=view)
+    assert (scores["collusion"][-3:] > 50).all()
+
+
+def test_a_second_judgement_scores_every_client_against_the_clients_the_first_keeps(
+        monkeypatch):
+    """By hand, on the norm and collusion views (their sums need no centre): 21 honest log norms
+    0.5 apart around 0 (MAD 2.5), three identical uploads at the median norm. The three shrink
+    the MAD to 2.25, so an honest client 5.5 robust sd above the median without them is past
+    the cut of 6 (z = 5.5 x 2.5 / 2.25 = 6.1); the collusion view excludes the three
+    (identical: the floor). Judged again against the other 20, the honest client is back under
+    the cut (5.57); the three stay excluded. Without ``again``, or with more than half the
+    clients set aside, one judgement decides."""
+    from strategies.detection import update_views
+    from strategies.detection.update_views import RoundSums, judge_views
+
+    spread = 1.4826 * 2.5
+    logs = np.concatenate([np.arange(-10, 11) * 0.5, [0.0] * 3])
+    logs[20] = 5.5 * spread  # the honest client with the longest update
+    points = np.random.default_rng(0).normal(0.0, 1.0, (24, 24))
+    points[21:] = points[21]  # the identical uploads
+    gram = points @ points.T
+    sums = RoundSums(np.exp(2 * logs), np.zeros(24), 0.0, gram=gram)
+    views = ("norm", "collusion")
+
+    scores, excess, aside = judge_views(sums, views, 6.0, 0.6)
+    assert np.flatnonzero(excess > 1).tolist() == [20, 21, 22, 23] and not aside.any()
+    assert scores["norm"][20] == pytest.approx(5.5 * 2.5 / 2.25)
+
+    asked = []
+
+    def again(reference):
+        asked.append(reference.tolist())
+        return RoundSums(np.exp(2 * logs), np.zeros(24), 0.0)
+
+    scores, excess, aside = judge_views(sums, views, 6.0, 0.6, again)
+    assert asked == [list(range(20))]
+    assert np.flatnonzero(aside).tolist() == [20, 21, 22, 23]
+    centre = np.median(logs[:20])
+    assert scores["norm"][20] == pytest.approx(
+        (logs[20] - centre) / (1.4826 * np.median(np.abs(logs[:20] - centre))))
+    assert 5.5 < scores["norm"][20] < 6.0
+    assert np.flatnonzero(excess > 1).tolist() == [21, 22, 23]
+
+    asked.clear()
+    twelve = np.r_[np.full(12, 2.0), np.zeros(12)]
+    monkeypatch.setattr(update_views, "views_excess", lambda *_: twelve.copy())
+    judge_views(sums, views, 6.0, 0.6, again)  # half set aside: the other half judges
+    assert asked == [list(range(12, 24))]
+    asked.clear()
+    thirteen = np.r_[np.full(13, 2.0), np.zeros(11)]
+    monkeypatch.setattr(update_views, "views_excess", lambda *_: thirteen.copy())
+    _, excess, aside = judge_views(sums, views, 6.0, 0.6, again)  # no majority left
+    assert asked == [] and not aside.any() and (excess == thirteen).all()
 
 
 @pytest.mark.parametrize("k", [3, 4, 24])

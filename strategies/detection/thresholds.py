@@ -35,18 +35,21 @@ def upper_rule(errors: np.ndarray, beta: float = 1.0) -> OutlierDecision:
     return OutlierDecision(benign=errors <= delta, scores=errors, threshold=delta)
 
 
-def robust_z(errors: np.ndarray) -> np.ndarray:
-    """Signed robust scores (R_l - median(R)) / (1.4826 * MAD(R)).
+def robust_z(errors: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Signed robust scores (R_l - median(R)) / (1.4826 * MAD(R)); ``reference``: the indices
+    of the errors the median and the MAD are taken over (default: all).
 
     When more than half the errors are identical (MAD = 0), the scale falls back to the mean
     absolute deviation from the median, then to 1, so distinct values are still told apart.
     """
     errors = np.asarray(errors, dtype=np.float64)
-    deviation = errors - np.median(errors)
-    scale = MAD_TO_STD * float(np.median(np.abs(deviation)))
+    basis = errors if reference is None else errors[reference]
+    centre = np.median(basis)
+    spread = np.abs(basis - centre)
+    scale = MAD_TO_STD * float(np.median(spread))
     if scale <= 0:
-        scale = float(np.abs(deviation).mean()) or 1.0
-    return deviation / scale
+        scale = float(spread.mean()) or 1.0
+    return (errors - centre) / scale
 
 
 def two_sided_rule(errors: np.ndarray, z: float = 3.0) -> OutlierDecision:

@@ -83,10 +83,12 @@ def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
                  width: float) -> tuple[np.ndarray, np.ndarray]:
     """Per client, over this block of ``values``, the sum of (x_ij - c_j)^2 over the coordinates
     j where |x_ij - c_j| > width * sigma_j, and over all of them (summed in the values' dtype,
-    returned as float64; ``ordered``: ``values`` sorted along the rows, which this overwrites).
-    Only the columns whose smallest or largest value is outside the range are masked: in the
-    others no client is."""
-    low, high = ordered[0].copy(), ordered[-1].copy()
+    returned as float64; ``ordered``: the rows sigma is taken over, ``values`` or some of them,
+    sorted along the rows, which this overwrites). Only the columns whose smallest or largest
+    value is outside the range are masked: in the others no client is."""
+    whole = ordered.shape == values.shape
+    low, high = ((ordered[0].copy(), ordered[-1].copy()) if whole
+                 else (values.min(axis=0), values.max(axis=0)))
     sigma = MAD_TO_STD * sorted_median_deviation(ordered, centre)  # ``ordered``: now |x - c|
     tied = sigma == 0
     if tied.any():
@@ -94,7 +96,8 @@ def outside_sums(values: np.ndarray, ordered: np.ndarray, centre: np.ndarray,
     reach = width * sigma
     # |x - c| rounds as x - c does, so these are the columns where some |x_ij - c_j| > reach_j
     columns = np.flatnonzero((high - centre > reach) | (centre - low > reach))
-    deviations = np.subtract(values, centre, out=ordered)  # the sorted deviations are spent
+    # the sorted deviations are spent: their memory takes the deviations when it can
+    deviations = np.subtract(values, centre, out=ordered if whole else None)
     picked = deviations[:, columns]
     outside = np.abs(picked) > reach[columns]
     squared = np.square(deviations, out=deviations)
@@ -224,14 +227,17 @@ before they are added (each block's sums may hold a K x K Gram matrix)."""
 
 
 def round_sums(weights: np.ndarray | StateColumns, *, outside: bool = True, gram: bool = True,
-               width: float = RANGE_WIDTH, workers: int = 1) -> RoundSums:
+               width: float = RANGE_WIDTH, workers: int = 1,
+               reference: np.ndarray | None = None) -> RoundSums:
     """``RoundSums`` of the (K, D) updates, a block of coordinates at a time: ``weights`` is
     either the updates or a ``StateColumns`` of the uploads, whose updates are their arrays minus
     its ``origin`` (each block gathered from the uploads' arrays, no (K, D) copy made). Each
     block's differences are taken in ``weights``' dtype, at least float32 (float32 for float32
     models: half the bytes to sort and pass over), one sort gives the median and the MAD, and the
     block's sums are added in float64.
-    ``outside``/``gram``: the outside-range view's and the collusion view's sums. The blocks,
+    ``outside``/``gram``: the outside-range view's and the collusion view's sums.
+    ``reference``: the rows the median and each coordinate's range are taken over (default:
+    all); the sums are every row's. The blocks,
     ``BLOCKS_PER_GATHER`` consecutive ones a task, are shared among the ``workers`` threads of
     ``worker_pool(VIEWS_POOL)`` (numpy's sort, arithmetic and BLAS release the GIL) and their
     sums added in the blocks' order, so the result is the same for any ``workers``.
@@ -252,7 +258,7 @@ def round_sums(weights: np.ndarray | StateColumns, *, outside: bool = True, gram
     def one_block(part: np.ndarray, block: slice) -> RoundSums:
         values = (part.astype(dtype, copy=False) if origin is None
                   else np.subtract(part, origin[block], dtype=dtype))
-        ordered = np.sort(values, axis=0)
+        ordered = np.sort(values if reference is None else values[reference], axis=0)
         centre = sorted_median(ordered)
         products = values @ values.T if gram else None
         squares = (np.diag(products) if gram  # the Gram's diagonal: no second pass
@@ -285,9 +291,12 @@ def round_sums(weights: np.ndarray | StateColumns, *, outside: bool = True, gram
     return total
 
 
-def scores_from_sums(sums: RoundSums, views: Sequence[str]) -> dict[str, np.ndarray]:
-    """Each named view's signed robust score per client, from the round's ``RoundSums``.
-    Needs K >= 3: with two clients there is no majority to be robust with."""
+def scores_from_sums(sums: RoundSums, views: Sequence[str],
+                     reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each named view's signed robust score per client, from the round's ``RoundSums``;
+    ``reference``: the clients each view's median and spread are taken over (default: all,
+    and the sums' centre should be theirs). Needs K >= 3: with two clients there is no
+    majority to be robust with."""
     norms = sums.norms
     if len(norms) < 3:
         return {view: np.zeros(len(norms)) for view in views}
@@ -296,9 +305,9 @@ def scores_from_sums(sums: RoundSums, views: Sequence[str]) -> dict[str, np.ndar
         "direction": lambda: cosine_distance(sums.median_dots, norms,
                                              float(np.sqrt(sums.median_squared_norm))),
         "outside-range": lambda: sums.outside / np.maximum(sums.distance, TINY),
-        "collusion": lambda: collusion_from_nearest(nearest_from_gram(sums.gram)),
+        "collusion": lambda: collusion_from_nearest(nearest_from_gram(sums.gram), reference),
     }
-    return {view: robust_z(values[view]()) for view in views}
+    return {view: robust_z(values[view](), reference) for view in views}
 
 
 def nearest_distances(updates: np.ndarray) -> np.ndarray:
@@ -319,9 +328,11 @@ def collusion_view(updates: np.ndarray) -> np.ndarray:
     return collusion_from_nearest(nearest_distances(updates))
 
 
-def collusion_from_nearest(nearest: np.ndarray) -> np.ndarray:
-    """``collusion_view`` from the nearest-neighbour distances."""
-    scale = float(np.median(nearest))
+def collusion_from_nearest(nearest: np.ndarray, reference: np.ndarray | None = None
+                           ) -> np.ndarray:
+    """``collusion_view`` from the nearest-neighbour distances (the median over ``reference``
+    when given)."""
+    scale = float(np.median(nearest if reference is None else nearest[reference]))
     floor = max(scale, TINY) * 1e-6
     return np.log(max(scale, TINY) / np.maximum(nearest, floor))
 
@@ -351,6 +362,38 @@ def view_excess(relative: np.ndarray, pair: float) -> np.ndarray:
     if len(ordered) < 2:
         return ordered[-1] if len(ordered) else np.zeros(relative.shape[1])
     return np.maximum(ordered[-1], ordered[-2] / pair)
+
+
+def views_excess(scores: dict[str, np.ndarray], view_z: float, pair: float) -> np.ndarray:
+    """``view_excess`` of the views' ``scores``, each over its cut ``view_z`` x ``VIEW_TAILS``."""
+    return view_excess(np.stack([z / (view_z * VIEW_TAILS[v]) for v, z in scores.items()]),
+                       pair)
+
+
+def judge_views(first: RoundSums, views: Sequence[str], view_z: float, pair: float,
+                again: Callable[[np.ndarray], RoundSums] | None = None
+                ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Each client's view scores and excess (``views_excess``; above 1: excluded), from the
+    round's ``first`` sums. With ``again``, a second judgement when the first excludes some:
+    every client is scored again against the clients the first judgement keeps, the reference
+    (``again(reference)``: every row's sums, the centre and each coordinate's range taken over
+    the reference rows; the Gram matrix is ``first``'s). Uploads already excluded then neither
+    move the centre nor narrow the ranges and spreads the others are judged by: identical
+    crafted uploads (Min-Max, Min-Sum) sit at one value in every coordinate and shrink them,
+    pushing an honest client with a rare class mix past the outside-range cut. Not when the
+    first judgement excludes more than half the clients (the rest is no majority) or leaves
+    fewer than three. Returns the deciding scores, the excess and the clients set aside from
+    the reference."""
+    scores = scores_from_sums(first, views)
+    excess = views_excess(scores, view_z, pair)
+    aside = excess > 1.0
+    reference = np.flatnonzero(~aside)
+    if again is None or not aside.any() or len(reference) < max(3, len(excess) / 2):
+        return scores, excess, np.zeros(len(excess), dtype=bool)
+    sums = again(reference)
+    sums.gram = first.gram
+    scores = scores_from_sums(sums, views, reference)
+    return scores, views_excess(scores, view_z, pair), aside
 
 
 def view_scores(updates: np.ndarray, views: Sequence[str], workers: int = 1
