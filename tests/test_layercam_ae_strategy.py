@@ -318,6 +318,10 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     strategy = make_strategy(data)  # every view, clipping on
     strategy.global_state = globals_[0]
     arrays, _ = strategy.aggregate_train(1, replies)
+    judged_again = strategy.last_record
+    strategy = make_strategy(data, rejudge=False)  # one judgement: the definitions below
+    strategy.global_state = globals_[0]
+    arrays, _ = strategy.aggregate_train(1, replies)
     record = strategy.last_record
     assert node(CLIENTS - 1) in record.excluded
     # the boosted upload, and at most one benign client: in this untrained round one benign
@@ -343,6 +347,22 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     excess = view_excess(relative, record.details["view_pair"])
     assert record.details["view_pair"] == 0.6
     assert record.details["flagged_by_views"] == sorted(n for n, e in zip(nodes, excess) if e > 1)
+    # judged again against the uploads the first judgement kept (the reference): the same
+    # definitions around their median, with their spreads
+    aside = judged_again.details["set_aside_by_views"]
+    assert aside == record.details["flagged_by_views"]
+    assert node(CLIENTS - 1) in judged_again.excluded
+    reference = [i for i, n in enumerate(nodes) if n not in aside]
+    centre = np.median(updates[reference], axis=0)
+    deviation = np.abs(updates - centre)
+    sigma = 1.4826 * np.median(deviation[reference], axis=0)
+    sigma = np.where(sigma > 0, sigma, deviation[reference].mean(axis=0))
+    outside = np.where(deviation > 4.0 * sigma, deviation ** 2, 0.0).sum(axis=1)
+    definitions = {**{v: VIEWS[v](updates, centre) for v in ("norm", "direction", "collusion")},
+                   "outside-range": outside / (deviation ** 2).sum(axis=1)}
+    for view, values in definitions.items():  # to float32 rounding over a narrower spread
+        assert [judged_again.details["views"][view][n] for n in nodes] == pytest.approx(
+            robust_z(values, np.array(reference)), rel=1e-4, abs=1e-4), view
 
     # the heat maps alone: whatever they decide, a kept update moves the model no farther than
     # the round's clipping bound, taken from each upload's own norm
@@ -408,9 +428,9 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
         trained_on.append(threading.current_thread().name)
         return train(self, maps, server_round)
 
-    def counted_sums(self, uploads):
-        summed.append(len(uploads))
-        return update_sums(self, uploads)
+    def counted_sums(self, uploads, **second):
+        summed.append((len(uploads), second.get("reference") is not None))
+        return update_sums(self, uploads, **second)
 
     def timed(name):
         method = getattr(LayerCamAe, name)
@@ -448,7 +468,9 @@ def test_the_autoencoder_beside_the_views_changes_nothing_but_the_time(trajector
     assert trained_on[:2] == ["MainThread"] * 2
     assert all(name.startswith("update-views") for name in trained_on[2:])
     assert len(trained_on) == 4
-    assert summed == [CLIENTS] * 4  # once a round: the sums made beside the AE are the ones used
+    # once a round: the sums made beside the AE are the ones used (and the second judgement's
+    # against the uploads the views keep, when they exclude some)
+    assert [first for first in summed if not first[1]] == [(CLIENTS, False)] * 4
     # the overlap is the autoencoder's whole time (tens of ms a round); counted twice, it would
     # pass the wall far beyond the microseconds that the calls themselves add
     spent = sum(t["autoencoder"] + t["views"] for t in timings)
