@@ -157,8 +157,8 @@ class LayerCamAeSettings:
     view_pair: float = _DEFAULTS.layercam_ae_view_pair
     """Two views each beyond this share of their cuts exclude an upload too (``view_excess``)."""
     rejudge: bool = _DEFAULTS.layercam_ae_rejudge
-    """Once the views exclude uploads, judge every upload again against the others
-    (``judge_views``)."""
+    """Judge the uploads the views exclude a second time, against the uploads they keep, and
+    readmit those it clears (``judge_views``)."""
     clip: bool = _DEFAULTS.layercam_ae_clip
     """Clip every kept update to ``norm_bound(updates, clip_z)`` before averaging: the norm a
     benign client at ``clip_z`` robust standard deviations of the round's log norms has."""

@@ -352,10 +352,10 @@ class RunConfig:
         "exceed this share of their cuts (two sides agreeing; 1: one view past its cut only)",
         bounds=Range(0, 1, open_low=True))
     layercam_ae_rejudge: bool = setting(
-        True, "once the views exclude uploads in a round, judge every upload again against "
-        "the uploads they kept: the centre, the coordinates' ranges and each view's spread are "
-        "then those of the kept, not shrunk by identical crafted uploads (false: one judgement "
-        "over all)")
+        True, "judge the uploads the views exclude in a round a second time, against the "
+        "uploads they keep (the centre, the coordinates' ranges and each view's spread taken "
+        "over those), and readmit those it clears: excluded uploads, such as identical crafted "
+        "ones, no longer shrink the scale they are judged on (false: one judgement over all)")
     layercam_ae_clip: bool = setting(
         True, "clip every kept update to the norm exp(median + z·1.4826·MAD) of the round's log "
         "update norms before averaging: no kept upload moves the model more than a benign "

@@ -347,8 +347,9 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     excess = view_excess(relative, record.details["view_pair"])
     assert record.details["view_pair"] == 0.6
     assert record.details["flagged_by_views"] == sorted(n for n, e in zip(nodes, excess) if e > 1)
-    # judged again against the uploads the first judgement kept (the reference): the same
-    # definitions around their median, with their spreads
+    # the uploads the first judgement excluded are judged again against the ones it kept (the
+    # reference): the same definitions around their median, with their spreads; the kept keep
+    # their first scores
     aside = judged_again.details["set_aside_by_views"]
     assert aside == record.details["flagged_by_views"]
     assert node(CLIENTS - 1) in judged_again.excluded
@@ -361,8 +362,11 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     definitions = {**{v: VIEWS[v](updates, centre) for v in ("norm", "direction", "collusion")},
                    "outside-range": outside / (deviation ** 2).sum(axis=1)}
     for view, values in definitions.items():  # to float32 rounding over a narrower spread
-        assert [judged_again.details["views"][view][n] for n in nodes] == pytest.approx(
-            robust_z(values, np.array(reference)), rel=1e-4, abs=1e-4), view
+        expected = robust_z(values, np.array(reference))
+        assert [judged_again.details["views"][view][n] for n in aside] == pytest.approx(
+            [expected[nodes.index(n)] for n in aside], rel=1e-4, abs=1e-4), view
+        assert ({n: judged_again.details["views"][view][n] for n in nodes if n not in aside}
+                == {n: record.details["views"][view][n] for n in nodes if n not in aside})
 
     # the heat maps alone: whatever they decide, a kept update moves the model no farther than
     # the round's clipping bound, taken from each upload's own norm

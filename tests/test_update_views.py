@@ -260,8 +260,9 @@ def test_a_second_judgement_scores_every_client_against_the_clients_the_first_ke
     the MAD to 2.25, so an honest client 5.5 robust sd above the median without them is past
     the cut of 6 (z = 5.5 x 2.5 / 2.25 = 6.1); the collusion view excludes the three
     (identical: the floor). Judged again against the other 20, the honest client is back under
-    the cut (5.57); the three stay excluded. Without ``again``, or with more than half the
-    clients set aside, one judgement decides."""
+    the cut (5.4–5.6) and readmitted; the three stay excluded. The second judgement only readmits:
+    a client the first keeps keeps its first scores, whatever the second says. Without
+    ``again``, or with more than half the clients set aside, one judgement decides."""
     from strategies.detection import update_views
     from strategies.detection.update_views import RoundSums, judge_views
 
@@ -278,19 +279,23 @@ def test_a_second_judgement_scores_every_client_against_the_clients_the_first_ke
     assert np.flatnonzero(excess > 1).tolist() == [20, 21, 22, 23] and not aside.any()
     assert scores["norm"][20] == pytest.approx(5.5 * 2.5 / 2.25)
 
-    asked = []
+    first, asked = judge_views(sums, views, 6.0, 0.6)[0], []
+    longer = np.exp(2 * logs)
+    longer[0] = np.exp(2 * 10.0 * spread)  # what a second judgement would exclude, if it could
 
     def again(reference):
         asked.append(reference.tolist())
-        return RoundSums(np.exp(2 * logs), np.zeros(24), 0.0)
+        return RoundSums(longer.copy(), np.zeros(24), 0.0)
 
     scores, excess, aside = judge_views(sums, views, 6.0, 0.6, again)
     assert asked == [list(range(20))]
+    assert scores["norm"][:20].tolist() == first["norm"][:20].tolist() and excess[0] < 1
     assert np.flatnonzero(aside).tolist() == [20, 21, 22, 23]
-    centre = np.median(logs[:20])
+    judged = np.log(longer[:20]) / 2  # the reference's log norms as the second pass has them
+    centre = np.median(judged)
     assert scores["norm"][20] == pytest.approx(
-        (logs[20] - centre) / (1.4826 * np.median(np.abs(logs[:20] - centre))))
-    assert 5.5 < scores["norm"][20] < 6.0
+        (logs[20] - centre) / (1.4826 * np.median(np.abs(judged - centre))))
+    assert 5.0 < scores["norm"][20] < 6.0
     assert np.flatnonzero(excess > 1).tolist() == [21, 22, 23]
 
     asked.clear()

@@ -374,16 +374,18 @@ def judge_views(first: RoundSums, views: Sequence[str], view_z: float, pair: flo
                 again: Callable[[np.ndarray], RoundSums] | None = None
                 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Each client's view scores and excess (``views_excess``; above 1: excluded), from the
-    round's ``first`` sums. With ``again``, a second judgement when the first excludes some:
-    every client is scored again against the clients the first judgement keeps, the reference
-    (``again(reference)``: every row's sums, the centre and each coordinate's range taken over
-    the reference rows; the Gram matrix is ``first``'s). Uploads already excluded then neither
-    move the centre nor narrow the ranges and spreads the others are judged by: identical
-    crafted uploads (Min-Max, Min-Sum) sit at one value in every coordinate and shrink them,
-    pushing an honest client with a rare class mix past the outside-range cut. Not when the
-    first judgement excludes more than half the clients (the rest is no majority) or leaves
-    fewer than three. Returns the deciding scores, the excess and the clients set aside from
-    the reference."""
+    round's ``first`` sums. With ``again``, the clients this first judgement excludes are
+    judged a second time, against the clients it keeps (the reference): ``again(reference)``
+    returns every row's sums with the centre and each coordinate's range taken over the
+    reference rows (the Gram matrix is ``first``'s), and each view's median and spread are the
+    reference's. Excluded uploads then no longer shape the scale they are judged on: identical
+    crafted uploads (Min-Max, Min-Sum) sit at one value in every coordinate and shrink it,
+    pushing an honest client with a rare class mix past the outside-range cut; judged again,
+    it is readmitted. The second judgement only readmits: a client the first keeps stays kept
+    (against the narrower scale of the kept alone, the benign tail would cross the cuts more
+    often). Not when the first judgement excludes more than half the clients (the rest is no
+    majority) or leaves fewer than three. Returns the scores and the excess (the excluded
+    clients' from the second judgement) and the clients judged again."""
     scores = scores_from_sums(first, views)
     excess = views_excess(scores, view_z, pair)
     aside = excess > 1.0
@@ -392,8 +394,11 @@ def judge_views(first: RoundSums, views: Sequence[str], view_z: float, pair: flo
         return scores, excess, np.zeros(len(excess), dtype=bool)
     sums = again(reference)
     sums.gram = first.gram
-    scores = scores_from_sums(sums, views, reference)
-    return scores, views_excess(scores, view_z, pair), aside
+    second = scores_from_sums(sums, views, reference)
+    for view, values in second.items():
+        scores[view][aside] = values[aside]
+    excess[aside] = views_excess(second, view_z, pair)[aside]
+    return scores, excess, aside
 
 
 def view_scores(updates: np.ndarray, views: Sequence[str], workers: int = 1
