@@ -253,7 +253,7 @@ def test_round_sums_against_reference_rows_take_the_centre_and_ranges_over_those
     assert (scores["collusion"][-3:] > 50).all()
 
 
-def test_a_second_judgement_scores_every_client_against_the_clients_the_first_keeps(
+def test_a_second_judgement_readmits_whom_it_clears_against_the_clients_the_first_keeps(
         monkeypatch):
     """By hand, on the norm and collusion views (their sums need no centre): 21 honest log norms
     0.5 apart around 0 (MAD 2.5), three identical uploads at the median norm. The three shrink
