@@ -361,10 +361,10 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     outside = np.where(deviation > 4.0 * sigma, deviation ** 2, 0.0).sum(axis=1)
     definitions = {**{v: VIEWS[v](updates, centre) for v in ("norm", "direction", "collusion")},
                    "outside-range": outside / (deviation ** 2).sum(axis=1)}
-    for view, values in definitions.items():  # to float32 rounding over a narrower spread
+    for view, values in definitions.items():
         expected = robust_z(values, np.array(reference))
         assert [judged_again.details["views"][view][n] for n in aside] == pytest.approx(
-            [expected[nodes.index(n)] for n in aside], rel=1e-4, abs=1e-4), view
+            [expected[nodes.index(n)] for n in aside], rel=1e-5, abs=1e-5), view
         assert ({n: judged_again.details["views"][view][n] for n in nodes if n not in aside}
                 == {n: record.details["views"][view][n] for n in nodes if n not in aside})
 
