@@ -43,8 +43,8 @@ from torch.func import functional_call
 from attacks.base import ATTACKS, Attack, AttackInput
 from attacks.eavesdropping import largest_gamma
 from strategies.detection.heatmaps import as_tensors, layercam_heatmaps
-from strategies.detection.update_views import (VIEW_TAILS, VIEWS, coordinate_median,
-                                               nearest_distances, robust_z, view_excess)
+from strategies.detection.update_views import (VIEWS, coordinate_median, nearest_distances,
+                                               robust_z, views_excess)
 from task.config import ADAPTIVE_CAM_OFFSETS
 from task.models import default_cam_layer
 from task.params import State, flatten_updates, unflatten
@@ -157,7 +157,7 @@ class AdaptiveCam(Attack):
                 return False
             if len(views) < 2 or self.view_pair >= 1.0:  # the pair rule adds nothing
                 return True
-            excess = view_excess(np.stack([robust_z(values[v]) / (self.view_z * VIEW_TAILS[v])
-                                           for v in views]), self.view_pair)
+            excess = views_excess({v: robust_z(values[v]) for v in views}, self.view_z,
+                                  self.view_pair)
             return float(excess[-1]) <= min(1.0, float(excess[:-1].max()))
         return within
