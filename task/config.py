@@ -345,7 +345,8 @@ class RunConfig:
         choices=UPDATE_VIEWS, separator=",")
     layercam_ae_view_z: float = setting(
         6.0, "exclude an upload in the round it arrives when one of its view scores (robust z "
-        "over the round's uploads) exceeds this (the outside-range view: twice this)",
+        "over the round's uploads) exceeds this (the outside-range view: twice this), unless "
+        "`layercam-ae-rejudge` clears it",
         bounds=Range(0, 1e6, open_low=True))
     layercam_ae_view_pair: float = setting(
         0.6, "also exclude an upload in the round it arrives when two of its view scores each "
