@@ -10,7 +10,9 @@ fresh process per measurement (its peak RSS growth is its own), under four setti
 - ``native``: the same with two heat-map workers (the defaults).
 On a GPU only ``paper`` and ``native`` run (threads and workers are CPU settings).
 With ``--busy N``, N processes that keep a core busy run beside every measurement (a shared
-server). Times are the median of ``--repeats`` rounds after one warm-up round.
+server). With ``--boosted N``, N of the K updates are ten times longer: the update views
+exclude them, and their second judgement runs (as in a round with attackers). Times are the
+median of ``--repeats`` rounds after one warm-up round.
 
 **Autoencoder** (``--part autoencoder``): the AE alone, side by side on the same maps: the
 straightforward one (``nn.Sequential``, ``loss.backward()``, unfused ``torch.optim.Adam``; the
@@ -76,7 +78,8 @@ def _burn() -> None:
         a = np.tanh(a @ a)
 
 
-def measure_speed(model_name, k, setting, tolerance, device, repeats, image_size, queue) -> None:
+def measure_speed(model_name, k, setting, tolerance, device, repeats, image_size, boosted,
+                  queue) -> None:
     import numpy as np
     import torch
 
@@ -89,7 +92,9 @@ def measure_speed(model_name, k, setting, tolerance, device, repeats, image_size
     torch.manual_seed(0)
     global_state = state_to_numpy(build_model(model_name, channels, 10, size))
     rng = np.random.default_rng(0)
-    uploads = [ClientUpload(i, {n: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
+    # the first ``boosted`` updates ten times longer: the views exclude them, and judge them again
+    uploads = [ClientUpload(i, {n: (v + (10.0 if i < boosted else 1.0)
+                                    * rng.normal(0, 0.01, v.shape)).astype(v.dtype)
                                 if v.dtype.kind == "f" else v for n, v in global_state.items()},
                             100.0) for i in range(k)]
     probes = torch.rand(4, channels, size, size)
@@ -121,7 +126,9 @@ def speed(args) -> None:
     # threads and workers are CPU settings: a GPU runs "paper" and "native" alone
     settings = [s for s in args.settings if args.device == "cpu" or s in ("paper", "native")]
     size = f", images {args.image_size}x{args.image_size}" if args.image_size else ""
-    print(f"\nDetection per round ({args.device}{size}, {load}; median of {args.repeats}):\n")
+    boosted = f", {args.boosted} boosted uploads of each K" if args.boosted else ""
+    print(f"\nDetection per round ({args.device}{size}, {load}{boosted}; median of "
+          f"{args.repeats}):\n")
     print("| model | K | setting | heat maps s | AE s (epochs) | decision s | update views s | "
           "total s | ms per client | extra MB |\n|---|---|---|---|---|---|---|---|---|---|")
     try:
@@ -131,7 +138,7 @@ def speed(args) -> None:
                     queue = context.Queue()
                     process = context.Process(target=measure_speed, args=(
                         model_name, k, setting, args.tolerance, args.device, args.repeats,
-                        args.image_size, queue))
+                        args.image_size, args.boosted, queue))
                     process.start()
                     row = queue.get()
                     process.join()
@@ -259,6 +266,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
                         help="the settings --part speed measures (default: all four)")
     parser.add_argument("--busy", type=int, default=0)
+    parser.add_argument("--boosted", type=int, default=0,
+                        help="uploads (of each K) whose update is ten times longer: the update "
+                             "views exclude them and judge them a second time")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=0.0,
                         help="AE early-stopping tolerance for every setting (0: all epochs)")
