@@ -317,11 +317,11 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
 
     strategy = make_strategy(data)  # every view, clipping on
     strategy.global_state = globals_[0]
-    arrays, _ = strategy.aggregate_train(1, replies)
+    strategy.aggregate_train(1, replies)
     judged_again = strategy.last_record
     strategy = make_strategy(data, rejudge=False)  # one judgement: the definitions below
     strategy.global_state = globals_[0]
-    arrays, _ = strategy.aggregate_train(1, replies)
+    strategy.aggregate_train(1, replies)
     record = strategy.last_record
     assert node(CLIENTS - 1) in record.excluded
     # the boosted upload, and at most one benign client: in this untrained round one benign
