@@ -17,7 +17,10 @@ tests check it against ``nn.Sequential`` + ``loss.backward()`` + the unfused
 ``torch.optim.Adam``.
 
 On a GPU an epoch is a CUDA graph (``captured``): its kernels are microseconds each at these
-sizes, and launching them one by one from Python costs more than running them.
+sizes, and launching them one by one from Python costs more than running them. On a CPU the
+epochs run as one TorchScript function (``_cpu_epochs``, the same ops, Adam's being the fused
+kernel the functional calls): no Python between the ops, and the GIL released throughout, so
+the update views' threads beside it (``strategies.layercam_ae``) no longer stall it.
 
 Two costs the paper does not fix: training may stop early, once the loss has not improved by a
 relative ``tolerance`` for ``PATIENCE`` epochs (``tolerance = 0``: all epochs, the paper's); and
@@ -28,8 +31,10 @@ share the cores.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 from torch import nn
@@ -101,8 +106,14 @@ class _Buffers:
 def _forward(ae: FlatAutoencoder, maps: torch.Tensor, hidden: torch.Tensor,
              out: torch.Tensor) -> None:
     """h = relu(x W1^T + b1) into ``hidden``, x' = sigmoid(h W2^T + b2) into ``out``."""
-    torch.addmm(ae.b1, maps, ae.w1.t(), out=hidden).clamp_(min=0)
-    torch.addmm(ae.b2, hidden, ae.w2.t(), out=out).sigmoid_()
+    _forward_into(maps, ae.w1, ae.b1, ae.w2, ae.b2, hidden, out)
+
+
+def _forward_into(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                  b2: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor) -> None:
+    """``_forward`` on the tensors themselves (TorchScript compiles it, ``_cpu_epochs``)."""
+    torch.addmm(b1, maps, w1.t(), out=hidden).clamp_(min=0)
+    torch.addmm(b2, hidden, w2.t(), out=out).sigmoid_()
 
 
 def _backward(ae: FlatAutoencoder, maps: torch.Tensor, buffers: _Buffers) -> None:
@@ -116,16 +127,73 @@ def _backward(ae: FlatAutoencoder, maps: torch.Tensor, buffers: _Buffers) -> Non
     where x' is near 1; the ReLU's zeroes where h <= 0, as autograd does.
     """
     b = buffers
-    torch.sub(b.out, maps, out=b.delta)
-    torch.sub(b.one, b.out, out=b.slope)
-    b.delta.mul_(b.slope).mul_(b.out).mul_(2.0 / maps.numel())
-    torch.mm(b.delta.t(), b.hidden, out=ae.g_w2)
-    torch.sum(b.delta, 0, out=ae.g_b2)
-    torch.mm(b.delta, ae.w2, out=b.hidden_delta)
-    torch.le(b.hidden, 0, out=b.inactive)
-    b.hidden_delta.masked_fill_(b.inactive, 0.0)
-    torch.mm(b.hidden_delta.t(), maps, out=ae.g_w1)
-    torch.sum(b.hidden_delta, 0, out=ae.g_b1)
+    _backward_into(maps, ae.w2, b.hidden, b.out, b.delta, b.slope, b.hidden_delta, b.inactive,
+                   b.one, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2)
+
+
+def _backward_into(maps: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor,
+                   out: torch.Tensor, delta: torch.Tensor, slope: torch.Tensor,
+                   hidden_delta: torch.Tensor, inactive: torch.Tensor, one: torch.Tensor,
+                   g_w1: torch.Tensor, g_b1: torch.Tensor, g_w2: torch.Tensor,
+                   g_b2: torch.Tensor) -> None:
+    """``_backward`` on the tensors themselves (TorchScript compiles it, ``_cpu_epochs``)."""
+    torch.sub(out, maps, out=delta)
+    torch.sub(one, out, out=slope)
+    delta.mul_(slope).mul_(out).mul_(2.0 / maps.numel())
+    torch.mm(delta.t(), hidden, out=g_w2)
+    torch.sum(delta, [0], out=g_b2)
+    torch.mm(delta, w2, out=hidden_delta)
+    torch.le(hidden, 0, out=inactive)
+    hidden_delta.masked_fill_(inactive, 0.0)
+    torch.mm(hidden_delta.t(), maps, out=g_w1)
+    torch.sum(hidden_delta, [0], out=g_b1)
+
+
+def _cpu_epochs(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor, g_w1: torch.Tensor, g_b1: torch.Tensor, g_w2: torch.Tensor,
+                g_b2: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor],
+                averages: list[torch.Tensor], squares: list[torch.Tensor],
+                steps: list[torch.Tensor], hidden: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
+                slope: torch.Tensor, hidden_delta: torch.Tensor, inactive: torch.Tensor,
+                one: torch.Tensor, loss: torch.Tensor, epochs: int, lr: float,
+                weight_decay: float, tolerance: float, patience: int) -> int:
+    """Up to ``epochs`` of ``_Training.epoch`` (forward, the loss when ``tolerance`` > 0,
+    backward, Adam) and the early stop, compiled by TorchScript (``_compiled_cpu_epochs``):
+    the same kernels in the same order, so the same numbers, with neither Python's per-op
+    overhead nor the GIL held between them. Adam is the op that ``torch.optim.adam.adam``
+    calls for a fused CPU step (``params``: the flat buffer, ``grads`` its gradient, Adam's
+    moments and step count, one tensor each), after the step count's increment, as it does;
+    the lists come from the caller (TorchScript drops an in-place call on lists it built
+    itself, as if nothing read them). Returns the epochs run."""
+    no_max: list[torch.Tensor] = []
+    best, stale, ran = float("inf"), 0, 0
+    for epoch in range(epochs):
+        ran = epoch + 1
+        _forward_into(maps, w1, b1, w2, b2, hidden, out)
+        if tolerance > 0:
+            torch.mean(torch.sub(out, maps, out=delta).square_(), dim=[0, 1], out=loss)
+        _backward_into(maps, w2, hidden, out, delta, slope, hidden_delta, inactive, one,
+                       g_w1, g_b1, g_w2, g_b2)
+        steps[0].add_(1)
+        torch._fused_adam_(params, grads, averages, squares, no_max, steps, lr=lr, beta1=0.9,
+                           beta2=0.999, weight_decay=weight_decay, eps=1e-8, amsgrad=False,
+                           maximize=False)
+        if tolerance > 0:
+            value = loss.item()
+            stale = 0 if value < best * (1 - tolerance) else stale + 1
+            best = min(best, value)
+            if stale >= patience:
+                break
+    return ran
+
+
+@cache
+def _compiled_cpu_epochs() -> Callable[..., int]:
+    """``_cpu_epochs`` compiled once per process (TorchScript; its deprecation notice is for
+    new models, and ``torch.compile`` would import ``torch._dynamo`` and need a C compiler)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(_cpu_epochs)
 
 
 class _Training:
@@ -210,6 +278,15 @@ def reconstruction_errors(
     maps = maps.detach().float().contiguous()
     with torch.no_grad():
         training = _Training(maps, hidden, lr, weight_decay, seed, track_loss=tolerance > 0)
+        if maps.device.type == "cpu":
+            ae, b = training.ae, training.buffers
+            ran = _compiled_cpu_epochs()(
+                maps, ae.w1, ae.b1, ae.w2, ae.b2, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2, [ae.flat],
+                [ae.flat.grad], [training.exp_avg], [training.exp_avg_sq], [training.step],
+                b.hidden,
+                b.out, b.delta, b.slope, b.hidden_delta, b.inactive, b.one, training.loss,
+                epochs, lr, weight_decay, tolerance, PATIENCE)
+            return training.errors(), ran
         epoch = captured(training) if maps.is_cuda and cuda_graph else training.epoch
         best, stale, ran = float("inf"), 0, 0
         for ran in range(1, epochs + 1):
