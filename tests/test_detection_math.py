@@ -249,6 +249,9 @@ def test_the_compiled_cpu_loop_takes_the_python_loops_steps_bit_for_bit(toleranc
     maps = torch.rand(24, 400, generator=torch.Generator().manual_seed(4))
     maps[3] = 1.0 - maps[3]
     compiled, ran = reconstruction_errors(maps, epochs=300, seed=7, tolerance=tolerance)
+    for _ in range(3):  # TorchScript's profiling executor re-optimises after its first runs
+        assert torch.equal(reconstruction_errors(maps, epochs=300, seed=7,
+                                                 tolerance=tolerance)[0], compiled)
     with torch.no_grad():
         training = ae._Training(maps, 128, 1e-3, 1e-5, 7, track_loss=tolerance > 0)
         best, stale, python_ran = float("inf"), 0, 0
