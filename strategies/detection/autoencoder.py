@@ -267,25 +267,27 @@ def reconstruction_errors(
     seed: int = 0,
     tolerance: float = 0.0,
     cuda_graph: bool = True,
+    compiled: bool = True,
 ) -> tuple[torch.Tensor, int]:
     """Train a fresh autoencoder on ``maps`` (K, D); return R (K,), eq. (12), and the epochs run.
 
     Deterministic for a given ``seed`` (the initialisation is drawn from a private generator).
-    On a GPU the epoch runs as a CUDA graph (``cuda_graph=False``: launched op by op).
+    On a GPU the epoch runs as a CUDA graph (``cuda_graph=False``: launched op by op); on a
+    CPU the epochs run compiled (``_cpu_epochs``; ``compiled=False``: op by op from Python,
+    the same numbers).
     """
     if maps.dim() != 2:
         raise ValueError(f"maps must be (K, D), got {tuple(maps.shape)}")
     maps = maps.detach().float().contiguous()
     with torch.no_grad():
         training = _Training(maps, hidden, lr, weight_decay, seed, track_loss=tolerance > 0)
-        if maps.device.type == "cpu":
+        if maps.device.type == "cpu" and compiled:
             ae, b = training.ae, training.buffers
             ran = _compiled_cpu_epochs()(
                 maps, ae.w1, ae.b1, ae.w2, ae.b2, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2, [ae.flat],
                 [ae.flat.grad], [training.exp_avg], [training.exp_avg_sq], [training.step],
-                b.hidden,
-                b.out, b.delta, b.slope, b.hidden_delta, b.inactive, b.one, training.loss,
-                epochs, lr, weight_decay, tolerance, PATIENCE)
+                b.hidden, b.out, b.delta, b.slope, b.hidden_delta, b.inactive, b.one,
+                training.loss, epochs, lr, weight_decay, tolerance, PATIENCE)
             return training.errors(), ran
         epoch = captured(training) if maps.is_cuda and cuda_graph else training.epoch
         best, stale, ran = float("inf"), 0, 0
