@@ -153,10 +153,10 @@ def _cpu_epochs(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torc
                 b2: torch.Tensor, g_w1: torch.Tensor, g_b1: torch.Tensor, g_w2: torch.Tensor,
                 g_b2: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor],
                 averages: list[torch.Tensor], squares: list[torch.Tensor],
-                steps: list[torch.Tensor], hidden: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
-                slope: torch.Tensor, hidden_delta: torch.Tensor, inactive: torch.Tensor,
-                one: torch.Tensor, loss: torch.Tensor, epochs: int, lr: float,
-                weight_decay: float, tolerance: float, patience: int) -> int:
+                steps: list[torch.Tensor], hidden: torch.Tensor, out: torch.Tensor,
+                delta: torch.Tensor, slope: torch.Tensor, hidden_delta: torch.Tensor,
+                inactive: torch.Tensor, one: torch.Tensor, loss: torch.Tensor, epochs: int,
+                lr: float, weight_decay: float, tolerance: float, patience: int) -> int:
     """Up to ``epochs`` of ``_Training.epoch`` (forward, the loss when ``tolerance`` > 0,
     backward, Adam) and the early stop, compiled by TorchScript (``_compiled_cpu_epochs``):
     the same kernels in the same order, so the same numbers, with neither Python's per-op
