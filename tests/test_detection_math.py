@@ -244,6 +244,9 @@ def test_early_stopping_stops_where_the_autograd_one_does():
 def test_the_compiled_cpu_loop_takes_the_python_loops_steps_bit_for_bit(tolerance):
     """On a CPU the epochs run compiled (``_cpu_epochs``); op by op from Python (the loop the
     GPU launches, ``_Training.epoch``) they give the same errors and the same early stop."""
+    import strategies.detection.autoencoder as ae
+
+    assert ae._compiled_cpu_epochs() is not None  # this install compiles: the compiled loop runs
     maps = torch.rand(24, 400, generator=torch.Generator().manual_seed(4))
     maps[3] = 1.0 - maps[3]
     compiled, ran = reconstruction_errors(maps, epochs=300, seed=7, tolerance=tolerance)
@@ -256,6 +259,26 @@ def test_the_compiled_cpu_loop_takes_the_python_loops_steps_bit_for_bit(toleranc
     assert torch.equal(compiled, python)
     untrained, _ = reconstruction_errors(maps, epochs=0, seed=7)
     assert (compiled - untrained).abs().max() > 1e-2  # the epochs ran
+
+
+def test_without_torchscript_the_epochs_run_from_python_with_a_warning(monkeypatch):
+    """An install TorchScript cannot compile from (no ``.py`` source): the same errors, from
+    the Python loop, and a warning that says why."""
+    import strategies.detection.autoencoder as ae
+
+    def no_source(_function):
+        raise OSError("could not get source code")
+
+    maps = torch.rand(12, 64, generator=torch.Generator().manual_seed(2))
+    expected = reconstruction_errors(maps, epochs=30, seed=1, compiled=False)
+    ae._compiled_cpu_epochs.cache_clear()
+    monkeypatch.setattr(torch.jit, "script", no_source)
+    try:
+        with pytest.warns(RuntimeWarning, match="could not get source code"):
+            errors, ran = reconstruction_errors(maps, epochs=30, seed=1)
+    finally:
+        ae._compiled_cpu_epochs.cache_clear()  # later tests compile again
+    assert ran == expected[1] == 30 and torch.equal(errors, expected[0])
 
 
 def test_torch_threads_sets_and_restores():

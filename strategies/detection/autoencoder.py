@@ -188,12 +188,20 @@ def _cpu_epochs(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torc
 
 
 @cache
-def _compiled_cpu_epochs() -> Callable[..., int]:
+def _compiled_cpu_epochs() -> Callable[..., int] | None:
     """``_cpu_epochs`` compiled once per process (TorchScript; its deprecation notice is for
-    new models, and ``torch.compile`` would import ``torch._dynamo`` and need a C compiler)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.script(_cpu_epochs)
+    new models, and ``torch.compile`` would import ``torch._dynamo`` and need a C compiler).
+    None where TorchScript cannot compile it (it reads the function's source file, which an
+    install without ``.py`` files lacks): the epochs then run from Python, and a warning says
+    so."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.script(_cpu_epochs)
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"the autoencoder's epochs run op by op from Python: TorchScript could "
+                      f"not compile them ({err})", RuntimeWarning, stacklevel=2)
+        return None
 
 
 class _Training:
@@ -273,17 +281,18 @@ def reconstruction_errors(
 
     Deterministic for a given ``seed`` (the initialisation is drawn from a private generator).
     On a GPU the epoch runs as a CUDA graph (``cuda_graph=False``: launched op by op); on a
-    CPU the epochs run compiled (``_cpu_epochs``; ``compiled=False``: op by op from Python,
-    the same numbers).
+    CPU the epochs run compiled (``_cpu_epochs``; ``compiled=False``, or where it cannot be
+    compiled: op by op from Python, the same numbers).
     """
     if maps.dim() != 2:
         raise ValueError(f"maps must be (K, D), got {tuple(maps.shape)}")
     maps = maps.detach().float().contiguous()
     with torch.no_grad():
         training = _Training(maps, hidden, lr, weight_decay, seed, track_loss=tolerance > 0)
-        if maps.device.type == "cpu" and compiled:
+        run = _compiled_cpu_epochs() if maps.device.type == "cpu" and compiled else None
+        if run is not None:
             ae, b = training.ae, training.buffers
-            ran = _compiled_cpu_epochs()(
+            ran = run(
                 maps, ae.w1, ae.b1, ae.w2, ae.b2, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2, [ae.flat],
                 [ae.flat.grad], [training.exp_avg], [training.exp_avg_sq], [training.step],
                 b.hidden, b.out, b.delta, b.slope, b.hidden_delta, b.inactive, b.one,
