@@ -103,22 +103,22 @@ class _Buffers:
         self.one = maps.new_ones(())
 
 
-def _forward(ae: FlatAutoencoder, maps: torch.Tensor, hidden: torch.Tensor,
-             out: torch.Tensor) -> None:
-    """h = relu(x W1^T + b1) into ``hidden``, x' = sigmoid(h W2^T + b2) into ``out``."""
-    _forward_into(maps, ae.w1, ae.b1, ae.w2, ae.b2, hidden, out)
-
-
-def _forward_into(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                  b2: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor) -> None:
-    """``_forward`` on the tensors themselves (TorchScript compiles it, ``_cpu_epochs``)."""
+def _forward(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+             b2: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor) -> None:
+    """h = relu(x W1^T + b1) into ``hidden``, x' = sigmoid(h W2^T + b2) into ``out``. On the
+    tensors themselves, not ``FlatAutoencoder``/``_Buffers``: TorchScript compiles it into
+    ``_cpu_epochs``."""
     torch.addmm(b1, maps, w1.t(), out=hidden).clamp_(min=0)
     torch.addmm(b2, hidden, w2.t(), out=out).sigmoid_()
 
 
-def _backward(ae: FlatAutoencoder, maps: torch.Tensor, buffers: _Buffers) -> None:
-    """Gradients of the MSE loss (eq. 11) into ``ae.flat.grad``, from the forward's
-    ``buffers.hidden`` and ``buffers.out``.
+def _backward(maps: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor,
+              delta: torch.Tensor, slope: torch.Tensor, hidden_delta: torch.Tensor,
+              inactive: torch.Tensor, one: torch.Tensor, g_w1: torch.Tensor, g_b1: torch.Tensor,
+              g_w2: torch.Tensor, g_b2: torch.Tensor) -> None:
+    """Gradients of the MSE loss (eq. 11) into ``g_*`` (views of ``FlatAutoencoder.flat.grad``),
+    from the forward's ``hidden`` and ``out``, through the other ``_Buffers``. On the tensors
+    themselves: TorchScript compiles it into ``_cpu_epochs``.
 
     With L = sum (x' - x)^2 / (K D): dL/dz2 = 2 (x' - x) x' (1 - x') / (K D) (sigmoid), the
     decoder's gradients dz2^T h and sum_k dz2; dL/dz1 = (dz2 W2) [h > 0] (ReLU), the encoder's
@@ -126,17 +126,6 @@ def _backward(ae: FlatAutoencoder, maps: torch.Tensor, buffers: _Buffers) -> Non
     order, and 1 - x' on its own (exact for x' >= 1/2), not as x' - x'^2, which loses digits
     where x' is near 1; the ReLU's zeroes where h <= 0, as autograd does.
     """
-    b = buffers
-    _backward_into(maps, ae.w2, b.hidden, b.out, b.delta, b.slope, b.hidden_delta, b.inactive,
-                   b.one, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2)
-
-
-def _backward_into(maps: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor,
-                   out: torch.Tensor, delta: torch.Tensor, slope: torch.Tensor,
-                   hidden_delta: torch.Tensor, inactive: torch.Tensor, one: torch.Tensor,
-                   g_w1: torch.Tensor, g_b1: torch.Tensor, g_w2: torch.Tensor,
-                   g_b2: torch.Tensor) -> None:
-    """``_backward`` on the tensors themselves (TorchScript compiles it, ``_cpu_epochs``)."""
     torch.sub(out, maps, out=delta)
     torch.sub(one, out, out=slope)
     delta.mul_(slope).mul_(out).mul_(2.0 / maps.numel())
@@ -156,7 +145,8 @@ def _cpu_epochs(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torc
                 steps: list[torch.Tensor], hidden: torch.Tensor, out: torch.Tensor,
                 delta: torch.Tensor, slope: torch.Tensor, hidden_delta: torch.Tensor,
                 inactive: torch.Tensor, one: torch.Tensor, loss: torch.Tensor, epochs: int,
-                lr: float, weight_decay: float, tolerance: float, patience: int) -> int:
+                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                tolerance: float, patience: int) -> int:
     """Up to ``epochs`` of ``_Training.epoch`` (forward, the loss when ``tolerance`` > 0,
     backward, Adam) and the early stop, compiled by TorchScript (``_compiled_cpu_epochs``):
     the same kernels in the same order, so the same numbers, with neither Python's per-op
@@ -169,14 +159,14 @@ def _cpu_epochs(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torc
     best, stale, ran = float("inf"), 0, 0
     for epoch in range(epochs):
         ran = epoch + 1
-        _forward_into(maps, w1, b1, w2, b2, hidden, out)
+        _forward(maps, w1, b1, w2, b2, hidden, out)
         if tolerance > 0:
             torch.mean(torch.sub(out, maps, out=delta).square_(), dim=[0, 1], out=loss)
-        _backward_into(maps, w2, hidden, out, delta, slope, hidden_delta, inactive, one,
-                       g_w1, g_b1, g_w2, g_b2)
+        _backward(maps, w2, hidden, out, delta, slope, hidden_delta, inactive, one,
+                  g_w1, g_b1, g_w2, g_b2)
         steps[0].add_(1)
-        torch._fused_adam_(params, grads, averages, squares, no_max, steps, lr=lr, beta1=0.9,
-                           beta2=0.999, weight_decay=weight_decay, eps=1e-8, amsgrad=False,
+        torch._fused_adam_(params, grads, averages, squares, no_max, steps, lr=lr, beta1=beta1,
+                           beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
                            maximize=False)
         if tolerance > 0:
             value = loss.item()
@@ -228,22 +218,38 @@ class _Training:
         """What an epoch changes for good: the weights and Adam's state."""
         return [self.ae.flat, self.step, self.exp_avg, self.exp_avg_sq]
 
+    def forward(self) -> None:
+        """``_forward`` of the current weights into the buffers."""
+        ae, b = self.ae, self.buffers
+        _forward(self.maps, ae.w1, ae.b1, ae.w2, ae.b2, b.hidden, b.out)
+
     def epoch(self) -> None:
-        b = self.buffers
-        _forward(self.ae, self.maps, b.hidden, b.out)
+        ae, b = self.ae, self.buffers
+        self.forward()
         if self.track_loss:  # the loss of the weights this step starts from, as autograd's
             torch.mean(torch.sub(b.out, self.maps, out=b.delta).square_(), dim=(0, 1),
                        out=self.loss)
-        _backward(self.ae, self.maps, b)
+        _backward(self.maps, ae.w2, b.hidden, b.out, b.delta, b.slope, b.hidden_delta,
+                  b.inactive, b.one, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2)
         # torch.optim.Adam's update, without an Optimizer object's per-call bookkeeping
         adam([self.ae.flat], [self.ae.flat.grad], [self.exp_avg], [self.exp_avg_sq], [],
              [self.step], **self.adam)
 
+    def compiled_epochs(self, run: Callable[..., int], epochs: int, tolerance: float) -> int:
+        """Up to ``epochs`` epochs and the early stop in one call of ``run``
+        (``_compiled_cpu_epochs``) on this training's tensors and Adam's settings; the epochs
+        run."""
+        ae, b, a = self.ae, self.buffers, self.adam
+        return run(self.maps, ae.w1, ae.b1, ae.w2, ae.b2, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2,
+                   [ae.flat], [ae.flat.grad], [self.exp_avg], [self.exp_avg_sq], [self.step],
+                   b.hidden, b.out, b.delta, b.slope, b.hidden_delta, b.inactive, b.one,
+                   self.loss, epochs, a["lr"], a["beta1"], a["beta2"], a["eps"],
+                   a["weight_decay"], tolerance, PATIENCE)
+
     def errors(self) -> torch.Tensor:
         """R (K,), eq. (12), of the current weights."""
-        b = self.buffers
-        _forward(self.ae, self.maps, b.hidden, b.out)
-        return (b.out - self.maps).abs().mean(dim=1)
+        self.forward()
+        return (self.buffers.out - self.maps).abs().mean(dim=1)
 
 
 def captured(training: _Training) -> Callable[[], None]:
@@ -291,12 +297,7 @@ def reconstruction_errors(
         training = _Training(maps, hidden, lr, weight_decay, seed, track_loss=tolerance > 0)
         run = _compiled_cpu_epochs() if maps.device.type == "cpu" and compiled else None
         if run is not None:
-            ae, b = training.ae, training.buffers
-            ran = run(
-                maps, ae.w1, ae.b1, ae.w2, ae.b2, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2, [ae.flat],
-                [ae.flat.grad], [training.exp_avg], [training.exp_avg_sq], [training.step],
-                b.hidden, b.out, b.delta, b.slope, b.hidden_delta, b.inactive, b.one,
-                training.loss, epochs, lr, weight_decay, tolerance, PATIENCE)
+            ran = training.compiled_epochs(run, epochs, tolerance)
             return training.errors(), ran
         epoch = captured(training) if maps.is_cuda and cuda_graph else training.epoch
         best, stale, ran = float("inf"), 0, 0
