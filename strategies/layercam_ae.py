@@ -159,6 +159,8 @@ class LayerCamAeSettings:
     rejudge: bool = _DEFAULTS.layercam_ae_rejudge
     """Judge the uploads the views exclude a second time, against the uploads they keep, and
     readmit those it clears (``judge_views``)."""
+    rejudge_margin: float = _DEFAULTS.layercam_ae_rejudge_margin
+    """Only the uploads whose first view excess is at most this are judged again."""
     clip: bool = _DEFAULTS.layercam_ae_clip
     """Clip every kept update to ``norm_bound(updates, clip_z)`` before averaging: the norm a
     benign client at ``clip_z`` robust standard deviations of the round's log norms has."""
@@ -481,12 +483,14 @@ class LayerCamAe(DetectingFedAvg):
             return {}, details
         again = ((lambda reference: self.update_sums(uploads, gram=False, reference=reference))
                  if s.rejudge else None)
-        views, relative, aside = judge_views(sums, s.views, s.view_z, s.view_pair, again)
+        views, relative, aside, once = judge_views(sums, s.views, s.view_z, s.view_pair, again,
+                                                   s.rejudge_margin)
         excess = dict(zip(node_ids, relative.tolist()))
         details.update({"views": {v: dict(zip(node_ids, z.tolist())) for v, z in views.items()},
                         "view_z": s.view_z, "view_pair": s.view_pair,
                         "flagged_by_views": sorted(n for n, r in excess.items() if r > 1.0),
-                        "set_aside_by_views": sorted(n for n, a in zip(node_ids, aside) if a)})
+                        "set_aside_by_views": sorted(n for n, a in zip(node_ids, aside) if a),
+                        "first_excess": {n: e for n, e in zip(node_ids, once.tolist()) if e > 1.0}})
         return excess, details
 
     def new_global_state(self, detection: Detection, kept: list[ClientUpload]

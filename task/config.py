@@ -357,6 +357,12 @@ class RunConfig:
         "uploads they keep (the centre, the coordinates' ranges and each view's spread taken "
         "over those), and readmit those it clears: excluded uploads, such as identical crafted "
         "ones, no longer shrink the scale they are judged on (false: one judgement over all)")
+    layercam_ae_rejudge_margin: float = setting(
+        3.0, "judge again only the uploads the views exclude by at most this much: their "
+        "excess, the largest view score over its cut (or the pair's over `layercam-ae-view-pair` "
+        "of theirs), is at most this; an upload further past its cuts stays excluded without a "
+        "second pass (1: none judged again; see [the second judgement](defense-in-depth.md#the-"
+        "second-judgement))", bounds=Range(1, 1e6))
     layercam_ae_clip: bool = setting(
         True, "clip every kept update to the norm exp(median + z·1.4826·MAD) of the round's log "
         "update norms before averaging: no kept upload moves the model more than a benign "

@@ -221,8 +221,8 @@ def test_the_settings_are_read_from_their_run_config_keys_defaults_included():
                  tolerance=1e-3, seed=7, decision="voting", robust_z=3.0, low_z=3.5, memory=0.5,
                  evidence_decay="rounds", score_cap=4.0, scale_rounds=1, group_z=2.25,
                  group_size=0, hold=False, threshold="upper", beta=2.0, window=4, votes=3,
-                 views=("norm",), view_z=5.0, view_pair=0.9, rejudge=False, clip=False,
-                 clip_z=0.0)
+                 views=("norm",), view_z=5.0, view_pair=0.9, rejudge=False, rejudge_margin=2.0,
+                 clip=False, clip_z=0.0)
     assert set(other) == {f.name for f in fields(LayerCamAeSettings)}
     assert all(v != getattr(LayerCamAeSettings(), f) for f, v in other.items())
     config = RunConfig.from_run_config({LayerCamAeSettings.key_of(f): ",".join(v) if f == "views"
@@ -316,6 +316,13 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     replies = [reply(node(c), s, {"num-examples": sizes[c]}) for c, s in enumerate(round_states)]
 
     strategy = make_strategy(data)  # every view, clipping on
+    strategy.global_state = globals_[0]
+    strategy.aggregate_train(1, replies)
+    # far past the norm cut: excluded without a second judgement (the margin)
+    assert strategy.last_record.details["set_aside_by_views"] == []
+    assert strategy.last_record.details["first_excess"][node(CLIENTS - 1)] > 3.0
+    assert node(CLIENTS - 1) in strategy.last_record.excluded
+    strategy = make_strategy(data, rejudge_margin=1e6)  # every excluded upload judged again
     strategy.global_state = globals_[0]
     strategy.aggregate_train(1, replies)
     judged_again = strategy.last_record
@@ -641,7 +648,8 @@ def test_the_views_judge_again_against_the_uploads_they_keep():
     21 honest updates in random directions, their log norms 0.05 apart, one of them
     the longest, and three identical uploads at the median norm. One judgement excludes the
     honest client with the three; judged again (the default), against the 20 others, it is
-    kept, and the record names the four the first judgement set aside."""
+    kept, and the record names it as judged again; the three, far past the collusion cut, are
+    not (the margin), unless the margin lets every excluded upload be judged again."""
     rng = np.random.default_rng(0)
     logs = np.concatenate([np.arange(-10, 11) * 0.05, [0.0] * 3])
     logs[20] = 5.5 * 1.4826 * 0.25
@@ -661,5 +669,8 @@ def test_the_views_judge_again_against_the_uploads_they_keep():
     assert once == [20, 21, 22, 23] and details["set_aside_by_views"] == []
     again, details = judged()
     assert again == [21, 22, 23] == details["flagged_by_views"]
-    assert details["set_aside_by_views"] == [20, 21, 22, 23]
+    assert details["set_aside_by_views"] == [20] and sorted(details["first_excess"]) == once
+    assert 1.0 < details["first_excess"][20] < 3.0 < min(details["first_excess"][n] for n in again)
     assert 5.5 < details["views"]["norm"][20] < 6.0
+    every, details = judged(rejudge_margin=1e6)
+    assert every == again and details["set_aside_by_views"] == [20, 21, 22, 23]

@@ -261,8 +261,10 @@ def test_a_second_judgement_readmits_whom_it_clears_against_the_clients_the_firs
     the cut of 6 (z = 5.5 x 2.5 / 2.25 = 6.1); the collusion view excludes the three
     (identical: the floor). Judged again against the other 20, the honest client is back under
     the cut (5.4–5.6) and readmitted; the three stay excluded. The second judgement only readmits:
-    a client the first keeps keeps its first scores, whatever the second says. Without
-    ``again``, or with more than half the clients set aside, one judgement decides."""
+    a client the first keeps keeps its first scores, whatever the second says. With a margin,
+    only the excluded clients whose first excess is within it are judged again (none: no
+    second pass). Without ``again``, or with more than half the clients set aside, one
+    judgement decides."""
     from strategies.detection import update_views
     from strategies.detection.update_views import RoundSums, judge_views
 
@@ -275,7 +277,7 @@ def test_a_second_judgement_readmits_whom_it_clears_against_the_clients_the_firs
     sums = RoundSums(np.exp(2 * logs), np.zeros(24), 0.0, gram=gram)
     views = ("norm", "collusion")
 
-    scores, excess, aside = judge_views(sums, views, 6.0, 0.6)
+    scores, excess, aside, _ = judge_views(sums, views, 6.0, 0.6)
     assert np.flatnonzero(excess > 1).tolist() == [20, 21, 22, 23] and not aside.any()
     assert scores["norm"][20] == pytest.approx(5.5 * 2.5 / 2.25)
 
@@ -287,7 +289,7 @@ def test_a_second_judgement_readmits_whom_it_clears_against_the_clients_the_firs
         asked.append(reference.tolist())
         return RoundSums(longer.copy(), np.zeros(24), 0.0)
 
-    scores, excess, aside = judge_views(sums, views, 6.0, 0.6, again)
+    scores, excess, aside, once = judge_views(sums, views, 6.0, 0.6, again)
     assert asked == [list(range(20))]
     assert scores["norm"][:20].tolist() == first["norm"][:20].tolist() and excess[0] < 1
     assert np.flatnonzero(aside).tolist() == [20, 21, 22, 23]
@@ -297,6 +299,19 @@ def test_a_second_judgement_readmits_whom_it_clears_against_the_clients_the_firs
         (logs[20] - centre) / (1.4826 * np.median(np.abs(judged - centre))))
     assert 5.0 < scores["norm"][20] < 6.0
     assert np.flatnonzero(excess > 1).tolist() == [21, 22, 23]
+    assert once[20] == pytest.approx(first["norm"][20] / 6.0) and once[20] > 1  # just past
+    assert (once[21:] > 3).all()  # identical: far past the collusion cut
+
+    # a margin of 3: the honest client, just past a cut, is judged again against the same
+    # reference; the three, far past theirs, keep their first scores
+    asked.clear()
+    scores, excess, aside, _ = judge_views(sums, views, 6.0, 0.6, again, margin=3.0)
+    assert asked == [list(range(20))] and np.flatnonzero(aside).tolist() == [20]
+    assert excess[20] < 1 and (excess[21:] == once[21:]).all()
+    assert all((scores[v][21:] == first[v][21:]).all() for v in views)
+    asked.clear()
+    _, excess, aside, _ = judge_views(sums, views, 6.0, 0.6, again, margin=1.0)
+    assert asked == [] and not aside.any() and (excess == once).all()  # none within: one pass
 
     asked.clear()
     twelve = np.r_[np.full(12, 2.0), np.zeros(12)]
@@ -306,7 +321,7 @@ def test_a_second_judgement_readmits_whom_it_clears_against_the_clients_the_firs
     asked.clear()
     thirteen = np.r_[np.full(13, 2.0), np.zeros(11)]
     monkeypatch.setattr(update_views, "views_excess", lambda *_: thirteen.copy())
-    _, excess, aside = judge_views(sums, views, 6.0, 0.6, again)  # no majority left
+    _, excess, aside, _ = judge_views(sums, views, 6.0, 0.6, again)  # no majority left
     assert asked == [] and not aside.any() and (excess == thirteen).all()
 
 

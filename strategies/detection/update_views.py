@@ -371,8 +371,9 @@ def views_excess(scores: dict[str, np.ndarray], view_z: float, pair: float) -> n
 
 
 def judge_views(first: RoundSums, views: Sequence[str], view_z: float, pair: float,
-                again: Callable[[np.ndarray], RoundSums] | None = None
-                ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+                again: Callable[[np.ndarray], RoundSums] | None = None,
+                margin: float = float("inf")
+                ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
     """Each client's view scores and excess (``views_excess``; above 1: excluded), from the
     round's ``first`` sums. With ``again``, the clients this first judgement excludes are
     judged a second time, against the clients it keeps (the reference): ``again(reference)``
@@ -383,22 +384,29 @@ def judge_views(first: RoundSums, views: Sequence[str], view_z: float, pair: flo
     pushing an honest client with a rare class mix past the outside-range cut; judged again,
     it is readmitted. The second judgement only readmits: a client the first keeps stays kept
     (against the narrower scale of the kept alone, the benign tail would cross the cuts more
-    often). Not when the first judgement excludes more than half the clients (the rest is no
-    majority) or leaves fewer than three. Returns the scores and the excess (the excluded
-    clients' from the second judgement) and the clients judged again."""
+    often). Only the excluded clients whose first excess is at most ``margin`` are judged
+    again: the scale the excluded uploads shrink moves a client's excess by a bounded factor,
+    and one far past its cuts is not one they pushed over (nor one a narrower reference should
+    let back in); when no excluded client is within the margin, the second pass over the
+    uploads is not made. Not when the first judgement excludes more than half the clients (the
+    rest is no majority) or leaves fewer than three. Returns the scores and the excess (those
+    of the clients judged again from the second judgement), the clients judged again and the
+    first judgement's excess."""
     scores = scores_from_sums(first, views)
     excess = views_excess(scores, view_z, pair)
-    aside = excess > 1.0
-    reference = np.flatnonzero(~aside)
+    judged_once = excess.copy()
+    excluded = excess > 1.0
+    aside = excluded & (excess <= margin)
+    reference = np.flatnonzero(~excluded)
     if again is None or not aside.any() or len(reference) < max(3, len(excess) / 2):
-        return scores, excess, np.zeros(len(excess), dtype=bool)
+        return scores, excess, np.zeros(len(excess), dtype=bool), judged_once
     sums = again(reference)
     sums.gram = first.gram
     second = scores_from_sums(sums, views, reference)
     for view, values in second.items():
         scores[view][aside] = values[aside]
     excess[aside] = views_excess(second, view_z, pair)[aside]
-    return scores, excess, aside
+    return scores, excess, aside, judged_once
 
 
 def view_scores(updates: np.ndarray, views: Sequence[str], workers: int = 1
