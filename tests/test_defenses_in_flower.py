@@ -21,14 +21,15 @@ CLIENTS = 7
 HEATMAP_DEFENSES = ("layercam-ae", "gradcam-ae", "layercam-krum")
 
 
-def run_locally(tmp_path, **keys) -> tuple[dict, list[dict]]:
-    """One run of ``keys`` over a ``LocalGrid``; its summary and rounds.jsonl rows."""
+def run_locally(tmp_path, partitions: int = CLIENTS, **keys) -> tuple[dict, list[dict]]:
+    """One run of ``keys`` over a ``LocalGrid`` whose clients hold partitions of the data
+    split into ``partitions``; its summary and rounds.jsonl rows."""
     config = RunConfig.from_run_config({
         "num-server-rounds": 1, "num-clients": CLIENTS, "num-attackers": 1, "attack": "sign-flip",
         "sign-flip-scale": 4.0, "krum-f": 1, "local-epochs": 1, "layercam-ae-epochs": 50,
         "layercam-ae-save-heatmaps": True,
         "results-dir": str(tmp_path), **keys})
-    grid = LocalGrid(config.to_run_config(), CLIENTS, config.num_attackers)
+    grid = LocalGrid(config.to_run_config(), CLIENTS, config.num_attackers, partitions)
     summary = run_experiment(grid, config)
     run_dir, rows = read_rounds(tmp_path)
     assert json.loads((run_dir / "summary.json").read_text()) == summary
@@ -53,9 +54,10 @@ def test_defense_runs_and_records_whom_it_kept(tmp_path, defense):
 
 
 # Solved exactly, the OC-SVM at nu = 0.5 puts most of six clients on its boundary and may flag
-# none; nu = 0.9 makes it flag most of them, so these runs test the verification.
+# none; nu = 0.9 makes it flag most of them, so these runs test the verification. The server
+# trains again for each suspect, so each client holds half a partition: training is the slow part.
 @pytest.mark.parametrize("attack", ["gaussian", "alie"])
 def test_faa_dl_verifies_suspects_and_never_removes_a_benign_client(tmp_path, attack):
-    _, rows = run_locally(tmp_path, defense="faa-dl", attack=attack, **{
+    _, rows = run_locally(tmp_path, 2 * CLIENTS, defense="faa-dl", attack=attack, **{
         "num-clients": 6, "num-attackers": 2, "faa-dl-nu": 0.9, "eavesdrop-in-deployment": True})
     check_faa_dl_round(rows[1], attackers_flagged=attack != "alie")  # ALIE hides among them
