@@ -11,8 +11,10 @@ fresh process per measurement (its peak RSS growth is its own), under four setti
 On a GPU only ``paper`` and ``native`` run (threads and workers are CPU settings).
 With ``--busy N``, N processes that keep a core busy run beside every measurement (a shared
 server). With ``--boosted N``, N of the K updates are ten times longer: the update views
-exclude them, and their second judgement runs (as in a round with attackers). Times are the
-median of ``--repeats`` rounds after one warm-up round.
+exclude them, far past the norm cut, so that they are not judged again
+(``layercam-ae-rejudge-margin``) unless ``--rejudge-margin`` is larger than their excess (1e6:
+the second judgement runs, as in a round whose excluded uploads are near their cuts). Times are
+the median of ``--repeats`` rounds after one warm-up round.
 
 **Autoencoder** (``--part autoencoder``): the AE alone, side by side on the same maps: the
 straightforward one (``nn.Sequential``, ``loss.backward()``, unfused ``torch.optim.Adam``; the
@@ -55,7 +57,8 @@ SETTINGS = {
 }
 
 
-def _strategy(model_name: str, setting: str, tolerance: float, device: str, probes, seed=0):
+def _strategy(model_name: str, setting: str, tolerance: float, device: str, probes, seed=0,
+              rejudge_margin: float | None = None):
     import torch
 
     from strategies.layercam_ae import LayerCamAe, LayerCamAeSettings
@@ -63,7 +66,8 @@ def _strategy(model_name: str, setting: str, tolerance: float, device: str, prob
 
     channels, size = SHAPES[model_name][0], probes.shape[-1]
     layer = default_cam_layer(model_name)
-    settings = LayerCamAeSettings(**SETTINGS[setting], tolerance=tolerance, seed=seed)
+    margin = {} if rejudge_margin is None else {"rejudge_margin": rejudge_margin}
+    settings = LayerCamAeSettings(**SETTINGS[setting], tolerance=tolerance, seed=seed, **margin)
     return LayerCamAe(model_fn=lambda: build_model(model_name, channels, 10, size),
                       probes=probes, target_layer=layer, settings=settings,
                       device=torch.device(device))
@@ -79,7 +83,7 @@ def _burn() -> None:
 
 
 def measure_speed(model_name, k, setting, tolerance, device, repeats, image_size, boosted,
-                  queue) -> None:
+                  rejudge_margin, queue) -> None:
     import numpy as np
     import torch
 
@@ -92,13 +96,14 @@ def measure_speed(model_name, k, setting, tolerance, device, repeats, image_size
     torch.manual_seed(0)
     global_state = state_to_numpy(build_model(model_name, channels, 10, size))
     rng = np.random.default_rng(0)
-    # the first ``boosted`` updates ten times longer: the views exclude them, and judge them again
+    # the first ``boosted`` updates ten times longer: the views exclude them
     uploads = [ClientUpload(i, {n: (v + (10.0 if i < boosted else 1.0)
                                     * rng.normal(0, 0.01, v.shape)).astype(v.dtype)
                                 if v.dtype.kind == "f" else v for n, v in global_state.items()},
                             100.0) for i in range(k)]
     probes = torch.rand(4, channels, size, size)
-    strategy = _strategy(model_name, setting, tolerance, device, probes)
+    strategy = _strategy(model_name, setting, tolerance, device, probes,
+                         rejudge_margin=rejudge_margin)
     strategy.global_state = global_state
     def peak_mb() -> float:  # host RSS on a CPU, allocated device memory on a GPU
         if device == "cuda":
@@ -127,6 +132,8 @@ def speed(args) -> None:
     settings = [s for s in args.settings if args.device == "cpu" or s in ("paper", "native")]
     size = f", images {args.image_size}x{args.image_size}" if args.image_size else ""
     boosted = f", {args.boosted} boosted uploads of each K" if args.boosted else ""
+    if args.rejudge_margin is not None:
+        boosted += f", layercam-ae-rejudge-margin {args.rejudge_margin:g}"
     print(f"\nDetection per round ({args.device}{size}, {load}{boosted}; median of "
           f"{args.repeats}):\n")
     print("| model | K | setting | heat maps s | AE s (epochs) | decision s | update views s | "
@@ -138,7 +145,7 @@ def speed(args) -> None:
                     queue = context.Queue()
                     process = context.Process(target=measure_speed, args=(
                         model_name, k, setting, args.tolerance, args.device, args.repeats,
-                        args.image_size, args.boosted, queue))
+                        args.image_size, args.boosted, args.rejudge_margin, queue))
                     process.start()
                     row = queue.get()
                     process.join()
@@ -268,7 +275,10 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0)
     parser.add_argument("--boosted", type=int, default=0,
                         help="uploads (of each K) whose update is ten times longer: the update "
-                             "views exclude them and judge them a second time")
+                             "views exclude them")
+    parser.add_argument("--rejudge-margin", type=float, default=None,
+                        help="layercam-ae-rejudge-margin (default: its default); 1e6 judges the "
+                             "boosted uploads a second time")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=0.0,
                         help="AE early-stopping tolerance for every setting (0: all epochs)")
