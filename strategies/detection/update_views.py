@@ -385,10 +385,10 @@ def judge_views(first: RoundSums, views: Sequence[str], view_z: float, pair: flo
     it is readmitted. The second judgement only readmits: a client the first keeps stays kept
     (against the narrower scale of the kept alone, the benign tail would cross the cuts more
     often). Only the excluded clients whose first excess is at most ``margin`` are judged
-    again: the scale the excluded uploads shrink moves a client's excess by a bounded factor,
-    and one far past its cuts is not one they pushed over (nor one a narrower reference should
-    let back in); when no excluded client is within the margin, the second pass over the
-    uploads is not made. Not when the first judgement excludes more than half the clients (the
+    again: the excluded uploads move the scale by a factor that grows with their share
+    (measured in docs/defense-in-depth.md), and a client far past its cuts is not one they
+    pushed over (nor one a narrower reference should let back in); when no excluded client is
+    within the margin, the second pass over the uploads is not made. Not when the first judgement excludes more than half the clients (the
     rest is no majority) or leaves fewer than three. Returns the scores and the excess (those
     of the clients judged again from the second judgement), the clients judged again and the
     first judgement's excess."""
