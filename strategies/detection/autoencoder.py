@@ -138,6 +138,28 @@ def _backward(maps: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor, out: t
     torch.sum(hidden_delta, [0], out=g_b1)
 
 
+def _gradients(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+               b2: torch.Tensor, g_w1: torch.Tensor, g_b1: torch.Tensor, g_w2: torch.Tensor,
+               g_b2: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
+               slope: torch.Tensor, hidden_delta: torch.Tensor, inactive: torch.Tensor,
+               one: torch.Tensor, loss: torch.Tensor, track_loss: bool) -> None:
+    """An epoch up to Adam: ``_forward``, with ``track_loss`` the MSE loss of the weights the
+    step starts from into ``loss`` (as autograd's), and ``_backward``. Shared by the Python
+    epoch (``_Training.epoch``) and the compiled one (``_cpu_epochs``)."""
+    _forward(maps, w1, b1, w2, b2, hidden, out)
+    if track_loss:
+        torch.mean(torch.sub(out, maps, out=delta).square_(), dim=[0, 1], out=loss)
+    _backward(maps, w2, hidden, out, delta, slope, hidden_delta, inactive, one,
+              g_w1, g_b1, g_w2, g_b2)
+
+
+def _stalled(value: float, best: float, stale: int, tolerance: float) -> tuple[float, int]:
+    """The early stop's bookkeeping after an epoch whose starting loss was ``value``: the best
+    loss so far and the epochs since the loss last improved on it by a relative
+    ``tolerance``."""
+    return min(best, value), (0 if value < best * (1 - tolerance) else stale + 1)
+
+
 def _cpu_epochs(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                 b2: torch.Tensor, g_w1: torch.Tensor, g_b1: torch.Tensor, g_w2: torch.Tensor,
                 g_b2: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -159,19 +181,14 @@ def _cpu_epochs(maps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torc
     best, stale, ran = float("inf"), 0, 0
     for epoch in range(epochs):
         ran = epoch + 1
-        _forward(maps, w1, b1, w2, b2, hidden, out)
-        if tolerance > 0:
-            torch.mean(torch.sub(out, maps, out=delta).square_(), dim=[0, 1], out=loss)
-        _backward(maps, w2, hidden, out, delta, slope, hidden_delta, inactive, one,
-                  g_w1, g_b1, g_w2, g_b2)
+        _gradients(maps, w1, b1, w2, b2, g_w1, g_b1, g_w2, g_b2, hidden, out, delta, slope,
+                   hidden_delta, inactive, one, loss, tolerance > 0)
         steps[0].add_(1)
         torch._fused_adam_(params, grads, averages, squares, no_max, steps, lr=lr, beta1=beta1,
                            beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
                            maximize=False)
         if tolerance > 0:
-            value = loss.item()
-            stale = 0 if value < best * (1 - tolerance) else stale + 1
-            best = min(best, value)
+            best, stale = _stalled(loss.item(), best, stale, tolerance)
             if stale >= patience:
                 break
     return ran
@@ -218,19 +235,11 @@ class _Training:
         """What an epoch changes for good: the weights and Adam's state."""
         return [self.ae.flat, self.step, self.exp_avg, self.exp_avg_sq]
 
-    def forward(self) -> None:
-        """``_forward`` of the current weights into the buffers."""
-        ae, b = self.ae, self.buffers
-        _forward(self.maps, ae.w1, ae.b1, ae.w2, ae.b2, b.hidden, b.out)
-
     def epoch(self) -> None:
         ae, b = self.ae, self.buffers
-        self.forward()
-        if self.track_loss:  # the loss of the weights this step starts from, as autograd's
-            torch.mean(torch.sub(b.out, self.maps, out=b.delta).square_(), dim=(0, 1),
-                       out=self.loss)
-        _backward(self.maps, ae.w2, b.hidden, b.out, b.delta, b.slope, b.hidden_delta,
-                  b.inactive, b.one, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2)
+        _gradients(self.maps, ae.w1, ae.b1, ae.w2, ae.b2, ae.g_w1, ae.g_b1, ae.g_w2, ae.g_b2,
+                   b.hidden, b.out, b.delta, b.slope, b.hidden_delta, b.inactive, b.one,
+                   self.loss, self.track_loss)
         # torch.optim.Adam's update, without an Optimizer object's per-call bookkeeping
         adam([self.ae.flat], [self.ae.flat.grad], [self.exp_avg], [self.exp_avg_sq], [],
              [self.step], **self.adam)
@@ -248,8 +257,9 @@ class _Training:
 
     def errors(self) -> torch.Tensor:
         """R (K,), eq. (12), of the current weights."""
-        self.forward()
-        return (self.buffers.out - self.maps).abs().mean(dim=1)
+        ae, b = self.ae, self.buffers
+        _forward(self.maps, ae.w1, ae.b1, ae.w2, ae.b2, b.hidden, b.out)
+        return (b.out - self.maps).abs().mean(dim=1)
 
 
 def captured(training: _Training) -> Callable[[], None]:
@@ -304,9 +314,7 @@ def reconstruction_errors(
         for ran in range(1, epochs + 1):
             epoch()
             if tolerance > 0:
-                value = training.loss.item()
-                stale = 0 if value < best * (1 - tolerance) else stale + 1
-                best = min(best, value)
+                best, stale = _stalled(training.loss.item(), best, stale, tolerance)
                 if stale >= PATIENCE:
                     break
         return training.errors(), ran
