@@ -46,8 +46,8 @@ from strategies.detection.heatmaps import as_tensors, layercam_heatmaps
 from strategies.detection.update_views import (VIEWS, coordinate_median, nearest_distances,
                                                robust_z, views_excess)
 from task.config import ADAPTIVE_CAM_OFFSETS
-from task.models import default_cam_layer
-from task.params import State, flatten_updates, unflatten
+from task.models import default_cam_layer, output_layer_names
+from task.params import State, columns_of, flatten_updates, unflatten
 
 
 @ATTACKS.register
@@ -64,6 +64,7 @@ class AdaptiveCam(Attack):
             raise ValueError(f"offsets must be one of {ADAPTIVE_CAM_OFFSETS}, got {offsets!r}")
         self.model, self.layer, self.views = model.eval(), layer, tuple(views)
         self.view_z, self.view_pair, self.offsets = view_z, view_pair, offsets
+        self.head_names = output_layer_names(model) if "head-direction" in self.views else ()
 
     @classmethod
     def from_config(cls, config, model=None):
@@ -104,7 +105,7 @@ class AdaptiveCam(Attack):
         def candidate(gamma: float) -> State:
             return unflatten(update(gamma), names, global_state)
 
-        within_views = self.view_bounds(updates)
+        within_views = self.view_bounds(updates, columns_of(global_state, self.head_names))
 
         def fits(gamma: float) -> bool:
             if np.linalg.norm(update(gamma) - mean_update) > distance_bound:
@@ -141,18 +142,19 @@ class AdaptiveCam(Attack):
             offset = radius * noise / max(float(np.linalg.norm(noise)), 1e-30)
         return step, offset
 
-    def view_bounds(self, updates: np.ndarray):
+    def view_bounds(self, updates: np.ndarray, head: tuple[slice, ...] = ()):
         """A test that an update's value in every view lies within the benign uploads' range
         (each view computed against the benign coordinate-wise median), and that its two
         highest views pass the pair rule no further than a benign upload's do, nor past the
-        cut (robust scores over the benign uploads and the update)."""
+        cut (robust scores over the benign uploads and the update); ``head``: the output
+        layer's columns of ``updates`` (head-direction)."""
         centre = coordinate_median(updates)
         views = [v for v in self.views if v != "collusion"]  # the offset answers collusion
-        highest = {v: float(VIEWS[v](updates, centre).max()) for v in views}
+        highest = {v: float(VIEWS[v](updates, centre, head=head).max()) for v in views}
 
         def within(update: np.ndarray) -> bool:
             stacked = np.vstack([updates, update])
-            values = {v: VIEWS[v](stacked, centre) for v in views}
+            values = {v: VIEWS[v](stacked, centre, head=head) for v in views}
             if any(float(values[v][-1]) > highest[v] for v in views):
                 return False
             if len(views) < 2 or self.view_pair >= 1.0:  # the pair rule adds nothing

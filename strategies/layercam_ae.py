@@ -54,7 +54,8 @@ from strategies.detection.update_views import (VIEWS_POOL, RoundSums, judge_view
 from strategies.detection.worker_pools import worker_pool
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
 from task.config import KEYS_BY_NAME, RunConfig, check_layercam_ae_decision
-from task.params import StateColumns, update_norms
+from task.models import output_layer_names
+from task.params import StateColumns, columns_of, update_norms
 
 KEPT_PROBES = 8
 """Probes whose maps ``keep_heatmaps`` hands over at most (the saved grid's columns)."""
@@ -244,6 +245,9 @@ class LayerCamAe(DetectingFedAvg):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.template = model_fn().to(self.device).eval()
         self.template.get_submodule(target_layer)  # fail now on a wrong layer name
+        self.head_names = (output_layer_names(self.template)
+                           if "head-direction" in settings.views else ())
+        """The output layer's parameters (the head-direction view's coordinates)."""
         self.probes = probes.to(self.device)
         self.target_layer = target_layer
         if probe_labels is not None and probe_labels.shape != (len(probes),):
@@ -433,7 +437,8 @@ class LayerCamAe(DetectingFedAvg):
         weights = StateColumns([u.arrays for u in uploads], self.global_state)
         return round_sums(weights, outside="outside-range" in s.views,
                           gram=gram and "collusion" in s.views, workers=s.workers,
-                          reference=reference)
+                          reference=reference,
+                          head=columns_of(self.global_state, self.head_names))
 
     def decide_by_evidence(self, server_round: int, node_ids: list[int], errors: np.ndarray,
                            flagged: Collection[int] = ()

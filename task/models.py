@@ -112,6 +112,16 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
     return spec.build(in_channels, num_classes, image_size)
 
 
+def output_layer_names(model: nn.Module) -> tuple[str, ...]:
+    """The state-dict names of the parameters of the model's last ``nn.Linear`` (the classifier
+    head: its weight and bias), the coordinates the ``head-direction`` view reads."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear output layer")
+    prefix = f"{linears[-1]}." if linears[-1] else ""
+    return tuple(prefix + name for name, _ in model.get_submodule(linears[-1]).named_parameters())
+
+
 def default_cam_layer(name: str) -> str:
     """Dotted module name of the model's default LayerCAM target layer."""
     return MODELS[name].cam_layer

@@ -18,6 +18,19 @@ def float_names(global_state: State) -> list[str]:
     return [k for k, v in global_state.items() if v.dtype.kind == "f"]
 
 
+def columns_of(global_state: State, names: Sequence[str]) -> tuple[slice, ...]:
+    """The columns the named float arrays take in the update matrix (``float_names`` order:
+    ``flatten_updates``, ``StateColumns``), in that order."""
+    starts = dict(zip(float_names(global_state),
+                      itertools.accumulate((global_state[k].size for k in float_names(global_state)),
+                                           initial=0)))
+    missing = [k for k in names if k not in starts]
+    if missing:
+        raise ValueError(f"no float arrays named {missing} in the state")
+    return tuple(slice(starts[k], starts[k] + global_state[k].size)
+                 for k in sorted(names, key=starts.__getitem__))
+
+
 def flat(state: State, names: Sequence[str]) -> np.ndarray:
     """The named arrays of ``state`` as one float64 vector."""
     return np.concatenate([np.asarray(state[k], dtype=np.float64).ravel() for k in names])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attacks import AttackInput, build_attack
-from task.params import flatten_updates
+from task.params import columns_of, flatten_updates
 from strategies.detection.heatmaps import layercam_heatmaps
 from task.config import RunConfig
 from task.models import build_model
@@ -59,30 +59,35 @@ def test_adaptive_cam_needs_the_architecture():
         build_attack(RunConfig(attack="adaptive-cam"))
 
 
-def test_adaptive_cam_that_knows_the_views_stays_within_each_views_benign_range(trained_round):
+@pytest.mark.parametrize("views", ["norm,direction,outside-range,collusion",  # the default
+                                   "norm,direction,outside-range,collusion,head-direction"])
+def test_adaptive_cam_that_knows_the_views_stays_within_each_views_benign_range(trained_round,
+                                                                               views):
     from strategies.detection.thresholds import robust_z
     from strategies.detection.update_views import VIEW_TAILS, VIEWS, nearest_distances, view_excess
 
     global_state, benign, data = trained_round
     model = build_model("cnn", 1, 10, 28)
-    attack = build_attack(RunConfig(attack="adaptive-cam"), model)  # every view, the default
+    config = RunConfig(attack="adaptive-cam", layercam_ae_views=views)
+    attack = build_attack(config, model)
+    checked = [v for v in config.layercam_ae_view_names if v != "collusion"]  # offsets: collusion
+    head = columns_of(global_state, ("fc2.weight", "fc2.bias"))
     probes = data.train.as_float(torch.arange(16))
     crafted = [attack.craft(AttackInput(global_state, global_state, np.random.default_rng(s),
                                         benign, probes=probes)) for s in (0, 1)]
     updates, _ = flatten_updates(benign, global_state)
     malicious, _ = flatten_updates(crafted, global_state)
     centre = np.median(updates, axis=0)
-    for view in ("norm", "direction", "outside-range"):
-        highest = VIEWS[view](updates, centre).max()
+    for view in checked:
+        highest = VIEWS[view](updates, centre, head=head).max()
         for m in malicious:
-            assert VIEWS[view](np.vstack([updates, m]), centre)[-1] <= highest * (1 + 1e-9), view
+            assert VIEWS[view](np.vstack([updates, m]), centre, head=head)[-1] <= highest * (
+                1 + 1e-9), view
     # and the pair rule: its two highest views pass it no further than a benign upload's do
-    config = RunConfig()
     for m in malicious:
         stacked = np.vstack([updates, m])
-        relative = np.stack([robust_z(VIEWS[v](stacked, centre)) / (config.layercam_ae_view_z
-                                                                   * VIEW_TAILS[v])
-                             for v in ("norm", "direction", "outside-range")])
+        relative = np.stack([robust_z(VIEWS[v](stacked, centre, head=head))
+                             / (config.layercam_ae_view_z * VIEW_TAILS[v]) for v in checked])
         excess = view_excess(relative, config.layercam_ae_view_pair)
         assert excess[-1] <= min(1.0, excess[:-1].max()) + 1e-9
     mean = updates.mean(axis=0)

@@ -302,6 +302,43 @@ def test_an_upload_whose_heat_map_overflows_is_rejected_and_the_round_goes_on():
     assert all(np.isfinite(v.numpy()).all() for v in arrays.values())
 
 
+def test_the_head_direction_view_sees_an_upload_whose_output_layer_alone_is_turned(trajectory):
+    """An honest upload whose classifier head (fc2) update is reversed, as training on flipped
+    labels turns it, the rest of its update as trained: the whole update's direction hardly
+    moves (fc2 is 3,210 of 383,306 coordinates), the head's direction sees it. The recorded
+    head-direction scores are the view's definition on the float64 update matrix, to float32
+    rounding."""
+    from strategies.detection.thresholds import robust_z
+    from strategies.detection.update_views import VIEWS
+    from task.params import columns_of, flatten_updates
+
+    globals_, states, sizes, data = trajectory
+    round_states = [dict(s) for s in states[1]]
+    turned = round_states[-1]
+    for name in ("fc2.weight", "fc2.bias"):
+        turned[name] = (2 * globals_[1][name] - turned[name]).astype(turned[name].dtype)
+    replies = [reply(node(c), s, {"num-examples": sizes[c]}) for c, s in enumerate(round_states)]
+    records = {}
+    for views in (("norm", "direction", "outside-range", "collusion"),
+                  ("norm", "direction", "outside-range", "collusion", "head-direction")):
+        strategy = make_strategy(data, views=views)
+        strategy.global_state = globals_[1]
+        strategy.aggregate_train(2, replies)
+        records[views] = strategy.last_record
+    default, with_head = records.values()
+    assert node(CLIENTS - 1) not in default.details["flagged_by_views"]
+    assert default.details["views"]["direction"][node(CLIENTS - 1)] < 6.0
+    assert node(CLIENTS - 1) in with_head.details["flagged_by_views"]
+    nodes = [node(c) for c in range(CLIENTS)]
+    head = [with_head.details["views"]["head-direction"][n] for n in nodes]
+    assert int(np.argmax(head)) == CLIENTS - 1 and head[-1] > 6.0
+    updates, _ = flatten_updates(round_states, globals_[1])
+    expected = robust_z(VIEWS["head-direction"](
+        updates, np.median(updates, axis=0),
+        head=columns_of(globals_[1], ("fc2.weight", "fc2.bias"))))
+    assert head == pytest.approx(expected, rel=1e-4, abs=1e-4)  # float32 sums over the head
+
+
 def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a_kept_one(trajectory):
     from attacks.model_replacement import ModelReplacement
     from strategies.detection.thresholds import robust_z
@@ -344,13 +381,15 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     nodes = [node(c) for c in range(CLIENTS)]
     assert [record.details["update_norms"][n] for n in nodes] == pytest.approx(
         np.linalg.norm(updates, axis=1), rel=1e-6)
-    for view, function in VIEWS.items():
-        expected = robust_z(function(updates, centre))
+    assert strategy.settings.views == ("norm", "direction", "outside-range", "collusion")
+    for view in strategy.settings.views:
+        expected = robust_z(VIEWS[view](updates, centre))
         assert [record.details["views"][view][n] for n in nodes] == pytest.approx(
             expected, rel=1e-5, abs=1e-5), view
     # the flagged uploads are those whose views pass one cut or two 0.6 shares of theirs
-    cuts = np.array([[strategy.settings.view_z * VIEW_TAILS[v]] for v in VIEWS])
-    relative = np.array([[record.details["views"][v][n] for n in nodes] for v in VIEWS]) / cuts
+    used = strategy.settings.views
+    cuts = np.array([[strategy.settings.view_z * VIEW_TAILS[v]] for v in used])
+    relative = np.array([[record.details["views"][v][n] for n in nodes] for v in used]) / cuts
     excess = view_excess(relative, record.details["view_pair"])
     assert record.details["view_pair"] == 0.6
     assert record.details["flagged_by_views"] == sorted(n for n, e in zip(nodes, excess) if e > 1)

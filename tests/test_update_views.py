@@ -11,7 +11,7 @@ from strategies.records import ClientUpload
 from task.params import row_norms
 from strategies.detection.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, column_median, direction_view, norm_view,
                                      outside_range_view, robust_z, view_scores)
-from task.config import UPDATE_VIEWS, RunConfig
+from task.config import OPTIONAL_VIEWS, UPDATE_VIEWS, RunConfig
 
 
 def benign_round(k=24, d=2000, seed=0):
@@ -21,7 +21,7 @@ def benign_round(k=24, d=2000, seed=0):
 
 
 def test_the_views_are_the_ones_the_config_names():
-    assert tuple(VIEWS) == UPDATE_VIEWS == tuple(VIEW_TAILS)
+    assert tuple(VIEWS) == UPDATE_VIEWS + OPTIONAL_VIEWS == tuple(VIEW_TAILS)
 
 
 def test_robust_z_by_hand():
@@ -230,21 +230,29 @@ def test_round_sums_against_reference_rows_take_the_centre_and_ranges_over_those
     expected = plain_outside_range(updates, centre, reference=reference)
     assert not np.allclose(expected, plain_outside_range(updates, np.median(updates, axis=0)))
     close = dict(rtol=1e-12, atol=1e-15)
+    head = (slice(2950, 2990), slice(2990, 3001))
     for workers in (1, 2):
-        sums = views.round_sums(updates, workers=workers, reference=reference)
+        sums = views.round_sums(updates, workers=workers, reference=reference, head=head)
+        np.testing.assert_allclose(sums.head_dots, updates[:, 2950:] @ centre[2950:], **close)
+        np.testing.assert_allclose(sums.head_squared_norms, (updates[:, 2950:] ** 2).sum(axis=1),
+                                   **close)
+        np.testing.assert_allclose(sums.head_median_squared_norm, centre[2950:] @ centre[2950:],
+                                   **close)
         np.testing.assert_allclose(sums.median_dots, updates @ centre, **close)
         np.testing.assert_allclose(sums.median_squared_norm, centre @ centre, **close)
         np.testing.assert_allclose(sums.distance, ((updates - centre) ** 2).sum(axis=1), **close)
         np.testing.assert_allclose(sums.outside / sums.distance, expected, **close)
         np.testing.assert_allclose(sums.squared_norms, (updates ** 2).sum(axis=1), **close)
-    scores = views.scores_from_sums(sums, UPDATE_VIEWS, reference)
+    scores = views.scores_from_sums(sums, UPDATE_VIEWS + OPTIONAL_VIEWS, reference)
     nearest = views.nearest_distances(updates)
     scale = np.median(nearest[reference])  # the identical uploads' floor is 1e-6 of it
     definitions = {"norm": np.log(row_norms(updates)),
                    "direction": 1 - updates @ centre / (row_norms(updates)
                                                          * np.linalg.norm(centre)),
                    "outside-range": expected,
-                   "collusion": np.log(scale / np.maximum(nearest, 1e-6 * scale))}
+                   "collusion": np.log(scale / np.maximum(nearest, 1e-6 * scale)),
+                   "head-direction": 1 - updates[:, 2950:] @ centre[2950:] / (
+                       row_norms(updates[:, 2950:]) * np.linalg.norm(centre[2950:]))}
     for view, values in definitions.items():
         basis = values[reference]
         mad = 1.4826 * np.median(np.abs(basis - np.median(basis)))
@@ -332,11 +340,19 @@ def test_view_scores_are_the_robust_scores_of_the_views_definitions(k):
     updates = benign_round(k=k, d=2003, seed=k)
     updates[0, :40] += 0.5
     updates[-1] *= -3
+    head = (slice(1950, 1993), slice(1993, 2003))  # an output layer's weight and bias
+    updates[1, 1950:] *= -1  # its head turned, the rest as the others'
     centre = np.median(updates, axis=0)
-    scores = view_scores(updates, UPDATE_VIEWS, workers=2)
+    scores = view_scores(updates, UPDATE_VIEWS + OPTIONAL_VIEWS, workers=2, head=head)
     for view, function in VIEWS.items():
-        np.testing.assert_allclose(scores[view], robust_z(function(updates, centre)),
+        np.testing.assert_allclose(scores[view], robust_z(function(updates, centre, head=head)),
                                    rtol=1e-9, atol=1e-9, err_msg=view)
+    # head-direction is the direction of the head's columns alone
+    columns = np.r_[1950:2003]
+    np.testing.assert_allclose(VIEWS["head-direction"](updates, centre, head=head),
+                               VIEWS["direction"](updates[:, columns], centre[columns]))
+    with pytest.raises(ValueError, match="output layer"):
+        view_scores(updates, OPTIONAL_VIEWS)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 6])

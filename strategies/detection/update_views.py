@@ -16,6 +16,10 @@ round's clients, oriented so that a large positive z is suspicious:
 - ``collusion``: log(median nearest-neighbour distance / own nearest-neighbour distance).
   Clients that upload one crafted model (ALIE, IPM, Min-Max, Min-Sum) sit far closer to each
   other than independent benign clients do.
+- ``head-direction`` (not among the defaults): ``direction`` over the output layer's
+  coordinates alone (``task.models.output_layer_names``). Training on flipped labels turns the
+  classifier head's update against the others' while the rest of the model, most of the
+  coordinates, still learns the images' features.
 
 Every view reduces to a few sums over the coordinates (``RoundSums``: the norms, the dot
 products with m, the distances from m inside and outside the range, the Gram matrix), so the
@@ -189,6 +193,13 @@ class RoundSums:
     """||d_i||^2."""
     gram: np.ndarray | None = None
     """Delta Delta^T (K x K)."""
+    head_squared_norms: np.ndarray | None = None
+    """||Delta_i||^2 over the head's coordinates (``head-direction``; not summed by ``add``:
+    ``round_sums`` takes them once, the head being a few thousand coordinates)."""
+    head_dots: np.ndarray | None = None
+    """Delta_i . m over the head's coordinates."""
+    head_median_squared_norm: float | None = None
+    """||m||^2 over the head's coordinates."""
 
     def add(self, other: RoundSums) -> None:
         """Add another block's sums to these (in place)."""
@@ -228,7 +239,7 @@ before they are added (each block's sums may hold a K x K Gram matrix)."""
 
 def round_sums(weights: np.ndarray | StateColumns, *, outside: bool = True, gram: bool = True,
                width: float = RANGE_WIDTH, workers: int = 1,
-               reference: np.ndarray | None = None) -> RoundSums:
+               reference: np.ndarray | None = None, head: Sequence[slice] = ()) -> RoundSums:
     """``RoundSums`` of the (K, D) updates, a block of coordinates at a time: ``weights`` is
     either the updates or a ``StateColumns`` of the uploads, whose updates are their arrays minus
     its ``origin`` (each block gathered from the uploads' arrays, no (K, D) copy made). Each
@@ -236,7 +247,8 @@ def round_sums(weights: np.ndarray | StateColumns, *, outside: bool = True, gram
     models: half the bytes to sort and pass over), one sort gives the median and the MAD, and the
     block's sums are added in float64.
     ``outside``/``gram``: the outside-range view's and the collusion view's sums.
-    ``reference``: the rows the median and each coordinate's range are taken over (default:
+    ``head``: the output layer's columns (``task.params.columns_of``), whose sums the
+    head-direction view takes (none when empty). ``reference``: the rows the median and each coordinate's range are taken over (default:
     all); the sums are every row's. The blocks,
     ``BLOCKS_PER_GATHER`` consecutive ones a task, are shared among the ``workers`` threads of
     ``worker_pool(VIEWS_POOL)`` (numpy's sort, arithmetic and BLAS release the GIL) and their
@@ -288,6 +300,14 @@ def round_sums(weights: np.ndarray | StateColumns, *, outside: bool = True, gram
         for parts in summed:  # in the blocks' order
             for part in parts:
                 total.add(part)
+    if head:
+        values = np.concatenate([read(columns) if origin is None
+                                 else np.subtract(read(columns), origin[columns], dtype=dtype)
+                                 for columns in head], axis=1).astype(dtype, copy=False)
+        centre = column_median(values if reference is None else values[reference])
+        total.head_squared_norms = np.einsum("ij,ij->i", values, values).astype(np.float64)
+        total.head_dots = (values @ centre).astype(np.float64)
+        total.head_median_squared_norm = float(np.dot(centre, centre))
     return total
 
 
@@ -306,7 +326,13 @@ def scores_from_sums(sums: RoundSums, views: Sequence[str],
                                              float(np.sqrt(sums.median_squared_norm))),
         "outside-range": lambda: sums.outside / np.maximum(sums.distance, TINY),
         "collusion": lambda: collusion_from_nearest(nearest_from_gram(sums.gram), reference),
+        "head-direction": lambda: cosine_distance(
+            sums.head_dots, np.sqrt(sums.head_squared_norms),
+            float(np.sqrt(sums.head_median_squared_norm))),
     }
+    if "head-direction" in views and sums.head_dots is None:
+        raise ValueError("the head-direction view needs the sums over the output layer's "
+                         "columns (round_sums' head)")
     return {view: robust_z(values[view](), reference) for view in views}
 
 
@@ -337,16 +363,32 @@ def collusion_from_nearest(nearest: np.ndarray, reference: np.ndarray | None = N
     return np.log(max(scale, TINY) / np.maximum(nearest, floor))
 
 
+def head_direction_view(updates: np.ndarray, centre: np.ndarray, head: Sequence[slice]
+                        ) -> np.ndarray:
+    """``direction_view`` over the ``head`` columns alone (the median's restriction to them is
+    their own coordinate-wise median)."""
+    if not head:
+        raise ValueError("the head-direction view needs the output layer's columns")
+    columns = np.r_[tuple(head)]
+    return direction_view(updates[:, columns], centre[columns])
+
+
 VIEWS: dict[str, Callable[..., np.ndarray]] = {
-    "norm": lambda updates, centre, norms=None: norm_view(updates, norms),
-    "direction": direction_view,
-    "outside-range": lambda updates, centre, norms=None: outside_range_view(updates, centre),
-    "collusion": lambda updates, centre, norms=None: collusion_view(updates),
+    "norm": lambda updates, centre, norms=None, head=(): norm_view(updates, norms),
+    "direction": lambda updates, centre, norms=None, head=(): direction_view(updates, centre,
+                                                                              norms),
+    "outside-range": lambda updates, centre, norms=None, head=(): outside_range_view(updates,
+                                                                                     centre),
+    "collusion": lambda updates, centre, norms=None, head=(): collusion_view(updates),
+    "head-direction": lambda updates, centre, norms=None, head=(): head_direction_view(
+        updates, centre, head),
 }
 """Every view by its run-config name; each takes the updates, their coordinate-wise median and,
-optionally, the updates' norms (``row_norms``) when the caller has them."""
+optionally, the updates' norms (``row_norms``) when the caller has them and the output layer's
+columns (``head``, which head-direction needs)."""
 
-VIEW_TAILS: dict[str, float] = {"norm": 1.0, "direction": 1.0, "outside-range": 2.0, "collusion": 1.0}
+VIEW_TAILS: dict[str, float] = {"norm": 1.0, "direction": 1.0, "outside-range": 2.0, "collusion": 1.0,
+                                "head-direction": 1.0}
 """Each view's cut is ``layercam-ae-view-z`` times its factor. Under non-IID data a benign client
 whose classes few others hold writes much of its update into coordinates the others leave
 small, so the outside-range view's benign tail is wider than the others' (measured in
@@ -409,14 +451,15 @@ def judge_views(first: RoundSums, views: Sequence[str], view_z: float, pair: flo
     return scores, excess, aside, judged_once
 
 
-def view_scores(updates: np.ndarray, views: Sequence[str], workers: int = 1
-                ) -> dict[str, np.ndarray]:
+def view_scores(updates: np.ndarray, views: Sequence[str], workers: int = 1,
+                head: Sequence[slice] = ()) -> dict[str, np.ndarray]:
     """Each named view's signed robust score per client (rows of ``updates``), through
-    ``round_sums`` (zero with fewer than three clients)."""
+    ``round_sums`` (zero with fewer than three clients); ``head``: the output layer's
+    columns (head-direction)."""
     if len(updates) < 3:  # no majority to be robust with (and no median of no rows)
         return {view: np.zeros(len(updates)) for view in views}
     sums = round_sums(updates, outside="outside-range" in views, gram="collusion" in views,
-                      workers=workers)
+                      workers=workers, head=head if "head-direction" in views else ())
     return scores_from_sums(sums, views)
 
 
