@@ -18,7 +18,7 @@ Against the update views (``layercam-ae-views``, ``strategies.detection.update_v
 (``adaptive-cam-knows-views``; false: the views-blind attack above, its control)
 and keeps every view's value within the benign uploads' range (so its robust score stays below
 the largest benign one, whatever the cut), and the pair of its two highest views within the
-pair rule (``layercam-ae-view-pair``: its ``view_excess`` no higher than a benign upload's, nor
+pair rule (``layercam-ae-view-pair``: its ``views_excess`` no higher than a benign upload's, nor
 past the cut; without the collusion view, which the offset below answers, though the server's
 rule includes it). Reversing the mean update cannot pass the direction
 view, so its candidates turn away from the mean instead: w(gamma) = w_g + (1 - gamma) u_bar +

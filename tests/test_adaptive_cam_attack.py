@@ -64,7 +64,7 @@ def test_adaptive_cam_needs_the_architecture():
 def test_adaptive_cam_that_knows_the_views_stays_within_each_views_benign_range(trained_round,
                                                                                views):
     from strategies.detection.thresholds import robust_z
-    from strategies.detection.update_views import VIEW_TAILS, VIEWS, nearest_distances, view_excess
+    from strategies.detection.update_views import VIEWS, nearest_distances, views_excess
 
     global_state, benign, data = trained_round
     model = build_model("cnn", 1, 10, 28)
@@ -86,9 +86,8 @@ def test_adaptive_cam_that_knows_the_views_stays_within_each_views_benign_range(
     # and the pair rule: its two highest views pass it no further than a benign upload's do
     for m in malicious:
         stacked = np.vstack([updates, m])
-        relative = np.stack([robust_z(VIEWS[v](stacked, centre, head=head))
-                             / (config.layercam_ae_view_z * VIEW_TAILS[v]) for v in checked])
-        excess = view_excess(relative, config.layercam_ae_view_pair)
+        excess = views_excess({v: robust_z(VIEWS[v](stacked, centre, head=head)) for v in checked},
+                              config.layercam_ae_view_z, config.layercam_ae_view_pair)
         assert excess[-1] <= min(1.0, excess[:-1].max()) + 1e-9
     mean = updates.mean(axis=0)
     # it does turn away from the benign mean: less progress along it than the mean makes

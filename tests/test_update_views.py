@@ -396,6 +396,26 @@ def test_view_excess_by_hand_one_view_past_its_cut_or_two_past_the_pair_share():
     np.testing.assert_allclose(view_excess(relative[:1], 0.6), relative[0])  # one view
 
 
+def test_the_heads_direction_and_the_whole_direction_are_one_side_of_the_pair_rule():
+    """By hand, cut 6 (outside-range 12), pair 0.6: direction and head-direction both at 0.8 of
+    their cuts are one side seen twice (kept); head-direction with outside-range at 0.8 of
+    theirs are two sides (excluded); either past its cut alone is excluded."""
+    from strategies.detection.update_views import view_excess, views_excess
+
+    scores = {"norm": np.array([0.0, 0.0, 0.0, 0.0]),
+              "direction": np.array([4.8, 0.0, 7.2, 4.8]),
+              "outside-range": np.array([0.0, 9.6, 0.0, 0.0]),
+              "head-direction": np.array([4.8, 4.8, 0.0, 3.0])}
+    np.testing.assert_allclose(views_excess(scores, 6.0, 0.6),
+                               [0.8, 0.8 / 0.6, 1.2, 0.8])
+    # counted as two sides, the first client would be excluded (0.8 / 0.6 > 1)
+    relative = np.stack([z / (6.0 * VIEW_TAILS[v]) for v, z in scores.items()])
+    assert view_excess(relative, 0.6)[0] == pytest.approx(0.8 / 0.6)
+    # without the head, the second client has one side at 0.8 of its cut
+    default = {v: scores[v] for v in ("norm", "direction", "outside-range")}
+    np.testing.assert_allclose(views_excess(default, 6.0, 0.6), [0.8, 0.8, 1.2, 0.8])
+
+
 def test_the_norm_bound_by_hand_and_against_a_boosted_minority():
     updates = np.diag([1.0, 2.0, 4.0, 8.0, 16.0])  # log norms 0, ln2, 2 ln2, 3 ln2, 4 ln2
     assert norm_bound(row_norms(updates), 0.0) == pytest.approx(4.0)  # the median norm

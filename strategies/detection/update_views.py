@@ -406,10 +406,22 @@ def view_excess(relative: np.ndarray, pair: float) -> np.ndarray:
     return np.maximum(ordered[-1], ordered[-2] / pair)
 
 
+VIEW_SIDES: dict[str, str] = {"head-direction": "direction"}
+"""Views that measure part of another view's quantity, by the side they count as in the pair
+rule. The head's direction is part of the whole update's direction: a benign client whose
+update points away from the median does so in its head too, so the two agreeing is one side
+seen twice, not two sides (docs/defense-in-depth.md, "The head's direction")."""
+
+
 def views_excess(scores: dict[str, np.ndarray], view_z: float, pair: float) -> np.ndarray:
-    """``view_excess`` of the views' ``scores``, each over its cut ``view_z`` x ``VIEW_TAILS``."""
-    return view_excess(np.stack([z / (view_z * VIEW_TAILS[v]) for v, z in scores.items()]),
-                       pair)
+    """``view_excess`` of the views' ``scores``, each over its cut ``view_z`` x ``VIEW_TAILS``;
+    the views of one side (``VIEW_SIDES``) count once, by the larger."""
+    sides: dict[str, np.ndarray] = {}
+    for view, z in scores.items():
+        relative = z / (view_z * VIEW_TAILS[view])
+        side = VIEW_SIDES.get(view, view)
+        sides[side] = np.maximum(sides[side], relative) if side in sides else relative
+    return view_excess(np.stack(list(sides.values())), pair)
 
 
 def judge_views(first: RoundSums, views: Sequence[str], view_z: float, pair: float,
