@@ -58,7 +58,8 @@ SETTINGS = {
 
 
 def _strategy(model_name: str, setting: str, tolerance: float, device: str, probes, seed=0,
-              rejudge_margin: float | None = None):
+              overrides: dict | None = None):
+    """``overrides``: ``LayerCamAeSettings`` fields set for this run (the views, the margin)."""
     import torch
 
     from strategies.layercam_ae import LayerCamAe, LayerCamAeSettings
@@ -66,8 +67,8 @@ def _strategy(model_name: str, setting: str, tolerance: float, device: str, prob
 
     channels, size = SHAPES[model_name][0], probes.shape[-1]
     layer = default_cam_layer(model_name)
-    margin = {} if rejudge_margin is None else {"rejudge_margin": rejudge_margin}
-    settings = LayerCamAeSettings(**SETTINGS[setting], tolerance=tolerance, seed=seed, **margin)
+    settings = LayerCamAeSettings(**SETTINGS[setting], tolerance=tolerance, seed=seed,
+                                  **(overrides or {}))
     return LayerCamAe(model_fn=lambda: build_model(model_name, channels, 10, size),
                       probes=probes, target_layer=layer, settings=settings,
                       device=torch.device(device))
@@ -83,7 +84,7 @@ def _burn() -> None:
 
 
 def measure_speed(model_name, k, setting, tolerance, device, repeats, image_size, boosted,
-                  rejudge_margin, queue) -> None:
+                  overrides, queue) -> None:
     import numpy as np
     import torch
 
@@ -102,8 +103,7 @@ def measure_speed(model_name, k, setting, tolerance, device, repeats, image_size
                                 if v.dtype.kind == "f" else v for n, v in global_state.items()},
                             100.0) for i in range(k)]
     probes = torch.rand(4, channels, size, size)
-    strategy = _strategy(model_name, setting, tolerance, device, probes,
-                         rejudge_margin=rejudge_margin)
+    strategy = _strategy(model_name, setting, tolerance, device, probes, overrides=overrides)
     strategy.global_state = global_state
     def peak_mb() -> float:  # host RSS on a CPU, allocated device memory on a GPU
         if device == "cuda":
@@ -132,8 +132,13 @@ def speed(args) -> None:
     settings = [s for s in args.settings if args.device == "cpu" or s in ("paper", "native")]
     size = f", images {args.image_size}x{args.image_size}" if args.image_size else ""
     boosted = f", {args.boosted} boosted uploads of each K" if args.boosted else ""
+    overrides = {}
     if args.rejudge_margin is not None:
+        overrides["rejudge_margin"] = args.rejudge_margin
         boosted += f", layercam-ae-rejudge-margin {args.rejudge_margin:g}"
+    if args.views is not None:
+        overrides["views"] = tuple(v for v in args.views.split(",") if v)
+        boosted += f", layercam-ae-views '{args.views}'"
     print(f"\nDetection per round ({args.device}{size}, {load}{boosted}; median of "
           f"{args.repeats}):\n")
     print("| model | K | setting | heat maps s | AE s (epochs) | decision s | update views s | "
@@ -145,7 +150,7 @@ def speed(args) -> None:
                     queue = context.Queue()
                     process = context.Process(target=measure_speed, args=(
                         model_name, k, setting, args.tolerance, args.device, args.repeats,
-                        args.image_size, args.boosted, args.rejudge_margin, queue))
+                        args.image_size, args.boosted, overrides, queue))
                     process.start()
                     row = queue.get()
                     process.join()
@@ -279,6 +284,9 @@ def main() -> None:
     parser.add_argument("--rejudge-margin", type=float, default=None,
                         help="layercam-ae-rejudge-margin (default: its default); 1e6 judges the "
                              "boosted uploads a second time")
+    parser.add_argument("--views", default=None,
+                        help="layercam-ae-views, comma-separated (default: its default; \"\": "
+                             "the heat maps alone)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=0.0,
                         help="AE early-stopping tolerance for every setting (0: all epochs)")
