@@ -355,7 +355,8 @@ class RunConfig:
         bounds=Range(0, 1e6, open_low=True))
     layercam_ae_view_pair: float = setting(
         0.6, "also exclude an upload in the round it arrives when two of its view scores each "
-        "exceed this share of their cuts (two sides agreeing; 1: one view past its cut only)",
+        "exceed this share of their cuts (two sides agreeing; `head-direction` and `direction` "
+        "count as one side; 1: one view past its cut only)",
         bounds=Range(0, 1, open_low=True))
     layercam_ae_rejudge: bool = setting(
         True, "judge the uploads the views exclude in a round a second time, against the "
