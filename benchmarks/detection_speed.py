@@ -137,7 +137,12 @@ def speed(args) -> None:
         overrides["rejudge_margin"] = args.rejudge_margin
         boosted += f", layercam-ae-rejudge-margin {args.rejudge_margin:g}"
     if args.views is not None:
+        from strategies.detection.update_views import VIEWS
+
         overrides["views"] = tuple(v for v in args.views.split(",") if v)
+        unknown = [v for v in overrides["views"] if v not in VIEWS]
+        if unknown:
+            sys.exit(f"--views: unknown views {unknown}; the views are {', '.join(VIEWS)}")
         boosted += f", layercam-ae-views '{args.views}'"
     print(f"\nDetection per round ({args.device}{size}, {load}{boosted}; median of "
           f"{args.repeats}):\n")

@@ -21,8 +21,9 @@ def float_names(global_state: State) -> list[str]:
 def columns_of(global_state: State, names: Sequence[str]) -> tuple[slice, ...]:
     """The columns the named float arrays take in the update matrix (``float_names`` order:
     ``flatten_updates``, ``StateColumns``), in that order."""
-    starts = dict(zip(float_names(global_state),
-                      itertools.accumulate((global_state[k].size for k in float_names(global_state)),
+    names_in_order = float_names(global_state)
+    starts = dict(zip(names_in_order,
+                      itertools.accumulate((global_state[k].size for k in names_in_order),
                                            initial=0)))
     missing = [k for k in names if k not in starts]
     if missing:

@@ -248,8 +248,8 @@ def round_sums(weights: np.ndarray | StateColumns, *, outside: bool = True, gram
     block's sums are added in float64.
     ``outside``/``gram``: the outside-range view's and the collusion view's sums.
     ``head``: the output layer's columns (``task.params.columns_of``), whose sums the
-    head-direction view takes (none when empty). ``reference``: the rows the median and each coordinate's range are taken over (default:
-    all); the sums are every row's. The blocks,
+    head-direction view takes (none when empty). ``reference``: the rows the median and each
+    coordinate's range are taken over (default: all); the sums are every row's. The blocks,
     ``BLOCKS_PER_GATHER`` consecutive ones a task, are shared among the ``workers`` threads of
     ``worker_pool(VIEWS_POOL)`` (numpy's sort, arithmetic and BLAS release the GIL) and their
     sums added in the blocks' order, so the result is the same for any ``workers``.
