@@ -14,8 +14,13 @@ training does not depend on the defense or the attack, so each worker does it on
 and partitioning.
 ``--oracle-rounds 1`` is a control: in the rounds listed, the attackers' uploads are dropped
 whatever the defense decides (what a perfect round would cost nothing for).
+``--head-control`` is the head-direction view's control: the view (and the adaptive attacker
+that knows it) reads as many coordinates as the output layer holds, drawn at random from the
+whole update, instead of the output layer's.
 
     python benchmarks/detection_matrix.py --defenses layercam-ae --attacks gae sign-flip
+    python benchmarks/detection_matrix.py --partitionings dirichlet --attackers 3 \
+        --attacks label-flip sign-flip --head-control
     python benchmarks/detection_matrix.py --set layercam-ae-decision=voting \
         --set layercam-ae-threshold=upper --set layercam-ae-map-size=probe \
         --set layercam-ae-views= --set layercam-ae-clip=false --out paper.json
@@ -57,9 +62,39 @@ class Cell:
         return f"{self.defense}{' ' + extra if extra else ''}"
 
 
+HEAD_CONTROL_SEED = 0
+"""The seed of ``random_head_columns``' draw: the same coordinates in every round and run."""
+
+
+def random_head_columns(global_state: dict, names) -> tuple[slice, ...]:
+    """``task.params.columns_of`` for ``--head-control``: as many columns of the update matrix
+    as the ``names`` arrays (the output layer) take, drawn at random from all of its columns,
+    each as a one-column slice in order (none for no names)."""
+    import numpy as np
+
+    from task.params import float_names
+
+    if not names:
+        return ()
+    size = sum(global_state[k].size for k in names)
+    total = sum(global_state[k].size for k in float_names(global_state))
+    picked = np.random.default_rng(HEAD_CONTROL_SEED).choice(total, size, replace=False)
+    return tuple(slice(i, i + 1) for i in np.sort(picked).tolist())
+
+
+def use_random_head() -> None:
+    """Give the defense and the adaptive attacker ``random_head_columns`` for the head."""
+    import attacks.adaptive_cam
+    import strategies.layercam_ae
+
+    for module in (strategies.layercam_ae, attacks.adaptive_cam):
+        module.columns_of = random_head_columns
+
+
 def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (),
-              num_clients: int = NUM_CLIENTS) -> list[dict]:
-    """Every cell of one (seed, partitioning), in order; round 1's benign training shared."""
+              num_clients: int = NUM_CLIENTS, head_control: bool = False) -> list[dict]:
+    """Every cell of one (seed, partitioning), in order; round 1's benign training shared;
+    ``head_control``: ``use_random_head``."""
     import torch
 
     from experiments.federation import LocalFederation, run_rounds
@@ -67,6 +102,8 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
     from task.config import RunConfig
 
     torch.set_num_threads(1)
+    if head_control:
+        use_random_head()
     seed, partitioning = cells[0].seed, cells[0].partitioning
     base = RunConfig(num_clients=num_clients, partitioning=partitioning, seed=seed,
                      num_server_rounds=rounds)
@@ -89,6 +126,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
         accuracy = federation.accuracy(global_state)
         pooled = pooled_detection_metrics(decisions)
         results.append({**dataclasses.asdict(cell), "clients": num_clients,
+                        "head_control": head_control,
                         "accuracy": accuracy, "pooled": pooled,
                         "rounds": per_round, "seconds": time.perf_counter() - started})
         print(f"  {cell.label:28s} {cell.attack:12s} m={cell.attackers:2d} {partitioning:9s} "
@@ -194,6 +232,8 @@ def main() -> None:
                         metavar="KEY=VALUE", help="a run-config key for every cell (repeatable)")
     parser.add_argument("--oracle-rounds", type=int, nargs="*", default=[],
                         help="rounds in which the attackers' uploads are dropped (a control)")
+    parser.add_argument("--head-control", action="store_true",
+                        help="the head-direction view reads random coordinates (its control)")
     parser.add_argument("--clients", type=int, default=NUM_CLIENTS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the raw results (every round) as JSON")
@@ -222,7 +262,8 @@ def main() -> None:
     started = time.perf_counter()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = [r for group in pool.starmap(run_group, [(g, args.rounds, tuple(args.oracle_rounds),
-                                                            args.clients) for g in groups])
+                                                            args.clients, args.head_control)
+                                                           for g in groups])
                    for r in group]
     print(f"\n{args.rounds} rounds, {args.clients} clients, seeds {args.seeds}; "
           f"{time.perf_counter() - started:.0f} s\n")
