@@ -40,11 +40,9 @@ HEATMAP_ENGINES = ("auto", "loop", "vmap")
 HEATMAP_SIZES = ("probe", "native")
 EVIDENCE_DECAYS = ("participation", "rounds")
 """How evidence fades while a client is not sampled (``strategies.detection.evidence``)."""
-UPDATE_VIEWS = ("norm", "direction", "outside-range", "collusion")
-"""The views of the updates beside the heat maps (``strategies.detection.update_views``), the
-default ones."""
-OPTIONAL_VIEWS = ("head-direction",)
-"""Views a run may add to ``layercam-ae-views`` (measured in docs/defense-in-depth.md)."""
+UPDATE_VIEWS = ("norm", "direction", "outside-range", "collusion", "head-direction")
+"""The views of the updates beside the heat maps (``strategies.detection.update_views``), all
+of them on by default."""
 ADAPTIVE_CAM_OFFSETS = ("span", "isotropic")
 """How ``adaptive-cam`` draws its offset against the collusion view (``attacks.adaptive_cam``)."""
 
@@ -345,9 +343,9 @@ class RunConfig:
     layercam_ae_views: str = setting(
         ",".join(UPDATE_VIEWS), "the views of the updates beside the heat maps (see [Defense in "
         "depth](defense-in-depth.md)); empty (`\"\"`) = the paper's heat maps alone; "
-        "`head-direction`, not among the defaults, adds the direction of the output layer's "
-        "update alone",
-        choices=UPDATE_VIEWS + OPTIONAL_VIEWS, separator=",")
+        "`head-direction` (the direction of the output layer's update alone) needs a model whose "
+        "last `nn.Linear` is its output layer",
+        choices=UPDATE_VIEWS, separator=",")
     layercam_ae_view_z: float = setting(
         6.0, "exclude an upload in the round it arrives when one of its view scores (robust z "
         "over the round's uploads) exceeds this (the outside-range view: twice this), unless "

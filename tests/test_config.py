@@ -96,7 +96,8 @@ def test_the_serverapp_stops_on_a_bad_run_config_in_one_line_naming_the_key(tmp_
 
 
 def test_views_parse_to_names_and_empty_is_the_heat_maps_alone():
-    assert RunConfig().layercam_ae_view_names == ("norm", "direction", "outside-range", "collusion")
+    assert RunConfig().layercam_ae_view_names == ("norm", "direction", "outside-range", "collusion",
+                                                  "head-direction")
     assert RunConfig.from_run_config({"layercam-ae-views": " norm , collusion"}
                                      ).layercam_ae_view_names == ("norm", "collusion")
     assert RunConfig.from_run_config({"layercam-ae-views": ""}).layercam_ae_view_names == ()

@@ -325,9 +325,9 @@ def test_the_head_direction_view_sees_an_upload_whose_output_layer_alone_is_turn
         strategy.global_state = globals_[1]
         strategy.aggregate_train(2, replies)
         records[views] = strategy.last_record
-    default, with_head = records.values()
-    assert node(CLIENTS - 1) not in default.details["flagged_by_views"]
-    assert default.details["views"]["direction"][node(CLIENTS - 1)] < 6.0
+    without_head, with_head = records.values()
+    assert node(CLIENTS - 1) not in without_head.details["flagged_by_views"]
+    assert without_head.details["views"]["direction"][node(CLIENTS - 1)] < 6.0
     assert node(CLIENTS - 1) in with_head.details["flagged_by_views"]
     nodes = [node(c) for c in range(CLIENTS)]
     head = [with_head.details["views"]["head-direction"][n] for n in nodes]
@@ -339,11 +339,27 @@ def test_the_head_direction_view_sees_an_upload_whose_output_layer_alone_is_turn
     assert head == pytest.approx(expected, rel=1e-4, abs=1e-4)  # float32 sums over the head
 
 
+def test_a_model_without_a_linear_output_layer_stops_at_start_with_the_views_key_named():
+    """The head-direction view, a default one, reads the last ``nn.Linear``: a model without one
+    stops the strategy when it is made, naming the key to change; without that view it runs."""
+    from task.config import ConfigError
+
+    def convolutional():
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+
+    arguments = dict(model_fn=convolutional, probes=torch.rand(2, 1, 8, 8), target_layer="0")
+    with pytest.raises(ConfigError, match=r"layercam-ae-views: Sequential has no nn.Linear output"
+                                          r" layer; leave `head-direction` out"):
+        LayerCamAe(settings=LayerCamAeSettings(), **arguments)
+    views = ("norm", "direction", "outside-range", "collusion")
+    assert LayerCamAe(settings=LayerCamAeSettings(views=views), **arguments).head_names == ()
+
+
 def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a_kept_one(trajectory):
     from attacks.model_replacement import ModelReplacement
     from strategies.detection.thresholds import robust_z
     from strategies.detection.update_views import VIEW_TAILS, VIEWS, norm_bound, view_excess
-    from task.params import flatten_updates
+    from task.params import columns_of, flatten_updates
 
     globals_, states, sizes, data = trajectory
     round_states = list(states[0])
@@ -381,16 +397,20 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     nodes = [node(c) for c in range(CLIENTS)]
     assert [record.details["update_norms"][n] for n in nodes] == pytest.approx(
         np.linalg.norm(updates, axis=1), rel=1e-6)
-    assert strategy.settings.views == ("norm", "direction", "outside-range", "collusion")
+    assert strategy.settings.views == ("norm", "direction", "outside-range", "collusion",
+                                       "head-direction")
+    head = columns_of(globals_[0], ("fc2.weight", "fc2.bias"))
     for view in strategy.settings.views:
-        expected = robust_z(VIEWS[view](updates, centre))
+        expected = robust_z(VIEWS[view](updates, centre, head=head))
+        close = 1e-4 if view == "head-direction" else 1e-5  # float32 sums over the head
         assert [record.details["views"][view][n] for n in nodes] == pytest.approx(
-            expected, rel=1e-5, abs=1e-5), view
-    # the flagged uploads are those whose views pass one cut or two 0.6 shares of theirs
-    used = strategy.settings.views
-    cuts = np.array([[strategy.settings.view_z * VIEW_TAILS[v]] for v in used])
-    relative = np.array([[record.details["views"][v][n] for n in nodes] for v in used]) / cuts
-    excess = view_excess(relative, record.details["view_pair"])
+            expected, rel=close, abs=close), view
+    # the flagged uploads are those whose views pass one cut or two 0.6 shares of theirs; the
+    # head's direction and the whole update's are one side, by the larger
+    relative = {v: np.array([record.details["views"][v][n] for n in nodes])
+                / (strategy.settings.view_z * VIEW_TAILS[v]) for v in strategy.settings.views}
+    relative["direction"] = np.maximum(relative["direction"], relative.pop("head-direction"))
+    excess = view_excess(np.stack(list(relative.values())), record.details["view_pair"])
     assert record.details["view_pair"] == 0.6
     assert record.details["flagged_by_views"] == sorted(n for n, e in zip(nodes, excess) if e > 1)
     # the uploads the first judgement excluded are judged again against the ones it kept (the
@@ -405,12 +425,14 @@ def test_a_boosted_upload_is_excluded_the_round_it_arrives_and_clipping_bounds_a
     sigma = 1.4826 * np.median(deviation[reference], axis=0)
     sigma = np.where(sigma > 0, sigma, deviation[reference].mean(axis=0))
     outside = np.where(deviation > 4.0 * sigma, deviation ** 2, 0.0).sum(axis=1)
-    definitions = {**{v: VIEWS[v](updates, centre) for v in ("norm", "direction", "collusion")},
+    definitions = {**{v: VIEWS[v](updates, centre, head=head)
+                      for v in ("norm", "direction", "collusion", "head-direction")},
                    "outside-range": outside / (deviation ** 2).sum(axis=1)}
     for view, values in definitions.items():
         expected = robust_z(values, np.array(reference))
+        close = 1e-4 if view == "head-direction" else 1e-5
         assert [judged_again.details["views"][view][n] for n in aside] == pytest.approx(
-            [expected[nodes.index(n)] for n in aside], rel=1e-5, abs=1e-5), view
+            [expected[nodes.index(n)] for n in aside], rel=close, abs=close), view
         assert ({n: judged_again.details["views"][view][n] for n in nodes if n not in aside}
                 == {n: record.details["views"][view][n] for n in nodes if n not in aside})
 

@@ -11,7 +11,7 @@ from strategies.records import ClientUpload
 from task.params import row_norms
 from strategies.detection.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, column_median, direction_view, norm_view,
                                      outside_range_view, robust_z, view_scores)
-from task.config import OPTIONAL_VIEWS, UPDATE_VIEWS, RunConfig
+from task.config import UPDATE_VIEWS, RunConfig
 
 
 def benign_round(k=24, d=2000, seed=0):
@@ -20,8 +20,12 @@ def benign_round(k=24, d=2000, seed=0):
     return 0.1 * rng.normal(0.0, 1.0, d) + 0.05 * rng.normal(0.0, 1.0, (k, d))
 
 
+HEAD = (slice(1950, 2000),)
+"""``benign_round``'s last 50 coordinates, as an output layer (head-direction's columns)."""
+
+
 def test_the_views_are_the_ones_the_config_names():
-    assert tuple(VIEWS) == UPDATE_VIEWS + OPTIONAL_VIEWS == tuple(VIEW_TAILS)
+    assert tuple(VIEWS) == UPDATE_VIEWS == tuple(VIEW_TAILS)
 
 
 def test_robust_z_by_hand():
@@ -68,7 +72,7 @@ def test_each_view_singles_out_the_upload_it_is_built_for(case, view):
         updates[-1, rng.choice(updates.shape[1], 50, replace=False)] += 0.6
     else:
         updates[-3:] = updates[:-3].mean(axis=0)
-    scores = view_scores(updates, UPDATE_VIEWS)
+    scores = view_scores(updates, UPDATE_VIEWS, head=HEAD)
     crafted = slice(-3, None) if case == "copies" else slice(-1, None)
     benign = slice(0, -3) if case == "copies" else slice(0, -1)
     assert scores[view][crafted].min() > 8.0, scores[view][crafted]
@@ -76,7 +80,7 @@ def test_each_view_singles_out_the_upload_it_is_built_for(case, view):
 
 
 def test_the_views_are_quiet_on_a_benign_round_and_need_three_clients():
-    scores = view_scores(benign_round(), UPDATE_VIEWS)
+    scores = view_scores(benign_round(), UPDATE_VIEWS, head=HEAD)
     assert max(float(np.max(z)) for z in scores.values()) < 4.0
     assert all((z == 0).all() for z in view_scores(benign_round(k=2), UPDATE_VIEWS).values())
     assert all(len(z) == 0 for z in view_scores(np.empty((0, 10)), UPDATE_VIEWS).values())
@@ -243,7 +247,7 @@ def test_round_sums_against_reference_rows_take_the_centre_and_ranges_over_those
         np.testing.assert_allclose(sums.distance, ((updates - centre) ** 2).sum(axis=1), **close)
         np.testing.assert_allclose(sums.outside / sums.distance, expected, **close)
         np.testing.assert_allclose(sums.squared_norms, (updates ** 2).sum(axis=1), **close)
-    scores = views.scores_from_sums(sums, UPDATE_VIEWS + OPTIONAL_VIEWS, reference)
+    scores = views.scores_from_sums(sums, UPDATE_VIEWS, reference)
     nearest = views.nearest_distances(updates)
     scale = np.median(nearest[reference])  # the identical uploads' floor is 1e-6 of it
     definitions = {"norm": np.log(row_norms(updates)),
@@ -343,7 +347,7 @@ def test_view_scores_are_the_robust_scores_of_the_views_definitions(k):
     head = (slice(1950, 1993), slice(1993, 2003))  # an output layer's weight and bias
     updates[1, 1950:] *= -1  # its head turned, the rest as the others'
     centre = np.median(updates, axis=0)
-    scores = view_scores(updates, UPDATE_VIEWS + OPTIONAL_VIEWS, workers=2, head=head)
+    scores = view_scores(updates, UPDATE_VIEWS, workers=2, head=head)
     for view, function in VIEWS.items():
         np.testing.assert_allclose(scores[view], robust_z(function(updates, centre, head=head)),
                                    rtol=1e-9, atol=1e-9, err_msg=view)
@@ -352,7 +356,7 @@ def test_view_scores_are_the_robust_scores_of_the_views_definitions(k):
     np.testing.assert_allclose(VIEWS["head-direction"](updates, centre, head=head),
                                VIEWS["direction"](updates[:, columns], centre[columns]))
     with pytest.raises(ValueError, match="output layer"):
-        view_scores(updates, OPTIONAL_VIEWS)
+        view_scores(updates, ("head-direction",))
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 6])
@@ -492,7 +496,7 @@ def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatc
     workers. A float64 array beside the float32 ones makes the stack float64: then the sums
     are ``flatten_updates``' to the last bit."""
     import strategies.detection.update_views as views
-    from task.params import StateColumns, flatten_updates
+    from task.params import StateColumns, columns_of, flatten_updates
 
     monkeypatch.setattr(views, "BLOCK_BYTES", k * 64 * 4)  # many blocks
     monkeypatch.setattr(views, "MIN_BLOCK_COLUMNS", 1)
@@ -500,12 +504,14 @@ def test_round_sums_of_a_float32_models_stack_are_the_float64_sums(k, monkeypatc
     weights = StateColumns(states, global_state)
     assert weights.dtype == np.float32 and weights.shape == (k, 2037)  # half the float64 bytes
     updates, _ = flatten_updates(states, global_state)
-    single = views.round_sums(updates)
+    head = columns_of(global_state, ("b",))
+    single = views.round_sums(updates, head=head)
     for workers in (1, 2, 3):
-        sums = views.round_sums(weights, workers=workers)
+        sums = views.round_sums(weights, workers=workers, head=head)
         if workers == 1:
             first = sums
-        for name in ("squared_norms", "median_dots", "outside", "distance", "gram"):
+        for name in ("squared_norms", "median_dots", "outside", "distance", "gram",
+                     "head_squared_norms", "head_dots", "head_median_squared_norm"):
             np.testing.assert_allclose(getattr(sums, name), getattr(single, name), rtol=1e-5,
                                        atol=1e-12, err_msg=name)
             np.testing.assert_array_equal(getattr(sums, name), getattr(first, name))

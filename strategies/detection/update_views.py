@@ -16,7 +16,7 @@ round's clients, oriented so that a large positive z is suspicious:
 - ``collusion``: log(median nearest-neighbour distance / own nearest-neighbour distance).
   Clients that upload one crafted model (ALIE, IPM, Min-Max, Min-Sum) sit far closer to each
   other than independent benign clients do.
-- ``head-direction`` (not among the defaults): ``direction`` over the output layer's
+- ``head-direction``: ``direction`` over the output layer's
   coordinates alone (``task.models.output_layer_names``). Training on flipped labels turns the
   classifier head's update against the others' while the rest of the model, most of the
   coordinates, still learns the images' features.
