@@ -45,8 +45,8 @@ from attacks.eavesdropping import largest_gamma
 from strategies.detection.heatmaps import as_tensors, layercam_heatmaps
 from strategies.detection.update_views import (VIEWS, coordinate_median, nearest_distances,
                                                robust_z, views_excess)
-from task.config import ADAPTIVE_CAM_OFFSETS
-from task.models import default_cam_layer, output_layer_names
+from task.config import ADAPTIVE_CAM_OFFSETS, head_view_names
+from task.models import default_cam_layer
 from task.params import State, columns_of, flatten_updates, unflatten
 
 
@@ -64,7 +64,7 @@ class AdaptiveCam(Attack):
             raise ValueError(f"offsets must be one of {ADAPTIVE_CAM_OFFSETS}, got {offsets!r}")
         self.model, self.layer, self.views = model.eval(), layer, tuple(views)
         self.view_z, self.view_pair, self.offsets = view_z, view_pair, offsets
-        self.head_names = output_layer_names(model) if "head-direction" in self.views else ()
+        self.head_names = head_view_names(model, self.views)
 
     @classmethod
     def from_config(cls, config, model=None):

@@ -171,7 +171,8 @@ def table(results: list[dict]) -> str:
         cell = [r for r in results if (r["defense"], tuple(map(tuple, r["overrides"])),
                                        r["partitioning"], r["attack"], r["attackers"])
                 == (defense, overrides, partitioning, attack, attackers)]
-        label = Cell(defense, attack, attackers, partitioning, 0, overrides).label
+        label = Cell(defense, attack, attackers, partitioning, 0, overrides).label + (
+            " (head-control)" if any(r.get("head_control") for r in cell) else "")
         pooled = {m: [r["pooled"][m] for r in cell] for m in ("recall", "precision", "fpr", "f1", "auc")}
         delta = [100 * (r["accuracy"] - none[(defense, overrides, partitioning, r["seed"])])
                  for r in cell if (defense, overrides, partitioning, r["seed"]) in none]
@@ -241,6 +242,15 @@ def main() -> None:
                         help="print the flwr run command that reproduces the first cell, and exit")
     args = parser.parse_args()
     overrides = tuple(args.overrides)
+    if args.head_control:
+        from task.config import RunConfig
+
+        views = RunConfig.from_run_config(dict(overrides)).layercam_ae_view_names
+        if "head-direction" not in views:
+            parser.error("--head-control replaces the head-direction view's columns: "
+                         "layercam-ae-views must include head-direction")
+        if args.flwr_check:
+            parser.error("--head-control is a benchmark control: no flwr run reproduces it")
     groups = []
     for seed in args.seeds:
         for partitioning in args.partitionings:

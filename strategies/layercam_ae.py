@@ -53,8 +53,8 @@ from strategies.detection.update_views import (VIEWS_POOL, RoundSums, judge_view
                                                norm_bound, round_sums)
 from strategies.detection.worker_pools import worker_pool
 from strategies.detection.voting import OutlierHistory, is_voting_round, vote_malicious
-from task.config import KEYS_BY_NAME, ConfigError, RunConfig, check_layercam_ae_decision
-from task.models import output_layer_names
+from task.config import (KEYS_BY_NAME, RunConfig, check_layercam_ae_decision,
+                         head_view_names)
 from task.params import StateColumns, columns_of, update_norms
 
 KEPT_PROBES = 8
@@ -245,14 +245,8 @@ class LayerCamAe(DetectingFedAvg):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.template = model_fn().to(self.device).eval()
         self.template.get_submodule(target_layer)  # fail now on a wrong layer name
-        self.head_names: tuple[str, ...] = ()
+        self.head_names = head_view_names(self.template, settings.views)
         """The output layer's parameters (the head-direction view's coordinates)."""
-        if "head-direction" in settings.views:
-            try:
-                self.head_names = output_layer_names(self.template)
-            except ValueError as error:
-                raise ConfigError(f"layercam-ae-views: {error}; leave `head-direction` out of "
-                                  "the views for this model") from error
         self.probes = probes.to(self.device)
         self.target_layer = target_layer
         if probe_labels is not None and probe_labels.shape != (len(probes),):

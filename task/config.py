@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
 from task.data import DATASETS
-from task.models import MODELS, default_cam_layer, feature_map_problem
+from task.models import MODELS, default_cam_layer, feature_map_problem, output_layer_names
 from task.partition import PARTITIONINGS
 
 FAA_DL_ATTACKER_RESPONSES = ("true-data", "forged-data")
@@ -515,6 +515,19 @@ NUMERIC_RANGES: dict[str, Range] = {key.name: key.bounds for key in KEYS if key.
 
 KEYS_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
 """Every key by its kebab-case name."""
+
+
+def head_view_names(model, views) -> tuple[str, ...]:
+    """The parameters the ``head-direction`` view reads (``task.models.output_layer_names``) when
+    ``views`` include it, none otherwise; a model without an ``nn.Linear`` output layer stops with
+    a ``ConfigError`` naming ``layercam-ae-views``."""
+    if "head-direction" not in views:
+        return ()
+    try:
+        return output_layer_names(model)
+    except ValueError as error:
+        raise ConfigError(f"layercam-ae-views: {error}; leave `head-direction` out of the views "
+                          "for this model") from error
 
 
 def check_layercam_ae_decision(decision: str, threshold: str, votes: int, window: int,

@@ -59,8 +59,20 @@ def test_adaptive_cam_needs_the_architecture():
         build_attack(RunConfig(attack="adaptive-cam"))
 
 
-@pytest.mark.parametrize("views", ["norm,direction,outside-range,collusion",  # the default
-                                   "norm,direction,outside-range,collusion,head-direction"])
+def test_adaptive_cam_on_a_model_without_a_linear_output_layer_names_the_views_key():
+    """It knows the head-direction view, a default one, through the model's last ``nn.Linear``:
+    without one it stops as the defense does, naming the key to change."""
+    from task.config import ConfigError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+    with pytest.raises(ConfigError, match="layercam-ae-views: Sequential has no nn.Linear"):
+        build_attack(RunConfig(attack="adaptive-cam"), model)
+    assert build_attack(RunConfig(attack="adaptive-cam", layercam_ae_views="norm"),
+                        model).head_names == ()
+
+
+@pytest.mark.parametrize("views", ["norm,direction,outside-range,collusion",
+                                   "norm,direction,outside-range,collusion,head-direction"])  # default
 def test_adaptive_cam_that_knows_the_views_stays_within_each_views_benign_range(trained_round,
                                                                                views):
     from strategies.detection.thresholds import robust_z
