@@ -156,26 +156,28 @@ def _mean_std(values: list[float]) -> str:
 
 def table(results: list[dict]) -> str:
     """One row per defense x attack x attackers x partitioning, mean ± std over seeds."""
-    none = {(r["defense"], tuple(map(tuple, r["overrides"])), r["partitioning"], r["seed"]):
-            r["accuracy"] for r in results if r["attack"] == "none"}
+    def setting(r: dict) -> tuple:  # a control run (--head-control) is a setting of its own
+        return (r["defense"], tuple(map(tuple, r["overrides"])), r.get("head_control", False))
+
+    none = {(*setting(r), r["partitioning"], r["seed"]): r["accuracy"]
+            for r in results if r["attack"] == "none"}
     header = ("| defense | partitioning | attack | attackers | recall | precision | FPR | F1 | "
               "AUC | accuracy | Δ vs no attack (pt) |")
     lines = [header, "|" + "---|" * 11]
     keys = []
     for r in results:
-        key = (r["defense"], tuple(map(tuple, r["overrides"])), r["partitioning"], r["attack"],
-               r["attackers"])
+        key = (*setting(r), r["partitioning"], r["attack"], r["attackers"])
         if key not in keys:
             keys.append(key)
-    for defense, overrides, partitioning, attack, attackers in keys:
-        cell = [r for r in results if (r["defense"], tuple(map(tuple, r["overrides"])),
-                                       r["partitioning"], r["attack"], r["attackers"])
-                == (defense, overrides, partitioning, attack, attackers)]
-        label = Cell(defense, attack, attackers, partitioning, 0, overrides).label + (
-            " (head-control)" if any(r.get("head_control") for r in cell) else "")
+    for defense, overrides, control, partitioning, attack, attackers in keys:
+        cell = [r for r in results if (*setting(r), r["partitioning"], r["attack"], r["attackers"])
+                == (defense, overrides, control, partitioning, attack, attackers)]
+        label = (Cell(defense, attack, attackers, partitioning, 0, overrides).label
+                 + (" (head-control)" if control else ""))
         pooled = {m: [r["pooled"][m] for r in cell] for m in ("recall", "precision", "fpr", "f1", "auc")}
-        delta = [100 * (r["accuracy"] - none[(defense, overrides, partitioning, r["seed"])])
-                 for r in cell if (defense, overrides, partitioning, r["seed"]) in none]
+        baseline = (defense, overrides, control, partitioning)
+        delta = [100 * (r["accuracy"] - none[(*baseline, r["seed"])])
+                 for r in cell if (*baseline, r["seed"]) in none]
         if attack == "none":
             pooled = {m: [r["pooled"]["fpr"] for r in cell] if m == "fpr" else [] for m in pooled}
         lines.append(
