@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import multiprocessing as mp
 import statistics
@@ -70,14 +71,20 @@ def random_head_columns(global_state: dict, names) -> tuple[slice, ...]:
     """``task.params.columns_of`` for ``--head-control``: as many columns of the update matrix
     as the ``names`` arrays (the output layer) take, drawn at random from all of its columns,
     each as a one-column slice in order (none for no names)."""
-    import numpy as np
-
     from task.params import float_names
 
     if not names:
         return ()
-    size = sum(global_state[k].size for k in names)
-    total = sum(global_state[k].size for k in float_names(global_state))
+    return _random_columns(sum(global_state[k].size for k in float_names(global_state)),
+                           sum(global_state[k].size for k in names))
+
+
+@functools.cache
+def _random_columns(total: int, size: int) -> tuple[slice, ...]:
+    """``size`` of ``total`` columns drawn with ``HEAD_CONTROL_SEED``, sorted, one-column slices:
+    drawn once per shape, not at every judgement and craft."""
+    import numpy as np
+
     picked = np.random.default_rng(HEAD_CONTROL_SEED).choice(total, size, replace=False)
     return tuple(slice(i, i + 1) for i in np.sort(picked).tolist())
 

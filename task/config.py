@@ -27,11 +27,14 @@ import re
 import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from task.data import DATASETS
 from task.models import MODELS, default_cam_layer, feature_map_problem, output_layer_names
 from task.partition import PARTITIONINGS
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FAA_DL_ATTACKER_RESPONSES = ("true-data", "forged-data")
 LAYERCAM_AE_DECISIONS = ("evidence", "voting")
@@ -517,7 +520,7 @@ KEYS_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
 """Every key by its kebab-case name."""
 
 
-def head_view_names(model, views) -> tuple[str, ...]:
+def head_view_names(model: nn.Module, views: Collection[str]) -> tuple[str, ...]:
     """The parameters the ``head-direction`` view reads (``task.models.output_layer_names``) when
     ``views`` include it, none otherwise; a model without an ``nn.Linear`` output layer stops with
     a ``ConfigError`` naming ``layercam-ae-views``."""
