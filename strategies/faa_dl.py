@@ -202,8 +202,9 @@ class FaaDl(DetectingFedAvg):
         if reply.has_error():
             return Verdict(True, f"verification failed on the client: {reply.error.reason}")
         start = time.perf_counter()
-        try:
-            data, seed = self._decrypt(reply, keys, upload.num_examples)
+        try:  # against the number the client claimed: ``num_examples`` may be the round's
+            # bound of it (``bound_claims``), which an honest client's data exceeds
+            data, seed = self._decrypt(reply, keys, upload.metrics[self.weighted_by_key])
         except Exception as err:  # noqa: BLE001 -- whatever the reply holds verifies the suspect
             return Verdict(True, f"malformed verification reply: {type(err).__name__}: {err}")
         seconds = {"decryption": time.perf_counter() - start}

@@ -22,7 +22,7 @@ from strategies.validation import screen_replies
 from task.config import RunConfig
 from task.data import load_federated_data
 from task.models import build_model
-from tests.helpers import act_as_serverapp
+from tests.helpers import act_as_serverapp, reply
 
 # --- inner-product functional encryption ---------------------------------------------------
 
@@ -211,6 +211,23 @@ def test_honest_suspect_is_cleared_with_its_update_reproduced_exactly(setting):
     assert verdict.seconds["decryption"] > 0 and verdict.seconds["recomputation"] > 0
 
 
+def test_an_honest_suspect_whose_claim_the_round_bounded_is_cleared(setting):
+    # A client with more data than the round's weight share allows: its upload counts as the
+    # bound (``bound_claims``), and its verification reply holds every example it trained on.
+    strategy, arrays = setting
+    context = _context(4, "benign")
+    instruction = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                          dst_node_id=context.node_id, message_type="train")
+    small = [reply(900 + i, strategy.global_state, {"num-examples": 30}) for i in range(5)]
+    uploads, rejected, bounded = screen_replies([train(instruction, context), *small],
+                                                strategy.global_state, "num-examples")
+    (upload,) = [u for u in uploads if u.node_id == context.node_id]
+    assert not rejected and upload.num_examples < bounded[context.node_id]
+    verdict, _, _ = _verify(strategy, upload, context)
+    assert not verdict.verified, verdict.reason
+    assert verdict.mismatch == 0.0
+
+
 def test_poisoned_suspect_is_verified(setting):
     strategy, arrays = setting
     context = _context(5, "attacker")  # trains honestly, uploads the flipped update
@@ -239,7 +256,8 @@ def test_missing_or_malformed_replies_verify_the_suspect_and_name_the_fault(sett
     assert verdict.verified and "malformed" in verdict.reason and "ciphertexts" in verdict.reason
     del reply.content["data"]
     assert "malformed" in strategy.check(upload, reply, keys).reason
-    claimed_more = dataclasses.replace(upload, num_examples=upload.num_examples + 1)
+    claimed_more = dataclasses.replace(  # the claim as the client made it (in its metrics)
+        upload, metrics={**upload.metrics, "num-examples": upload.num_examples + 1})
     _, reply, keys = _verify(strategy, upload, context)
     assert "examples" in strategy.check(claimed_more, reply, keys).reason
 
