@@ -46,6 +46,8 @@ class Auror(DetectingFedAvg):
     """AUROR on the round's updates (module docstring)."""
 
     name = "auror"
+    min_uploads = 3
+    """Two uploads always split 100% of a feature's variance: no minority to mark."""
 
     def __init__(self, *, num_features: int = 100, separation: float = 0.8, tau: float = 0.5,
                  **kwargs) -> None:

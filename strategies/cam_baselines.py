@@ -45,6 +45,11 @@ class LayerCamKrum(LayerCamAe):
         return super().from_config(config, assets, num_malicious=check_krum_f(config),
                                    **flower_kwargs)
 
+    @property
+    def min_uploads(self) -> int:  # type: ignore[override]
+        """Krum's n >= 2f + 3 (``MultiKrum.min_uploads``)."""
+        return 2 * self.num_malicious + 3
+
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         timings: dict[str, float] = {}
         start = time.perf_counter()

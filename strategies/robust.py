@@ -29,12 +29,15 @@ from task.params import flatten_updates, float_names, unflatten
 
 
 def check_krum_f(config: RunConfig, factor: int = 2) -> int:
-    """``krum-f``, checked against the clients a rule that needs n >= factor * f + 3 has
-    (Krum: 2, Bulyan: 4)."""
+    """``krum-f``, checked against the uploads a round has, for a rule that needs
+    n >= factor * f + 3 (Krum: 2, Bulyan: 4): ``clients-per-round`` when set, else
+    ``num-clients`` (below it, every round would keep the previous model)."""
     needed = factor * config.krum_f + 3
-    if config.num_clients < needed:
-        raise ConfigError(f"krum-f={config.krum_f} needs num-clients >= {factor}f + 3 = {needed} "
-                          f"for {config.defense}, got {config.num_clients}")
+    key, clients = (("clients-per-round", config.clients_per_round) if config.clients_per_round
+                    else ("num-clients", config.num_clients))
+    if clients < needed:
+        raise ConfigError(f"krum-f={config.krum_f} needs {key} >= {factor}f + 3 = {needed} "
+                          f"for {config.defense}, got {clients}")
     return config.krum_f
 
 
@@ -68,15 +71,24 @@ class MultiKrum(_UpdateRule):
 
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
-        return cls(num_malicious=check_krum_f(config, cls.clients_per_attacker),
-                   num_selected=config.multi_krum_m, **flower_kwargs)
+        num_malicious = check_krum_f(config, cls.clients_per_attacker)
+        clients = config.clients_per_round or config.num_clients
+        if config.multi_krum_m > clients - num_malicious:
+            raise ConfigError(f"multi-krum-m={config.multi_krum_m} exceeds n - f = "
+                              f"{clients - num_malicious} (n = {clients} uploads a round, krum-f="
+                              f"{num_malicious}): Multi-Krum would average uploads of assumed "
+                              "attackers (0: n - f)")
+        return cls(num_malicious=num_malicious, num_selected=config.multi_krum_m,
+                   **flower_kwargs)
 
     @property
     def min_uploads(self) -> int:  # type: ignore[override]
         return self.clients_per_attacker * self.num_malicious + 3
 
     def selection_size(self, num_uploads: int) -> int:
-        return self.num_selected or max(1, num_uploads - self.num_malicious)
+        """m, at most n - f of this round's n uploads (fewer than planned after dropouts)."""
+        most = max(1, num_uploads - self.num_malicious)
+        return min(self.num_selected, most) if self.num_selected else most
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         vectors = self.updates(uploads)

@@ -215,7 +215,7 @@ class RunConfig:
     # baseline defenses (strategies/robust.py, auror.py, cosdefense.py, cam_baselines.py)
     krum_f: int = setting(3, "attackers assumed by Krum, Multi-Krum, Bulyan and LayerCAM-Krum",
                           bounds=Range(0, 100_000))
-    multi_krum_m: int = setting(0, "uploads Multi-Krum averages (0: n − f)",
+    multi_krum_m: int = setting(0, "uploads Multi-Krum averages, at most n − f (0: n − f)",
                                 bounds=Range(0, 100_000))
     trimmed_mean_beta: float = setting(0.2, "fraction trimmed from each end per coordinate",
                                        bounds=Range(0, 0.5, open_high=True))

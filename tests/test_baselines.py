@@ -79,7 +79,8 @@ def test_bulyan_selects_n_minus_2f_and_averages_the_closest_to_the_median(round_
 
 
 @pytest.mark.parametrize("rule, needed", [(Bulyan(num_malicious=3), 15), (Krum(num_malicious=3), 9),
-                                          (MultiKrum(num_malicious=2), 7)])
+                                          (MultiKrum(num_malicious=2), 7),
+                                          (Auror(num_features=20), 3)])
 def test_the_krum_family_keeps_the_previous_model_below_its_n(rule, needed, round_vectors):
     rule.global_state = {"w": np.zeros(round_vectors.shape[1], np.float32), "steps": np.array([2])}
     replies = [reply(i + 10, {"w": v.astype(np.float32), "steps": np.array([3])}, {"num-examples": 1})
@@ -87,6 +88,8 @@ def test_the_krum_family_keeps_the_previous_model_below_its_n(rule, needed, roun
     arrays, _ = rule.aggregate_train(1, replies[:-1])
     assert arrays is None and not rule.last_record.aggregated
     assert f"{needed - 1} valid upload(s), fewer than the {needed} needed" in rule.last_record.note
+    arrays, _ = rule.aggregate_train(1, replies[:1])  # one upload: no rule may fail on it
+    assert arrays is None and "1 valid upload(s)" in rule.last_record.note
     arrays, _ = rule.aggregate_train(2, replies)
     assert arrays is not None and rule.last_record.kept
 

@@ -5,6 +5,7 @@ new module is found without editing any list."""
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import MetricRecord
@@ -62,6 +63,45 @@ def test_krum_f_is_checked_against_the_clients(defense, clients, needed, referen
         build_defense(config, server_assets(config, reference))
     config = RunConfig(defense=defense, krum_f=3, num_attackers=0, num_clients=needed)
     build_defense(config, server_assets(config, reference))
+    # with partial participation a round has clients-per-round uploads, not num-clients
+    config = RunConfig(defense=defense, krum_f=3, num_attackers=0, num_clients=100,
+                       clients_per_round=needed - 1)
+    with pytest.raises(ConfigError, match=f"krum-f=3 needs clients-per-round >= .* = {needed}"):
+        build_defense(config, server_assets(config, reference))
+    config = RunConfig(defense=defense, krum_f=3, num_attackers=0, num_clients=100,
+                       clients_per_round=needed)
+    build_defense(config, server_assets(config, reference))
+
+
+def test_multi_krum_m_above_n_minus_f_is_refused(reference):
+    config = RunConfig(defense="multi-krum", krum_f=3, num_attackers=0, num_clients=24,
+                       multi_krum_m=22)
+    with pytest.raises(ConfigError, match="multi-krum-m=22 exceeds n - f = 21"):
+        build_defense(config, server_assets(config, reference))
+    config = RunConfig(defense="multi-krum", krum_f=3, num_attackers=0, num_clients=100,
+                       clients_per_round=24, multi_krum_m=22)
+    with pytest.raises(ConfigError, match="multi-krum-m=22 exceeds n - f = 21"):
+        build_defense(config, server_assets(config, reference))
+    config = RunConfig(defense="multi-krum", krum_f=3, num_attackers=0, num_clients=24,
+                       multi_krum_m=21)
+    assert build_defense(config, server_assets(config, reference)).selection_size(24) == 21
+    assert build_defense(config, server_assets(config, reference)).selection_size(20) == 17
+
+
+def test_layercam_krum_keeps_the_previous_model_below_krums_n(reference):
+    config = RunConfig(defense="layercam-krum", krum_f=1, num_attackers=0, num_clients=8,
+                       layercam_ae_epochs=5)
+    strategy = build_defense(config, server_assets(config, reference))
+    torch.manual_seed(0)
+    strategy.global_state = state_to_numpy(build_model("cnn", 1, 10, 28))
+    rng = np.random.default_rng(0)
+    replies = [reply(10 + i, {k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
+                              for k, v in strategy.global_state.items()}, {"num-examples": 10})
+               for i in range(5)]
+    arrays, _ = strategy.aggregate_train(1, replies[:4])
+    assert arrays is None and "4 valid upload(s), fewer than the 5 needed" in strategy.last_record.note
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is not None and strategy.last_record.kept
 
 
 def test_an_aont_lambda_singular_for_the_image_height_is_refused(reference):
