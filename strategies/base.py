@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -171,7 +171,14 @@ class DetectingFedAvg(FedAvg):
         needed = max(self.min_replies, self.min_uploads)
         if len(uploads) >= needed:
             start = time.perf_counter()
-            detection = self.detect(server_round, uploads)
+            try:
+                detection = self.detect(server_round, uploads)
+            except Exception as err:  # noqa: BLE001 -- uploads the rule cannot decide on stop
+                # this round (nothing unscreened is aggregated), not the server
+                log(ERROR, "Round %d: %s's decision failed", server_round, self.name,
+                    exc_info=True)
+                detection = Detection(kept=[], details={
+                    "skipped": f"the decision failed: {type(err).__name__}: {err}"})
             if not detection.timings:  # a rule that doesn't time its steps: its whole decision
                 detection.timings = {"detection": time.perf_counter() - start}
         else:

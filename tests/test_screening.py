@@ -205,6 +205,25 @@ def test_an_error_after_an_accepted_reply_is_ignored(setting):
     assert record.kept == [1, 2] and not record.rejected
 
 
+def test_a_decision_that_fails_keeps_the_previous_model_and_the_server_running(setting):
+    """Uploads that pass the screening but make a rule raise (a case it does not handle) cost
+    the round, recorded with the error, not the ServerApp."""
+    data, global_state, valid = setting
+    strategy = make_defense("median", data)
+    strategy.global_state = global_state
+
+    def fails(server_round, uploads):
+        raise FloatingPointError("a case the rule does not handle")
+
+    strategy.detect = fails
+    arrays, _ = strategy.aggregate_train(1, [reply(i + 1, v, {"num-examples": 10})
+                                             for i, v in enumerate(valid)])
+    record = strategy.last_record
+    assert arrays is None and not record.aggregated and record.kept == []
+    assert "the decision failed: FloatingPointError: a case the rule does not handle" in record.note
+    assert record.excluded == list(range(1, VALID + 1))
+
+
 def test_a_huge_claim_is_rejected_and_a_large_one_carries_at_most_twice_the_fair_share(setting):
     """Two clients claiming 1e308 would overflow the weight sum (rejected); one claiming 1e11
     would take nearly all the weight: it is counted as the t with t / (t + 500) = 2 / 4."""
