@@ -126,7 +126,8 @@ class DetectingFedAvg(FedAvg):
             if time.monotonic() > deadline:
                 log(WARNING, "Round %d: %d node(s) connected, fewer than min-replies=%d: "
                     "nothing sent", server_round, len(connected), self.min_replies)
-                self.sampled, self.left_out = [], set()
+                # the connected nodes were left out (nothing was sent), not dropped out
+                self.sampled, self.left_out = [], set(connected)
                 return []
             time.sleep(0.5)
         size = self.clients_per_round or int(len(connected) * self.fraction_train)
