@@ -4,8 +4,8 @@
 
 Every number is recomputed from the runs' ``rounds.jsonl`` (not read from ``summary.json``):
 detection metrics pool each run's (client, round) decisions against the ground truth the
-harness wrote in each row (``attackers``), exactly as the harness does
-(``server_app.metrics.pooled_detection_metrics``). Runs that differ only in ``seed`` form one
+harness wrote in each row (``attackers`` and ``benign``), exactly as the harness does
+(``server_app.metrics.round_decisions``, ``pooled_detection_metrics``). Runs that differ only in ``seed`` form one
 row of the table, as mean ± sample std over seeds (the paper's Tables 2–5 and 7: Recall,
 Precision, FPR, Accuracy, F1, plus AUC, the final test accuracy and the detection time per
 round: the defense's steps, screening and aggregation aside). Writes ``report.md`` (tables, plots, and the command and grid that made them),
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server_app.metrics import pooled_detection_metrics
+from server_app.metrics import pooled_detection_metrics, ranking_scores, round_decisions
 
 IGNORED_KEYS = {"seed", "results-dir", "resume-from", "round-timeout", "node-wait-timeout"}
 """Config keys that don't make runs different settings."""
@@ -199,28 +199,32 @@ def row_problem(row: Any) -> str | None:
         return None
     if not isinstance(scores, dict) or not _node_ids(scores):
         return "defense.scores: not an object of node ids"
+    rejected = {int(n) for n in record["rejected"]}  # no score: the screening removed them
     for node in record["received"]:
         score = scores.get(str(node))
-        if score is None:
+        if score is None and node not in rejected:
             return f"defense.scores.{node}: missing"
-        if not _finite(score):
+        if score is not None and not _finite(score):
             return f"defense.scores.{node}: {score!r} is not a finite number"
     return None
 
 
 def decisions(rows: list[dict[str, Any]]) -> list[tuple[dict[int, bool], set[int], dict | None]]:
-    """Each round's (truth, removed, scores), as the harness pooled them."""
+    """Each round's (truth, removed, scores), as the harness pooled them
+    (``server_app.metrics.round_decisions``): over the nodes with ground truth (``attackers``
+    and ``benign``; rows written before ``benign`` was: every node received)."""
     out = []
     for row in rows:
         record = row.get("defense")
         if record is None or "attackers" not in row:
             continue
         attackers = set(row["attackers"])
-        truth = {node: node in attackers for node in record["received"]}
-        removed = set(record["excluded"]) | {int(n) for n in record["rejected"]}
+        known = set(row["benign"]) | attackers if "benign" in row else set(record["received"])
+        truth = {node: node in attackers for node in record["received"] if node in known}
         scores = ({int(n): s for n, s in record["scores"].items()}
                   if record.get("scores") is not None else None)
-        out.append((truth, removed, scores))
+        out.append(round_decisions(truth, record["excluded"], {int(n) for n in record["rejected"]},
+                                   scores, "skipped" in record.get("details", {})))
     return out
 
 
@@ -417,12 +421,19 @@ def plot_roc(panels, out: Path, plt) -> Path:
     for ax, (title, by_defense) in zip(axes, panels.items()):
         for defense, runs in sorted(by_defense.items()):
             y, s = [], []
-            for run in runs:  # a run's scores count only when every round has them (as its AUC)
-                if any(scores is None for _, _, scores in run.decisions):
+            truth, removed, scores = {}, set(), {}
+            for r, run in enumerate(runs):  # a run counts when every round has scores (its AUC)
+                if any(round_scores is None for _, _, round_scores in run.decisions):
                     continue
-                for truth, _, scores in run.decisions:
-                    y += [int(truth[n]) for n in sorted(truth)]
-                    s += [scores[n] for n in sorted(truth)]
+                for i, (round_truth, round_removed, round_scores) in enumerate(run.decisions):
+                    truth.update({(r, i, n): a for n, a in round_truth.items()})
+                    removed |= {(r, i, n) for n in round_removed}
+                    scores.update({(r, i, n): v for n, v in round_scores.items()})
+            keys = sorted(truth)
+            # as the harness's AUC: a removed client without a score ranks above all
+            ranking = ranking_scores(keys, scores, removed) if keys else None
+            if ranking is not None:
+                y, s = [int(truth[k]) for k in keys], ranking
             if 0 < sum(y) < len(y):
                 fpr, tpr, _ = roc_curve(y, s)
                 ax.plot(fpr, tpr, label=f"{defense} (AUC {roc_auc_score(y, s):.3f})")

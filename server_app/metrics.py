@@ -51,6 +51,20 @@ def ranking_scores(nodes: list, scores: Mapping, removed: set) -> list[float] | 
     return [finite.get(n, top) for n in nodes]
 
 
+def round_decisions(truth: Mapping[int, bool], excluded: Iterable[int], rejected: Iterable[int],
+                    scores: Mapping[int, float] | None, skipped: bool
+                    ) -> tuple[dict[int, bool], set[int], Mapping[int, float] | None]:
+    """The client-rounds a round decided on, with their ground truth, those it removed and
+    their scores: the screening's rejections always, and the defense's exclusions unless it
+    made no decision (``skipped``: too few uploads, or its rule failed), when the uploads it did
+    not aggregate were not detected (and the rejected ones, without scores, rank on top).
+    ``truth``: the nodes whose ground truth is known (a client that failed reports none)."""
+    rejected = set(rejected)
+    if skipped:
+        return {n: a for n, a in truth.items() if n in rejected}, rejected & set(truth), {}
+    return dict(truth), (set(excluded) | rejected) & set(truth), scores
+
+
 def pooled_detection_metrics(rounds: Iterable[tuple[Mapping[int, bool], Iterable[int],
                                                      Mapping[int, float] | None]]) -> dict:
     """The same metrics over all (client, round) decisions of a run, pooled; AUC pools scores

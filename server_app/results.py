@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from flwr.common import log
 
-from server_app.metrics import detection_metrics, pooled_detection_metrics
+from server_app.metrics import detection_metrics, pooled_detection_metrics, round_decisions
 from strategies.records import RoundRecord
 from task.config import ConfigError
 
@@ -284,11 +284,15 @@ class RoundLog:
             if ray_nodes:
                 row["ray_nodes"] = dict(sorted(ray_nodes.items()))
             attackers = {node for node, attacked in truth.items() if attacked}
-            if truth:
-                removed = set(record.excluded) | set(record.rejected)
-                row["detection"] = detection_metrics(truth, removed, record.scores)
-                row["attackers"] = sorted(attackers)  # the ground truth behind the metrics
-                self.decisions.append((truth, removed, record.scores))
+            decided, removed, scores = round_decisions(
+                truth, record.excluded, record.rejected, record.scores,
+                "skipped" in record.details)
+            if decided:
+                row["detection"] = detection_metrics(decided, removed, scores)
+                # the ground truth behind the metrics (a client that failed has none)
+                row["attackers"] = sorted(attackers)
+                row["benign"] = sorted(n for n, attacked in truth.items() if not attacked)
+                self.decisions.append((decided, removed, scores))
             if record.heatmaps is not None:  # the maps are those of the first uploads received
                 self.writer.save_heatmap_grid(
                     server_round, record.heatmaps, record.received[:len(record.heatmaps)],
