@@ -448,6 +448,11 @@ class RunConfig:
                               f"num-clients ({self.num_clients})")
         if self.num_attackers > 0 and self.attack == "none":
             raise ConfigError("num-attackers > 0 needs an attack other than 'none'")
+        majority = math.floor(self.num_clients / 2 + 1)
+        if self.attack == "alie" and self.alie_z <= 0 and self.num_attackers >= majority:
+            raise ConfigError(f"alie-z={self.alie_z:g} takes Baruch et al.'s z_max, which needs "
+                              f"num-attackers < floor(num-clients / 2 + 1) = {majority}, got "
+                              f"{self.num_attackers}; set alie-z > 0")
         check_layercam_ae_decision(self.layercam_ae_decision, self.layercam_ae_threshold,
                                    self.layercam_ae_votes, self.layercam_ae_window,
                                    self.layercam_ae_group_z, self.layercam_ae_low_z)

@@ -95,6 +95,17 @@ def test_the_serverapp_stops_on_a_bad_run_config_in_one_line_naming_the_key(tmp_
     assert not any(tmp_path.iterdir())
 
 
+def test_alies_z_max_is_refused_where_the_attackers_need_no_supporters():
+    # s = floor(n/2 + 1) - m supporters; none left: Phi^-1 of 1 is unbounded
+    for clients, attackers in ((4, 3), (10, 6), (3, 2)):
+        with pytest.raises(ConfigError, match=rf"alie-z=0 .* < floor\(num-clients / 2 \+ 1\)"):
+            RunConfig.from_run_config({"attack": "alie", "num-clients": clients,
+                                       "num-attackers": attackers})
+    RunConfig.from_run_config({"attack": "alie", "num-clients": 10, "num-attackers": 5})
+    RunConfig.from_run_config({"attack": "alie", "num-clients": 10, "num-attackers": 6,
+                               "alie-z": 1.0})
+
+
 def test_views_parse_to_names_and_empty_is_the_heat_maps_alone():
     assert RunConfig().layercam_ae_view_names == ("norm", "direction", "outside-range", "collusion",
                                                   "head-direction")
