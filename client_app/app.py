@@ -230,7 +230,7 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     )
     # The fields of a benign reply: the median benign data size and training loss of the round.
     metrics = {"train-loss": float(settings["claimed-train-loss"]),
-               "num-examples": float(settings["claimed-num-examples"]), ATTACKER: 1.0}
+               "num-examples": int(settings["claimed-num-examples"]), ATTACKER: 1.0}
     return _model_reply(msg, state, metrics)
 
 

@@ -37,6 +37,7 @@ import torch
 from attacks import AttackInput, build_attack
 from client_app.app import local_probes, training_seed
 from server_app.defenses import build_defense, server_assets
+from server_app.eavesdrop import claimed_size
 from strategies.detection.autoencoder import torch_threads
 from strategies.records import ClientUpload, Detection
 from strategies.validation import bound_claims
@@ -161,7 +162,7 @@ def client_uploads(federation: LocalFederation, config: RunConfig, attack: Attac
     if eavesdropping and attackers:
         states = tuple(u.arrays for u in benign)
         sizes = tuple(u.num_examples for u in benign)
-        claimed = float(np.median(sizes))
+        claimed = float(claimed_size(sizes))
         for client in sorted(attackers):
             rng = np.random.default_rng(training_seed(config, server_round, client))
             probes = local_probes(federation.partitions[client], attack)

@@ -69,6 +69,13 @@ def _forwardable(reply: Message) -> tuple[bytes, int] | None:
         return None
 
 
+def claimed_size(sizes: Iterable[float]) -> int:
+    """The ``num-examples`` an eavesdropping attacker claims: the benign uploads' median, a
+    whole number as every benign client's is (its type would tell a crafted reply apart)."""
+    sizes = list(sizes)
+    return int(round(float(np.median(sizes)))) if sizes else 1
+
+
 def ray_node(reply: Message) -> str | None:
     """The Ray node a reply says it was made on, if it names one that looks like an id."""
     if not reply.has_content() or RUNTIME not in reply.content.config_records:
@@ -158,7 +165,7 @@ class EavesdroppingGrid:
             "server-round": messages[0].content["config"]["server-round"],
             "num-benign": len(benign),
             "benign-num-examples": sizes,
-            "claimed-num-examples": float(np.median(sizes)) if sizes else 1.0,
+            "claimed-num-examples": claimed_size(sizes),
             "claimed-train-loss": float(np.median(losses)) if losses else 0.0,
         })
         attack_messages = []

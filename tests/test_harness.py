@@ -10,7 +10,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from server_app.eavesdrop import ATTACK_MESSAGE, EavesdroppingGrid, serves_benign_uploads
+from server_app.eavesdrop import (ATTACK_MESSAGE, EavesdroppingGrid, claimed_size,
+                                  serves_benign_uploads)
 from strategies.base import DetectingFedAvg
 from task.config import ConfigError, RunConfig
 from task.models import build_model
@@ -71,6 +72,8 @@ def test_attacker_reply_has_the_fields_of_a_benign_reply(harness_round):
     assert sorted(by_node) == [1, 2, 3, 4]
     benign_keys = {tuple(sorted(by_node[n].content["metrics"])) for n in (1, 2, 3)}
     assert benign_keys == {tuple(sorted(by_node[4].content["metrics"]))}
+    for key, value in by_node[1].content["metrics"].items():  # and of their types
+        assert type(by_node[4].content["metrics"][key]) is type(value), key
     assert set(by_node[4].content.array_records) == set(by_node[1].content.array_records)
     attacker = by_node[4].content["arrays"]
     assert not all(np.array_equal(attacker[k].numpy(), arrays[k].numpy()) for k in arrays.keys())
@@ -80,6 +83,12 @@ def test_attacker_reply_has_the_fields_of_a_benign_reply(harness_round):
             np.median([m["train-loss"] for m in metrics]))
         assert by_node[4].content["metrics"]["num-examples"] == pytest.approx(
             np.median([m["num-examples"] for m in metrics]))
+
+
+def test_an_eavesdropper_claims_a_whole_number_of_examples():
+    assert claimed_size([600, 601]) == 600 and type(claimed_size([600, 601])) is int
+    assert claimed_size([600, 603]) == 602 and claimed_size([5.0, 7.0, 9.0]) == 7
+    assert claimed_size([]) == 1
 
 
 def test_benign_uploads_are_served_only_with_attackers_and_in_simulation_or_by_opt_in():
