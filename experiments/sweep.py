@@ -323,6 +323,14 @@ def warn(message: str) -> None:
     print(f"layercam-sweep: warning: {message}", file=sys.stderr, flush=True)
 
 
+def next_attempt(folder: Path) -> int:
+    """The number of a cell's next attempt: one past the highest there (a folder removed by
+    hand leaves a gap, never a clash)."""
+    numbers = [int(p.name.removeprefix("attempt-")) for p in folder.glob("attempt-*")
+               if p.name.removeprefix("attempt-").isdigit()]
+    return max(numbers, default=0) + 1
+
+
 class Sweep:
     """Runs a grid's cells one after another into ``sweep_dir``."""
 
@@ -335,8 +343,13 @@ class Sweep:
         except ConfigError as err:
             raise ConfigError(f"--sweep-dir {sweep_dir}: {err}") from err
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        if not (sweep_dir / "grid.toml").exists():
-            shutil.copyfile(grid_file, sweep_dir / "grid.toml")
+        kept = sweep_dir / "grid.toml"
+        if kept.exists() and SweepGrid.load(kept).base != grid.base:
+            # a cell's folder is named by its axes and seed only: its done runs would be
+            # counted as this grid's
+            raise ConfigError(f"--sweep-dir {sweep_dir} holds the runs of a grid whose [base] "
+                              f"differs from {grid_file}'s: use another --sweep-dir")
+        shutil.copyfile(grid_file, kept)  # the grid the sweep now runs (axes, seeds may grow)
         self.run_id: str | None = None
         self.process: subprocess.Popen | None = None
 
@@ -355,7 +368,7 @@ class Sweep:
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Run one cell; its record for ``cells.jsonl``."""
         folder = self.sweep_dir / "cells" / cell.name
-        attempt = folder / f"attempt-{len(list(folder.glob('attempt-*'))) + 1}"
+        attempt = folder / f"attempt-{next_attempt(folder)}"
         attempt.mkdir(parents=True)
         started = time.monotonic()
         log = attempt / "flwr-run.log"
@@ -386,15 +399,21 @@ class Sweep:
         return {**record, "status": "failed", "error": "\n".join(tail)}
 
     def stop_run(self) -> None:
-        """Stop the run in flight on the SuperLink (``flwr stop``) and its ``flwr run``."""
-        if self.run_id is not None:
-            command = ["flwr", "stop", self.run_id] + ([self.federation] if self.federation else [])
-            subprocess.run(command, capture_output=True, cwd=self.project, timeout=60)
-        if self.process is not None and self.process.poll() is None:
-            try:  # its session: the CLI and anything it started
-                os.killpg(self.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        """Stop the run in flight on the SuperLink (``flwr stop``) and its ``flwr run``; the
+        latter whatever ``flwr stop`` does (it may fail or hang past its 60 s)."""
+        try:
+            if self.run_id is not None:
+                command = (["flwr", "stop", self.run_id]
+                           + ([self.federation] if self.federation else []))
+                subprocess.run(command, capture_output=True, cwd=self.project, timeout=60)
+        except (OSError, subprocess.SubprocessError) as err:
+            print(f"flwr stop {self.run_id}: {err}", file=sys.stderr, flush=True)
+        finally:
+            if self.process is not None and self.process.poll() is None:
+                try:  # its session: the CLI and anything it started
+                    os.killpg(self.process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Every cell's state: ``done`` (with its run folder), ``failed`` (with the error of its

@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from flwr.common.config import parse_config_args
 
 from experiments import report as report_cli
 from experiments import sweep as sweep_cli
-from experiments.sweep import Sweep, SweepGrid, cell_name, run_config_arg
+from experiments.sweep import Sweep, SweepGrid, cell_name, next_attempt, run_config_arg
 from task.config import ConfigError
 
 EXAMPLE_GRID = Path(__file__).resolve().parents[1] / "presets" / "cpu-small.toml"
@@ -109,6 +111,51 @@ def test_a_sweep_resumes_over_a_corrupt_cells_jsonl_warning_of_each_bad_line(
     assert json.loads(lines[-1])["cell"] == "defense=fedavg__seed=42"  # not glued to the cut line
     status = json.loads((sweep_dir / "status.json").read_text())
     assert status["defense=fedavg__seed=42"]["status"] == "failed"
+
+
+def test_a_resumed_sweep_refuses_another_base_and_takes_new_seeds(tmp_path, capsys, fake_flwr):
+    base = '[base]\nnum-server-rounds = 3\n' + ONE
+    code, _, _ = run_sweep(tmp_path, base, capsys, "--federation-config", "")
+    assert code == 1  # the fake flwr: the cell failed, the sweep went through
+    code, err, _ = run_sweep(tmp_path, base.replace("= 3", "= 30"), capsys,
+                             "--federation-config", "")
+    assert code == 2 and "holds the runs of a grid whose [base] differs" in one_line(err)
+    assert "num-server-rounds = 3" in (tmp_path / "sweep" / "grid.toml").read_text()
+    more = '[sweep]\nseeds = [42, 1]\n' + base
+    code, _, _ = run_sweep(tmp_path, more, capsys, "--federation-config", "")
+    assert code == 1 and (tmp_path / "sweep" / "grid.toml").read_text() == more
+    assert (tmp_path / "sweep" / "cells" / "defense=fedavg__seed=1").is_dir()
+
+
+def test_an_attempt_folder_removed_by_hand_leaves_a_gap_not_a_clash(tmp_path):
+    cell = tmp_path / "cell"
+    assert next_attempt(cell) == 1
+    (cell / "attempt-2").mkdir(parents=True)
+    assert next_attempt(cell) == 3  # attempt-1 was removed: not attempt-2 again
+    (cell / "attempt-x").mkdir()
+    assert next_attempt(cell) == 3
+
+
+def test_a_cell_is_stopped_even_when_flwr_stop_fails(tmp_path, monkeypatch, capsys):
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(ONE)
+    sweep = Sweep(SweepGrid.load(grid_file), grid_file, tmp_path / "sweep", tmp_path, None, None,
+                  60.0)
+    sweep.process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    sweep.run_id = "123"
+
+    def hangs(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], 60)
+
+    monkeypatch.setattr(subprocess, "run", hangs)
+    try:
+        sweep.stop_run()
+        assert sweep.process.wait(timeout=10) == -signal.SIGTERM
+        assert "flwr stop 123" in capsys.readouterr().err
+    finally:
+        if sweep.process.poll() is None:
+            os.killpg(sweep.process.pid, signal.SIGKILL)
+            sweep.process.wait()
 
 
 def test_cell_folders_are_injective_and_readable(tmp_path):
