@@ -23,7 +23,15 @@ cd "$(dirname "$0")/.."
 export PROJECT_IMAGE=${PROJECT_IMAGE:-layercam-ae-fl:latest}
 nodes=(node-0 node-1 node-2 node-3)  # as docker-compose.yml: 3 benign, then 1 attacker
 
-[ -f deploy/certs/ca.crt ] || deploy/make-certificates.sh deploy/certs
+host=${SUPERLINK_HOST:-127.0.0.1}
+if [[ $host =~ ^[0-9.]+$ || $host == *:* ]]; then kind=IP; check=-checkip; else kind=DNS; check=-checkhost; fi
+sans=()  # make-certificates.sh always names localhost and 127.0.0.1
+[[ $host == 127.0.0.1 || $host == localhost ]] || sans=("$kind:$host")
+[ -f deploy/certs/ca.crt ] || deploy/make-certificates.sh deploy/certs "${sans[@]}"
+# certificates made earlier for another address would fail the SuperNodes' TLS handshake
+openssl x509 -in deploy/certs/server.pem -noout "$check" "$host" | grep -q "does match" || {
+  echo "FAILED: deploy/certs/server.pem does not name $host (SUPERLINK_HOST); remove" \
+    "deploy/certs to make certificates that do" >&2; exit 1; }
 [ -f deploy/keys/node-0 ] || deploy/make-supernode-keys.sh deploy/keys "${nodes[@]}"
 mkdir -p deploy/secrets results
 for name in superlink "${nodes[@]}"; do  # one SuperExec secret per Flower process
@@ -41,15 +49,18 @@ docker build --network host -t "$PROJECT_IMAGE" \
 
 mkdir -p results
 marker=$(mktemp)
-trap 'docker-compose logs --no-color > results/compose.log 2>&1 || true; docker-compose down --remove-orphans; rm -f "$marker"' EXIT
+# results/ is Flower's user's (49999): the log is written as root there too
+trap 'docker-compose logs --no-color 2>&1 | as_root tee results/compose.log > /dev/null || true; docker-compose down --remove-orphans; rm -f "$marker"' EXIT
 docker-compose up -d
 
-docker run --rm --network host -v "$PWD/deploy/certs/ca.crt:/certs/ca.crt:ro" "$PROJECT_IMAGE" bash -c '
+# DEMO_RUN_CONFIG reaches the container as a variable: its quotes stay as written
+docker run --rm --network host -e "DEMO_RUN_CONFIG=${DEMO_RUN_CONFIG:-}" \
+  -v "$PWD/deploy/certs/ca.crt:/certs/ca.crt:ro" "$PROJECT_IMAGE" bash -c '
   export FLWR_HOME=/tmp/flwr
   /app/deploy/add-connection.sh demo 127.0.0.1:8000 /certs/ca.crt
   for _ in $(seq 60); do [ "$(flwr supernode list demo --format json 2>/dev/null | grep -c "\"online\"")" -ge 4 ] && break; sleep 3; done
   flwr supernode list demo
-  flwr run /app demo --stream --run-config "num-server-rounds=2 num-clients=4 num-attackers=1 attack='"'"'sign-flip'"'"' sign-flip-scale=4.0 defense='"'"'layercam-ae'"'"' local-epochs=1 layercam-ae-epochs=50 '"${DEMO_RUN_CONFIG:-}"'"
+  flwr run /app demo --stream --run-config "num-server-rounds=2 num-clients=4 num-attackers=1 attack='"'"'sign-flip'"'"' sign-flip-scale=4.0 defense='"'"'layercam-ae'"'"' local-epochs=1 layercam-ae-epochs=50 $DEMO_RUN_CONFIG"
 '
 
 # The address the SuperNodes use serves the Fleet API only: a Control call gets the proxy's 404.
@@ -63,6 +74,8 @@ try:
 except urllib.error.HTTPError as error:
     if error.code != 404:
         raise SystemExit(f"FAILED: {url} answered {error.code}, not the proxy's 404")
+except urllib.error.URLError as error:  # no answer: TLS or the connection failed
+    raise SystemExit(f"FAILED: {url}: {error.reason}")
 else:
     raise SystemExit(f"FAILED: {url} answered: the Control API is open to SuperNodes")
 PY
