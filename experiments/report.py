@@ -5,8 +5,8 @@
 Every number is recomputed from the runs' ``rounds.jsonl`` (not read from ``summary.json``):
 detection metrics pool each run's (client, round) decisions against the ground truth the
 harness wrote in each row (``attackers`` and ``benign``), exactly as the harness does
-(``server_app.metrics.round_decisions``, ``pooled_detection_metrics``). Runs that differ only in ``seed`` form one
-row of the table, as mean ± sample std over seeds (the paper's Tables 2–5 and 7: Recall,
+(``server_app.metrics.round_decisions``, ``pooled_detection_metrics``). Runs that differ only
+in ``seed`` form one row of the table, as mean ± sample std over seeds (the paper's Tables 2–5 and 7: Recall,
 Precision, FPR, Accuracy, F1, plus AUC, the final test accuracy and the detection time per
 round: the defense's steps, screening and aggregation aside). Writes ``report.md`` (tables, plots, and the command and grid that made them),
 ``table.csv`` and the PNGs.
