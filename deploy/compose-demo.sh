@@ -74,8 +74,8 @@ try:
 except urllib.error.HTTPError as error:
     if error.code != 404:
         raise SystemExit(f"FAILED: {url} answered {error.code}, not the proxy's 404")
-except urllib.error.URLError as error:  # no answer: TLS or the connection failed
-    raise SystemExit(f"FAILED: {url}: {error.reason}")
+except OSError as error:  # no answer: TLS, the connection or a read timed out
+    raise SystemExit(f"FAILED: {url}: {getattr(error, 'reason', error)}")
 else:
     raise SystemExit(f"FAILED: {url} answered: the Control API is open to SuperNodes")
 PY

@@ -175,9 +175,9 @@ def row_problem(row: Any) -> str | None:
         return f"round: {row['round']!r} is not a round number"
     if not _finite(row["accuracy"]):
         return f"accuracy: {row['accuracy']!r} is not a finite number"
-    attackers = row.get("attackers", [])
-    if not (isinstance(attackers, list) and _node_ids(attackers)):
-        return "attackers: not a list of node ids"
+    for key in ("attackers", "benign"):  # the ground truth
+        if not (isinstance(row.get(key, []), list) and _node_ids(row.get(key, []))):
+            return f"{key}: not a list of node ids"
     if "defense" not in row:
         return None
     record = row["defense"]

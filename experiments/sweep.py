@@ -349,7 +349,8 @@ class Sweep:
             # counted as this grid's
             raise ConfigError(f"--sweep-dir {sweep_dir} holds the runs of a grid whose [base] "
                               f"differs from {grid_file}'s: use another --sweep-dir")
-        shutil.copyfile(grid_file, kept)  # the grid the sweep now runs (axes, seeds may grow)
+        if not (kept.exists() and kept.samefile(grid_file)):  # resumed from its own copy
+            shutil.copyfile(grid_file, kept)  # the grid the sweep now runs (axes, seeds grow)
         self.run_id: str | None = None
         self.process: subprocess.Popen | None = None
 

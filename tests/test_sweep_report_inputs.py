@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -125,6 +126,16 @@ def test_a_resumed_sweep_refuses_another_base_and_takes_new_seeds(tmp_path, caps
     code, _, _ = run_sweep(tmp_path, more, capsys, "--federation-config", "")
     assert code == 1 and (tmp_path / "sweep" / "grid.toml").read_text() == more
     assert (tmp_path / "sweep" / "cells" / "defense=fedavg__seed=1").is_dir()
+    # resumed from the folder's own copy of the grid
+    code = sweep_cli.main([str(tmp_path / "sweep" / "grid.toml"), "--sweep-dir",
+                           str(tmp_path / "sweep"), "--federation-config", ""])
+    assert code == 1, capsys.readouterr().err
+    # a cell whose first attempt folder was removed by hand gets a third, not a clash
+    cell = tmp_path / "sweep" / "cells" / "defense=fedavg__seed=42"
+    shutil.rmtree(cell / "attempt-1")
+    code, _, _ = run_sweep(tmp_path, more, capsys, "--federation-config", "")
+    assert code == 1 and sorted(p.name for p in cell.iterdir()) == [
+        "attempt-2", "attempt-3", "attempt-4"]
 
 
 def test_an_attempt_folder_removed_by_hand_leaves_a_gap_not_a_clash(tmp_path):
@@ -257,6 +268,8 @@ BAD_RUNS = {
         {"3": float("nan")})), "rounds.jsonl: line 3: defense.scores.3: nan is not a finite number"),
     "a score missing": (lambda run: edit_rows(run, lambda rows: rows[2]["defense"]["scores"].pop("3")),
                         "rounds.jsonl: line 3: defense.scores.3: missing"),
+    "benign not node ids": (lambda run: edit_rows(run, lambda rows: rows[2].update(benign=["x"])),
+                            "rounds.jsonl: line 3: benign: not a list of node ids"),
     "missing timings": (lambda run: edit_rows(run, lambda rows: rows[1]["defense"].pop("timings")),
                         "rounds.jsonl: line 2: defense.timings: missing"),
     "fewer rounds than configured": (lambda run: edit_rows(run, lambda rows: rows.pop()),
