@@ -105,7 +105,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
     import torch
 
     from experiments.federation import LocalFederation, run_rounds
-    from server_app.metrics import detection_metrics, pooled_detection_metrics
+    from server_app.metrics import detection_metrics, pooled_detection_metrics, round_decisions
     from task.config import RunConfig
 
     torch.set_num_threads(1)
@@ -123,11 +123,13 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
         decisions, per_round = [], []
         started = time.perf_counter()
         for played in run_rounds(federation, config, rounds, oracle_rounds=oracle_rounds):
-            detection, truth, excluded = played.detection, played.truth, played.excluded
-            decisions.append((truth, excluded, detection.scores))
+            detection, excluded = played.detection, played.excluded
+            decided = round_decisions(played.truth, excluded, detection.rejected, detection.scores,
+                                      "skipped" in detection.details)  # as the harness counts
+            decisions.append(decided)
             per_round.append({"round": played.server_round, "excluded": sorted(excluded),
                               "scores": detection.scores, "details": _plain(detection.details),
-                              **({"detection": detection_metrics(truth, excluded, detection.scores)}
+                              **({"detection": detection_metrics(*decided)}
                                  if cell.attackers else {})})
             global_state = played.new_global_state
         accuracy = federation.accuracy(global_state)
