@@ -130,7 +130,7 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
             per_round.append({"round": played.server_round, "excluded": sorted(excluded),
                               "scores": detection.scores, "details": _plain(detection.details),
                               **({"detection": detection_metrics(*decided)}
-                                 if cell.attackers else {})})
+                                 if cell.attackers and decided[0] else {})})
             global_state = played.new_global_state
         accuracy = federation.accuracy(global_state)
         pooled = pooled_detection_metrics(decisions)

@@ -65,7 +65,7 @@ docker run --rm --network host -e "DEMO_RUN_CONFIG=${DEMO_RUN_CONFIG:-}" \
 
 # The address the SuperNodes use serves the Fleet API only: a Control call gets the proxy's 404.
 python3 - "${SUPERLINK_HOST:-127.0.0.1}" <<'PY'
-import ssl, sys, urllib.error, urllib.request
+import http.client, ssl, sys, urllib.error, urllib.request
 url = f"https://{sys.argv[1]}:9092/v1/control/list-runs"
 context = ssl.create_default_context(cafile="deploy/certs/ca.crt")
 try:
@@ -74,8 +74,9 @@ try:
 except urllib.error.HTTPError as error:
     if error.code != 404:
         raise SystemExit(f"FAILED: {url} answered {error.code}, not the proxy's 404")
-except OSError as error:  # no answer: TLS, the connection or a read timed out
-    raise SystemExit(f"FAILED: {url}: {getattr(error, 'reason', error)}")
+except (OSError, http.client.HTTPException) as error:  # no HTTP answer: TLS, the
+    # connection, a timeout or a reply that is not HTTP
+    raise SystemExit(f"FAILED: {url}: {getattr(error, 'reason', error)!s}")
 else:
     raise SystemExit(f"FAILED: {url} answered: the Control API is open to SuperNodes")
 PY

@@ -130,7 +130,7 @@ def test_a_resumed_sweep_refuses_another_base_and_takes_new_seeds(tmp_path, caps
     code = sweep_cli.main([str(tmp_path / "sweep" / "grid.toml"), "--sweep-dir",
                            str(tmp_path / "sweep"), "--federation-config", ""])
     assert code == 1, capsys.readouterr().err
-    # a cell whose first attempt folder was removed by hand gets a third, not a clash
+    # a cell whose first attempt folder was removed by hand gets attempt-4, not a clash
     cell = tmp_path / "sweep" / "cells" / "defense=fedavg__seed=42"
     shutil.rmtree(cell / "attempt-1")
     code, _, _ = run_sweep(tmp_path, more, capsys, "--federation-config", "")
@@ -270,6 +270,8 @@ BAD_RUNS = {
                         "rounds.jsonl: line 3: defense.scores.3: missing"),
     "benign not node ids": (lambda run: edit_rows(run, lambda rows: rows[2].update(benign=["x"])),
                             "rounds.jsonl: line 3: benign: not a list of node ids"),
+    "attackers as strings": (lambda run: edit_rows(run, lambda rows: rows[2].update(
+        attackers=["1"])), "rounds.jsonl: line 3: attackers: not a list of node ids"),
     "missing timings": (lambda run: edit_rows(run, lambda rows: rows[1]["defense"].pop("timings")),
                         "rounds.jsonl: line 2: defense.timings: missing"),
     "fewer rounds than configured": (lambda run: edit_rows(run, lambda rows: rows.pop()),
