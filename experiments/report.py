@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server_app.metrics import pooled_detection_metrics, ranking_scores, round_decisions
+from server_app.metrics import (pool_rounds, pooled_detection_metrics, ranking_scores,
+                                round_decisions)
 
 IGNORED_KEYS = {"seed", "results-dir", "resume-from", "round-timeout", "node-wait-timeout"}
 """Config keys that don't make runs different settings."""
@@ -422,14 +423,9 @@ def plot_roc(panels, out: Path, plt) -> Path:
     for ax, (title, by_defense) in zip(axes, panels.items()):
         for defense, runs in sorted(by_defense.items()):
             y, s = [], []
-            truth, removed, scores = {}, set(), {}
-            for r, run in enumerate(runs):  # a run counts when every round has scores (its AUC)
-                if any(round_scores is None for _, _, round_scores in run.decisions):
-                    continue
-                for i, (round_truth, round_removed, round_scores) in enumerate(run.decisions):
-                    truth.update({(r, i, n): a for n, a in round_truth.items()})
-                    removed |= {(r, i, n) for n in round_removed}
-                    scores.update({(r, i, n): v for n, v in round_scores.items()})
+            truth, removed, scores = pool_rounds(  # the runs whose every round has scores
+                d for run in runs if all(d[2] is not None for d in run.decisions)
+                for d in run.decisions)
             keys = sorted(truth)
             # as the harness's AUC: a removed client without a score ranks above all
             ranking = ranking_scores(keys, scores, removed) if keys else None

@@ -65,20 +65,25 @@ def round_decisions(truth: Mapping[int, bool], excluded: Iterable[int], rejected
     return dict(truth), (set(excluded) | rejected) & set(truth), scores
 
 
-def pooled_detection_metrics(rounds: Iterable[tuple[Mapping[int, bool], Iterable[int],
-                                                     Mapping[int, float] | None]]) -> dict:
-    """The same metrics over all (client, round) decisions of a run, pooled; AUC pools scores
-    only when every round has them."""
-    truth, excluded, scores, have_scores = {}, set(), {}, True
-    for i, (round_truth, round_excluded, round_scores) in enumerate(rounds):
-        for node, is_attacker in round_truth.items():
-            truth[(i, node)] = is_attacker
-        excluded |= {(i, n) for n in round_excluded}
+def pool_rounds(rounds: Iterable[tuple[Mapping[int, bool], Iterable[int],
+                                      Mapping[int, float] | None]]
+                ) -> tuple[dict[tuple[int, int], bool], set[tuple[int, int]],
+                           dict[tuple[int, int], float] | None]:
+    """Rounds' (truth, removed, scores) as one, each client-round keyed (round index, node);
+    the scores only when every round has them."""
+    truth, removed, scores, have_scores = {}, set(), {}, True
+    for i, (round_truth, round_removed, round_scores) in enumerate(rounds):
+        truth.update({(i, n): a for n, a in round_truth.items()})
+        removed |= {(i, n) for n in round_removed if n in round_truth}
         if round_scores is None:
             have_scores = False
         else:
-            scores.update({(i, n): s for n, s in round_scores.items()})
-    keys = {key: j for j, key in enumerate(sorted(truth))}
-    return detection_metrics({keys[k]: v for k, v in truth.items()},
-                             [keys[k] for k in excluded if k in keys],
-                             {keys[k]: v for k, v in scores.items() if k in keys} if have_scores else None)
+            scores.update({(i, n): v for n, v in round_scores.items() if n in round_truth})
+    return truth, removed, scores if have_scores else None
+
+
+def pooled_detection_metrics(rounds: Iterable[tuple[Mapping[int, bool], Iterable[int],
+                                                     Mapping[int, float] | None]]) -> dict:
+    """The same metrics over all (client, round) decisions of a run, pooled (``pool_rounds``);
+    AUC pools scores only when every round has them."""
+    return detection_metrics(*pool_rounds(rounds))

@@ -28,13 +28,19 @@ from task.config import ConfigError, RunConfig
 from task.params import flatten_updates, float_names, unflatten
 
 
+def uploads_a_round(config: RunConfig) -> tuple[str, int]:
+    """The key that sets how many uploads a round has, and that number: ``clients-per-round``
+    when set, else ``num-clients``."""
+    return (("clients-per-round", config.clients_per_round) if config.clients_per_round
+            else ("num-clients", config.num_clients))
+
+
 def check_krum_f(config: RunConfig, factor: int = 2) -> int:
-    """``krum-f``, checked against the uploads a round has, for a rule that needs
-    n >= factor * f + 3 (Krum: 2, Bulyan: 4): ``clients-per-round`` when set, else
-    ``num-clients`` (below it, every round would keep the previous model)."""
+    """``krum-f``, checked against the uploads a round has (``uploads_a_round``), for a rule
+    that needs n >= factor * f + 3 (Krum: 2, Bulyan: 4); below it, every round would keep the
+    previous model."""
     needed = factor * config.krum_f + 3
-    key, clients = (("clients-per-round", config.clients_per_round) if config.clients_per_round
-                    else ("num-clients", config.num_clients))
+    key, clients = uploads_a_round(config)
     if clients < needed:
         raise ConfigError(f"krum-f={config.krum_f} needs {key} >= {factor}f + 3 = {needed} "
                           f"for {config.defense}, got {clients}")
@@ -72,7 +78,7 @@ class MultiKrum(_UpdateRule):
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
         num_malicious = check_krum_f(config, cls.clients_per_attacker)
-        clients = config.clients_per_round or config.num_clients
+        _, clients = uploads_a_round(config)
         if config.multi_krum_m > clients - num_malicious:
             raise ConfigError(f"multi-krum-m={config.multi_krum_m} exceeds n - f = "
                               f"{clients - num_malicious} (n = {clients} uploads a round, krum-f="
