@@ -62,18 +62,18 @@ def new_run_dir(base: str | Path, defense: str, attack: str) -> Path:
                               "the run folder is named after it")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     root = Path(base).expanduser().resolve()
-    path = root / f"{stamp}-{defense}-{attack}"
     suffix = 1
-    while path.exists():
-        suffix += 1
-        path = root / f"{stamp}-{defense}-{attack}-{suffix}"
-    if path.resolve().parent != root:
-        raise ConfigError(f"results-dir: the run folder {path} would lie outside {root}")
-    try:
-        path.mkdir(parents=True)
-    except OSError as err:
-        raise write_failure(path, err) from err
-    return path
+    while True:
+        path = root / f"{stamp}-{defense}-{attack}{'' if suffix == 1 else f'-{suffix}'}"
+        if path.resolve().parent != root:
+            raise ConfigError(f"results-dir: the run folder {path} would lie outside {root}")
+        try:  # the creation is the test: of two runs started in one second, each gets its own
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            suffix += 1
+        except OSError as err:
+            raise write_failure(path, err) from err
 
 
 CHECKPOINT = "checkpoint.pt"

@@ -294,6 +294,17 @@ def test_a_run_folder_of_registered_names_lies_inside_the_base(tmp_path):
     assert first.name.endswith("-layercam-ae-sign-flip")
 
 
+def test_two_runs_started_in_one_second_get_a_folder_each(tmp_path, monkeypatch):
+    """Another run may create the folder between a check for it and its creation: the creation
+    itself decides, and the later run takes the next suffix instead of failing."""
+    import server_app.results as results
+    monkeypatch.setattr(results.time, "strftime", lambda *_: "20261207-120000")
+    monkeypatch.setattr(results.Path, "exists", lambda self: False)  # every check loses the race
+    (tmp_path / "20261207-120000-layercam-ae-gae").mkdir()
+    (tmp_path / "20261207-120000-layercam-ae-gae-2").mkdir()
+    assert new_run_dir(tmp_path, "layercam-ae", "gae").name == "20261207-120000-layercam-ae-gae-3"
+
+
 @pytest.mark.parametrize("loss", [float("nan"), float("inf")])
 def test_a_loss_that_is_not_finite_is_written_as_null(tmp_path, loss):
     """A global model whose outputs overflow has no loss: the row says null, strict JSON."""
