@@ -49,7 +49,7 @@ class Alie(EavesdroppingAttack):
 
     @classmethod
     def from_config(cls, config, model=None):
-        return cls(config.alie_z, config.num_clients, config.num_attackers)
+        return cls(config.alie_z, config.clients_a_round, config.attackers_a_round)
 
     def malicious_update(self, updates: np.ndarray) -> np.ndarray:
         return updates.mean(axis=0) - self.z * updates.std(axis=0)

@@ -19,7 +19,7 @@ from task.params import State, flatten_updates, unflatten
 @ATTACKS.register
 class ModelReplacement(Attack):
     """Upload G - gamma (w - G) in the attack round(s): the reversed honest update boosted by
-    gamma (default: the number of clients)."""
+    gamma (default: the number of clients a round averages)."""
 
     name = "model-replacement"
 
@@ -30,7 +30,7 @@ class ModelReplacement(Attack):
 
     @classmethod
     def from_config(cls, config, model=None):
-        return cls(config.model_replacement_boost or float(config.num_clients),
+        return cls(config.model_replacement_boost or float(config.clients_a_round),
                    config.model_replacement_round)
 
     def attacks_in(self, server_round: int) -> bool:

@@ -175,7 +175,9 @@ class RunConfig:
     gaussian_sigma: float = setting(0.1, "attack strength (`gaussian`)", bounds=POSITIVE)
     uniform_noise_scale: float = setting(0.1, "attack strength (`uniform-noise`)",
                                          bounds=POSITIVE)
-    alie_z: float = setting(0.0, "ALIE's z (0: Baruch et al.'s z_max from n and m)",
+    alie_z: float = setting(0.0, "ALIE's z (0: Baruch et al.'s z_max from the clients n and "
+                            "attackers m of a round: `clients-per-round` and the attackers' "
+                            "share of it when set)",
                             bounds=Range(0, 1e3))
     ipm_epsilon: float = setting(0.5, "IPM's ε", bounds=POSITIVE)
     # GAE (attacks/gae.py) and its controls (attacks/controls.py, which share gae-radius)
@@ -386,8 +388,9 @@ class RunConfig:
         "of all parameters (`isotropic`, the control)", choices=ADAPTIVE_CAM_OFFSETS)
     # model replacement (attacks/model_replacement.py)
     model_replacement_boost: float = setting(
-        0.0, "model replacement: γ (0: `num-clients`)",
-        bounds=Range(0, 1e6))  # 0: the number of clients
+        0.0, "model replacement: γ (0: the clients a round, `clients-per-round` or else "
+        "`num-clients`: Bagdasaryan et al.'s n of the round's average)",
+        bounds=Range(0, 1e6))
     model_replacement_round: int = setting(
         0, "model replacement: the one round it attacks in, honest in the others (0: every "
         "round)", bounds=Range(0, 100_000))  # 0: every round
@@ -400,6 +403,18 @@ class RunConfig:
     def layercam_ae_view_names(self) -> tuple[str, ...]:
         """``layercam-ae-views`` as a tuple of view names (empty: the heat maps alone)."""
         return _items(self.layercam_ae_views, ",")
+
+    @property
+    def clients_a_round(self) -> int:
+        """The clients a round's aggregate is over: ``clients-per-round``, else every client."""
+        return self.clients_per_round or self.num_clients
+
+    @property
+    def attackers_a_round(self) -> int:
+        """The attackers expected among them: ``num-attackers`` in the share of the clients a
+        round samples, rounded (at least one when there are attackers)."""
+        expected = round(self.num_attackers * self.clients_a_round / self.num_clients)
+        return max(expected, 1) if self.num_attackers else 0
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -448,11 +463,12 @@ class RunConfig:
                               f"num-clients ({self.num_clients})")
         if self.num_attackers > 0 and self.attack == "none":
             raise ConfigError("num-attackers > 0 needs an attack other than 'none'")
-        majority = math.floor(self.num_clients / 2 + 1)
-        if self.attack == "alie" and self.alie_z <= 0 and self.num_attackers >= majority:
+        clients, attackers = self.clients_a_round, self.attackers_a_round
+        majority = math.floor(clients / 2 + 1)
+        if self.attack == "alie" and self.alie_z <= 0 and attackers >= majority:
             raise ConfigError(f"alie-z={self.alie_z:g} takes Baruch et al.'s z_max, which needs "
-                              f"num-attackers < floor(num-clients / 2 + 1) = {majority}, got "
-                              f"{self.num_attackers}; set alie-z > 0")
+                              f"fewer attackers a round than floor(n / 2 + 1) = {majority} (n = "
+                              f"{clients} clients a round), got {attackers}; set alie-z > 0")
         check_layercam_ae_decision(self.layercam_ae_decision, self.layercam_ae_threshold,
                                    self.layercam_ae_votes, self.layercam_ae_window,
                                    self.layercam_ae_group_z, self.layercam_ae_low_z)

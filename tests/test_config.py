@@ -98,12 +98,29 @@ def test_the_serverapp_stops_on_a_bad_run_config_in_one_line_naming_the_key(tmp_
 def test_alies_z_max_is_refused_where_the_attackers_need_no_supporters():
     # s = floor(n/2 + 1) - m supporters; none left: Phi^-1 of 1 is unbounded
     for clients, attackers in ((4, 3), (10, 6), (3, 2)):
-        with pytest.raises(ConfigError, match=rf"alie-z=0 .* < floor\(num-clients / 2 \+ 1\)"):
+        with pytest.raises(ConfigError, match=rf"alie-z=0 .* than floor\(n / 2 \+ 1\)"):
             RunConfig.from_run_config({"attack": "alie", "num-clients": clients,
                                        "num-attackers": attackers})
     RunConfig.from_run_config({"attack": "alie", "num-clients": 10, "num-attackers": 5})
     RunConfig.from_run_config({"attack": "alie", "num-clients": 10, "num-attackers": 6,
                                "alie-z": 1.0})
+    # with partial participation n and m are a round's: 6 of 10 attack, 5 a round, 3 of them
+    with pytest.raises(ConfigError, match=r"\(n = 5 clients a round\), got 3"):
+        RunConfig.from_run_config({"attack": "alie", "num-clients": 10, "num-attackers": 6,
+                                   "clients-per-round": 5})
+    RunConfig.from_run_config({"attack": "alie", "num-clients": 10, "num-attackers": 4,
+                               "clients-per-round": 5})  # 2 of 5 a round
+
+
+def test_a_round_is_the_clients_it_samples():
+    config = RunConfig(num_clients=1000, num_attackers=100, clients_per_round=50)
+    assert (config.clients_a_round, config.attackers_a_round) == (50, 5)
+    assert (RunConfig(num_clients=24, num_attackers=3).clients_a_round,
+            RunConfig(num_clients=24, num_attackers=3).attackers_a_round) == (24, 3)
+    # a few attackers among many: one at least is expected where any attack
+    assert RunConfig(num_clients=1000, num_attackers=2, clients_per_round=50).attackers_a_round == 1
+    assert RunConfig(num_clients=1000, num_attackers=0, attack="none",
+                     clients_per_round=50).attackers_a_round == 0
 
 
 def test_views_parse_to_names_and_empty_is_the_heat_maps_alone():

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from attacks import AttackInput
+from attacks import AttackInput, build_attack
 from attacks.eavesdropping import Alie, Ipm, MinMax, MinSum, alie_z
+from task.config import RunConfig
 from task.params import flatten_updates, squared_distances
 
 
@@ -25,6 +26,15 @@ def _craft(attack, global_state, benign):
 def test_alie_z_max_of_baruch_et_al():
     # n = 24, m = 3: s = floor(13) - 3 = 10 supporters, z = Phi^-1(14 / 24)
     assert alie_z(24, 3) == pytest.approx(0.2104, abs=1e-3)
+
+
+def test_alie_takes_z_max_from_the_round_its_upload_is_averaged_in():
+    # 1,000 clients, 100 attackers, 50 a round: n = 50, m = 5, s = 26 - 5 = 21, Phi^-1(29 / 50)
+    sampled = build_attack(RunConfig(attack="alie", num_clients=1000, num_attackers=100,
+                                     clients_per_round=50))
+    assert sampled.z == pytest.approx(alie_z(50, 5)) == pytest.approx(0.2019, abs=1e-3)
+    assert build_attack(RunConfig(attack="alie", num_clients=24, num_attackers=3)).z == \
+        pytest.approx(alie_z(24, 3))
 
 
 def test_alie_stays_within_mean_plus_minus_z_std(round_states):

@@ -140,6 +140,12 @@ def test_model_replacement_boosts_the_reversed_update_in_its_round_only():
     np.testing.assert_allclose(
         every.craft(AttackInput(global_state, own, np.random.default_rng(0), server_round=3))["w"],
         [0.0, 4.0])
+    # gamma is the n of the round's average: with partial participation the clients a round
+    sampled = build_attack(RunConfig(attack="model-replacement", num_clients=1000,
+                                     num_attackers=100, clients_per_round=50))
+    np.testing.assert_allclose(
+        sampled.craft(AttackInput(global_state, own, np.random.default_rng(0)))["w"],
+        [1.0 - 50 * 0.5, 2.0 + 50 * 1.0])
 
 
 def test_block_wise_median_and_outside_range_equal_the_whole_array_computation(monkeypatch):
