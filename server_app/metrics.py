@@ -41,14 +41,16 @@ def detection_metrics(
 
 
 def ranking_scores(nodes: list, scores: Mapping, removed: set) -> list[float] | None:
-    """Each node's score for the ROC; a removed node without a finite score ranks above all
-    (``None`` when a kept node has none: the ranking is not known)."""
+    """Each node's rank among the finite scores, for the ROC (its curve and AUC depend on the
+    order alone); a removed node without a finite score ranks above all, even a score at the
+    largest float (``None`` when a kept node has none: the ranking is not known)."""
     finite = {n: float(s) for n, s in scores.items()
               if isinstance(s, (int, float)) and math.isfinite(s)}
-    top = float(np.nextafter(max(finite.values(), default=0.0), np.inf))  # above every score
     if any(n not in finite and n not in removed for n in nodes):
         return None
-    return [finite.get(n, top) for n in nodes]
+    distinct = np.unique(list(finite.values()))  # sorted; ties keep one rank
+    top = float(len(distinct))
+    return [float(np.searchsorted(distinct, finite[n])) if n in finite else top for n in nodes]
 
 
 def round_decisions(truth: Mapping[int, bool], excluded: Iterable[int], rejected: Iterable[int],

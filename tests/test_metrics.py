@@ -1,8 +1,10 @@
 """Detection metrics on hand-computed cases."""
 
+import sys
+
 import pytest
 
-from server_app.metrics import detection_metrics, pooled_detection_metrics
+from server_app.metrics import detection_metrics, pooled_detection_metrics, ranking_scores
 
 
 def test_hand_computed_confusion_and_rates():
@@ -26,3 +28,15 @@ def test_pooling_counts_every_client_round():
               ({1: True, 2: False}, [2], {1: 0.0, 2: 1.0})]
     m = pooled_detection_metrics(rounds)
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 1, 1, 1) and m["auc"] == 0.5
+
+
+def test_a_removed_upload_without_a_score_ranks_above_even_the_largest_float():
+    """A rejected upload has no score and ranks above every scored one; the AUC is the
+    hand-counted one even when a score is the largest float (one step above it is infinite)."""
+    largest = sys.float_info.max
+    truth = {1: True, 2: False, 3: False, 4: True}
+    scores = {1: largest, 2: largest, 3: 0.5}  # 4 was rejected: no score
+    m = detection_metrics(truth, excluded=[1, 2, 4], scores=scores)
+    # attackers {max, top} against benign {max, 0.5}: 1 tie (1/2) + 1 + 1 + 1 of 4 pairs
+    assert m["auc"] == pytest.approx(3.5 / 4)
+    assert ranking_scores([1, 2, 3, 4], scores, {1, 2, 4}) == [1.0, 1.0, 0.0, 2.0]
