@@ -32,6 +32,18 @@ def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
     return out
 
 
+def counted_buffers(uploads: Sequence[ClientUpload], global_state: State) -> dict[str, np.ndarray]:
+    """The integer arrays of the next global model (BatchNorm's ``num_batches_tracked``): each
+    the coordinate-wise median of the round's screened uploads, rounded. They count batches and
+    are no update, so no view or distance sees them, and a rule's kept set (Krum keeps one
+    upload) may be an attacker's: a mean or a single upload let one client drive the count to
+    the screening's cap of 2^53, past which every honest upload (the count plus its own
+    batches) is rejected. The median moves only with most of the round's clients."""
+    return {name: np.asarray(np.rint(np.median(np.stack([u.arrays[name] for u in uploads]),
+                                               axis=0))).astype(value.dtype)
+            for name, value in global_state.items() if value.dtype.kind in "iu"}
+
+
 def clipped_to(uploads: Sequence[ClientUpload], global_state: State, bound: float,
                norms: Mapping[int, float] | None = None) -> list[ClientUpload]:
     """The uploads with every update w - w_global longer than ``bound`` scaled down to it

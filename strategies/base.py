@@ -23,7 +23,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.aggregation import weighted_average
+from strategies.aggregation import counted_buffers, weighted_average
 from strategies.records import ClientUpload, Detection, RoundRecord
 from strategies.registry import DEFENSES, ServerAssets
 from strategies.validation import MAX_UPDATE_RATIO, MAX_WEIGHT_SHARE, bound_claims, screen_replies
@@ -202,8 +202,10 @@ class DetectingFedAvg(FedAvg):
         arrays, metrics, note = None, None, ""
         start = time.perf_counter()
         if kept:
+            state = {**self.new_global_state(detection, kept),
+                     **counted_buffers(uploads, self.global_state)}
             arrays = ArrayRecord({k: Array(np.asarray(v, order="C"))  # 0-d stays 0-d
-                                  for k, v in self.new_global_state(detection, kept).items()})
+                                  for k, v in state.items()})
             metrics = self.train_metrics_aggr_fn(
                 [RecordDict({"metrics": MetricRecord(
                     {**u.metrics, self.weighted_by_key: u.num_examples})}) for u in kept],

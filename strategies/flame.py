@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cluster import HDBSCAN
 
-from strategies.aggregation import weighted_average
 from strategies.base import DetectingFedAvg
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES
@@ -91,7 +90,7 @@ class Flame(DetectingFedAvg):
         vector, bound = flame_update(updates, admitted, self.noise, rng)
         kept = [u for u, ok in zip(uploads, admitted) if ok]
         scores = {u.node_id: float(np.median(row)) for u, row in zip(uploads, distances)}
-        aggregate = unflatten(vector, float_names(self.global_state), self.global_state,
-                              buffers=weighted_average(kept))
+        # integer buffers: the base's counted_buffers
+        aggregate = unflatten(vector, float_names(self.global_state), self.global_state)
         return Detection(kept=[u.node_id for u in kept], scores=scores, aggregate=aggregate,
                          details={"clip_bound": bound, "noise_std": self.noise * bound})

@@ -7,7 +7,7 @@ decisions (Krum's selection is tested against ``flwr``'s ``select_multikrum``), 
 coordinate-wise kernels (``trim_mean``, ``aggregate_n_closest_weights``), and fill the shared
 ``RoundRecord``: whom they excluded and each client's continuous score where the rule has one.
 All work on the updates w_i - w_g of the floating-point arrays; integer buffers (e.g. BatchNorm
-step counters) take the kept uploads' weighted mean.
+step counters) are the round's median (``aggregation.counted_buffers``, for every rule).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from strategies.aggregation import weighted_average
 from strategies.base import DetectingFedAvg
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES
@@ -54,9 +53,8 @@ class _UpdateRule(DetectingFedAvg):
         return flatten_updates([u.arrays for u in uploads], self.global_state)[0]
 
     def from_update(self, vector: np.ndarray, kept: list[ClientUpload]) -> dict[str, np.ndarray]:
-        """w_g + vector for the float arrays; integer buffers from the kept uploads' mean."""
-        return unflatten(vector, float_names(self.global_state), self.global_state,
-                         buffers=weighted_average(kept))
+        """w_g + vector for the float arrays (integer buffers: ``counted_buffers``)."""
+        return unflatten(vector, float_names(self.global_state), self.global_state)
 
 
 @DEFENSES.register

@@ -10,8 +10,9 @@ round's record.
 
 Buffers are checked for what they are: a BatchNorm ``running_var`` is a variance (a negative
 one makes evaluation take the root of a negative number: NaN everywhere), ``num_batches_tracked``
-a count, and every integer array stays within +-2^53, where averaging in float64 is exact and
-casting back cannot overflow.
+a count, and every integer array stays within +-2^53, where float64 holds it exactly and
+casting back cannot overflow. The next global model's integer arrays are the round's median
+(``strategies.aggregation.counted_buffers``), so no minority can push them to that cap.
 
 ``num-examples`` weighs a client in FedAvg, so a claim is also bounded by the others: no client
 carries more than ``MAX_WEIGHT_SHARE`` / K of the round's K valid claims (twice the share of K

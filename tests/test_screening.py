@@ -439,6 +439,25 @@ def test_extreme_but_possible_buffers_leave_everything_finite(defense, bn_settin
     assert all(isinstance(r, str) and r for r in record.rejected.values())
 
 
+@pytest.mark.parametrize("defense", DEFENSES.names())
+def test_a_minority_cannot_move_the_global_batch_count(defense, bn_setting):
+    """Uploads whose only lie is ``num_batches_tracked`` at the screening's cap of 2^53 (the
+    float arrays honest, so no view sees them, and Krum may keep one) leave the global count
+    where the honest clients put it. Averaged, the count crept to the cap in a few rounds, and
+    then every honest upload (the count plus its own batches) was rejected for good."""
+    images, global_state, valid = bn_setting
+    liars = [reply(100 + i, {**valid[i], "bn1.num_batches_tracked": np.array(2**53, np.int64),
+                             "bn2.num_batches_tracked": np.array(2**53, np.int64)},
+                   {"num-examples": 100}) for i in range(2)]
+    good = [reply(c, state, {"num-examples": 100 + c}) for c, state in enumerate(valid)]
+    got, record = bn_aggregate(defense, images, global_state, good + liars)
+
+    assert not record.rejected and got is not None
+    for name in ("bn1.num_batches_tracked", "bn2.num_batches_tracked"):
+        assert got[name] == global_state[name] + 3, (name, got[name])  # each honest client: +3
+        assert got[name].shape == () and got[name].dtype == np.int64
+
+
 def test_the_norm_check_is_float64_exact_past_float32s_range():
     """The norm check's step is summed in float32, and again in float64 where float32
     overflows: an upload of a float32 model whose step is beyond 1.8e19 (its square past
