@@ -215,7 +215,7 @@ class FaaDl(DetectingFedAvg):
         except Exception as err:  # noqa: BLE001 -- data the client chose cannot crash the round
             return Verdict(True, f"its data cannot be trained on: {type(err).__name__}: {err}")
         seconds["recomputation"] = time.perf_counter() - start
-        if mismatch > self.tolerance:
+        if not mismatch <= self.tolerance:  # a NaN difference reproduces nothing
             return Verdict(True, f"recomputed update differs by {mismatch:.3g} "
                                  f"(tolerance {self.tolerance:g})", mismatch, seconds)
         return Verdict(False, f"update reproduced (difference {mismatch:.3g})", mismatch, seconds)

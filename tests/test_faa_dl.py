@@ -228,6 +228,19 @@ def test_an_honest_suspect_whose_claim_the_round_bounded_is_cleared(setting):
     assert verdict.mismatch == 0.0
 
 
+def test_a_recomputation_that_is_not_finite_verifies_the_suspect(setting, monkeypatch):
+    """The update is reproduced only when the difference is within the tolerance: a NaN
+    difference (the recomputed model not finite) is no reproduction."""
+    import strategies.faa_dl as faa_dl
+
+    strategy, arrays = setting
+    context = _context(4, "benign")
+    upload = _upload(strategy, arrays, context)
+    monkeypatch.setattr(faa_dl, "relative_mismatch", lambda *_: float("nan"))
+    verdict, _, _ = _verify(strategy, upload, context)
+    assert verdict.verified and "differs by nan" in verdict.reason, verdict.reason
+
+
 def test_poisoned_suspect_is_verified(setting):
     strategy, arrays = setting
     context = _context(5, "attacker")  # trains honestly, uploads the flipped update
