@@ -72,6 +72,10 @@ class KeyAuthority:
         msk = self._sessions.pop(session)
         return [ipfe.derive_key(msk, [int(i == k) for i in range(len(msk))]) for k in range(len(msk))]
 
+    def close(self, session: int) -> None:
+        """Forget a session's msk without deriving its keys (a verification that stopped)."""
+        self._sessions.pop(session, None)
+
 
 @dataclass
 class Verdict:
@@ -184,8 +188,13 @@ class FaaDl(DetectingFedAvg):
                 "server-round": server_round, "mpk": mpk.to_bytes(), "aont-lambda": self.aont_lambda,
             })})
         start = time.perf_counter()
-        replies = self.queries.ask(VERIFY_MESSAGE, server_round, requests,
-                                   self.verification_timeout)
+        try:
+            replies = self.queries.ask(VERIFY_MESSAGE, server_round, requests,
+                                       self.verification_timeout)
+        except BaseException:  # the round fails (``aggregate_train``); no msk outlives it
+            for session in sessions.values():
+                self.authority.close(session)
+            raise
         round_trip = time.perf_counter() - start
         verdicts = {}
         for upload in suspects:

@@ -241,6 +241,24 @@ def test_a_recomputation_that_is_not_finite_verifies_the_suspect(setting, monkey
     assert verdict.verified and "differs by nan" in verdict.reason, verdict.reason
 
 
+def test_a_verification_that_fails_to_ask_leaves_no_master_secret_key(setting):
+    strategy, arrays = setting
+    context = _context(4, "benign")
+    upload = _upload(strategy, arrays, context)
+
+    class Unreachable:
+        def ask(self, *_):
+            raise ConnectionError("the grid is gone")
+
+    queries, strategy.queries = strategy.queries, Unreachable()
+    try:
+        with pytest.raises(ConnectionError):
+            strategy.verify(1, [upload])
+    finally:
+        strategy.queries = queries
+    assert strategy.authority._sessions == {}
+
+
 def test_poisoned_suspect_is_verified(setting):
     strategy, arrays = setting
     context = _context(5, "attacker")  # trains honestly, uploads the flipped update
