@@ -4,6 +4,7 @@ IPFE-encrypted, one ciphertext per image channel ("only one encryption ... after
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,9 +52,11 @@ def decrypt_images(
     coordinate_keys: Sequence[int],
     lam: int = LAMBDA,
     dlog: ipfe.SmallDiscreteLog | None = None,
+    deadline: float | None = None,
 ) -> np.ndarray:
     """The uint8 images back, given the function keys for y = e_1, ..., e_W; ``ValueError``
-    naming what is wrong if the payload is malformed."""
+    naming what is wrong if the payload is malformed, ``TimeoutError`` once ``time.monotonic()``
+    passes ``deadline`` (the work grows with the images the sender chose to send)."""
     rows = np.asarray(encrypted.masked_rows)
     if rows.ndim != 4 or rows.dtype.kind not in "iu":
         raise ValueError(f"masked rows must be integer N x C x (H-1) x W, got {rows.dtype} {rows.shape}")
@@ -68,6 +71,8 @@ def decrypt_images(
     blob = encrypted.ciphertexts
     last = np.empty((n * c, width), dtype=np.int64)
     for i in range(n * c):
+        if deadline is not None and i % 64 == 0 and time.monotonic() > deadline:
+            raise TimeoutError(f"decrypting {n} images took past the deadline ({i // c} done)")
         ct = ipfe.Ciphertext.from_bytes(blob[i * size : (i + 1) * size])
         last[i] = [ipfe.decrypt_coordinate(ct, k, key, dlog) for k, key in enumerate(coordinate_keys)]
     u = np.concatenate([rows.astype(np.int64), last.reshape(n, c, 1, width)], axis=2)

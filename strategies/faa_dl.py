@@ -109,7 +109,8 @@ class FaaDl(DetectingFedAvg):
     queries : ClientQueries
         Reaches the suspects (the harness's messaging; the strategy does no I/O).
     verification_timeout : float (default: 600)
-        Seconds to wait for the suspects' verification replies.
+        Seconds from the requests to the suspects' replies and their decryption: a suspect
+        still being decrypted then is verified (malicious).
     """
 
     name = "faa-dl"
@@ -181,6 +182,7 @@ class FaaDl(DetectingFedAvg):
     def verify(self, server_round: int, suspects: list[ClientUpload]) -> dict[int, Verdict]:
         """Run Algorithm 1 with every suspect (their messages travel together)."""
         width = self._masked_shape[-1]
+        deadline = time.monotonic() + self.verification_timeout  # the reply and its decryption
         sessions, requests = {}, {}
         for upload in suspects:
             sessions[upload.node_id], mpk = self.authority.open_session(width)
@@ -199,13 +201,17 @@ class FaaDl(DetectingFedAvg):
         verdicts = {}
         for upload in suspects:
             keys = self.authority.coordinate_keys(sessions[upload.node_id])
-            verdict = self.check(upload, replies.get(upload.node_id), keys)
+            verdict = self.check(upload, replies.get(upload.node_id), keys, deadline)
             verdict.seconds["round-trip"] = round_trip
             verdicts[upload.node_id] = verdict
         return verdicts
 
-    def check(self, upload: ClientUpload, reply: Message | None, keys: list[int]) -> Verdict:
-        """Verify one suspect's upload against its verification reply (lines 11-16)."""
+    def check(self, upload: ClientUpload, reply: Message | None, keys: list[int],
+              deadline: float | None = None) -> Verdict:
+        """Verify one suspect's upload against its verification reply (lines 11-16). Its
+        decryption stops at ``deadline`` (``time.monotonic()``; ``verify``: the verification's
+        timeout after the requests went out): a suspect decides how many images the server
+        decrypts, at about a millisecond and a half an MNIST image."""
         if reply is None:
             return Verdict(True, "no verification reply")
         if reply.has_error():
@@ -213,7 +219,8 @@ class FaaDl(DetectingFedAvg):
         start = time.perf_counter()
         try:  # against the number the client claimed: ``num_examples`` may be the round's
             # bound of it (``bound_claims``), which an honest client's data exceeds
-            data, seed = self._decrypt(reply, keys, upload.metrics[self.weighted_by_key])
+            data, seed = self._decrypt(reply, keys, upload.metrics[self.weighted_by_key],
+                                       deadline)
         except Exception as err:  # noqa: BLE001 -- whatever the reply holds verifies the suspect
             return Verdict(True, f"malformed verification reply: {type(err).__name__}: {err}")
         seconds = {"decryption": time.perf_counter() - start}
@@ -229,7 +236,8 @@ class FaaDl(DetectingFedAvg):
                                  f"(tolerance {self.tolerance:g})", mismatch, seconds)
         return Verdict(False, f"update reproduced (difference {mismatch:.3g})", mismatch, seconds)
 
-    def _decrypt(self, reply: Message, keys: list[int], claimed: float) -> tuple[ImageData, int]:
+    def _decrypt(self, reply: Message, keys: list[int], claimed: float,
+                 deadline: float | None = None) -> tuple[ImageData, int]:
         """The suspect's training set and seed from its reply; ``ValueError`` if malformed or
         if it holds another number of examples than the upload claimed (checked before any
         decryption, so an oversized reply costs nothing)."""
@@ -249,7 +257,7 @@ class FaaDl(DetectingFedAvg):
         if not isinstance(ciphertexts, bytes):  # bytes(n) of a number n would allocate n bytes
             raise ValueError(f"ciphertexts must be bytes, got {type(ciphertexts).__name__}")
         images = decrypt_images(
-            EncryptedImages(rows, ciphertexts), keys, self.aont_lambda, self._dlog)
+            EncryptedImages(rows, ciphertexts), keys, self.aont_lambda, self._dlog, deadline)
         data = ImageData(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
                          self.reference.num_classes, self.reference.mean, self.reference.std)
         seed = encrypted["train-seed"]

@@ -3,6 +3,7 @@ through the real ClientApp handlers (an honest suspect is cleared, a poisoned on
 lying one caught, a broken reply recorded)."""
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -257,6 +258,20 @@ def test_a_verification_that_fails_to_ask_leaves_no_master_secret_key(setting):
     finally:
         strategy.queries = queries
     assert strategy.authority._sessions == {}
+
+
+def test_a_decryption_past_the_verification_deadline_verifies_the_suspect(setting):
+    """The suspect chooses how many images the server decrypts: the decryption stops at the
+    verification's deadline, and the suspect is verified (an honest one in time is cleared)."""
+    strategy, arrays = setting
+    context = _context(4, "benign")
+    upload = _upload(strategy, arrays, context)
+    request, session = _request(strategy, context.node_id)
+    reply = faa_dl_verify(request, context)
+    keys = strategy.authority.coordinate_keys(session)
+    verdict = strategy.check(upload, reply, keys, deadline=time.monotonic() - 1.0)
+    assert verdict.verified and "TimeoutError" in verdict.reason, verdict.reason
+    assert not strategy.check(upload, reply, keys, deadline=time.monotonic() + 600).verified
 
 
 def test_poisoned_suspect_is_verified(setting):
