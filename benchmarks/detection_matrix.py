@@ -124,10 +124,11 @@ def run_group(cells: list[Cell], rounds: int, oracle_rounds: tuple[int, ...] = (
         started = time.perf_counter()
         for played in run_rounds(federation, config, rounds, oracle_rounds=oracle_rounds):
             detection, excluded = played.detection, played.excluded
-            decided = round_decisions(played.truth, excluded, detection.rejected, detection.scores,
+            decided = round_decisions(played.truth, excluded, played.rejected, detection.scores,
                                       "skipped" in detection.details)  # as the harness counts
             decisions.append(decided)
             per_round.append({"round": played.server_round, "excluded": sorted(excluded),
+                              "rejected": sorted(played.rejected),
                               "scores": detection.scores, "details": _plain(detection.details),
                               **({"detection": detection_metrics(*decided)}
                                  if cell.attackers and decided[0] else {})})

@@ -12,11 +12,13 @@ It follows the apps' code paths, piece by piece:
   attack that ``needs_benign_uploads``, crafts from the global model and this round's benign
   uploads in the order ``server_app.eavesdrop`` forwards them (``task.params.content_key``),
   and claims their median size;
-- ``screen`` is what ``strategies.validation.screen_replies`` does to well-formed uploads: no
-  claim counts for more than ``MAX_WEIGHT_SHARE`` / K of the round's (``bound_claims``), and
-  they come in the order of their content, then node id;
-- ``play_round`` is the strategy's ``aggregate_train`` on them: ``detect``, the claims bounded
-  again among the kept uploads, then ``new_global_state`` of these;
+- ``screen`` is what ``strategies.validation.screen_replies`` does to decoded uploads: an
+  upload with NaN/Inf, an impossible buffer or an absurd norm is rejected
+  (``values_problem``); no claim counts for more than ``MAX_WEIGHT_SHARE`` / K of the
+  round's (``bound_claims``), and they come in the order of their content, then node id;
+- ``play_round`` is the strategy's ``aggregate_train`` on them: ``decide`` (``detect``, or
+  no decision with too few uploads or a failing rule), the claims bounded again among the
+  kept uploads, then ``round_end_state`` of these;
 - ``run_rounds`` chains the rounds from the initial model and yields each ``Round``.
 
 The last ``num-attackers`` clients attack, as in a simulation; a client's node id is its
@@ -40,7 +42,8 @@ from server_app.defenses import build_defense, server_assets
 from server_app.eavesdrop import claimed_size
 from strategies.detection.autoencoder import torch_threads
 from strategies.records import ClientUpload, Detection
-from strategies.validation import bound_claims
+from strategies.validation import (MAX_UPDATE_RATIO, bound_claims, float_norm, in_order,
+                                    values_problem)
 from task.config import RunConfig
 from task.data import load_federated_data
 from task.models import build_model
@@ -172,12 +175,16 @@ def client_uploads(federation: LocalFederation, config: RunConfig, attack: Attac
     return uploads, benign
 
 
-def screen(uploads: list[ClientUpload]) -> list[ClientUpload]:
-    """The uploads as ``screen_replies`` hands well-formed ones to the strategy: their claims
-    bounded (``bound_claims``), in the order of their content (``content_key``), then node
-    id."""
-    uploads, _ = bound_claims(uploads)
-    return sorted(uploads, key=lambda u: (content_key(u.arrays), u.node_id))
+def screen(uploads: list[ClientUpload], global_state: State,
+           max_update_ratio: float = MAX_UPDATE_RATIO
+           ) -> tuple[list[ClientUpload], dict[int, str]]:
+    """The uploads as ``screen_replies`` hands decoded ones to the strategy, and the rejected
+    ones' reasons: those ``values_problem`` rejects left out, the others' claims bounded, in
+    the order of their content (``in_order``)."""
+    norm = float_norm(global_state)
+    rejected = {u.node_id: problem for u in uploads
+                if (problem := values_problem(u.arrays, global_state, max_update_ratio, norm))}
+    return in_order([u for u in uploads if u.node_id not in rejected])[0], rejected
 
 
 @dataclasses.dataclass
@@ -198,16 +205,19 @@ class Round:
     ``global_state``)."""
     new_global_state: State
     """The model the round ends with."""
+    rejected: dict[int, str] = dataclasses.field(default_factory=dict)
+    """{node id: reason} of the uploads the screening or the strategy rejected."""
 
     @property
     def truth(self) -> dict[int, bool]:
-        """{node id: attacker} of every upload."""
-        return {u.node_id: u.node_id in self.attackers for u in self.uploads}
+        """{node id: attacker} of every upload, rejected ones included."""
+        return {n: n in self.attackers for n in [u.node_id for u in self.uploads] + [*self.rejected]}
 
     @property
     def excluded(self) -> set[int]:
-        """The node ids the strategy did not keep."""
-        return {u.node_id for u in self.uploads} - set(self.detection.kept)
+        """The node ids of the screened uploads the strategy did not keep (as the round's
+        record: its rejections are in ``rejected``)."""
+        return {u.node_id for u in self.uploads} - set(self.detection.kept) - set(self.rejected)
 
     @property
     def crafted(self) -> list[ClientUpload]:
@@ -224,18 +234,19 @@ def play_round(federation: LocalFederation, config: RunConfig, strategy: Detecti
     attackers = federation.attackers(config)
     uploads, benign = client_uploads(federation, config, attack, global_state, server_round,
                                      attackers, on_craft)
-    uploads = screen(uploads)
+    uploads, rejected = screen(uploads, global_state, strategy.max_update_ratio)
     strategy.global_state = global_state
-    detection = strategy.detect(server_round, uploads)
-    kept_ids = set(detection.kept) - set(detection.rejected) - (attackers if drop_attackers
-                                                                else set())
-    kept, _ = bound_claims([u for u in uploads if u.node_id in kept_ids])  # as aggregate_train
+    detection = strategy.decide(server_round, uploads)
+    rejected.update(detection.rejected)
+    decided = [u for u in uploads if u.node_id not in detection.rejected]
+    kept_ids = set(detection.kept) - set(rejected) - (attackers if drop_attackers else set())
+    kept, _ = bound_claims([u for u in decided if u.node_id in kept_ids])  # as aggregate_train
     new_state = global_state
     if kept:
         new_state = {k: np.asarray(v, order="C")
-                     for k, v in strategy.new_global_state(detection, kept).items()}
+                     for k, v in strategy.round_end_state(detection, kept, decided).items()}
     return Round(server_round, global_state, uploads, benign, attackers, detection, kept,
-                 new_state)
+                 new_state, rejected)
 
 
 def run_rounds(federation: LocalFederation, config: RunConfig, rounds: int | None = None, *,

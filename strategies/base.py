@@ -152,6 +152,33 @@ class DetectingFedAvg(FedAvg):
         deciding (``Detection.aggregate``), else ``aggregate`` of the kept uploads."""
         return detection.aggregate if detection.aggregate is not None else self.aggregate(kept)
 
+    def decide(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
+        """``detect`` on the round's screened uploads, timed; no decision (``skipped`` in the
+        details, nothing kept) with fewer uploads than the rule and ``min-replies`` need, or
+        when the rule raises: uploads it cannot decide on cost this round, not the server."""
+        needed = max(self.min_replies, self.min_uploads)
+        if len(uploads) < needed:
+            return Detection(kept=[], details={
+                "skipped": f"{len(uploads)} valid upload(s), fewer than the {needed} needed"})
+        start = time.perf_counter()
+        try:
+            detection = self.detect(server_round, uploads)
+        except Exception as err:  # noqa: BLE001 -- nothing unscreened is aggregated
+            log(ERROR, "Round %d: %s's decision failed", server_round, self.name, exc_info=True)
+            return Detection(kept=[], details={
+                "skipped": f"the decision failed: {type(err).__name__}: {err}"})
+        if not detection.timings:  # a rule that doesn't time its steps: its whole decision
+            detection.timings = {"detection": time.perf_counter() - start}
+        return detection
+
+    def round_end_state(self, detection: Detection, kept: list[ClientUpload],
+                        uploads: list[ClientUpload]) -> dict[str, np.ndarray]:
+        """The model the round ends with: the rule's ``new_global_state`` of the ``kept``
+        uploads, its integer buffers the median of all the round's screened ``uploads``
+        (``counted_buffers``)."""
+        return {**self.new_global_state(detection, kept),
+                **counted_buffers(uploads, self.global_state)}
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -169,22 +196,7 @@ class DetectingFedAvg(FedAvg):
         # dropouts: sampled or seen before, and silent; not those this round's sample left out
         missing = sorted((set(self.sampled) | self.participants) - replied - self.left_out)
         self.participants |= replied
-        needed = max(self.min_replies, self.min_uploads)
-        if len(uploads) >= needed:
-            start = time.perf_counter()
-            try:
-                detection = self.detect(server_round, uploads)
-            except Exception as err:  # noqa: BLE001 -- uploads the rule cannot decide on stop
-                # this round (nothing unscreened is aggregated), not the server
-                log(ERROR, "Round %d: %s's decision failed", server_round, self.name,
-                    exc_info=True)
-                detection = Detection(kept=[], details={
-                    "skipped": f"the decision failed: {type(err).__name__}: {err}"})
-            if not detection.timings:  # a rule that doesn't time its steps: its whole decision
-                detection.timings = {"detection": time.perf_counter() - start}
-        else:
-            detection = Detection(kept=[], details={
-                "skipped": f"{len(uploads)} valid upload(s), fewer than the {needed} needed"})
+        detection = self.decide(server_round, uploads)
         for node_id, reason in detection.rejected.items():
             log(WARNING, "Rejected upload from node %d: %s", node_id, reason)
             rejected[node_id] = reason
@@ -202,10 +214,9 @@ class DetectingFedAvg(FedAvg):
         arrays, metrics, note = None, None, ""
         start = time.perf_counter()
         if kept:
-            state = {**self.new_global_state(detection, kept),
-                     **counted_buffers(uploads, self.global_state)}
             arrays = ArrayRecord({k: Array(np.asarray(v, order="C"))  # 0-d stays 0-d
-                                  for k, v in state.items()})
+                                  for k, v in self.round_end_state(detection, kept,
+                                                                   uploads).items()})
             metrics = self.train_metrics_aggr_fn(
                 [RecordDict({"metrics": MetricRecord(
                     {**u.metrics, self.weighted_by_key: u.num_examples})}) for u in kept],

@@ -93,7 +93,6 @@ def check_upload(
         return None, (f"metric {weighted_by_key!r} must be a positive number up to "
                       f"{MAX_EXAMPLES:g}, got {num_examples}")
     arrays: dict[str, np.ndarray] = {}
-    squared_distance = 0.0
     for name, expected in reference.items():
         array = record[name]
         if tuple(array.shape) != expected.shape or str(array.dtype) != str(expected.dtype):
@@ -109,24 +108,49 @@ def check_upload(
             return None, (f"array {name!r} decodes to {dtype}{list(shape)}, "
                           f"not the {expected.dtype}{list(expected.shape)} its header says")
         try:
-            value = array.numpy()
+            arrays[name] = array.numpy()
         except Exception as err:  # noqa: BLE001 -- corrupt bytes: any decoding failure rejects
             return None, f"array {name!r} cannot be decoded ({err})"
+    problem = values_problem(arrays, reference, max_update_ratio, reference_norm)
+    if problem:
+        return None, problem
+    return ClientUpload(node_id, arrays, float(num_examples), dict(metrics)), ""
+
+
+def values_problem(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                   max_update_ratio: float, reference_norm: float) -> str:
+    """Why the decoded arrays of an upload (the global model's names, shapes and dtypes) cannot
+    be used, or "": NaN/Inf, a buffer that cannot be (``buffer_problem``), or an update longer
+    than ``max_update_ratio`` x (||global|| + 1) (``reference_norm``: ||global||)."""
+    squared_distance = 0.0
+    for name, expected in reference.items():
+        value = arrays[name]
         if value.dtype.kind == "f" and not np.isfinite(value).all():
-            return None, f"array {name!r} contains NaN or Inf"
+            return f"array {name!r} contains NaN or Inf"
         problem = buffer_problem(name, value)
         if problem:
-            return None, problem
+            return problem
         if value.dtype.kind == "f":
             squared_distance += squared_step(value, expected)
-        arrays[name] = value
     distance = math.sqrt(squared_distance)
     if distance > max_update_ratio * (reference_norm + 1.0):
-        return None, (
-            f"update norm {distance:.3g} exceeds {max_update_ratio:g} x (||global|| + 1) = "
-            f"{max_update_ratio * (reference_norm + 1.0):.3g}"
-        )
-    return ClientUpload(node_id, arrays, float(num_examples), dict(metrics)), ""
+        return (f"update norm {distance:.3g} exceeds {max_update_ratio:g} x (||global|| + 1) = "
+                f"{max_update_ratio * (reference_norm + 1.0):.3g}")
+    return ""
+
+
+def float_norm(state: Mapping[str, np.ndarray]) -> float:
+    """||state|| over its floating-point arrays, in float64."""
+    return math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2))
+                         for v in state.values() if v.dtype.kind == "f"))
+
+
+def in_order(uploads: list[ClientUpload]) -> tuple[list[ClientUpload], dict[int, float]]:
+    """The accepted uploads as the strategy gets them: claims bounded (``bound_claims``; the
+    bounded ones' original claims returned too), in the order of their content
+    (``task.params.content_key``), then node id."""
+    uploads, bounded = bound_claims(uploads)
+    return sorted(uploads, key=lambda u: (content_key(u.arrays), u.node_id)), bounded
 
 
 def squared_step(value: np.ndarray, expected: np.ndarray) -> float:
@@ -201,9 +225,7 @@ def screen_replies(
     that sums over them (the aggregate, the autoencoder's loss) and the decisions that depend
     on them are the same from run to run.
     """
-    reference_norm = math.sqrt(
-        sum(float(np.sum(v.astype(np.float64) ** 2)) for v in reference.values() if v.dtype.kind == "f")
-    )
+    reference_norm = float_norm(reference)
     accepted: list[ClientUpload] = []
     rejected: dict[int, str] = {}
     seen: set[int] = set()
@@ -230,5 +252,5 @@ def screen_replies(
             continue
         seen.add(node_id)
         accepted.append(upload)
-    accepted, bounded = bound_claims(accepted)
-    return sorted(accepted, key=lambda u: (content_key(u.arrays), u.node_id)), rejected, bounded
+    accepted, bounded = in_order(accepted)
+    return accepted, rejected, bounded

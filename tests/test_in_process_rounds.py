@@ -1,0 +1,67 @@
+"""The benchmarks' in-process rounds (``experiments.federation.play_round``) against the server's
+own ``aggregate_train`` on the same uploads: the same screening, decision and model."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+import experiments.federation as federation
+from strategies.base import DetectingFedAvg
+from strategies.records import ClientUpload, Detection
+from tests.helpers import reply
+
+GLOBAL = {"w": np.ones(4, np.float32), "bn.num_batches_tracked": np.array(100, np.int64)}
+ATTACKERS = frozenset({3, 4})
+
+
+def upload(node: int, w: float, count: int) -> ClientUpload:
+    return ClientUpload(node, {"w": np.full(4, w, np.float32),
+                               "bn.num_batches_tracked": np.array(count, np.int64)}, 10.0 + node)
+
+
+UPLOADS = [upload(0, 1.1, 110), upload(1, 0.9, 110), upload(2, 1.05, 111),
+           upload(3, 1.2, 2**40),  # a count no view sees, far past the others
+           upload(4, 1e5, 110)]  # an update past the screening's norm bound
+
+
+def played(strategy, monkeypatch):
+    monkeypatch.setattr(federation, "client_uploads", lambda *_: (list(UPLOADS), []))
+    return federation.play_round(types.SimpleNamespace(attackers=lambda _: ATTACKERS), None,
+                                 strategy, None, GLOBAL, 1)
+
+
+def served(strategy):
+    strategy.global_state = GLOBAL
+    arrays, _ = strategy.aggregate_train(1, [reply(u.node_id, u.arrays,
+                                                   {"num-examples": u.num_examples})
+                                             for u in UPLOADS])
+    return (None if arrays is None else {k: v.numpy() for k, v in arrays.items()},
+            strategy.last_record)
+
+
+def test_a_round_in_process_screens_decides_and_aggregates_as_the_server(monkeypatch):
+    round_ = played(DetectingFedAvg(), monkeypatch)
+    state, record = served(DetectingFedAvg())
+    assert set(round_.rejected) == set(record.rejected) == {4}
+    assert round_.rejected[4] == record.rejected[4] and "update norm" in round_.rejected[4]
+    assert round_.truth == {0: False, 1: False, 2: False, 3: True, 4: True}
+    assert sorted(u.node_id for u in round_.kept) == record.kept == [0, 1, 2, 3]
+    for name in GLOBAL:
+        np.testing.assert_array_equal(round_.new_global_state[name], state[name])
+    assert round_.new_global_state["bn.num_batches_tracked"] == 110  # the median, not 2^40's pull
+
+
+def test_a_rule_that_fails_costs_the_round_in_process_too(monkeypatch):
+    class Failing(DetectingFedAvg):
+        def detect(self, server_round, uploads) -> Detection:
+            raise RuntimeError("no decision")
+
+    round_ = played(Failing(), monkeypatch)
+    _, record = served(Failing())
+    skipped = "the decision failed: RuntimeError: no decision"
+    assert round_.detection.details["skipped"] == skipped and record.note.startswith(skipped)
+    assert round_.kept == [] and round_.new_global_state is GLOBAL
+    assert not record.aggregated and record.kept == []
