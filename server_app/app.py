@@ -61,6 +61,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, simulated: bool,
 def main(grid: Grid, context: Context) -> None:
     """Run one experiment as configured by ``context.run_config``."""
     from server_app.results import ResultsError
+    from task.data import DatasetUnavailableError
 
     try:
         config = RunConfig.from_run_config(context.run_config)
@@ -68,7 +69,8 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as err:
         log(ERROR, "Invalid run config: %s", err)
         sys.exit(f"Invalid run config: {err}")
-    except ResultsError as err:  # the results folder can't be written: one line naming it
+    except (ResultsError, DatasetUnavailableError) as err:  # the results folder can't be
+        # written, or a dataset to download can't be had: one line naming it and the way out
         log(ERROR, "%s", err)
         sys.exit(str(err))
 

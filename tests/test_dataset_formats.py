@@ -176,3 +176,35 @@ def test_a_missing_file_still_means_the_network_and_offline_the_clear_error(tmp_
                                                     "y": np.ones((2, 1))})  # no test split
     with pytest.raises(DatasetUnavailableError, match="svhn"):
         load_federated_data("svhn", 0, str(tmp_path))
+
+
+def test_celeba_offline_is_the_clear_error_about_the_network(tmp_path, monkeypatch):
+    """torchvision fetches CelebA from Google Drive through ``gdown`` (a dependency): offline,
+    the error is the network's, not a missing package's."""
+    import gdown
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(gdown, "download", offline)
+    with pytest.raises(DatasetUnavailableError, match=r"no network.*mnist-embedded"):
+        load_federated_data("celeba", 0, str(tmp_path))
+
+
+def test_the_serverapp_stops_in_one_line_when_its_dataset_cannot_be_had(tmp_path, monkeypatch):
+    from flwr.app import Context, RecordDict
+    import torchvision.datasets.mnist as mnist
+
+    from server_app.app import main
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(mnist, "download_and_extract_archive", offline)
+    monkeypatch.setenv("LAYERCAM_AE_DATA", str(tmp_path / "data"))
+    load_federated_data.cache_clear()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"dataset": "mnist", "results-dir": str(tmp_path / "results")})
+    with pytest.raises(SystemExit, match=r"^dataset 'mnist' is not in .* use dataset='mnist-embedded'"):
+        main(None, context)  # no Grid: the data is loaded first
+    assert not (tmp_path / "results").exists()
