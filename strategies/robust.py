@@ -30,8 +30,8 @@ from task.params import flatten_updates, float_names, unflatten
 def uploads_a_round(config: RunConfig) -> tuple[str, int]:
     """The key that sets how many uploads a round has, and that number: ``clients-per-round``
     when set, else ``num-clients``."""
-    return (("clients-per-round", config.clients_per_round) if config.clients_per_round
-            else ("num-clients", config.num_clients))
+    return ("clients-per-round" if config.clients_per_round else "num-clients",
+            config.clients_a_round)
 
 
 def check_krum_f(config: RunConfig, factor: int = 2) -> int:
