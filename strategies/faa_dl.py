@@ -109,8 +109,8 @@ class FaaDl(DetectingFedAvg):
     queries : ClientQueries
         Reaches the suspects (the harness's messaging; the strategy does no I/O).
     verification_timeout : float (default: 600)
-        Seconds from the requests to the suspects' replies and their decryption: a suspect
-        still being decrypted then is verified (malicious).
+        Seconds to wait for the suspects' verification replies, and then for their decryption:
+        a suspect not yet decrypted by then is verified (malicious).
     """
 
     name = "faa-dl"
@@ -182,7 +182,6 @@ class FaaDl(DetectingFedAvg):
     def verify(self, server_round: int, suspects: list[ClientUpload]) -> dict[int, Verdict]:
         """Run Algorithm 1 with every suspect (their messages travel together)."""
         width = self._masked_shape[-1]
-        deadline = time.monotonic() + self.verification_timeout  # the reply and its decryption
         sessions, requests = {}, {}
         for upload in suspects:
             sessions[upload.node_id], mpk = self.authority.open_session(width)
@@ -198,8 +197,12 @@ class FaaDl(DetectingFedAvg):
                 self.authority.close(session)
             raise
         round_trip = time.perf_counter() - start
+        # the decryptions' budget, from the replies on: the suspects choose how many images
+        # they send, so the smallest claims go first and no large one spends a smaller one's time
+        deadline = time.monotonic() + self.verification_timeout
         verdicts = {}
-        for upload in suspects:
+        for upload in sorted(suspects, key=lambda u: (u.metrics[self.weighted_by_key],
+                                                      u.node_id)):
             keys = self.authority.coordinate_keys(sessions[upload.node_id])
             verdict = self.check(upload, replies.get(upload.node_id), keys, deadline)
             verdict.seconds["round-trip"] = round_trip
@@ -210,7 +213,7 @@ class FaaDl(DetectingFedAvg):
               deadline: float | None = None) -> Verdict:
         """Verify one suspect's upload against its verification reply (lines 11-16). Its
         decryption stops at ``deadline`` (``time.monotonic()``; ``verify``: the verification's
-        timeout after the requests went out): a suspect decides how many images the server
+        timeout after the replies are in): a suspect decides how many images the server
         decrypts, at about a millisecond and a half an MNIST image."""
         if reply is None:
             return Verdict(True, "no verification reply")
@@ -221,6 +224,8 @@ class FaaDl(DetectingFedAvg):
             # bound of it (``bound_claims``), which an honest client's data exceeds
             data, seed = self._decrypt(reply, keys, upload.metrics[self.weighted_by_key],
                                        deadline)
+        except TimeoutError as err:
+            return Verdict(True, f"its verification ran past the deadline: {err}")
         except Exception as err:  # noqa: BLE001 -- whatever the reply holds verifies the suspect
             return Verdict(True, f"malformed verification reply: {type(err).__name__}: {err}")
         seconds = {"decryption": time.perf_counter() - start}

@@ -270,8 +270,39 @@ def test_a_decryption_past_the_verification_deadline_verifies_the_suspect(settin
     reply = faa_dl_verify(request, context)
     keys = strategy.authority.coordinate_keys(session)
     verdict = strategy.check(upload, reply, keys, deadline=time.monotonic() - 1.0)
-    assert verdict.verified and "TimeoutError" in verdict.reason, verdict.reason
+    assert verdict.verified and "ran past the deadline" in verdict.reason, verdict.reason
     assert not strategy.check(upload, reply, keys, deadline=time.monotonic() + 600).verified
+
+
+def test_a_silent_suspect_does_not_spend_an_honest_ones_decryption_time(setting, monkeypatch):
+    """The replies are awaited up to the timeout (a silent suspect makes the wait whole); the
+    decryptions' budget starts when they are in, so the honest suspect that answered is
+    cleared."""
+    strategy, arrays = setting
+    context = _context(4, "benign")
+    honest = _upload(strategy, arrays, context)
+    claim = honest.metrics["num-examples"]  # the silent one claims more: decrypted last
+    silent = dataclasses.replace(honest, node_id=honest.node_id + 1000,
+                                 metrics={**honest.metrics, "num-examples": 100 * claim})
+    checked, check = [], strategy.check
+    monkeypatch.setattr(strategy, "check",
+                        lambda upload, *rest: checked.append(upload.node_id) or check(upload, *rest))
+
+    class WaitingForTheSilentOne:
+        def ask(self, message_type, server_round, requests, timeout):
+            replies = {honest.node_id: faa_dl_verify(Message(
+                requests[honest.node_id], dst_node_id=honest.node_id,
+                message_type=message_type), context)}
+            time.sleep(timeout)
+            return replies
+
+    monkeypatch.setattr(strategy, "queries", WaitingForTheSilentOne())
+    monkeypatch.setattr(strategy, "verification_timeout", 1.0)
+    verdicts = strategy.verify(1, [silent, honest])
+    assert not verdicts[honest.node_id].verified, verdicts[honest.node_id].reason
+    assert verdicts[silent.node_id].verified
+    assert verdicts[silent.node_id].reason == "no verification reply"
+    assert checked == [honest.node_id, silent.node_id]  # the smaller claim first
 
 
 def test_poisoned_suspect_is_verified(setting):
