@@ -12,7 +12,8 @@ Buffers are checked for what they are: a BatchNorm ``running_var`` is a variance
 one makes evaluation take the root of a negative number: NaN everywhere), ``num_batches_tracked``
 a count, and every integer array stays within +-2^53, where float64 holds it exactly and
 casting back cannot overflow. The next global model's integer arrays are the round's median
-(``strategies.aggregation.counted_buffers``), so no minority can push them to that cap.
+(``strategies.aggregation.counted_buffers``), and an upload may move them by ``MAX_COUNT_STEP``
+at most, so that no minority, nor a majority in a few rounds, can push them to that cap.
 
 ``num-examples`` weighs a client in FedAvg, so a claim is also bounded by the others: no client
 carries more than ``MAX_WEIGHT_SHARE`` / K of the round's K valid claims (twice the share of K
@@ -48,6 +49,12 @@ MAX_WEIGHT_SHARE = 2.0
 
 MAX_INTEGER = 2**53
 """Integer arrays must stay within +-MAX_INTEGER (exact in float64, where they are averaged)."""
+
+MAX_COUNT_STEP = 2**32
+"""How far an integer array (a batch count) may move from the global model's in one round: a
+count grows by one round's batches. With the round's median taken (``counted_buffers``), liars
+would need the majority of more than 2^21 rounds to bring the global count to the cap above,
+past which honest uploads are rejected."""
 
 NON_NEGATIVE_BUFFERS = ("running_var", "num_batches_tracked")
 """Buffer names (the last part of an array's name; torch's BatchNorm) that cannot be negative."""
@@ -120,8 +127,9 @@ def check_upload(
 def values_problem(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
                    max_update_ratio: float, reference_norm: float) -> str:
     """Why the decoded arrays of an upload (the global model's names, shapes and dtypes) cannot
-    be used, or "": NaN/Inf, a buffer that cannot be (``buffer_problem``), or an update longer
-    than ``max_update_ratio`` x (||global|| + 1) (``reference_norm``: ||global||)."""
+    be used, or "": NaN/Inf, a buffer that cannot be (``buffer_problem``), an integer array
+    moved more than ``MAX_COUNT_STEP``, or an update longer than ``max_update_ratio`` x
+    (||global|| + 1) (``reference_norm``: ||global||)."""
     squared_distance = 0.0
     for name, expected in reference.items():
         value = arrays[name]
@@ -132,6 +140,11 @@ def values_problem(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.
             return problem
         if value.dtype.kind == "f":
             squared_distance += squared_step(value, expected)
+        elif value.size:  # integers within +-2^53 (buffer_problem): the difference fits
+            step = int(np.abs(value.astype(np.int64) - expected.astype(np.int64)).max())
+            if step > MAX_COUNT_STEP:
+                return (f"array {name!r} moves {step:.3g} from the global model's (at most "
+                        f"2^32 in a round)")
     distance = math.sqrt(squared_distance)
     if distance > max_update_ratio * (reference_norm + 1.0):
         return (f"update norm {distance:.3g} exceeds {max_update_ratio:g} x (||global|| + 1) = "

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from server_app.defenses import build_defense, server_assets
 from strategies.registry import DEFENSES
 from strategies.records import ClientUpload
-from strategies.validation import MAX_EXAMPLES, MAX_WEIGHT_SHARE, bound_claims, claim_bound
+from strategies.validation import (MAX_COUNT_STEP, MAX_EXAMPLES, MAX_WEIGHT_SHARE, bound_claims,
+                                   claim_bound)
 from task.config import RunConfig
 from task.data import load_federated_data
 from task.models import build_model
@@ -441,13 +442,18 @@ def test_extreme_but_possible_buffers_leave_everything_finite(defense, bn_settin
 
 @pytest.mark.parametrize("defense", DEFENSES.names())
 def test_a_minority_cannot_move_the_global_batch_count(defense, bn_setting):
-    """Uploads whose only lie is ``num_batches_tracked`` at the screening's cap of 2^53 (the
-    float arrays honest, so no view sees them, and Krum may keep one) leave the global count
-    where the honest clients put it. Averaged, the count crept to the cap in a few rounds, and
+    """Uploads whose lie is mostly ``num_batches_tracked``, as far past the global count as the
+    screening lets a count move in a round (their float arrays honest, a little apart from the
+    others', so no view need see them, and Krum may keep one), leave the global count where
+    the honest clients put it. Averaged, such counts crept to the screening's cap of 2^53, and
     then every honest upload (the count plus its own batches) was rejected for good."""
     images, global_state, valid = bn_setting
-    liars = [reply(100 + i, {**valid[i], "bn1.num_batches_tracked": np.array(2**53, np.int64),
-                             "bn2.num_batches_tracked": np.array(2**53, np.int64)},
+    rng = np.random.default_rng(1)
+    liars = [reply(100 + i, {**{k: (v + rng.normal(0, 1e-3, v.shape)).astype(v.dtype)
+                                if v.dtype.kind == "f" and "running_var" not in k else v
+                                for k, v in valid[i].items()},
+                             **{k: global_state[k] + MAX_COUNT_STEP
+                                for k in ("bn1.num_batches_tracked", "bn2.num_batches_tracked")}},
                    {"num-examples": 100}) for i in range(2)]
     good = [reply(c, state, {"num-examples": 100 + c}) for c, state in enumerate(valid)]
     got, record = bn_aggregate(defense, images, global_state, good + liars)
@@ -456,6 +462,33 @@ def test_a_minority_cannot_move_the_global_batch_count(defense, bn_setting):
     for name in ("bn1.num_batches_tracked", "bn2.num_batches_tracked"):
         assert got[name] == global_state[name] + 3, (name, got[name])  # each honest client: +3
         assert got[name].shape == () and got[name].dtype == np.int64
+
+
+def test_a_count_moves_one_round_of_batches_at_most_and_a_liar_majority_locks_nothing():
+    """A count further than ``MAX_COUNT_STEP`` from the global's is rejected; liars at that step
+    who are the majority of one round move the global count by it, and honest uploads of the
+    next round (that count plus their batches) are accepted."""
+    from strategies.base import DetectingFedAvg
+
+    rng = np.random.default_rng(0)
+    state = {"bn.weight": np.ones(4, np.float32), "bn.num_batches_tracked": np.array(0, np.int64)}
+
+    def round_of(liars: int, step: int):
+        strategy = DetectingFedAvg()
+        strategy.global_state = state
+        replies = [reply(c + 1, {
+            "bn.weight": (state["bn.weight"] + rng.normal(0, 1e-3, 4)).astype(np.float32),
+            "bn.num_batches_tracked": state["bn.num_batches_tracked"] + (step if c < liars else 20)},
+            {"num-examples": 600}) for c in range(5)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return {k: v.numpy() for k, v in arrays.items()}, strategy.last_record
+
+    _, record = round_of(1, MAX_COUNT_STEP + 1)
+    assert list(record.rejected) == [1] and "moves" in record.rejected[1]
+    state, record = round_of(3, MAX_COUNT_STEP)  # liars are three of five
+    assert not record.rejected and state["bn.num_batches_tracked"] == MAX_COUNT_STEP
+    state, record = round_of(0, 0)
+    assert not record.rejected and state["bn.num_batches_tracked"] == MAX_COUNT_STEP + 20
 
 
 def test_the_norm_check_is_float64_exact_past_float32s_range():
