@@ -42,22 +42,32 @@ def run(config: RunConfig, rounds: int, federation: LocalFederation | None = Non
     rows = []
     for played in run_rounds(federation, config, rounds):
         attackers = sorted(played.attackers)
-        ids = [u.node_id for u in played.uploads]
-        truth = np.array([n in played.attackers for n in ids], dtype=int)
         d = played.detection.details
-        auc_upper = roc_auc_score(truth, [d["upper_scores"][n] for n in ids])
-        auc_two = roc_auc_score(truth, [d["two_sided_scores"][n] for n in ids])
         acc = federation.accuracy(played.new_global_state)
-        excluded = played.excluded
+        if "skipped" in d:  # no decision: nothing scored
+            row = dict(attack=config.attack, round=played.server_round, accuracy=acc,
+                       skipped=d["skipped"], rejected=played.rejected)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            continue
+        two_sided = d["two_sided_scores"]  # the uploads scored (not those rejected)
+        ids = [u.node_id for u in played.uploads if u.node_id in two_sided]
+        truth = np.array([n in played.attackers for n in ids], dtype=int)
+        both = 0 < truth.sum() < len(truth)
+        auc_upper = roc_auc_score(truth, [d["upper_scores"][n] for n in ids]) if both else None
+        auc_two = roc_auc_score(truth, [two_sided[n] for n in ids]) if both else None
+        removed = played.excluded | set(played.rejected)
         row = dict(attack=config.attack, rule=config.layercam_ae_threshold,
                    round=played.server_round, auc_upper=auc_upper, auc_two_sided=auc_two,
-                   accuracy=acc, attackers_excluded=sum(i in excluded for i in attackers),
-                   benign_excluded=sum(i in excluded for i in range(num_clients)
+                   accuracy=acc, attackers_excluded=sum(i in removed for i in attackers),
+                   benign_excluded=sum(i in removed for i in range(num_clients)
                                        if i not in played.attackers),
-                   attacker_two_sided=sorted(round(d["two_sided_scores"][i], 2) for i in attackers),
-                   benign_two_sided_top=sorted(round(d["two_sided_scores"][i], 2)
-                                               for i in range(num_clients)
-                                               if i not in played.attackers)[-3:],
+                   attacker_two_sided=sorted(round(two_sided[i], 2) for i in attackers
+                                             if i in two_sided),
+                   benign_two_sided_top=sorted(round(two_sided[i], 2) for i in range(num_clients)
+                                               if i not in played.attackers
+                                               and i in two_sided)[-3:],
+                   rejected=played.rejected,
                    seconds={k: round(v, 3) for k, v in played.detection.timings.items()})
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -96,6 +96,9 @@ class LocalFederation:
         differ = [k for k in FEDERATION_KEYS if getattr(config, k) != getattr(self.config, k)]
         if differ:
             raise ValueError(f"the run config differs from the federation's in {differ}")
+        if config.clients_per_round:  # ALIE's and model replacement's n would be the sample's
+            raise ValueError("the in-process rounds send every round to every client: "
+                             "clients-per-round is for flwr run")
 
     def attackers(self, config: RunConfig) -> frozenset[int]:
         """The clients that attack: the last ``num_attackers``, as in a simulation."""

@@ -412,8 +412,8 @@ class RunConfig:
     @property
     def attackers_a_round(self) -> int:
         """The attackers expected among them: ``num-attackers`` in the share of the clients a
-        round samples, rounded (at least one when there are attackers)."""
-        expected = round(self.num_attackers * self.clients_a_round / self.num_clients)
+        round samples, rounded half up (at least one when there are attackers)."""
+        expected = math.floor(self.num_attackers * self.clients_a_round / self.num_clients + 0.5)
         return max(expected, 1) if self.num_attackers else 0
 
     @staticmethod

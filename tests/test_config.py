@@ -119,6 +119,8 @@ def test_a_round_is_the_clients_it_samples():
             RunConfig(num_clients=24, num_attackers=3).attackers_a_round) == (24, 3)
     # a few attackers among many: one at least is expected where any attack
     assert RunConfig(num_clients=1000, num_attackers=2, clients_per_round=50).attackers_a_round == 1
+    # halves round up: 25 of 100, 10 a round, is 2.5 expected
+    assert RunConfig(num_clients=100, num_attackers=25, clients_per_round=10).attackers_a_round == 3
     assert RunConfig(num_clients=1000, num_attackers=0, attack="none",
                      clients_per_round=50).attackers_a_round == 0
 

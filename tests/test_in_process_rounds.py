@@ -65,3 +65,14 @@ def test_a_rule_that_fails_costs_the_round_in_process_too(monkeypatch):
     assert round_.detection.details["skipped"] == skipped and record.note.startswith(skipped)
     assert round_.kept == [] and round_.new_global_state is GLOBAL
     assert not record.aggregated and record.kept == []
+
+
+def test_the_in_process_rounds_refuse_a_sample_per_round():
+    """They send every round to every client; with ``clients-per-round`` the attacks' n (ALIE,
+    model replacement) would be the sample's."""
+    from task.config import RunConfig
+
+    local = federation.LocalFederation(RunConfig())
+    with pytest.raises(ValueError, match="clients-per-round is for flwr run"):
+        local.check(RunConfig(clients_per_round=12))
+    local.check(RunConfig())
