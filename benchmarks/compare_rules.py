@@ -93,14 +93,21 @@ def main() -> None:
                 "layercam-ae-decision": "voting", "layercam-ae-threshold": rule})
             federation = federation or LocalFederation(config)  # round 1 trained once
             rows = run(config, args.rounds, federation)
-            summary.append((attack, rule, np.mean([r["auc_upper"] for r in rows]),
-                            np.mean([r["auc_two_sided"] for r in rows]), rows[-1]["accuracy"],
-                            sum(r["attackers_excluded"] for r in rows),
-                            sum(r["benign_excluded"] for r in rows)))
+            decided = [r for r in rows if "skipped" not in r]  # rounds with a decision
+
+            def mean_auc(key: str) -> float:  # over the rounds with both kinds of client
+                aucs = [r[key] for r in decided if r[key] is not None]
+                return float(np.mean(aucs)) if aucs else float("nan")
+
+            summary.append((attack, rule, mean_auc("auc_upper"), mean_auc("auc_two_sided"),
+                            rows[-1]["accuracy"], sum(r["attackers_excluded"] for r in decided),
+                            sum(r["benign_excluded"] for r in decided),
+                            len(rows) - len(decided)))
     print(f"\n{'attack':10} {'rule':10} {'AUC upper':>9} {'AUC 2-side':>10} {'final acc':>9} "
-          f"{'attk excl':>9} {'benign excl':>11}")
-    for attack, rule, au, at, acc, ae, be in summary:
-        print(f"{attack:10} {rule:10} {au:9.3f} {at:10.3f} {acc:9.4f} {ae:9d} {be:11d}")
+          f"{'attk excl':>9} {'benign excl':>11} {'skipped':>7}")
+    for attack, rule, au, at, acc, ae, be, skipped in summary:
+        print(f"{attack:10} {rule:10} {au:9.3f} {at:10.3f} {acc:9.4f} {ae:9d} {be:11d} "
+              f"{skipped:7d}")
 
 
 if __name__ == "__main__":

@@ -201,8 +201,8 @@ class FaaDl(DetectingFedAvg):
         # they send, so the smallest claims go first and no large one spends a smaller one's time
         deadline = time.monotonic() + self.verification_timeout
         verdicts = {}
-        for upload in sorted(suspects, key=lambda u: (u.metrics[self.weighted_by_key],
-                                                      u.node_id)):
+        for upload in sorted(suspects, key=lambda u: (u.metrics.get(self.weighted_by_key,
+                                                                    float("inf")), u.node_id)):
             keys = self.authority.coordinate_keys(sessions[upload.node_id])
             verdict = self.check(upload, replies.get(upload.node_id), keys, deadline)
             verdict.seconds["round-trip"] = round_trip

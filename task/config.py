@@ -148,7 +148,8 @@ class RunConfig:
         "started)")
     round_timeout: float = setting(
         600.0, "seconds a round waits for replies (and sampling for `min-replies` connected "
-        "nodes)", bounds=Range(0, WEEK, open_low=True))
+        "nodes; FAA-DL's verification waits as long for its suspects' replies, then decrypts "
+        "them within as long again)", bounds=Range(0, WEEK, open_low=True))
     node_wait_timeout: float = setting(
         120.0, "seconds the run waits at its start for `num-clients` SuperNodes",
         bounds=Range(0, WEEK, open_low=True))

@@ -281,8 +281,9 @@ def test_a_silent_suspect_does_not_spend_an_honest_ones_decryption_time(setting,
     strategy, arrays = setting
     context = _context(4, "benign")
     honest = _upload(strategy, arrays, context)
-    claim = honest.metrics["num-examples"]  # the silent one claims more: decrypted last
-    silent = dataclasses.replace(honest, node_id=honest.node_id + 1000,
+    claim = honest.metrics["num-examples"]  # the silent one claims more: decrypted last,
+    # though its node id is the smaller
+    silent = dataclasses.replace(honest, node_id=honest.node_id - 1,
                                  metrics={**honest.metrics, "num-examples": 100 * claim})
     checked, check = [], strategy.check
     monkeypatch.setattr(strategy, "check",
