@@ -74,6 +74,12 @@ def run(config: RunConfig, rounds: int, federation: LocalFederation | None = Non
     return rows
 
 
+def mean_auc(rows: list[dict], key: str) -> float:
+    """The mean of ``key`` over the rows that have one (rounds with both kinds of client)."""
+    aucs = [r[key] for r in rows if r[key] is not None]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -94,12 +100,8 @@ def main() -> None:
             federation = federation or LocalFederation(config)  # round 1 trained once
             rows = run(config, args.rounds, federation)
             decided = [r for r in rows if "skipped" not in r]  # rounds with a decision
-
-            def mean_auc(key: str) -> float:  # over the rounds with both kinds of client
-                aucs = [r[key] for r in decided if r[key] is not None]
-                return float(np.mean(aucs)) if aucs else float("nan")
-
-            summary.append((attack, rule, mean_auc("auc_upper"), mean_auc("auc_two_sided"),
+            summary.append((attack, rule, mean_auc(decided, "auc_upper"),
+                            mean_auc(decided, "auc_two_sided"),
                             rows[-1]["accuracy"], sum(r["attackers_excluded"] for r in decided),
                             sum(r["benign_excluded"] for r in decided),
                             len(rows) - len(decided)))

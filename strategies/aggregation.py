@@ -15,8 +15,9 @@ def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
     """Average the uploads' arrays weighted by ``num_examples`` (D_l / S in eq. 16).
 
     Float arrays keep their dtype (accumulated in float64); integer buffers such as BatchNorm's
-    ``num_batches_tracked`` are averaged and rounded back to their dtype. Never called with an
-    empty set: the caller keeps the previous global model instead.
+    ``num_batches_tracked`` are averaged and rounded back to their dtype (a round's model takes
+    them from ``counted_buffers`` instead: ``DetectingFedAvg.round_end_state``). Never called
+    with an empty set: the caller keeps the previous global model instead.
     """
     if not uploads:
         raise ValueError("cannot aggregate an empty set of models")
