@@ -78,6 +78,7 @@ def new_run_dir(base: str | Path, defense: str, attack: str) -> Path:
 
 CHECKPOINT = "checkpoint.pt"
 ROWS = "rounds.jsonl"
+SUMMARY = "summary.json"
 
 
 def row_line(row: dict[str, Any]) -> bytes:
@@ -166,6 +167,14 @@ class ResultsWriter:
         writer.rounds = kept
         if cut or later:
             _replace(rows_file, b"".join(row_line(r) for r in kept))
+        summary = path / SUMMARY
+        if summary.exists():  # a folder with a summary is a finished run (the sweep, the
+            # report): this one is running again, and its summary comes when it ends
+            log(WARNING, "%s: removed; the resumed run writes its own when it ends", summary)
+            try:
+                summary.unlink()
+            except OSError as err:
+                raise write_failure(summary, err) from err
         return writer
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -184,7 +193,7 @@ class ResultsWriter:
         self.rounds.append(row)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json(self.path / "summary.json", summary)
+        write_json(self.path / SUMMARY, summary)
 
     def save_model(self, state: dict[str, np.ndarray]) -> Path:
         import torch

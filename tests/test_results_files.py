@@ -190,6 +190,14 @@ def test_a_row_without_a_round_stops_resume(tmp_path):
         ResultsWriter.reopen(tmp_path, 1)
 
 
+def test_resume_removes_the_summary_of_the_run_it_extends(tmp_path):
+    rows_file(tmp_path, [0, 1, 2])
+    (tmp_path / "summary.json").write_text('{"rounds": 2}')
+    ResultsWriter.reopen(tmp_path, 2)  # the sweep and the report take a summary as finished
+    assert not (tmp_path / "summary.json").exists()
+    assert (tmp_path / "rounds.jsonl").read_bytes() == rows([0, 1, 2])
+
+
 def test_missing_rows_stop_resume(tmp_path):
     target = rows_file(tmp_path, [0, 2])
     with pytest.raises(ConfigError, match=rf"{target} holds rounds \[0, 2\], not rounds 0-2"):
