@@ -15,6 +15,7 @@ title. Pure functions, no I/O: ``server_app.results`` saves the figure.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,9 +90,20 @@ def figure_inches(rows: int, columns: int) -> tuple[float, float]:
             TITLE + (rows + 1) * CELL + MARGIN)
 
 
-def short_id(node_id: int) -> str:
-    """Flower node ids are up to 64-bit; their last digits tell the rows apart."""
-    return f"…{node_id % 100000:05d}" if node_id >= 100000 else str(node_id)
+SHORT_DIGITS = 5
+"""Last digits of a node id its row's label shows at least (Flower's ids are up to 64-bit)."""
+
+
+def short_ids(node_ids: Sequence[int]) -> list[str]:
+    """Labels for the drawn rows' ``node_ids``: ids below 10^``SHORT_DIGITS`` as they are, the
+    others by their last digits, as many as tell every label apart (at least
+    ``SHORT_DIGITS``)."""
+    for digits in itertools.count(SHORT_DIGITS):
+        labels = [str(n) if n < 10 ** digits else f"…{n % 10 ** digits:0{digits}d}"
+                  for n in node_ids]
+        if len(set(labels)) == len(set(node_ids)):
+            return labels
+    raise AssertionError("unreachable: the full ids tell distinct ids apart")
 
 
 def heatmap_figure(server_round: int, maps: np.ndarray, probes: np.ndarray,
@@ -136,11 +148,12 @@ def heatmap_figure(server_round: int, maps: np.ndarray, probes: np.ndarray,
         ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(f"probe {column + 1}", fontsize=7, pad=2)
     label(0, "probes")
+    labels = short_ids([node_ids[k] for k in rows])
     for row, k in enumerate(rows, start=1):
         node_id = node_ids[k]
         out = node_id in excluded
         roles = [r for r, on in (("attacker", node_id in attackers), ("excluded", out)) if on]
-        label(row, "\n".join([short_id(node_id), ", ".join(roles)]).strip(),
+        label(row, "\n".join([labels[row - 1], ", ".join(roles)]).strip(),
               "red" if out else "black")
         for column, grey in enumerate(greys):
             ax = cell(row, column)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from server_app import heatmap_grid
-from server_app.heatmap_grid import grey_image, overlay, rows_to_draw, upsampled_map
+from server_app.heatmap_grid import grey_image, overlay, rows_to_draw, short_ids, upsampled_map
 from server_app.results import ResultsWriter, RoundLog
 from strategies.records import RoundRecord
 
@@ -73,6 +73,15 @@ def test_rows_are_the_first_by_node_id_and_every_marked_one_in_node_id_order():
     many = rows_to_draw(ids, set(range(50, 101)), limit=5)  # the marked ones are capped too
     assert [ids[i] for i in many] == [1, 2, 3, 4, 5, 50, 51, 52, 53, 54]
     assert rows_to_draw([7, 3], set(), limit=5) == [1, 0]
+
+
+def test_row_labels_tell_every_drawn_client_apart():
+    assert short_ids([7, 99999, 123456]) == ["7", "99999", "…23456"]
+    # Flower's 64-bit ids can share their last five digits: the labels take more
+    assert short_ids([123_400_012_345, 987_600_012_345, 3]) == ["…400012345", "…600012345",
+                                                                "3"]
+    same_tail = [10**9 + 12345, 2 * 10**9 + 12345]
+    assert short_ids(same_tail) == ["1000012345", "2000012345"]
 
 
 def grid_size(path) -> tuple[int, int]:
