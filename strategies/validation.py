@@ -32,7 +32,7 @@ from logging import WARNING
 import numpy as np
 from flwr.app import Message
 from flwr.common import log
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from strategies.records import ClientUpload
 from task.params import content_key
@@ -60,8 +60,15 @@ NON_NEGATIVE_BUFFERS = ("running_var", "num_batches_tracked")
 """Buffer names (the last part of an array's name; torch's BatchNorm) that cannot be negative."""
 
 NO_REPLY_ERRORS = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
-"""Errors by which the SuperLink says a node or its reply is gone (sent in the SuperLink's
-name, not the node's): a dropout, which the round records as missing, not a rejection."""
+"""Errors by which the SuperLink says a node or its reply is gone, sent in its own name
+(``SUPERLINK_NODE_ID``): a dropout, which the round records as missing, not a rejection. A
+node's own reply carrying one of these codes is a client error like any other."""
+
+
+def is_dropout(msg: Message) -> bool:
+    """Whether ``msg`` is the SuperLink's word that a node or its reply is gone."""
+    return (msg.has_error() and msg.error.code in NO_REPLY_ERRORS
+            and msg.metadata.src_node_id == SUPERLINK_NODE_ID)
 
 
 def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
@@ -231,7 +238,8 @@ def screen_replies(
     """Split training replies into accepted uploads, ``{node_id: reason}`` rejections and
     ``{node_id: claim}`` of the accepted uploads whose claim was bounded (``bound_claims``).
 
-    The SuperLink's ``NO_REPLY_ERRORS`` are skipped (the node is missing, not rejected).
+    The SuperLink's dropout errors (``is_dropout``) are skipped (the node is missing, not
+    rejected).
     A node that replies twice keeps its first reply (accepted or rejected, an error reply
     included); later ones are ignored with a warning. Uploads come back in the order of their
     content (``task.params.content_key``), not of arrival or node id (random in Flower), so
@@ -243,7 +251,7 @@ def screen_replies(
     rejected: dict[int, str] = {}
     seen: set[int] = set()
     for msg in replies:
-        if msg.has_error() and msg.error.code in NO_REPLY_ERRORS:
+        if is_dropout(msg):
             continue
         node_id = int(msg.metadata.src_node_id)
         if node_id in seen or node_id in rejected:

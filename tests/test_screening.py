@@ -206,6 +206,26 @@ def test_an_error_after_an_accepted_reply_is_ignored(setting):
     assert record.kept == [1, 2] and not record.rejected
 
 
+def test_only_the_superlink_says_a_node_dropped_out(setting):
+    """The SuperLink's own "node unavailable" reply marks a dropout (missing, nothing
+    rejected); a node that sends that code itself has sent a client error (rejected)."""
+    from flwr.common.constant import ErrorCode
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message)
+
+    images, global_state, valid = setting
+    act_as_serverapp()
+    to_node_3 = Message(RecordDict(), dst_node_id=3, message_type="train")
+    gone = create_message_error_unavailable_res_message(to_node_3.metadata, "node_unavail")
+    feigned = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="not me"),
+                      reply_to=Message(RecordDict(), dst_node_id=4, message_type="train"))
+    _, record = aggregate("fedavg", images, global_state,
+                          [reply(1, valid[0], {"num-examples": 10}),
+                           reply(2, valid[1], {"num-examples": 10}), gone, feigned])
+    assert record.kept == [1, 2]
+    assert record.rejected == {4: "client error: not me"}
+
+
 def test_a_decision_that_fails_keeps_the_previous_model_and_the_server_running(setting):
     """Uploads that pass the screening but make a rule raise (a case it does not handle) cost
     the round, recorded with the error, not the ServerApp."""
