@@ -6,7 +6,7 @@ import torch
 from pytorch_grad_cam import GradCAM, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from strategies.detection.heatmaps import gradcam_heatmaps, layercam_heatmaps
+from strategies.detection.heatmaps import gradcam_heatmaps, layercam_heatmaps, stack_states
 from task.models import build_model
 
 
@@ -163,3 +163,31 @@ def test_worker_threads_give_the_single_loops_maps_bit_for_bit():
                                              engine="loop"), single)
     assert all(c.training and len(c.conv2._forward_hooks) == 1 and not c.pool._forward_hooks
                for c in copies)
+
+
+def test_stacked_states_are_each_models_tensors_in_one_buffer_per_dtype():
+    """The vmap engine's K models: every tensor (floats as float32, integers as they are) the
+    models' own, each dtype a region of one buffer, so that a GPU gets them in one transfer."""
+    models = _models("resnet18", 3, 32, k=3)
+    states = [{k: v.double() if v.is_floating_point() else v for k, v in m.state_dict().items()}
+              | {"extra.counts": torch.arange(4, dtype=torch.int32) * i}
+              for i, m in enumerate(models)]
+    stacked = stack_states(states)
+    assert list(stacked) == list(states[0])
+    for name, tensor in stacked.items():
+        expected = torch.stack([s[name] for s in states])
+        assert tensor.dtype == (torch.float32 if expected.is_floating_point() else expected.dtype)
+        assert torch.equal(tensor, expected.to(tensor.dtype)), name
+    buffers = {dtype: {t.untyped_storage().data_ptr() for t in stacked.values()
+                       if t.dtype == dtype} for dtype in (torch.float32, torch.int64, torch.int32)}
+    assert all(len(pointers) == 1 for pointers in buffers.values()), buffers
+
+
+def test_stacking_models_of_other_shapes_or_names_is_refused():
+    a, b = _models("cnn", 1, 28, k=2)
+    other = b.state_dict()
+    other["fc2.bias"] = other["fc2.bias"][:1]  # would broadcast in a copy
+    with pytest.raises(ValueError, match="model 1's tensors differ"):
+        stack_states([a.state_dict(), other])
+    with pytest.raises(ValueError, match="model 1's tensors differ"):
+        stack_states([a.state_dict(), {k: v for k, v in b.state_dict().items() if k != "fc2.bias"}])

@@ -30,6 +30,7 @@ grad, autograd records only the head after the target layer. Two engines compute
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import wait
@@ -61,16 +62,40 @@ def stack_states(
 ) -> dict[str, torch.Tensor]:
     """Stack K state dicts into one dict of tensors with a leading K axis (float32 for floats).
 
-    Each tensor goes to the device first and is stacked there: on a GPU the stacking is then
-    nearly free, where on the host it would copy all K models once more before the transfer."""
+    The K models are packed on the host into one buffer per dtype, each tensor name a (K, ...)
+    region of it, and each buffer goes to the device in one transfer, from page-locked memory
+    when the device is a GPU: one large copy instead of one per tensor and model (a ResNet-50
+    has 320 tensors), at the bandwidth only pinned memory reaches. The stacked tensors are views
+    of the device's buffers."""
     if not states:
         raise ValueError("no models to stack")
+    device = torch.device(device)
     tensors = [as_tensors(state) for state in states]  # zero-copy views of numpy arrays
+    first = tensors[0]
+    for k, model in enumerate(tensors[1:], start=1):
+        if model.keys() != first.keys() or any(model[n].shape != first[n].shape for n in first):
+            raise ValueError(f"model {k}'s tensors differ from model 0's in names or shapes")
+    dtypes = {name: torch.float32 if t.is_floating_point() else t.dtype
+              for name, t in first.items()}
     out = {}
-    for name in tensors[0]:
-        stacked = torch.stack([t[name].to(device) for t in tensors])
-        out[name] = stacked.float() if stacked.is_floating_point() else stacked
-    return out
+    for dtype in dict.fromkeys(dtypes.values()):  # each dtype once, in the names' order
+        places, size = {}, 0  # name -> (start, shape) in this dtype's buffer
+        for name in (n for n, d in dtypes.items() if d == dtype):
+            places[name] = size, (len(tensors), *first[name].shape)
+            size += math.prod(places[name][1])
+        host = torch.empty(size, dtype=dtype, pin_memory=device.type == "cuda")
+        for name, place in places.items():
+            region = _region(host, *place)
+            for k, model in enumerate(tensors):
+                region[k].copy_(model[name])
+        moved = host.to(device)  # the one transfer
+        out.update({name: _region(moved, *place) for name, place in places.items()})
+    return {name: out[name] for name in first}
+
+
+def _region(buffer: torch.Tensor, start: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The view of flat ``buffer`` from ``start`` with ``shape``."""
+    return buffer[start:start + math.prod(shape)].view(shape)
 
 
 def as_tensors(state: Mapping[str, np.ndarray | torch.Tensor],
