@@ -4,8 +4,8 @@ benchmarks and the tests, so that what they measure is what a run does.
 It follows the apps' code paths, piece by piece:
 - ``LocalFederation`` is the data side: the ServerApp's seeding (``torch.manual_seed(seed)``,
   then the data, then the initial model), the clients' partitions (``task.partition``), and
-  a client's training as the ClientApp trains it (one intra-op thread, shuffled by
-  ``client_app.app.training_seed``);
+  a client's training as the ClientApp trains it (on its device, ``pick_device``; one
+  intra-op thread, shuffled by ``client_app.app.training_seed``);
 - ``client_uploads`` is the clients and the harness: benign clients train; an attacker trains
   on what its attack's ``poison`` makes of its partition and uploads what ``craft`` makes of
   its own model (``np.random.default_rng(training_seed)``, its ``local_probes``), or, for an
@@ -49,7 +49,7 @@ from task.data import load_federated_data
 from task.models import build_model
 from task.params import content_key
 from task.partition import client_indices
-from task.train import evaluate, load_numpy_state, state_to_numpy, train
+from task.train import evaluate, load_numpy_state, pick_device, state_to_numpy, train
 
 if TYPE_CHECKING:
     from attacks import Attack
@@ -83,6 +83,7 @@ class LocalFederation:
                                                   config.partitioning, config.dirichlet_alpha,
                                                   config.seed))
             for c in range(config.num_clients)]
+        self.device = pick_device()  # the ClientApp's and the ServerApp's
         self._model = self.model_fn()
         self._first_round: dict[tuple, State] = {}
 
@@ -119,7 +120,7 @@ class LocalFederation:
         with torch_threads(1):  # as the ClientApp: the states do not depend on the machine
             train(self._model, local, epochs=config.local_epochs, batch_size=config.batch_size,
                   learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                  device=torch.device("cpu"), seed=training_seed(config, server_round, client))
+                  device=self.device, seed=training_seed(config, server_round, client))
         state = state_to_numpy(self._model)
         if cacheable:
             self._first_round[key] = state
@@ -128,7 +129,7 @@ class LocalFederation:
     def accuracy(self, state: State) -> float:
         """Test accuracy of ``state`` on the server's held-out data."""
         load_numpy_state(self._model, state)
-        return evaluate(self._model, self.test, torch.device("cpu"))[1]
+        return evaluate(self._model, self.test, self.device)[1]
 
 
 def _craft(attack: Attack, attack_input: AttackInput, client: int,

@@ -76,3 +76,23 @@ def test_the_in_process_rounds_refuse_a_sample_per_round():
     with pytest.raises(ValueError, match="clients-per-round is for flwr run"):
         local.check(RunConfig(clients_per_round=12))
     local.check(RunConfig())
+
+
+def test_the_in_process_clients_train_and_the_server_evaluates_on_the_apps_device(monkeypatch):
+    """The ClientApp trains and the ServerApp evaluates on ``pick_device()`` (a GPU when there
+    is one): so do the in-process rounds, or their numbers would be another run's."""
+    import torch
+
+    from task.config import RunConfig
+
+    device = torch.device("cpu", 0)  # a device other than the CPU's default, that runs here
+    monkeypatch.setattr(federation, "pick_device", lambda: device)
+    used = []
+    for name in ("train", "evaluate"):
+        real = getattr(federation, name)
+        monkeypatch.setattr(federation, name, lambda *a, real=real, **k: (
+            used.append(k.get("device", a[2] if len(a) > 2 else None)), real(*a, **k))[1])
+    config = RunConfig(num_clients=4, local_epochs=1)
+    local = federation.LocalFederation(config)
+    local.accuracy(local.train_client(config, local.initial, 1, 0))
+    assert used == [device, device]
