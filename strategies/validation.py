@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from logging import WARNING
 
@@ -69,6 +70,22 @@ def is_dropout(msg: Message) -> bool:
     """Whether ``msg`` is the SuperLink's word that a node or its reply is gone."""
     return (msg.has_error() and msg.error.code in NO_REPLY_ERRORS
             and msg.metadata.src_node_id == SUPERLINK_NODE_ID)
+
+
+MAX_REASON_CHARS = 300
+"""Characters of a rejection's reason kept in the round's record: the reason quotes what the
+client sent (its error's text, its arrays' names), whose length the client chooses."""
+
+_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+"""Terminal colour codes and control characters other than tab and newline."""
+
+
+def reason_line(text: object) -> str:
+    """``text`` as one line of at most ``MAX_REASON_CHARS``: without control characters, its
+    last non-empty line (a traceback's is its exception), cut with an ellipsis."""
+    lines = [line.strip() for line in _CONTROL.sub("", str(text)).splitlines()]
+    line = next((line for line in reversed(lines) if line), "")
+    return line if len(line) <= MAX_REASON_CHARS else line[:MAX_REASON_CHARS - 1] + "…"
 
 
 def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
@@ -260,7 +277,7 @@ def screen_replies(
             log(WARNING, "Ignored a second reply from node %d in one round", node_id)
             continue
         if msg.has_error():
-            rejected[node_id] = f"client error: {msg.error.reason}"
+            rejected[node_id] = f"client error: {reason_line(msg.error.reason)}"
             continue
         try:
             upload, reason = check_upload(
@@ -269,7 +286,7 @@ def screen_replies(
         except Exception as err:  # noqa: BLE001 -- whatever a reply holds costs that reply only
             upload, reason = None, f"screening failed: {type(err).__name__}: {err}"
         if upload is None:
-            rejected[node_id] = reason
+            rejected[node_id] = reason_line(reason)
             continue
         seen.add(node_id)
         accepted.append(upload)

@@ -226,6 +226,30 @@ def test_only_the_superlink_says_a_node_dropped_out(setting):
     assert record.rejected == {4: "client error: not me"}
 
 
+def test_a_rejection_records_one_bounded_line_of_what_the_client_sent(setting):
+    """A client error's reason is the client's text (a ClientApp's whole traceback, colour
+    codes and all, or whatever an attacker chooses): the record keeps its last line, cleaned
+    and cut; the same for the screening's reasons, which quote the client's array names."""
+    from strategies.validation import MAX_REASON_CHARS
+
+    images, global_state, valid = setting
+    act_as_serverapp()
+    traceback = ("Traceback (most recent call last):\n  \x1b[36mray::ClientAppActor.run()\x1b[39m"
+                 "\n    raise ClientAppException(str(ex))\nException occurred. Message: attack='x'\n")
+    errors = [Message(Error(code=0, reason=text),
+                      reply_to=Message(RecordDict(), dst_node_id=node, message_type="train"))
+              for node, text in ((3, traceback), (4, "\x07" * 10 + "y" * 10**6))]
+    named = dict(valid[0]) | {"z" * 10**5: np.zeros(1, dtype=np.float32)}
+    _, record = aggregate("fedavg", images, global_state,
+                          [reply(1, valid[0], {"num-examples": 10}),
+                           reply(2, valid[1], {"num-examples": 10}), *errors,
+                           reply(5, named, {"num-examples": 10})])
+    assert record.kept == [1, 2]
+    assert record.rejected[3] == "client error: Exception occurred. Message: attack='x'"
+    assert record.rejected[4] == "client error: " + "y" * (MAX_REASON_CHARS - 1) + "…"
+    assert len(record.rejected[5]) <= MAX_REASON_CHARS and "zzz" in record.rejected[5]
+
+
 def test_a_decision_that_fails_keeps_the_previous_model_and_the_server_running(setting):
     """Uploads that pass the screening but make a rule raise (a case it does not handle) cost
     the round, recorded with the error, not the ServerApp."""
