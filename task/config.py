@@ -141,8 +141,8 @@ class RunConfig:
         "gae", "`none`, `gae`, `sign-flip`, `gaussian`, `uniform-noise`, `label-flip`, `alie`, "
         "`ipm`, `min-max`, `min-sum`, `adaptive-cam`, `model-replacement`, and GAE's controls "
         "`radius-noise`, `undo-update` (see [Attackers](attacks.md)); the attacking clients "
-        "check the name (the server imports no attack): with an unknown one their replies are "
-        "rejected, each with the reason naming the key")
+        "build it, and the ServerApp checks it first (an unknown name or setting stops the run "
+        "in one line)")
     results_dir: str = setting(
         "results", "parent folder of each run's results (relative to where the SuperLink was "
         "started)")
