@@ -43,6 +43,7 @@ docs/attacks.md (Design notes: the GAE attack).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -156,15 +157,24 @@ def distinct_eigenvalues(eigenvalues: np.ndarray) -> int:
     return 1 + int(np.count_nonzero(np.diff(eigenvalues) > EIGENVALUE_TOLERANCE * scale))
 
 
+def _geometric_nn():
+    """``torch_geometric.nn``, imported without the deprecation notice of ``torch.jit.script``
+    that its modules' import-time scripting prints (noise in every attacker's log)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
+                                category=FutureWarning)
+        import torch_geometric.nn
+    return torch_geometric.nn
+
+
 class _GcnEncoder(nn.Module):
     """Two GCN layers (Kipf & Welling) on a dense adjacency: the graph is dense enough that
     ``DenseGCNConv``'s matrix products beat message passing over an edge list."""
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
-        from torch_geometric.nn import DenseGCNConv
-
-        self.conv1, self.conv2 = DenseGCNConv(in_channels, HIDDEN), DenseGCNConv(HIDDEN, LATENT)
+        convolution = _geometric_nn().DenseGCNConv
+        self.conv1, self.conv2 = convolution(in_channels, HIDDEN), convolution(HIDDEN, LATENT)
 
     def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(self.conv1(x, adjacency, add_loop=True))
@@ -238,11 +248,9 @@ def adversarial_structure(features: np.ndarray, adjacency: np.ndarray, settings:
     """Step 4: train a GCN graph autoencoder (float64) to reconstruct ``adjacency`` from
     ``features``, then (if adversarial) ascend its loss on the latent embedding within the
     budget. Returns A_hat (M, M, zero diagonal) and what it recorded about A_hat."""
-    from torch_geometric.nn import GAE
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        autoencoder = GAE(_GcnEncoder(features.shape[1])).double()
+        autoencoder = _geometric_nn().GAE(_GcnEncoder(features.shape[1])).double()
     x, target = torch.from_numpy(features), torch.from_numpy(adjacency)
     loss = balanced_bce(target)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=settings.learning_rate)

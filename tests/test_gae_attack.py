@@ -367,3 +367,15 @@ def test_run_config_reaches_the_attack():
     assert attack.settings.perturbation == 0.1 and not attack.settings.adversarial
     assert build_attack(RunConfig.from_run_config({"attack": "undo-update",
                                                    "gae-radius": 2.0})).radius == 2.0
+
+
+def test_the_graph_library_loads_without_torchs_deprecation_notice():
+    """torch_geometric scripts some of its modules as it is imported, and torch then prints
+    that ``torch.jit.script`` is deprecated, once in every attacker's log."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c",
+                           "from attacks.gae import _geometric_nn; _geometric_nn().GAE"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
