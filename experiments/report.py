@@ -437,7 +437,11 @@ def plot_roc(panels, out: Path, plt) -> Path:
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         ax.set(title=title, xlabel="false positive rate", ylabel="true positive rate")
         ax.title.set_fontsize(9)
-        ax.legend(fontsize=8, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+        else:  # no defense scored rounds that had both attackers and benign clients
+            ax.text(0.5, 0.5, "no scored rounds with both\nattackers and benign clients",
+                    ha="center", va="center", fontsize=8, transform=ax.transAxes)
     return _save(fig, out / "roc.png", plt)
 
 

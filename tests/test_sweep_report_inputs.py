@@ -371,3 +371,17 @@ def test_copy_runs_into_a_folder_holding_another_reports_runs_stops(tmp_path, ca
         f"layercam-report: {(out / 'runs').resolve()}: holds {(out / 'runs' / 'a').resolve()}, "
         f"which is not one of this report's runs (an earlier report's?); remove it or choose "
         f"another --out")
+
+
+def test_runs_without_attackers_make_a_report_without_a_matplotlib_warning(tmp_path, capsys):
+    """No ROC curve can be drawn without attackers: the panel says so instead of an empty
+    legend (matplotlib warned "No artists with labels found")."""
+    import warnings
+
+    run = write_run(tmp_path / "runs" / "a", seed=1)
+    edit_rows(run, lambda rows: [row.update(attackers=[]) for row in rows[1:]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, err = run_report(capsys, tmp_path / "runs", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert (tmp_path / "out" / "roc.png").stat().st_size > 0
