@@ -4,8 +4,8 @@
 # the Fleet API proxy the SuperNodes connect through, ServerApp, 3 benign + 1 attacking
 # SuperNode, TLS and SuperNode authentication on), run 2 rounds of LayerCAM-AE from a CLI
 # container on the SuperLink's loopback address, check that the SuperNodes' address refuses the
-# Control API and the results in ./results (the attacker's upload removed in every round), and
-# stop everything.
+# Control API and the results in ./results/compose (the attacker's upload removed in every
+# round), and stop everything.
 #
 #   deploy/compose-demo.sh
 #
@@ -33,24 +33,24 @@ openssl x509 -in deploy/certs/server.pem -noout "$check" "$host" | grep -q "does
   echo "FAILED: deploy/certs/server.pem does not name $host (SUPERLINK_HOST); remove" \
     "deploy/certs to make certificates that do" >&2; exit 1; }
 [ -f deploy/keys/node-0 ] || deploy/make-supernode-keys.sh deploy/keys "${nodes[@]}"
-mkdir -p deploy/secrets results
+mkdir -p deploy/secrets results/compose
 for name in superlink "${nodes[@]}"; do  # one SuperExec secret per Flower process
   [ -s "deploy/secrets/$name" ] || head -c 32 /dev/urandom > "deploy/secrets/$name"
 done
 # The containers run as Flower's non-root user 49999: it owns what they read that is secret,
 # readable by it alone (docker-compose.yml mounts each file into the one container that needs it).
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-as_root chown 49999:49999 deploy/certs/server.key deploy/keys/node-? deploy/secrets/* results
+# results/compose, not results/: a local flwr run by the user still writes to results/
+as_root chown 49999:49999 deploy/certs/server.key deploy/keys/node-? deploy/secrets/* results/compose
 as_root chmod 600 deploy/certs/server.key deploy/keys/node-? deploy/secrets/*
 
 docker build --network host -t "$PROJECT_IMAGE" \
   --build-arg "BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}" \
   --build-arg "PIP_OFFLINE=${PIP_OFFLINE:-}" .
 
-mkdir -p results
 marker=$(mktemp)
-# results/ is Flower's user's (49999): the log is written as root there too
-trap 'docker-compose logs --no-color 2>&1 | as_root tee results/compose.log > /dev/null || true; docker-compose down --remove-orphans; rm -f "$marker"' EXIT
+# results/compose is Flower's user's (49999): the log is written as root there too
+trap 'docker-compose logs --no-color 2>&1 | as_root tee results/compose/compose.log > /dev/null || true; docker-compose down --remove-orphans; rm -f "$marker"' EXIT
 docker-compose up -d
 
 # DEMO_RUN_CONFIG reaches the container as a variable: its quotes stay as written
@@ -81,8 +81,8 @@ else:
     raise SystemExit(f"FAILED: {url} answered: the Control API is open to SuperNodes")
 PY
 
-summary=$(find results -name summary.json -newer "$marker" | head -1)
-[ -n "$summary" ] || { echo "FAILED: no summary.json was written; see results/compose.log" >&2; exit 1; }
+summary=$(find results/compose -name summary.json -newer "$marker" | head -1)
+[ -n "$summary" ] || { echo "FAILED: no summary.json was written; see results/compose/compose.log" >&2; exit 1; }
 python3 - "$summary" <<'PY'
 import json, sys
 summary = json.load(open(sys.argv[1]))

@@ -4,7 +4,7 @@
 
 Services: the SuperLink (Flower's official image, process isolation, TLS, SuperNode
 authentication), the Fleet API proxy (``fleet-proxy``: nginx from the project image, running
-``deploy/fleet-proxy.sh``), the ServerApp's SuperExec (project image; results in ./results), a
+``deploy/fleet-proxy.sh``), the ServerApp's SuperExec (project image; results in ./results/compose), a
 one-shot ``register`` service that adds every SuperNode's public key to the SuperLink's allowed
 list, and per SuperNode the official SuperNode image plus the ClientApp's SuperExec (project
 image).
@@ -86,7 +86,7 @@ def compose(benign: int, attackers: int) -> dict:
             project, "flower-superexec",
             ["--runtime-api-address", link, "--root-certificates", "/certs/ca.crt",
              *link_secret_flag],
-            [CA, link_secret, "./results:/work/results"], {"superlink": "service_started"},
+            [CA, link_secret, "./results/compose:/work/results"], {"superlink": "service_started"},
             working_dir="/work", restart="on-failure"),
         "register": _service(
             project, "/app/deploy/register-supernodes.sh",
