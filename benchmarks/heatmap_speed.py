@@ -122,6 +122,12 @@ def main() -> None:
                         help="skip the (slow) grad-cam baseline above this K")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.baseline_max_k >= min(args.k):
+        try:
+            import pytorch_grad_cam  # noqa: F401 -- the baseline, in the [test] extra
+        except ImportError:
+            parser.error("the grad-cam baseline needs pytorch-grad-cam: pip install -e '.[test]' "
+                         "(or --baseline-max-k 0 to time this project's engines alone)")
 
     ctx = mp.get_context("spawn")
     rows = []

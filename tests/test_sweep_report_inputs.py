@@ -73,7 +73,7 @@ def fake_flwr(tmp_path, monkeypatch) -> Path:
     ('[grid]\ndataset = ["nope"]\n', "cell dataset=nope__seed=42", "dataset='nope' is not one of"),
     ('[grid]\nmodel = ["nope"]\n', "cell model=nope__seed=42", "model='nope' is not one of"),
     ('[grid]\nnum-clients = ["many"]\n', "cell num-clients=many__seed=42",
-     "num-clients must be a int, got 'many'"),
+     "num-clients must be an int, got 'many'"),
     ('[grid]\nlayercam-ae-target-layer = ["a\'b\\"c"]\n', "cell layercam-ae-target-layer=a_b_c__seed=42~",
      "cannot pass a string holding both ' and \""),
     ("[grid\n", "not valid TOML", ""),
