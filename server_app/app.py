@@ -85,7 +85,6 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     """
     import torch
 
-    from attacks import build_attack
     from server_app.checkpoint import open_resumed_run, restore, save_checkpoint
     from server_app.defenses import build_defense, server_assets
     from server_app.eavesdrop import EavesdroppingGrid, serves_benign_uploads
@@ -103,8 +102,6 @@ def run_experiment(grid: Grid, config: RunConfig) -> dict:
     model_fn = assets.model_fn
     global_model = model_fn()
     config.validate_for(test.num_classes, global_model, assets.probes[:1])
-    build_attack(config, global_model)  # only a check: the clients build and run it, and a
-    # bad name or setting stops the run here, in one line, rather than fail every attacker's round
     strategy = build_defense(config, assets)
     checkpoint = None
     if config.resume_from:

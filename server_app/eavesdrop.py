@@ -100,7 +100,7 @@ def serves_benign_uploads(num_attackers: int, simulated: bool, in_deployment: bo
     """Whether the harness answers ``awaits-benign`` requests at all: only with attackers
     configured, in a simulation or where the run config explicitly enables it for a deployment
     experiment (``eavesdrop-in-deployment``). Which attacks ask is theirs to say (an attack's
-    ``needs_benign_uploads``, on the client: the harness asks no attack); only a reply that
+    ``needs_benign_uploads``, on the client: the harness imports no attack); only a reply that
     also reports ``attacker = 1`` is served."""
     return num_attackers > 0 and (simulated or in_deployment)
 

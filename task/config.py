@@ -141,8 +141,9 @@ class RunConfig:
         "gae", "`none`, `gae`, `sign-flip`, `gaussian`, `uniform-noise`, `label-flip`, `alie`, "
         "`ipm`, `min-max`, `min-sum`, `adaptive-cam`, `model-replacement`, and GAE's controls "
         "`radius-noise`, `undo-update` (see [Attackers](attacks.md)); the attacking clients "
-        "build it, and the ServerApp checks it first (an unknown name or setting stops the run "
-        "in one line)")
+        "check the name (the server imports no attack): with an unknown one every attacker's "
+        "reply is rejected, its reason one line naming the key; `layercam-sweep` checks the "
+        "name before any cell runs")
     results_dir: str = setting(
         "results", "parent folder of each run's results (relative to where the SuperLink was "
         "started)")
@@ -641,8 +642,7 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
     elif kind is str:
         if isinstance(raw, str):
             return raw
-    article = "an" if kind.__name__[0] in "aeiou" else "a"
-    raise ConfigError(f"{key} must be {article} {kind.__name__}, got {raw!r}")
+    raise ConfigError(f"{key} must be a {kind.__name__}, got {raw!r}")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -96,8 +96,8 @@ def test_label_flip_attacker_trains_on_flipped_labels_and_reports_ground_truth()
 
 
 def test_an_attacker_with_an_unknown_attack_fails_naming_the_key():
-    """An unknown ``attack`` is refused where attacks run too (the ServerApp stops on it
-    before a round: ``test_config``), and the server would record the error reply."""
+    """The server's harness imports no attack: an unknown ``attack`` is refused where attacks
+    run, and the server records the attacker's error reply with this reason."""
     act_as_serverapp()
     arrays = ArrayRecord(build_model("cnn", 1, 10, 28).state_dict())
     msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),

@@ -95,22 +95,6 @@ def test_the_serverapp_stops_on_a_bad_run_config_in_one_line_naming_the_key(tmp_
     assert not any(tmp_path.iterdir())
 
 
-def test_the_serverapp_stops_on_an_unknown_attack_before_a_round(tmp_path):
-    """The clients build the attack; its name is checked on the server too, so that a typo
-    stops the run in one line instead of failing every attacker's rounds."""
-    from flwr.app import Context, RecordDict
-
-    from server_app.app import main
-
-    run_config = {"attack": "signflip", "results-dir": str(tmp_path)}
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=run_config)
-    with pytest.raises(SystemExit, match=r"^Invalid run config: attack='signflip' is not one "
-                                         r"of \[.*'sign-flip'"):
-        main(None, context)  # no Grid: the config stops the run before it is used
-    assert not any(tmp_path.iterdir())
-
-
 def test_alies_z_max_is_refused_where_the_attackers_need_no_supporters():
     # s = floor(n/2 + 1) - m supporters; none left: Phi^-1 of 1 is unbounded
     for clients, attackers in ((4, 3), (10, 6), (3, 2)):
