@@ -642,7 +642,8 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
     elif kind is str:
         if isinstance(raw, str):
             return raw
-    raise ConfigError(f"{key} must be a {kind.__name__}, got {raw!r}")
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise ConfigError(f"{key} must be {article} {kind.__name__}, got {raw!r}")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
