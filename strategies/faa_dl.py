@@ -40,6 +40,7 @@ from strategies.detection.faa_dl_verification import (
 )
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES, ClientQueries
+from strategies.validation import reason_line
 from task.config import ConfigError
 from task.data import ImageData
 from task.params import flatten_updates
@@ -218,23 +219,26 @@ class FaaDl(DetectingFedAvg):
         if reply is None:
             return Verdict(True, "no verification reply")
         if reply.has_error():
-            return Verdict(True, f"verification failed on the client: {reply.error.reason}")
+            return Verdict(True, reason_line(reply.error.reason,
+                                             "verification failed on the client: "))
         start = time.perf_counter()
         try:  # against the number the client claimed: ``num_examples`` may be the round's
             # bound of it (``bound_claims``), which an honest client's data exceeds
             data, seed = self._decrypt(reply, keys, upload.metrics[self.weighted_by_key],
                                        deadline)
         except TimeoutError as err:
-            return Verdict(True, f"its verification ran past the deadline: {err}")
+            return Verdict(True, reason_line(err, "its verification ran past the deadline: "))
         except Exception as err:  # noqa: BLE001 -- whatever the reply holds verifies the suspect
-            return Verdict(True, f"malformed verification reply: {type(err).__name__}: {err}")
+            return Verdict(True, reason_line(err, f"malformed verification reply: "
+                                                  f"{type(err).__name__}: "))
         seconds = {"decryption": time.perf_counter() - start}
         start = time.perf_counter()
         try:
             recomputed = recompute_update(self.model_fn, self.global_state, data, self.recipe, seed)
             mismatch = relative_mismatch(recomputed, upload.arrays, self.global_state)
         except Exception as err:  # noqa: BLE001 -- data the client chose cannot crash the round
-            return Verdict(True, f"its data cannot be trained on: {type(err).__name__}: {err}")
+            return Verdict(True, reason_line(err, f"its data cannot be trained on: "
+                                                  f"{type(err).__name__}: "))
         seconds["recomputation"] = time.perf_counter() - start
         if not mismatch <= self.tolerance:  # a NaN difference reproduces nothing
             return Verdict(True, f"recomputed update differs by {mismatch:.3g} "

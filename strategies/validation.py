@@ -27,6 +27,7 @@ import dataclasses
 import io
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from logging import WARNING
 
@@ -76,15 +77,19 @@ MAX_REASON_CHARS = 300
 """Characters of a rejection's reason kept in the round's record: the reason quotes what the
 client sent (its error's text, its arrays' names), whose length the client chooses."""
 
-_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
-"""Terminal colour codes and control characters other than tab and newline."""
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+"""Terminal escape sequences: colour codes and the like (CSI), window titles (OSC) and the
+two-character ones."""
 
 
-def reason_line(text: object) -> str:
-    """``text`` as one line of at most ``MAX_REASON_CHARS``: without control characters, its
-    last non-empty line (a traceback's is its exception), cut with an ellipsis."""
-    lines = [line.strip() for line in _CONTROL.sub("", str(text)).splitlines()]
-    line = next((line for line in reversed(lines) if line), "")
+def reason_line(text: object, prefix: str = "") -> str:
+    """``prefix`` and ``text`` as one line of at most ``MAX_REASON_CHARS``: ``text``'s last
+    non-empty line (a traceback's is its exception), without terminal escapes, control
+    characters or Unicode format characters (bidirectional overrides), cut with an ellipsis."""
+    cleaned = "".join(c for c in _ESCAPES.sub("", str(text))
+                      if c == "\n" or unicodedata.category(c) not in ("Cc", "Cf"))
+    lines = [line.strip() for line in cleaned.splitlines()]
+    line = prefix + next((line for line in reversed(lines) if line), "")
     return line if len(line) <= MAX_REASON_CHARS else line[:MAX_REASON_CHARS - 1] + "…"
 
 
@@ -277,7 +282,7 @@ def screen_replies(
             log(WARNING, "Ignored a second reply from node %d in one round", node_id)
             continue
         if msg.has_error():
-            rejected[node_id] = f"client error: {reason_line(msg.error.reason)}"
+            rejected[node_id] = reason_line(msg.error.reason, "client error: ")
             continue
         try:
             upload, reason = check_upload(

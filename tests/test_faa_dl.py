@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -258,6 +258,22 @@ def test_a_verification_that_fails_to_ask_leaves_no_master_secret_key(setting):
     finally:
         strategy.queries = queries
     assert strategy.authority._sessions == {}
+
+
+def test_a_suspects_error_text_is_recorded_as_one_bounded_line(setting):
+    """A verdict's reason quotes what a suspect sent (its error's text, what decoding its
+    reply raised): one line, bounded, as the screening's."""
+    from strategies.validation import MAX_REASON_CHARS
+
+    strategy, arrays = setting
+    context = _context(5, "benign")
+    upload = _upload(strategy, arrays, context)
+    request, _ = _request(strategy, context.node_id)
+    text = "Traceback\n  \x1b[31mdeep\x1b[0m\nValueError: " + "x" * 10**5
+    verdict = strategy.check(upload, Message(Error(code=0, reason=text), reply_to=request), [])
+    assert verdict.verified
+    assert verdict.reason.startswith("verification failed on the client: ValueError: xxx")
+    assert len(verdict.reason) == MAX_REASON_CHARS
 
 
 def test_a_decryption_past_the_verification_deadline_verifies_the_suspect(setting):

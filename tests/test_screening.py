@@ -238,7 +238,8 @@ def test_a_rejection_records_one_bounded_line_of_what_the_client_sent(setting):
                  "\n    raise ClientAppException(str(ex))\nException occurred. Message: attack='x'\n")
     errors = [Message(Error(code=0, reason=text),
                       reply_to=Message(RecordDict(), dst_node_id=node, message_type="train"))
-              for node, text in ((3, traceback), (4, "\x07" * 10 + "y" * 10**6))]
+              for node, text in ((3, traceback), (4, "\x07" * 10 + "y" * 10**6),
+                                 (6, "\x1b]0;a title\x07ok \u202etxt.exe\u202c"))]
     named = dict(valid[0]) | {"z" * 10**5: np.zeros(1, dtype=np.float32)}
     _, record = aggregate("fedavg", images, global_state,
                           [reply(1, valid[0], {"num-examples": 10}),
@@ -246,7 +247,9 @@ def test_a_rejection_records_one_bounded_line_of_what_the_client_sent(setting):
                            reply(5, named, {"num-examples": 10})])
     assert record.kept == [1, 2]
     assert record.rejected[3] == "client error: Exception occurred. Message: attack='x'"
-    assert record.rejected[4] == "client error: " + "y" * (MAX_REASON_CHARS - 1) + "…"
+    assert record.rejected[4] == ("client error: " + "y" * 10**6)[:MAX_REASON_CHARS - 1] + "…"
+    assert len(record.rejected[4]) == MAX_REASON_CHARS
+    assert record.rejected[6] == "client error: ok txt.exe"  # no title escape, no bidi override
     assert len(record.rejected[5]) <= MAX_REASON_CHARS and "zzz" in record.rejected[5]
 
 
