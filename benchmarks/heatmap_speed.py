@@ -126,8 +126,9 @@ def main() -> None:
         try:
             import pytorch_grad_cam  # noqa: F401 -- the baseline, in the [test] extra
         except ImportError:
-            parser.error("the grad-cam baseline needs pytorch-grad-cam: pip install -e '.[test]' "
-                         "(or --baseline-max-k 0 to time this project's engines alone)")
+            sys.exit("heatmap_speed.py: the grad-cam baseline needs pytorch-grad-cam: pip "
+                     "install -e '.[test]' (or --baseline-max-k 0 to time this project's "
+                     "engines alone)")
 
     ctx = mp.get_context("spawn")
     rows = []

@@ -33,13 +33,15 @@ openssl x509 -in deploy/certs/server.pem -noout "$check" "$host" | grep -q "does
   echo "FAILED: deploy/certs/server.pem does not name $host (SUPERLINK_HOST); remove" \
     "deploy/certs to make certificates that do" >&2; exit 1; }
 [ -f deploy/keys/node-0 ] || deploy/make-supernode-keys.sh deploy/keys "${nodes[@]}"
-mkdir -p deploy/secrets results/compose
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+mkdir -p deploy/secrets
+# an earlier demo may have given results/ itself to 49999
+mkdir -p results/compose 2>/dev/null || as_root mkdir -p results/compose
 for name in superlink "${nodes[@]}"; do  # one SuperExec secret per Flower process
   [ -s "deploy/secrets/$name" ] || head -c 32 /dev/urandom > "deploy/secrets/$name"
 done
 # The containers run as Flower's non-root user 49999: it owns what they read that is secret,
 # readable by it alone (docker-compose.yml mounts each file into the one container that needs it).
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # results/compose, not results/: a local flwr run by the user still writes to results/
 as_root chown 49999:49999 deploy/certs/server.key deploy/keys/node-? deploy/secrets/* results/compose
 as_root chmod 600 deploy/certs/server.key deploy/keys/node-? deploy/secrets/*
@@ -84,7 +86,7 @@ PY
 summary=$(find results/compose -name summary.json -newer "$marker" | head -1)
 [ -n "$summary" ] || { echo "FAILED: no summary.json was written; see results/compose/compose.log" >&2; exit 1; }
 python3 - "$summary" <<'PY'
-import json, sys
+import json, os, sys
 summary = json.load(open(sys.argv[1]))
 detection = summary["detection"]
 assert summary["rounds"] == 2 and summary["defense"] == "layercam-ae", summary
@@ -94,5 +96,5 @@ if detection["tp"] != 2:  # the demo shows the defense working, or says it did n
                      f"rounds (final accuracy {summary['final_accuracy']:.4f}): {detection}")
 print(f"OK: {summary['rounds']} rounds, final accuracy {summary['final_accuracy']:.4f}, "
       f"attacker uploads removed {detection['tp']}/2, benign removed {detection['fp']}/6; "
-      f"{summary['results_dir']}")
+      f"{os.path.dirname(sys.argv[1])}")
 PY
