@@ -77,19 +77,21 @@ MAX_REASON_CHARS = 300
 """Characters of a rejection's reason kept in the round's record: the reason quotes what the
 client sent (its error's text, its arrays' names), whose length the client chooses."""
 
-_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
-"""Terminal escape sequences: colour codes and the like (CSI), window titles (OSC) and the
-two-character ones."""
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b\n]*(\x07|\x1b\\)?|[ -/]*[0-~])"
+                      r"|\x9b[0-?]*[ -/]*[@-~]")
+"""Terminal escape sequences: colour codes and the like (CSI, 7- and 8-bit), window titles
+(OSC, to their end or the line's) and the short ones (a character set, a saved cursor)."""
 
 
-def reason_line(text: object, prefix: str = "") -> str:
+def reason_line(text: object, prefix: str = "", last_line: bool = True) -> str:
     """``prefix`` and ``text`` as one line of at most ``MAX_REASON_CHARS``: ``text``'s last
-    non-empty line (a traceback's is its exception), without terminal escapes, control
-    characters or Unicode format characters (bidirectional overrides), cut with an ellipsis."""
-    cleaned = "".join(c for c in _ESCAPES.sub("", str(text))
-                      if c == "\n" or unicodedata.category(c) not in ("Cc", "Cf"))
-    lines = [line.strip() for line in cleaned.splitlines()]
-    line = prefix + next((line for line in reversed(lines) if line), "")
+    non-empty line (a traceback's is its exception; ``last_line=False``: its lines joined by
+    spaces), without terminal escapes, control characters or Unicode format characters
+    (bidirectional overrides), tabs as spaces, cut with an ellipsis."""
+    cleaned = "".join(c for c in _ESCAPES.sub("", str(text)).replace("\t", " ")
+                      if c in "\n\r" or unicodedata.category(c) not in ("Cc", "Cf"))
+    lines = [line.strip() for line in cleaned.splitlines() if line.strip()]
+    line = prefix + ((lines[-1] if lines else "") if last_line else " ".join(lines))
     return line if len(line) <= MAX_REASON_CHARS else line[:MAX_REASON_CHARS - 1] + "…"
 
 
@@ -289,9 +291,11 @@ def screen_replies(
                 node_id, msg.content, reference, weighted_by_key, max_update_ratio, reference_norm
             )
         except Exception as err:  # noqa: BLE001 -- whatever a reply holds costs that reply only
-            upload, reason = None, f"screening failed: {type(err).__name__}: {err}"
+            upload, reason = None, reason_line(err, f"screening failed: {type(err).__name__}: ",
+                                               last_line=False)
         if upload is None:
-            rejected[node_id] = reason_line(reason)
+            rejected[node_id] = reason_line(reason, last_line=False)  # the project's own
+            # words, quoting what the client sent (names, dtypes, decoding errors)
             continue
         seen.add(node_id)
         accepted.append(upload)

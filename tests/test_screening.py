@@ -253,6 +253,20 @@ def test_a_rejection_records_one_bounded_line_of_what_the_client_sent(setting):
     assert len(record.rejected[5]) <= MAX_REASON_CHARS and "zzz" in record.rejected[5]
 
 
+@pytest.mark.parametrize("text, last_line, expected", [
+    ("Traceback\n\x1b]0;title\nValueError: important", True, "ValueError: important"),
+    ("\x1b(Bok \x1b7x\x1b8 \x9b31mred \x1bcdone", True, "ok x red done"),
+    ("key:\tvalue", True, "key: value"),
+    ("shown\rwritten over", True, "written over"),
+    ("header bad\nhint: see docs", False, "header bad hint: see docs"),
+    ("\n\n", True, ""),
+])
+def test_a_reason_is_one_clean_line(text, last_line, expected):
+    from strategies.validation import reason_line
+
+    assert reason_line(text, last_line=last_line) == expected
+
+
 def test_a_decision_that_fails_keeps_the_previous_model_and_the_server_running(setting):
     """Uploads that pass the screening but make a rule raise (a case it does not handle) cost
     the round, recorded with the error, not the ServerApp."""
