@@ -230,7 +230,7 @@ class FaaDl(DetectingFedAvg):
             return Verdict(True, reason_line(err, "its verification ran past the deadline: "))
         except Exception as err:  # noqa: BLE001 -- whatever the reply holds verifies the suspect
             return Verdict(True, reason_line(err, f"malformed verification reply: "
-                                                  f"{type(err).__name__}: "))
+                                                  f"{type(err).__name__}: ", last_line=False))
         seconds = {"decryption": time.perf_counter() - start}
         start = time.perf_counter()
         try:
@@ -238,7 +238,7 @@ class FaaDl(DetectingFedAvg):
             mismatch = relative_mismatch(recomputed, upload.arrays, self.global_state)
         except Exception as err:  # noqa: BLE001 -- data the client chose cannot crash the round
             return Verdict(True, reason_line(err, f"its data cannot be trained on: "
-                                                  f"{type(err).__name__}: "))
+                                                  f"{type(err).__name__}: ", last_line=False))
         seconds["recomputation"] = time.perf_counter() - start
         if not mismatch <= self.tolerance:  # a NaN difference reproduces nothing
             return Verdict(True, f"recomputed update differs by {mismatch:.3g} "
