@@ -291,11 +291,10 @@ def screen_replies(
                 node_id, msg.content, reference, weighted_by_key, max_update_ratio, reference_norm
             )
         except Exception as err:  # noqa: BLE001 -- whatever a reply holds costs that reply only
-            upload, reason = None, reason_line(err, f"screening failed: {type(err).__name__}: ",
-                                               last_line=False)
+            upload, reason = None, f"screening failed: {type(err).__name__}: {err}"
         if upload is None:
             rejected[node_id] = reason_line(reason, last_line=False)  # the project's own
-            # words, quoting what the client sent (names, dtypes, decoding errors)
+            # words (or an exception's), quoting what the client sent: every line, joined
             continue
         seen.add(node_id)
         accepted.append(upload)
