@@ -53,9 +53,12 @@ class CosDefense(DetectingFedAvg):
         scores = cosine_scores(self.global_state[layer], [u.arrays[layer] for u in uploads])
         spread = scores.max() - scores.min()
         normalised = (scores - scores.min()) / spread if spread > 0 else np.zeros_like(scores)
-        threshold = normalised.mean() + self.margin * normalised.std()
+        cut = normalised.mean() + self.margin * normalised.std()
+        # recorded in the scores' units (what the records and the report's cut line compare the
+        # recorded scores with): the same decision, up to the last bit at the cut
+        threshold = float(scores.min() + cut * spread)
         return Detection(
-            kept=[u.node_id for u, s in zip(uploads, normalised) if s <= threshold],
+            kept=[u.node_id for u, s in zip(uploads, scores) if s <= threshold],
             scores={u.node_id: float(s) for u, s in zip(uploads, scores)},
-            details={"layer": layer, "threshold": float(threshold)},
+            details={"layer": layer, "threshold": threshold, "normalised_threshold": float(cut)},
         )

@@ -156,3 +156,11 @@ def test_cosdefense_filters_updates_aligned_with_the_global_model():
                                 "steps": np.array(1)}, 1.0) for i, u in enumerate(updates)]
     detection = strategy.detect(1, uploads)
     assert set(range(24)) - set(detection.kept) == {21, 22, 23}
+    # the recorded cut is in the recorded scores' units: it separates them as the decision did
+    # (the report draws it over those scores)
+    cut = detection.details["threshold"]
+    assert {n for n, s in detection.scores.items() if s > cut} == {21, 22, 23}
+    normalised = np.array(list(detection.scores.values()))
+    normalised = (normalised - normalised.min()) / np.ptp(normalised)
+    assert detection.details["normalised_threshold"] == pytest.approx(
+        normalised.mean() + normalised.std())
