@@ -123,10 +123,17 @@ class Bulyan(MultiKrum):
     """Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018): Multi-Krum selects theta = n - 2f
     uploads, then each coordinate averages the beta = n - 4f selected values closest to the
     selection's coordinate-wise median (Flower's ``aggregate_n_closest_weights``). Assumes at
-    most f attackers and n >= 4f + 3; with fewer uploads the round keeps the previous model."""
+    most f attackers and n >= 4f + 3; with fewer uploads the round keeps the previous model.
+    The selection is Flower's ``Bulyan``'s: one Multi-Krum pass over all n uploads (the paper
+    applies Krum again to the uploads left after each pick, which can pick other uploads)."""
 
     name = "bulyan"
     clients_per_attacker = 4
+
+    @classmethod
+    def from_config(cls, config, assets, **flower_kwargs):
+        # theta is Bulyan's own: ``multi-krum-m`` does not apply
+        return cls(num_malicious=check_krum_f(config, cls.clients_per_attacker), **flower_kwargs)
 
     def selection_size(self, num_uploads: int) -> int:
         return bulyan_selection_size(num_uploads, self.num_malicious)[0]

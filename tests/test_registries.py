@@ -54,6 +54,16 @@ def test_an_unknown_name_is_refused_naming_the_key_and_the_choices(registry, key
         registry.get("magic")
 
 
+def test_bulyan_takes_no_multi_krum_m(reference):
+    """Bulyan selects its own theta = n - 2f: Multi-Krum's m neither applies nor refuses it."""
+    config = RunConfig(defense="bulyan", num_clients=24, krum_f=3, multi_krum_m=22)
+    strategy = build_defense(config, server_assets(config, reference))
+    assert strategy.selection_size(24) == 18
+    with pytest.raises(ConfigError, match="multi-krum-m=22 exceeds"):
+        config = RunConfig(defense="multi-krum", num_clients=24, krum_f=3, multi_krum_m=22)
+        build_defense(config, server_assets(config, reference))
+
+
 @pytest.mark.parametrize("defense,clients,needed", [
     ("krum", 8, 9), ("multi-krum", 8, 9), ("layercam-krum", 8, 9), ("bulyan", 14, 15),
 ])
