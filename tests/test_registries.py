@@ -112,6 +112,14 @@ def test_layercam_krum_keeps_the_previous_model_below_krums_n(reference):
     assert arrays is None and "4 valid upload(s), fewer than the 5 needed" in strategy.last_record.note
     arrays, _ = strategy.aggregate_train(2, replies)
     assert arrays is not None and strategy.last_record.kept
+    # enough uploads, but one's heat map is not finite: Krum's n is checked on those left
+    maps_of = strategy.heatmaps
+    strategy.heatmaps = lambda uploads: maps_of(uploads).index_fill(0, torch.tensor([0]), float("nan"))
+    arrays, _ = strategy.aggregate_train(3, replies)
+    record = strategy.last_record
+    assert arrays is None and len(record.rejected) == 1 and not record.kept
+    assert "4 upload(s) with finite heat maps, fewer than the 5 needed" in record.note
+    assert not record.scores
 
 
 def test_an_aont_lambda_singular_for_the_image_height_is_refused(reference):
