@@ -377,8 +377,13 @@ class Sweep:
             process = self.process = subprocess.Popen(
                 self.command(cell, attempt), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, cwd=self.project, start_new_session=True)
-            self.run_id = None
-            watchdog = threading.Timer(self.timeout, self.stop_run)  # also for a silent run
+            self.run_id, timed_out = None, threading.Event()
+
+            def time_out() -> None:
+                timed_out.set()
+                self.stop_run()
+
+            watchdog = threading.Timer(self.timeout, time_out)  # also for a silent run
             watchdog.start()
             try:
                 for line in process.stdout:  # streamed as the run goes
@@ -397,7 +402,11 @@ class Sweep:
         if run is not None:
             return {**record, "status": "done", "run": str(run.relative_to(self.sweep_dir))}
         tail = [line for line in log.read_text().splitlines() if line.strip()][-5:]
-        return {**record, "status": "failed", "error": "\n".join(tail)}
+        cause = (f"stopped after --cell-timeout {self.timeout:g} s" if timed_out.is_set()
+                 else f"flwr run exited with code {process.returncode}"
+                 + ("" if tail else " and printed nothing"))
+        return {**record, "status": "failed", "exit_code": process.returncode,
+                "error": "\n".join([cause, *tail])}
 
     def stop_run(self) -> None:
         """Stop the run in flight on the SuperLink (``flwr stop``) and its ``flwr run``; the

@@ -53,3 +53,19 @@ def test_a_cell_that_hangs_silently_is_stopped_at_its_timeout_and_recorded(tmp_p
     started = time.monotonic()
     record = sweep.run_cell(grid.cells()[0])
     assert record["status"] == "failed" and time.monotonic() - started < 20
+    assert record["error"] == "stopped after --cell-timeout 1 s"  # the cause, as it printed nothing
+    assert record["exit_code"] == -15  # the SIGTERM the timeout sent
+
+
+def test_a_cell_whose_flwr_run_fails_records_its_exit_code(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "flwr"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 3\n")  # fails without a word
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    path = grid_file(tmp_path, '[grid]\ndefense = ["fedavg"]\n')
+    grid = SweepGrid.load(path)
+    record = Sweep(grid, path, tmp_path / "sweep", tmp_path, None, None, timeout=60).run_cell(
+        grid.cells()[0])
+    assert record["status"] == "failed" and record["exit_code"] == 3
+    assert record["error"] == "flwr run exited with code 3 and printed nothing"
