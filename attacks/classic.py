@@ -7,14 +7,22 @@ import numpy as np
 
 from attacks.base import ATTACKS, Attack, AttackInput, relabelled
 from task.data import ImageData
-from task.params import State, flatten_updates, unflatten
+from task.params import State, flatten_updates, is_batchnorm_statistic, unflatten
+
+
+def is_weight(name: str, value: np.ndarray) -> bool:
+    """Whether an array of the state is a weight the noise attacks perturb: floating point
+    and not one of BatchNorm's running statistics (noise would make a variance negative)."""
+    return value.dtype.kind == "f" and not is_batchnorm_statistic(name)
 
 
 @ATTACKS.register
 class SignFlip(Attack):
     """Sign-flipping (Damaskinos et al., "Asynchronous Byzantine machine learning (the case of
-    SGD)", ICML 2018; FAA-DL section VI-A): upload w_g - scale * (w - w_g), the honest update
-    reversed and scaled (``scale`` = |epsilon| of FAA-DL)."""
+    SGD)", ICML 2018): upload w_g - scale * (w - w_g), the honest update reversed and scaled.
+    FAA-DL (section VI-A) flips the weights themselves (epsilon * w, epsilon < 0): for epsilon
+    = -1 an upload about twice the model's norm away from every benign one, where reversing the
+    update stays at the honest update's distance."""
 
     name = "sign-flip"
 
@@ -35,7 +43,8 @@ class SignFlip(Attack):
 class GaussianNoise(Attack):
     """Gaussian noise (Fang, Cao, Jia, Gong, "Local model poisoning attacks to Byzantine-robust
     federated learning", USENIX Security 2020; FAA-DL section VI-A): upload the honest model
-    plus i.i.d. N(0, sigma^2) noise on every weight."""
+    plus i.i.d. N(0, sigma^2) noise on every weight (BatchNorm's running statistics, which are
+    no weights, stay its own)."""
 
     name = "gaussian"
 
@@ -49,13 +58,14 @@ class GaussianNoise(Attack):
     def craft(self, attack_input: AttackInput) -> State:
         own = attack_input.own_state
         return {k: (v + attack_input.rng.normal(0.0, self.sigma, v.shape)).astype(v.dtype)
-                if v.dtype.kind == "f" else v for k, v in own.items()}
+                if is_weight(k, v) else v for k, v in own.items()}
 
 
 @ATTACKS.register
 class UniformNoise(Attack):
     """Scaled uniform noise added to a benign model, as the LayerCAM-AE authors' public code
-    generates its "malicious" models: w + scale * U(-1, 1) on every weight."""
+    generates its "malicious" models: w + scale * U(-1, 1) on every weight (BatchNorm's running
+    statistics stay its own)."""
 
     name = "uniform-noise"
 
@@ -69,7 +79,7 @@ class UniformNoise(Attack):
     def craft(self, attack_input: AttackInput) -> State:
         own = attack_input.own_state
         return {k: (v + self.scale * attack_input.rng.uniform(-1.0, 1.0, v.shape)).astype(v.dtype)
-                if v.dtype.kind == "f" else v for k, v in own.items()}
+                if is_weight(k, v) else v for k, v in own.items()}
 
 
 @ATTACKS.register

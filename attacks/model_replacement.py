@@ -7,13 +7,15 @@ X~ = gamma (X - G) + G with gamma = n / eta makes the round's average about X, w
 others upload (their updates nearly cancel as the model converges). The untargeted target
 model X here is the honest local step reversed, X = G - (w - G): the one-shot replacement of
 the global model by one that unlearns what the round taught. ``round`` picks the one round of
-the attack (0: every round); in other rounds the attacker uploads its honest model.
+the attack (0: every round); in other rounds the attacker uploads its honest model. BatchNorm's
+running statistics stay the attacker's own: boosted, a variance turns negative, which no
+screening lets through.
 """
 
 from __future__ import annotations
 
 from attacks.base import ATTACKS, Attack, AttackInput
-from task.params import State, flatten_updates, unflatten
+from task.params import State, flatten_updates, is_batchnorm_statistic, unflatten
 
 
 @ATTACKS.register
@@ -41,4 +43,5 @@ class ModelReplacement(Attack):
         if not self.attacks_in(attack_input.server_round):
             return own
         updates, names = flatten_updates([own], global_state)
-        return unflatten(-self.boost * updates[0], names, global_state)
+        boosted = unflatten(-self.boost * updates[0], names, global_state, buffers=own)
+        return {k: own[k] if is_batchnorm_statistic(k) else v for k, v in boosted.items()}

@@ -145,6 +145,7 @@ def train(msg: Message, context: Context) -> Message:
     import numpy as np
 
     from attacks import AttackInput, build_attack
+    from task.params import integer_arrays
     from task.train import state_to_numpy
     from task.train import train as train_locally
 
@@ -166,10 +167,11 @@ def train(msg: Message, context: Context) -> Message:
         seed=seed,
     )
     state = state_to_numpy(model.cpu())
-    if attack is not None:
-        state = attack.craft(AttackInput(global_state, state, np.random.default_rng(seed),
-                                         probes=local_probes(local, attack),
-                                         server_round=server_round))
+    if attack is not None:  # its batch counters its own: an honest client's
+        state = {**attack.craft(AttackInput(global_state, state, np.random.default_rng(seed),
+                                            probes=local_probes(local, attack),
+                                            server_round=server_round)),
+                 **integer_arrays(state)}
     metrics = {"train-loss": loss, "num-examples": len(local), ATTACKER: float(attacker)}
     return _model_reply(msg, state, metrics)
 
@@ -206,6 +208,7 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     import torch
 
     from attacks import ATTACKS, AttackInput, build_attack
+    from task.params import median_integer_arrays
 
     torch.set_num_threads(1)
     config = RunConfig.from_run_config(context.run_config)
@@ -228,6 +231,8 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
         AttackInput(global_state, global_state, np.random.default_rng(seed), benign, sizes, probes,
                     server_round)
     )
+    # batch counters as the benign uploads carry them (the global model's would give it away)
+    state = {**state, **median_integer_arrays(benign, global_state)}
     # The fields of a benign reply: the median benign data size and training loss of the round.
     metrics = {"train-loss": float(settings["claimed-train-loss"]),
                "num-examples": int(settings["claimed-num-examples"]), ATTACKER: 1.0}

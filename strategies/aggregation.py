@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from strategies.records import ClientUpload
-from task.params import State, flatten_updates, unflatten, update_norms
+from task.params import State, flatten_updates, median_integer_arrays, unflatten, update_norms
 
 
 def weighted_average(uploads: Sequence[ClientUpload]) -> dict[str, np.ndarray]:
@@ -40,9 +40,7 @@ def counted_buffers(uploads: Sequence[ClientUpload], global_state: State) -> dic
     upload) may be an attacker's: a mean or a single upload let one client drive the count to
     the screening's cap of 2^53, past which every honest upload (the count plus its own
     batches) is rejected. The median moves only with most of the round's clients."""
-    return {name: np.asarray(np.rint(np.median(np.stack([u.arrays[name] for u in uploads]),
-                                               axis=0))).astype(value.dtype)
-            for name, value in global_state.items() if value.dtype.kind in "iu"}
+    return median_integer_arrays([u.arrays for u in uploads], global_state)
 
 
 def clipped_to(uploads: Sequence[ClientUpload], global_state: State, bound: float,

@@ -18,6 +18,30 @@ def float_names(global_state: State) -> list[str]:
     return [k for k, v in global_state.items() if v.dtype.kind == "f"]
 
 
+BATCHNORM_STATISTICS = ("running_mean", "running_var")
+"""The float buffers of torch's BatchNorm (the last part of an array's name): statistics of the
+data the model has seen, not weights. Noise or a boost meant for the weights would make a
+variance negative (the screening rejects it; ``strategies.validation``)."""
+
+
+def is_batchnorm_statistic(name: str) -> bool:
+    """Whether the array ``name`` is one of BatchNorm's running statistics."""
+    return name.rpartition(".")[2] in BATCHNORM_STATISTICS
+
+
+def integer_arrays(state: State) -> dict[str, np.ndarray]:
+    """The state's integer arrays (BatchNorm's ``num_batches_tracked``): no update moves them;
+    each client counts its own batches into them."""
+    return {k: v for k, v in state.items() if v.dtype.kind in "iu"}
+
+
+def median_integer_arrays(states: Sequence[State], template: State) -> dict[str, np.ndarray]:
+    """Each integer array of ``template``, as the coordinate-wise median of the ``states``',
+    rounded, in its dtype."""
+    return {name: np.asarray(np.rint(np.median(np.stack([s[name] for s in states]), axis=0)))
+            .astype(value.dtype) for name, value in integer_arrays(template).items()}
+
+
 def columns_of(global_state: State, names: Sequence[str]) -> tuple[slice, ...]:
     """The columns the named float arrays take in the update matrix (``float_names`` order:
     ``flatten_updates``, ``StateColumns``), in that order."""

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from attacks import ATTACKS, AttackInput, build_attack
 from attacks.classic import GaussianNoise, LabelFlip, SignFlip, UniformNoise
-from client_app.app import is_attacker, train
+from attacks.model_replacement import ModelReplacement
+from client_app.app import attack_with_eavesdropped_uploads, is_attacker, train
 from task.config import ConfigError, RunConfig
 from task.data import load_federated_data
 from task.models import build_model
@@ -44,6 +45,34 @@ def test_uniform_noise_stays_within_its_scale_and_fills_it():
     noise = UniformNoise(scale=0.3).craft(AttackInput(g, own, rng))["w"] - own["w"]
     assert np.abs(noise).max() <= 0.3 + 1e-6 and np.abs(noise).max() > 0.29
     assert noise.std() == pytest.approx(0.3 / np.sqrt(3), rel=0.05)  # U(-a, a): std a / sqrt(3)
+
+
+def _batchnorm_states(seed=0):
+    """A state with BatchNorm's buffers beside a weight: small variances, as late in training."""
+    rng = np.random.default_rng(seed)
+    g = {"conv.weight": rng.normal(size=(8, 3)).astype(np.float32),
+         "bn.running_mean": rng.normal(size=8).astype(np.float32),
+         "bn.running_var": np.full(8, 1e-3, dtype=np.float32),
+         "bn.num_batches_tracked": np.array(40, dtype=np.int64)}
+    own = {**{k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in g.items()
+              if v.dtype.kind == "f"}, "bn.num_batches_tracked": np.array(47, dtype=np.int64)}
+    own["bn.running_var"] = np.abs(own["bn.running_var"])
+    return g, own, rng
+
+
+@pytest.mark.parametrize("attack", [GaussianNoise(sigma=0.5), UniformNoise(scale=0.5),
+                                    ModelReplacement(boost=24.0)], ids=lambda a: a.name)
+def test_weight_attacks_leave_batchnorm_statistics_and_counters_their_own(attack):
+    """Noise and a boost are meant for the weights: on BatchNorm's running statistics they would
+    make a variance negative, which the screening rejects before any defense looks."""
+    g, own, rng = _batchnorm_states()
+    out = attack.craft(AttackInput(g, own, rng, server_round=1))
+    assert not np.allclose(out["conv.weight"], own["conv.weight"], atol=1e-3)
+    for name in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+        assert np.array_equal(out[name], own[name]) and out[name].dtype == own[name].dtype, name
+    if attack.name == "model-replacement":
+        np.testing.assert_allclose(out["conv.weight"] - g["conv.weight"],
+                                   -24.0 * (own["conv.weight"] - g["conv.weight"]), rtol=1e-4)
 
 
 def test_same_seed_same_output():
@@ -106,3 +135,30 @@ def test_an_attacker_with_an_unknown_attack_fails_naming_the_key():
                        attack="magic", **{"num-attackers": 1})
     with pytest.raises(ConfigError, match=r"attack='magic' is not one of \[.*'gae'"):
         train(msg, context)
+
+
+def test_an_eavesdropping_attacker_uploads_the_batch_counters_the_benign_uploads_carry():
+    """Each benign client counts its batches into BatchNorm's ``num_batches_tracked``; an
+    attacker that crafts from the eavesdropped uploads (and trains nothing) takes their median,
+    not the global model's count, which would single out its upload."""
+    act_as_serverapp()
+    rng = np.random.default_rng(0)
+    global_state = {"w": rng.normal(size=(6, 4)).astype(np.float32),
+                    "bn.num_batches_tracked": np.array(40, dtype=np.int64)}
+    counts = (47, 48, 47, 46)
+    benign = [{"w": (global_state["w"] + rng.normal(0, 0.1, (6, 4))).astype(np.float32),
+               "bn.num_batches_tracked": np.array(c, dtype=np.int64)} for c in counts]
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in global_state.items()}),
+        "config": ConfigRecord({"server-round": 2, "num-benign": len(benign),
+                                "claimed-train-loss": 0.5, "claimed-num-examples": 300}),
+        **{f"benign-{i}": ArrayRecord({k: Array(v) for k, v in s.items()})
+           for i, s in enumerate(benign)}})
+    out = attack_with_eavesdropped_uploads(
+        Message(content, dst_node_id=7, message_type="train.attack"),
+        _context({"partition-id": 23, "num-partitions": 24}, attack="alie",
+                 **{"num-attackers": 3}))
+    upload = out.content["arrays"]
+    assert upload["bn.num_batches_tracked"].numpy() == 47
+    assert upload["bn.num_batches_tracked"].numpy().dtype == np.int64
+    assert not np.allclose(upload["w"].numpy(), global_state["w"])  # crafted
