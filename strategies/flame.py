@@ -9,10 +9,13 @@ section 5, Algorithm 1): cluster, clip, add noise.
 2. Every admitted update is clipped to S_t, the median of all n update norms e_i = ||W_i - G||.
 3. The clipped models are averaged (plainly, as in the paper) and Gaussian noise of standard
    deviation sigma = lambda * S_t is added to every weight (lambda = 0.001 for image
-   classification, the paper's setting).
+   classification, the paper's setting); not to BatchNorm's running statistics, which are no
+   weights (noise on a small running variance makes it negative, and the model's outputs NaN).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.cluster import HDBSCAN
@@ -20,7 +23,8 @@ from sklearn.cluster import HDBSCAN
 from strategies.base import DetectingFedAvg
 from strategies.records import ClientUpload, Detection
 from strategies.registry import DEFENSES
-from task.params import flatten_updates, float_names, unflatten
+from task.params import (columns_of, flatten_updates, float_names, is_batchnorm_statistic,
+                          unflatten)
 
 
 def cosine_distances(updates: np.ndarray) -> np.ndarray:
@@ -47,14 +51,19 @@ def flame_admitted(updates: np.ndarray, distances: np.ndarray | None = None) -> 
 
 
 def flame_update(updates: np.ndarray, admitted: np.ndarray, noise: float,
-                 rng: np.random.Generator) -> tuple[np.ndarray, float]:
+                 rng: np.random.Generator, quiet: Sequence[slice] = ()
+                 ) -> tuple[np.ndarray, float]:
     """Steps 2-3 on the update vectors: the mean of the admitted updates clipped to the median
-    norm S_t of all, plus N(0, (noise * S_t)^2) per coordinate; and S_t."""
+    norm S_t of all, plus N(0, (noise * S_t)^2) per coordinate but those in ``quiet`` (the
+    same draws for the others with or without it); and S_t."""
     norms = np.linalg.norm(updates, axis=1)
     bound = float(np.median(norms))
     scale = np.minimum(1.0, bound / np.maximum(norms[admitted], 1e-12))
     mean = (updates[admitted] * scale[:, None]).mean(axis=0)
-    return mean + rng.normal(0.0, noise * bound, mean.shape), bound
+    drawn = rng.normal(0.0, noise * bound, mean.shape)
+    for columns in quiet:
+        drawn[columns] = 0.0
+    return mean + drawn, bound
 
 
 @DEFENSES.register
@@ -87,7 +96,8 @@ class Flame(DetectingFedAvg):
         distances = cosine_distances(updates)
         admitted = flame_admitted(updates, distances)
         rng = np.random.default_rng([self.seed, server_round])
-        vector, bound = flame_update(updates, admitted, self.noise, rng)
+        statistics = columns_of(self.global_state, [k for k in names if is_batchnorm_statistic(k)])
+        vector, bound = flame_update(updates, admitted, self.noise, rng, quiet=statistics)
         kept = [u for u, ok in zip(uploads, admitted) if ok]
         scores = {u.node_id: float(np.median(row)) for u, row in zip(uploads, distances)}
         # integer buffers: the base's counted_buffers

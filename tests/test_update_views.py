@@ -6,7 +6,7 @@ import pytest
 
 from attacks import AttackInput, build_attack
 from strategies.aggregation import clipped_to
-from strategies.flame import cosine_distances, flame_admitted, flame_update
+from strategies.flame import Flame, cosine_distances, flame_admitted, flame_update
 from strategies.records import ClientUpload
 from task.params import row_norms
 from strategies.detection.update_views import (VIEW_TAILS, VIEWS, norm_bound, collusion_view, column_median, direction_view, norm_view,
@@ -125,6 +125,32 @@ def test_flame_noise_has_lambda_times_the_median_norm_as_its_deviation():
     plain, bound = flame_update(updates, admitted, 0.0, np.random.default_rng(0))
     noisy, _ = flame_update(updates, admitted, 0.01, np.random.default_rng(0))
     assert np.std(noisy - plain) == pytest.approx(0.01 * bound, rel=0.01)
+
+
+def test_flame_adds_no_noise_to_batchnorm_statistics():
+    """A small running variance plus noise of lambda times a large median norm would turn
+    negative (and the model's outputs NaN): the statistics get the clipped mean alone, every
+    weight its noise."""
+    rng = np.random.default_rng(0)
+    g = {"conv.weight": rng.normal(size=(64, 50)).astype(np.float32),
+         "bn.running_var": np.full(64, 1e-3, dtype=np.float32),
+         "bn.num_batches_tracked": np.array(9, dtype=np.int64)}
+    uploads = [ClientUpload(i, {"conv.weight": (g["conv.weight"] + rng.normal(0, 0.5, (64, 50))
+                                                ).astype(np.float32),
+                                "bn.running_var": np.full(64, 1.1e-3, dtype=np.float32),
+                                "bn.num_batches_tracked": np.array(12, dtype=np.int64)}, 1.0)
+               for i in range(5)]
+    flame = Flame(noise=0.01, seed=0)
+    flame.global_state = g
+    aggregate = flame.detect(1, uploads).aggregate
+    without = Flame(noise=0.0, seed=0)
+    without.global_state = g
+    plain = without.detect(1, uploads).aggregate
+    np.testing.assert_array_equal(aggregate["bn.running_var"], plain["bn.running_var"])
+    assert (aggregate["bn.running_var"] > 1e-3).all()
+    bound = flame.detect(1, uploads).details["clip_bound"]
+    assert np.std(aggregate["conv.weight"] - plain["conv.weight"]) == pytest.approx(0.01 * bound,
+                                                                                 rel=0.05)
 
 
 def test_model_replacement_boosts_the_reversed_update_in_its_round_only():
