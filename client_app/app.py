@@ -16,8 +16,10 @@ Run by Flower's simulation on Ray, a training reply also names the Ray node that
 
 from __future__ import annotations
 
+import re
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -34,11 +36,23 @@ if TYPE_CHECKING:
 app = ClientApp()
 
 
+def node_integer(node_config: Mapping[str, Any], key: str) -> int:
+    """A node-config value that must be an integer (a string of digits is one written in
+    quotes); ``ValueError`` naming the key otherwise (``KeyError`` when it is missing)."""
+    value = node_config[key]
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"node config {key}={value!r} is not an integer")
+    return value
+
+
 def node_partition(context: Context) -> tuple[int, int]:
     """This node's (partition id, number of partitions), validated."""
     node = context.node_config
     try:
-        partition_id, num_partitions = int(node["partition-id"]), int(node["num-partitions"])
+        partition_id = node_integer(node, "partition-id")
+        num_partitions = node_integer(node, "num-partitions")
     except KeyError as err:
         raise ValueError(
             f"node config lacks {err.args[0]!r}: start the SuperNode with "

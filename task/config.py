@@ -471,6 +471,18 @@ class RunConfig:
             raise ConfigError(f"alie-z={self.alie_z:g} takes Baruch et al.'s z_max, which needs "
                               f"fewer attackers a round than floor(n / 2 + 1) = {majority} (n = "
                               f"{clients} clients a round), got {attackers}; set alie-z > 0")
+        supporters = majority - attackers
+        if self.attack == "alie" and self.alie_z <= 0 and attackers and 2 * supporters >= clients:
+            # Phi^-1((n - s) / n) <= 0: the attackers would upload the benign mean
+            raise ConfigError(f"alie-z={self.alie_z:g} takes Baruch et al.'s z_max, which is 0 "
+                              f"with {attackers} attacker(s) among n = {clients} clients a round "
+                              f"(s = {supporters} supporters needed, Phi^-1((n - s) / n) = "
+                              f"Phi^-1(0.5)): every upload would be the benign mean; set "
+                              f"alie-z > 0")
+        if self.model_replacement_round > self.num_server_rounds:
+            raise ConfigError(f"model-replacement-round={self.model_replacement_round} is past "
+                              f"the run's last round (num-server-rounds={self.num_server_rounds})"
+                              f": the attacker would never attack")
         check_layercam_ae_decision(self.layercam_ae_decision, self.layercam_ae_threshold,
                                    self.layercam_ae_votes, self.layercam_ae_window,
                                    self.layercam_ae_group_z, self.layercam_ae_low_z)

@@ -48,6 +48,10 @@ def test_evaluate_reports_loss_and_accuracy_on_the_partition():
 def test_missing_node_config_is_named():
     with pytest.raises(ValueError, match="partition-id"):
         node_partition(_context({"num-partitions": 2}))
+    for bad in ("x", 1.7, True):  # named, not read as another number
+        with pytest.raises(ValueError, match=rf"node config partition-id={bad!r} is not an integer"):
+            node_partition(_context({"partition-id": bad, "num-partitions": 2}))
+    assert node_partition(_context({"partition-id": "1", "num-partitions": 2})) == (1, 2)
     with pytest.raises(ValueError, match="outside"):
         node_partition(_context({"partition-id": 2, "num-partitions": 2}))
 

@@ -95,6 +95,25 @@ def test_the_serverapp_stops_on_a_bad_run_config_in_one_line_naming_the_key(tmp_
     assert not any(tmp_path.iterdir())
 
 
+def test_alies_z_max_is_refused_where_it_is_zero():
+    """One attacker among an even n: s = n/2 supporters, z = Phi^-1(0.5) = 0, and the upload
+    would be the benign mean, no attack at all."""
+    for extra in ({"num-clients": 24, "num-attackers": 1},
+                  {"num-clients": 24, "num-attackers": 3, "clients-per-round": 10}):
+        with pytest.raises(ConfigError, match=r"alie-z=0 .* is 0 with 1 attacker\(s\)"):
+            RunConfig.from_run_config({"attack": "alie", **extra})
+    RunConfig.from_run_config({"attack": "alie", "num-clients": 23, "num-attackers": 1})
+    RunConfig.from_run_config({"attack": "alie", "num-clients": 24, "num-attackers": 2})
+    RunConfig.from_run_config({"attack": "alie", "num-clients": 24, "num-attackers": 1,
+                               "alie-z": 1.0})
+
+
+def test_a_model_replacement_round_past_the_last_round_is_refused():
+    with pytest.raises(ConfigError, match=r"model-replacement-round=13 is past .*=12\)"):
+        RunConfig.from_run_config({"attack": "model-replacement", "model-replacement-round": 13})
+    RunConfig.from_run_config({"attack": "model-replacement", "model-replacement-round": 12})
+
+
 def test_alies_z_max_is_refused_where_the_attackers_need_no_supporters():
     # s = floor(n/2 + 1) - m supporters; none left: Phi^-1 of 1 is unbounded
     for clients, attackers in ((4, 3), (10, 6), (3, 2)):
