@@ -214,6 +214,37 @@ def local_probes(local: ImageData, attack: Attack) -> torch.Tensor | None:
     return local.as_float(torch.arange(min(LOCAL_PROBES, len(local))))
 
 
+def eavesdropped_round(msg: Message) -> tuple[ConfigRecord, dict, tuple[dict, ...],
+                                               tuple[float, ...]]:
+    """A ``train.attack`` message's config, global model, forwarded benign uploads and their
+    sizes, checked: ``ValueError`` naming the record or field that is missing or does not fit
+    (each upload must hold the global model's arrays, in their shapes)."""
+    content = msg.content
+    missing = [name for name in ("config", "arrays") if name not in content]
+    if missing:
+        raise ValueError(f"train.attack message has no {' or '.join(map(repr, missing))} record")
+    settings = content["config"]
+    for field in ("server-round", "num-benign", "claimed-train-loss", "claimed-num-examples"):
+        if field not in settings:
+            raise ValueError(f"train.attack message's config has no {field!r}")
+    global_state = {k: v.numpy() for k, v in content["arrays"].items()}
+    benign = []
+    for i in range(int(settings["num-benign"])):
+        if f"benign-{i}" not in content:
+            raise ValueError(f"train.attack message has no 'benign-{i}' record "
+                             f"(num-benign={settings['num-benign']})")
+        upload = {k: v.numpy() for k, v in content[f"benign-{i}"].items()}
+        if {k: v.shape for k, v in upload.items()} != {k: v.shape for k, v in global_state.items()}:
+            raise ValueError(f"train.attack message's 'benign-{i}' does not hold the global "
+                             f"model's arrays in their shapes")
+        benign.append(upload)
+    sizes = tuple(float(n) for n in settings.get("benign-num-examples", []))
+    if sizes and len(sizes) != len(benign):
+        raise ValueError(f"train.attack message has {len(sizes)} benign-num-examples for "
+                         f"{len(benign)} benign uploads")
+    return settings, global_state, tuple(benign), sizes
+
+
 @app.train("attack")
 def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     """Second message of an attacker's round: craft the upload from the benign uploads the
@@ -227,6 +258,12 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     config = RunConfig.from_run_config(context.run_config)
     partition_id, _ = node_partition(context)
+    if not (is_attacker(context, config.num_attackers)
+            and ATTACKS.get(config.attack).needs_benign_uploads):
+        raise ValueError(f"train.attack message to a node that crafts nothing from benign "
+                         f"uploads (attack={config.attack!r}, role "
+                         f"{'attacker' if is_attacker(context, config.num_attackers) else 'benign'})")
+    settings, global_state, benign, sizes = eavesdropped_round(msg)
     probes = None
     if ATTACKS.get(config.attack).needs_local_probes:
         config, partition_id, local, model, _ = _local_setup(msg, context)
@@ -234,12 +271,7 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
         probes = local_probes(local, attack)
     else:
         attack = build_attack(config)
-    settings = msg.content["config"]
     server_round = int(settings["server-round"])
-    global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    benign = tuple({k: v.numpy() for k, v in msg.content[f"benign-{i}"].items()}
-                   for i in range(int(settings["num-benign"])))
-    sizes = tuple(float(n) for n in settings.get("benign-num-examples", []))
     seed = training_seed(config, server_round, partition_id)
     state = attack.craft(
         AttackInput(global_state, global_state, np.random.default_rng(seed), benign, sizes, probes,

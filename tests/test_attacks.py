@@ -137,28 +137,66 @@ def test_an_attacker_with_an_unknown_attack_fails_naming_the_key():
         train(msg, context)
 
 
+def _attack_message(global_state, benign, **config):
+    """A ``train.attack`` message as the harness sends it."""
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in global_state.items()}),
+        "config": ConfigRecord({"server-round": 2, "num-benign": len(benign),
+                                "claimed-train-loss": 0.5, "claimed-num-examples": 300,
+                                **config}),
+        **{f"benign-{i}": ArrayRecord({k: Array(v) for k, v in s.items()})
+           for i, s in enumerate(benign)}})
+    return Message(content, dst_node_id=7, message_type="train.attack")
+
+
+def _eavesdropped_round(counts=(47, 48, 47, 46)):
+    rng = np.random.default_rng(0)
+    global_state = {"w": rng.normal(size=(6, 4)).astype(np.float32),
+                    "bn.num_batches_tracked": np.array(40, dtype=np.int64)}
+    benign = [{"w": (global_state["w"] + rng.normal(0, 0.1, (6, 4))).astype(np.float32),
+               "bn.num_batches_tracked": np.array(c, dtype=np.int64)} for c in counts]
+    return global_state, benign
+
+
+ALIE_ATTACKER = ({"partition-id": 23, "num-partitions": 24}, {"attack": "alie", "num-attackers": 3})
+
+
 def test_an_eavesdropping_attacker_uploads_the_batch_counters_the_benign_uploads_carry():
     """Each benign client counts its batches into BatchNorm's ``num_batches_tracked``; an
     attacker that crafts from the eavesdropped uploads (and trains nothing) takes their median,
     not the global model's count, which would single out its upload."""
     act_as_serverapp()
-    rng = np.random.default_rng(0)
-    global_state = {"w": rng.normal(size=(6, 4)).astype(np.float32),
-                    "bn.num_batches_tracked": np.array(40, dtype=np.int64)}
-    counts = (47, 48, 47, 46)
-    benign = [{"w": (global_state["w"] + rng.normal(0, 0.1, (6, 4))).astype(np.float32),
-               "bn.num_batches_tracked": np.array(c, dtype=np.int64)} for c in counts]
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in global_state.items()}),
-        "config": ConfigRecord({"server-round": 2, "num-benign": len(benign),
-                                "claimed-train-loss": 0.5, "claimed-num-examples": 300}),
-        **{f"benign-{i}": ArrayRecord({k: Array(v) for k, v in s.items()})
-           for i, s in enumerate(benign)}})
-    out = attack_with_eavesdropped_uploads(
-        Message(content, dst_node_id=7, message_type="train.attack"),
-        _context({"partition-id": 23, "num-partitions": 24}, attack="alie",
-                 **{"num-attackers": 3}))
+    global_state, benign = _eavesdropped_round()
+    node, run = ALIE_ATTACKER
+    out = attack_with_eavesdropped_uploads(_attack_message(global_state, benign),
+                                           _context(node, **run))
     upload = out.content["arrays"]
     assert upload["bn.num_batches_tracked"].numpy() == 47
     assert upload["bn.num_batches_tracked"].numpy().dtype == np.int64
     assert not np.allclose(upload["w"].numpy(), global_state["w"])  # crafted
+
+
+def test_a_train_attack_message_is_refused_where_it_does_not_fit():
+    """Only an attacker whose attack crafts from benign uploads answers one, and a message
+    missing a record, a field or an array's shape is named, not met with a KeyError."""
+    act_as_serverapp()
+    global_state, benign = _eavesdropped_round()
+    node, run = ALIE_ATTACKER
+    for other_node, other_run, match in (
+            ({**node, "role": "benign"}, run, r"attack='alie', role benign"),
+            (node, {**run, "attack": "sign-flip"}, r"attack='sign-flip', role attacker")):
+        with pytest.raises(ValueError, match="crafts nothing from benign uploads .*" + match):
+            attack_with_eavesdropped_uploads(_attack_message(global_state, benign),
+                                             _context(other_node, **other_run))
+    short = _attack_message(global_state, benign, **{"num-benign": 5})
+    wrong = _attack_message(global_state, [*benign[:3], {**benign[3], "w": benign[3]["w"][:5]}])
+    sizes = _attack_message(global_state, benign, **{"benign-num-examples": [1.0, 2.0]})
+    for msg, match in ((short, r"no 'benign-4' record \(num-benign=5\)"),
+                       (wrong, r"'benign-3' does not hold the global model's arrays"),
+                       (sizes, r"2 benign-num-examples for 4 benign uploads")):
+        with pytest.raises(ValueError, match=match):
+            attack_with_eavesdropped_uploads(msg, _context(node, **run))
+    bare = Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), dst_node_id=7,
+                   message_type="train.attack")
+    with pytest.raises(ValueError, match="no 'arrays' record"):
+        attack_with_eavesdropped_uploads(bare, _context(node, **run))
