@@ -71,32 +71,44 @@ RANK_TOLERANCE = 1e-10
 """Singular values of F_hat below this fraction of the largest span no direction."""
 
 
+MIN_SELECTED = 3
+"""Models the graph needs at least: with two, every standardised node feature is
++-(1, -1)/sqrt(2), every cosine +-1, and the graph two cliques by sign, a structure of no data."""
+
+
 def select_benign(distances: np.ndarray, budget: float) -> np.ndarray:
     """GAE eq. 9: the subset maximising sum d_i under sum d_i <= budget * sum_i d_i, as a boolean
-    mask (0-1 knapsack with value = weight = d_i, exact DP on quantised weights). At least the
-    two models with the smallest d_i are kept. Several subsets can be optimal; the items are
-    taken in ascending order of d_i, so which one is chosen does not depend on the order the
-    models were overheard in."""
+    mask (0-1 knapsack with value = weight = d_i, exact DP on quantised weights), among the
+    subsets of at least ``MIN_SELECTED`` models (all of them when there are fewer); when no such
+    subset fits, the ``MIN_SELECTED`` with the smallest d_i, past the capacity. Several subsets
+    can be optimal; the items are taken in ascending order of d_i, so which one is chosen does
+    not depend on the order the models were overheard in."""
     distances = np.asarray(distances, dtype=np.float64)
+    least = min(MIN_SELECTED, len(distances))
     capacity = budget * distances.sum()
     order = np.argsort(distances, kind="stable")
     chosen = np.zeros(len(distances), dtype=bool)
     if capacity > 0:
         # Rounding weights up keeps every chosen subset within the capacity.
         weights = np.ceil(distances[order] / capacity * KNAPSACK_UNITS - 1e-9).astype(int)
-        # reachable[i][c]: some subset of the first i items weighs exactly c units.
-        reachable = np.zeros((len(weights) + 1, KNAPSACK_UNITS + 1), dtype=bool)
-        reachable[0, 0] = True
+        # reachable[i, k, c]: some subset of the first i items, of min(size, least) = k items,
+        # weighs exactly c units.
+        reachable = np.zeros((len(weights) + 1, least + 1, KNAPSACK_UNITS + 1), dtype=bool)
+        reachable[0, 0, 0] = True
         for i, w in enumerate(weights):
             reachable[i + 1] = reachable[i]
             if w <= KNAPSACK_UNITS:
-                reachable[i + 1, w:] |= reachable[i, : KNAPSACK_UNITS + 1 - w]
-        units = int(np.flatnonzero(reachable[-1]).max())
-        for i in range(len(weights), 0, -1):  # backtrack: prefer leaving item i-1 out
-            if not reachable[i - 1, units]:
+                for k in range(least + 1):
+                    reachable[i + 1, min(k + 1, least), w:] |= reachable[i, k, : KNAPSACK_UNITS + 1 - w]
+        if reachable[-1, least].any():
+            units, k = int(np.flatnonzero(reachable[-1, least]).max()), least
+            for i in range(len(weights), 0, -1):  # backtrack: prefer leaving item i-1 out
+                if reachable[i - 1, k, units]:
+                    continue
                 chosen[order[i - 1]], units = True, units - weights[i - 1]
-    if chosen.sum() < 2:
-        chosen[order[:2]] = True
+                k = k if k == least and reachable[i - 1, k, units] else k - 1
+    if chosen.sum() < least:
+        chosen[order[:least]] = True
     return chosen
 
 

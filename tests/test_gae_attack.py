@@ -37,17 +37,31 @@ def test_knapsack_selection_matches_brute_force():
         capacity = budget * distances.sum()
         # weights rounded up by at most one unit (1/10,000 of the capacity) each: the result is
         # at least as good as the best subset within capacity * (1 - 9 / 10,000)
-        best = max(sum(distances[list(s)]) for r in range(10)
+        # (of at least three models: a graph needs three)
+        fitting = [sum(distances[list(s)]) for r in range(3, 10)
                    for s in itertools.combinations(range(9), r)
-                   if sum(distances[list(s)]) <= capacity * (1 - 9 / 10_000))
+                   if sum(distances[list(s)]) <= capacity * (1 - 9 / 10_000)]
         chosen = select_benign(distances, budget)
-        assert best - 1e-9 <= distances[chosen].sum() <= capacity + 1e-9
+        assert chosen.sum() >= 3
+        if fitting:
+            assert max(fitting) - 1e-9 <= distances[chosen].sum() <= capacity + 1e-9
+        else:  # none fits: the three nearest
+            assert sorted(np.flatnonzero(chosen)) == sorted(np.argsort(distances)[:3])
 
 
-def test_knapsack_hand_case_and_minimum_of_two():
-    chosen = select_benign(np.array([1.0, 2.0, 3.0, 4.0]), 0.5)  # capacity 5: {1, 4} or {2, 3}
-    assert np.array([1.0, 2.0, 3.0, 4.0])[chosen].sum() == 5.0
-    assert select_benign(np.array([1.0, 9.0, 2.0]), 0.05).tolist() == [True, False, True]
+def test_knapsack_hand_case_and_minimum_of_three():
+    distances = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    chosen = select_benign(distances, 0.5)  # capacity 10.5: a subset summing to 10
+    assert distances[chosen].sum() == 10.0 and chosen.sum() >= 3
+    # the best within capacity 5 holds two models ({1, 4} or {2, 3}), and a graph of two is two
+    # sign cliques: of three or more, only {1, 2, ...} would do, and 1 + 2 + 3 = 6 > 5 does not
+    # fit: the three nearest, past the capacity
+    assert select_benign(np.array([1.0, 2.0, 3.0, 4.0]), 0.5).tolist() == [True, True, True, False]
+    # the best subset within capacity 9.84 is the one model 9; of three or more, 1.2 + 1.1 + 1.0
+    assert select_benign(np.array([9.0, 1.2, 1.1, 1.0]), 0.8).tolist() == [False, True, True, True]
+    # 1 + 2 + 4 = 7 fits capacity 7.5 and beats every other three that fit
+    assert select_benign(np.array([1.0, 2.0, 4.0, 8.0]), 0.5).tolist() == [True, True, True, False]
+    assert select_benign(np.array([1.0, 9.0]), 0.05).tolist() == [True, True]  # all there are
 
 
 def test_knapsack_choice_does_not_depend_on_the_order_of_the_models():
