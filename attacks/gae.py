@@ -46,10 +46,12 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from logging import WARNING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flwr.common import log
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -399,6 +401,11 @@ class Gae(Attack):
 
     def craft(self, attack_input: AttackInput) -> State:
         state, self.last_report = self.craft_with_report(attack_input)
+        if self.last_report.graph_radius == 0.0:  # said on the client: the report stays here
+            log(WARNING, "GAE, round %d: d_T = %.4g leaves the graph no room (the benign mean "
+                "update's norm off the graph is at least that): the upload is the benign mean "
+                "update shrunk onto the sphere, no attack; raise gae-radius (0: the largest "
+                "benign distance)", attack_input.server_round, self.last_report.radius)
         return state
 
     def craft_with_report(self, attack_input: AttackInput) -> tuple[State, GaeReport]:

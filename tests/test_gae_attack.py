@@ -271,6 +271,19 @@ def test_constraint_holds_and_is_attained(mnist_round, reference):
     assert state["fc2.weight"].dtype == np.float32
 
 
+def test_a_radius_that_leaves_no_room_is_said_on_the_client(mnist_round, caplog):
+    """Below the benign mean's off-graph norm the upload is that mean shrunk, no attack: the
+    client's log says so (its report stays on the client)."""
+    global_state, benign, sizes = mnist_round
+    mean_norm = np.linalg.norm(observe_round(global_state, benign, sizes).mean_update)
+    attack = Gae(radius=0.5 * mean_norm)
+    with caplog.at_level("WARNING", logger="flwr"):
+        attack.craft(AttackInput(global_state, global_state, np.random.default_rng(7), benign,
+                                 sizes, server_round=3))
+    assert attack.last_report.graph_radius == 0.0
+    assert "GAE, round 3: d_T = " in caplog.text and "no attack; raise gae-radius" in caplog.text
+
+
 def test_attack_lives_on_the_graph_and_nothing_hides_off_it(mnist_round, reference):
     state, report = reference
     deviation = _deviation(mnist_round, state)
