@@ -17,7 +17,7 @@ from sklearn.metrics.pairwise import cosine_similarity
 
 from attacks import AttackInput, build_attack
 from attacks.controls import RadiusNoise, UndoUpdate
-from attacks.gae import (Gae, GaeSettings, adversarial_structure, cosine_graph, encoder_input,
+from attacks.gae import (Gae, GaeReport, GaeSettings, adversarial_structure, cosine_graph, encoder_input,
                          graph_nodes,
                          laplacian, optimal_graph_update, select_benign, span_basis,
                          spectral_transfer, standardised)
@@ -271,17 +271,18 @@ def test_constraint_holds_and_is_attained(mnist_round, reference):
     assert state["fc2.weight"].dtype == np.float32
 
 
-def test_a_radius_that_leaves_no_room_is_said_on_the_client(mnist_round, caplog):
-    """Below the benign mean's off-graph norm the upload is that mean shrunk, no attack: the
-    client's log says so (its report stays on the client)."""
-    global_state, benign, sizes = mnist_round
-    mean_norm = np.linalg.norm(observe_round(global_state, benign, sizes).mean_update)
-    attack = Gae(radius=0.5 * mean_norm)
-    with caplog.at_level("WARNING", logger="flwr"):
-        attack.craft(AttackInput(global_state, global_state, np.random.default_rng(7), benign,
-                                 sizes, server_round=3))
-    assert attack.last_report.graph_radius == 0.0
-    assert "GAE, round 3: d_T = " in caplog.text and "no attack; raise gae-radius" in caplog.text
+def test_a_radius_that_leaves_no_room_is_said_on_the_client(monkeypatch, caplog):
+    """Below the benign mean's off-graph norm the upload is that mean shrunk, no attack (the
+    report's graph radius 0, test above): the client's log says so, its report staying there."""
+    attack = Gae(radius=0.1)
+    for graph_radius, said in ((0.0, True), (0.3, False)):
+        monkeypatch.setattr(attack, "craft_with_report", lambda _: (
+            {}, GaeReport(radius=0.1, graph_radius=graph_radius)))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="flwr"):
+            attack.craft(AttackInput({}, {}, np.random.default_rng(0), server_round=3))
+        assert ("GAE, round 3: d_T = 0.1 leaves the graph no room" in caplog.text) == said
+        assert "raise gae-radius" in caplog.text or not said
 
 
 def test_attack_lives_on_the_graph_and_nothing_hides_off_it(mnist_round, reference):
