@@ -64,7 +64,8 @@ class LayerCamKrum(LayerCamAe):
                            f"{self.min_uploads} needed"})
         start = time.perf_counter()
         scores = krum_scores(vectors, self.num_malicious)
-        chosen = krum_select(vectors, self.num_malicious, max(1, len(uploads) - self.num_malicious))
+        chosen = krum_select(vectors, self.num_malicious, max(1, len(uploads) - self.num_malicious),
+                             scores)
         timings["decision"] = time.perf_counter() - start
         return Detection(kept=[uploads[i].node_id for i in chosen],
                          scores={u.node_id: float(s) for u, s in zip(uploads, scores)},

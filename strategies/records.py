@@ -28,7 +28,8 @@ class ClientUpload:
 class Detection:
     """What a defense decided this round.
 
-    ``kept`` are the node ids aggregated, in upload order. ``scores`` are continuous suspicion scores (higher =
+    ``kept`` are the node ids aggregated, in the rule's order (the uploads' for most; Krum's
+    lowest score first). ``scores`` are continuous suspicion scores (higher =
     more suspicious) for ROC/AUC, where the method has them. ``details`` holds method-specific
     values (thresholds, per-client flags, votes); ``timings`` seconds per step.
     """

@@ -96,8 +96,8 @@ class MultiKrum(_UpdateRule):
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         vectors = self.updates(uploads)
-        chosen = krum_select(vectors, self.num_malicious, self.selection_size(len(uploads)))
         scores = krum_scores(vectors, self.num_malicious)
+        chosen = krum_select(vectors, self.num_malicious, self.selection_size(len(uploads)), scores)
         return Detection(kept=[uploads[i].node_id for i in chosen],
                          scores={u.node_id: float(s) for u, s in zip(uploads, scores)},
                          details={"f": self.num_malicious})

@@ -17,10 +17,13 @@ def krum_scores(vectors: np.ndarray, num_malicious: int) -> np.ndarray:
     return np.sort(distances, axis=1)[:, :closest].sum(axis=1)
 
 
-def krum_select(vectors: np.ndarray, num_malicious: int, num_selected: int) -> np.ndarray:
+def krum_select(vectors: np.ndarray, num_malicious: int, num_selected: int,
+                scores: np.ndarray | None = None) -> np.ndarray:
     """Indices of the ``num_selected`` rows with the lowest Krum scores (Multi-Krum; Krum when
-    ``num_selected`` is 1), in ascending score order."""
-    return np.argsort(krum_scores(vectors, num_malicious), kind="stable")[:num_selected]
+    ``num_selected`` is 1), in ascending score order; ``scores``: the rows' ``krum_scores``
+    when the caller has them."""
+    scores = krum_scores(vectors, num_malicious) if scores is None else scores
+    return np.argsort(scores, kind="stable")[:num_selected]
 
 
 def bulyan_selection_size(num_clients: int, num_malicious: int) -> tuple[int, int]:
