@@ -258,11 +258,11 @@ def attack_with_eavesdropped_uploads(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     config = RunConfig.from_run_config(context.run_config)
     partition_id, _ = node_partition(context)
-    if not (is_attacker(context, config.num_attackers)
-            and ATTACKS.get(config.attack).needs_benign_uploads):
+    attacker = is_attacker(context, config.num_attackers)
+    if not (attacker and ATTACKS.get(config.attack).needs_benign_uploads):
         raise ValueError(f"train.attack message to a node that crafts nothing from benign "
                          f"uploads (attack={config.attack!r}, role "
-                         f"{'attacker' if is_attacker(context, config.num_attackers) else 'benign'})")
+                         f"{'attacker' if attacker else 'benign'})")
     settings, global_state, benign, sizes = eavesdropped_round(msg)
     probes = None
     if ATTACKS.get(config.attack).needs_local_probes:
