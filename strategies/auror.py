@@ -3,11 +3,14 @@ deep learning systems", ACSAC 2016), on model updates.
 
 Per round: the ``num_features`` update coordinates with the largest variance across clients are
 the indicative features. Each is split into two clusters by exact one-dimensional 2-means; a
-feature is *separated* when the split explains at least ``separation`` of its variance
-(a Gaussian sample's best split explains about 64%, a sample with an outlying group far more).
-In each separated feature the smaller cluster is marked. A client's score is the fraction of
-separated features that mark it; clients marked in at least ``tau`` of them are excluded
-(AUROR's tau). Assumes attackers are a minority that moves the same features the same way.
+feature is *separated* when the split explains at least ``separation`` of its variance (over
+many clients a Gaussian sample's best split explains about 64%, a sample with an outlying group
+far more). In each separated feature the smaller cluster is marked when it is a minority, at
+most ``minority`` of the uploads: benign updates split near evenly in many high-variance
+coordinates, and marking such halves excludes benign clients in rounds without attackers
+(docs/defenses.md, "AUROR's minority"). A client's score is the fraction of separated features
+that mark it; clients marked in at least ``tau`` of them are excluded (AUROR's tau). Assumes
+attackers are a minority that moves the same features the same way.
 """
 
 from __future__ import annotations
@@ -50,14 +53,15 @@ class Auror(DetectingFedAvg):
     """Two uploads always split 100% of a feature's variance: no minority to mark."""
 
     def __init__(self, *, num_features: int = 100, separation: float = 0.8, tau: float = 0.5,
-                 **kwargs) -> None:
+                 minority: float = 0.25, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_features, self.separation, self.tau = num_features, separation, tau
+        self.minority = minority
 
     @classmethod
     def from_config(cls, config, assets, **flower_kwargs):
         return cls(num_features=config.auror_features, separation=config.auror_separation,
-                   tau=config.auror_tau, **flower_kwargs)
+                   tau=config.auror_tau, minority=config.auror_minority, **flower_kwargs)
 
     def detect(self, server_round: int, uploads: list[ClientUpload]) -> Detection:
         vectors = flatten_updates([u.arrays for u in uploads], self.global_state)[0]
@@ -65,10 +69,14 @@ class Auror(DetectingFedAvg):
         explained, upper = two_means_1d(vectors[:, features])
         separated = explained >= self.separation
         minority_is_upper = upper.sum(axis=0) * 2 < len(uploads)
-        marked = np.where(minority_is_upper, upper, ~upper)[:, separated]
-        scores = marked.mean(axis=1) if separated.any() else np.zeros(len(uploads))
+        smaller = np.where(minority_is_upper, upper, ~upper)
+        marking = separated & (smaller.sum(axis=0) <= self.minority * len(uploads))
+        # over every separated feature: a few near-even ones marking no one leave no score
+        scores = (smaller[:, marking].sum(axis=1) / separated.sum() if separated.any()
+                  else np.zeros(len(uploads)))
         return Detection(
             kept=[u.node_id for u, s in zip(uploads, scores) if s < self.tau],
             scores={u.node_id: float(s) for u, s in zip(uploads, scores)},
-            details={"separated_features": int(separated.sum()), "tau": self.tau},
+            details={"separated_features": int(separated.sum()),
+                     "marking_features": int(marking.sum()), "tau": self.tau},
         )

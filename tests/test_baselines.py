@@ -139,6 +139,25 @@ def test_auror_marks_the_minority_that_moves_together(round_vectors):
     assert detection.scores[31] == 1.0 and detection.scores[10] == 0.0
 
 
+def test_auror_marks_no_one_where_benign_clients_split_near_evenly():
+    """Without attackers, benign updates split into two groups of similar size in many
+    high-variance coordinates (ReLU units alive for some clients' data, dead for others'): each
+    split is separated, but its smaller cluster is no minority, and no one is excluded. The
+    same split of a minority of 3 of 24 marks them."""
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(0.0, 0.01, size=(24, 40))
+    for j in range(40):  # each coordinate its own near-even split: 10 to 12 clients up
+        vectors[rng.permutation(24)[:rng.integers(10, 13)], j] += 1.0
+    detection, _ = _run(Auror(num_features=40), vectors)
+    assert detection.details["separated_features"] == 40
+    assert detection.details["marking_features"] == 0 and len(detection.kept) == 24
+    # where any smaller cluster marks (minority 0.5), benign clients are excluded
+    assert len(_run(Auror(num_features=40, minority=0.5), vectors)[0].kept) < 24
+    vectors[21:, :] += 5.0  # three move together in every coordinate
+    detection, _ = _run(Auror(num_features=40), vectors)
+    assert sorted(set(range(10, 34)) - set(detection.kept)) == [31, 32, 33]
+
+
 def test_cosdefense_scores_the_cosine_with_the_global_last_layer():
     global_weight = np.array([[1.0, 0.0], [0.0, 1.0]])
     weights = [global_weight + [[1.0, 0.0], [0.0, 1.0]], global_weight + [[0.0, 1.0], [1.0, 0.0]]]
