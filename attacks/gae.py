@@ -9,8 +9,9 @@ models w_1..w_I (claimed data sizes n_i) and the global model w_g only -- no tra
 1. **Observe** (``attacks.observed``): u_i = w_i - w_g, the weighted mean update u_bar,
    d_i = ||u_i - u_bar||, ||u_i|| and the per-coordinate energy mean_i |u_i|, one model at a time.
 2. **Select** (GAE eq. 9, ``select_benign``): maximise sum_i b_i d_i subject to
-   sum_i b_i d_i <= Gamma, b_i in {0, 1}, Gamma = ``budget`` * sum_i d_i; the minimisation as
-   printed selects nothing under the same bound.
+   sum_i b_i d_i <= Gamma, b_i in {0, 1}, Gamma = ``budget`` * sum_i d_i, over subsets of at
+   least three (a graph of two models is two sign cliques); the minimisation as printed selects
+   nothing under the same bound.
 3. **Graph** on M = ``graph_nodes`` coordinates drawn from the ``candidate_nodes`` most energetic:
    F_m is the selected updates at m (M x I_sel, in a canonical order, so the arrival order does
    not matter). A_mn = 1 where the correlation of rows m and n (cosine of centred rows: raw rows
