@@ -282,8 +282,13 @@ def run_config_arg(values: dict[str, Any]) -> str:
 
 
 def finished_run(folder: Path) -> Path | None:
-    """The run folder with a ``summary.json`` under a cell's folder, if any."""
-    summaries = sorted(folder.glob("attempt-*/*/summary.json"))
+    """The run folder with a ``summary.json`` under a cell's folder, if any: the earliest
+    attempt's (by number: ``attempt-10`` comes after ``attempt-9``) where several hold one."""
+    def attempt(summary: Path) -> tuple[int, str]:
+        number = summary.parent.parent.name.removeprefix("attempt-")
+        return (int(number) if number.isdigit() else sys.maxsize, str(summary))
+
+    summaries = sorted(folder.glob("attempt-*/*/summary.json"), key=attempt)
     return summaries[0].parent if summaries else None
 
 

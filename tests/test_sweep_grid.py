@@ -69,3 +69,14 @@ def test_a_cell_whose_flwr_run_fails_records_its_exit_code(tmp_path, monkeypatch
         grid.cells()[0])
     assert record["status"] == "failed" and record["exit_code"] == 3
     assert record["error"] == "flwr run exited with code 3 and printed nothing"
+
+
+def test_a_cells_finished_run_is_its_earliest_attempts_by_number(tmp_path):
+    from experiments.sweep import finished_run
+
+    for attempt in (9, 10):
+        run = tmp_path / f"attempt-{attempt}" / "run"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text("{}")
+    assert finished_run(tmp_path) == tmp_path / "attempt-9" / "run"  # not attempt-10 by name
+    assert finished_run(tmp_path / "attempt-1") is None
