@@ -19,7 +19,8 @@ def is_weight(name: str, value: np.ndarray) -> bool:
 @ATTACKS.register
 class SignFlip(Attack):
     """Sign-flipping (Damaskinos et al., "Asynchronous Byzantine machine learning (the case of
-    SGD)", ICML 2018): upload w_g - scale * (w - w_g), the honest update reversed and scaled.
+    SGD)", ICML 2018): upload w_g - scale * (w - w_g), the honest update reversed and scaled
+    (BatchNorm's running statistics stay its own: flipped, a variance can turn negative).
     FAA-DL (section VI-A) flips the weights themselves (epsilon * w, epsilon < 0): for epsilon
     = -1 an upload about twice the model's norm away from every benign one, where reversing the
     update stays at the honest update's distance."""
@@ -36,7 +37,8 @@ class SignFlip(Attack):
     def craft(self, attack_input: AttackInput) -> State:
         own, global_state = attack_input.own_state, attack_input.global_state
         updates, names = flatten_updates([own], global_state)
-        return unflatten(-self.scale * updates[0], names, global_state, buffers=own)
+        flipped = unflatten(-self.scale * updates[0], names, global_state, buffers=own)
+        return {k: own[k] if is_batchnorm_statistic(k) else v for k, v in flipped.items()}
 
 
 @ATTACKS.register

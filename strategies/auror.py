@@ -6,7 +6,7 @@ the indicative features. Each is split into two clusters by exact one-dimensiona
 feature is *separated* when the split explains at least ``separation`` of its variance (over
 many clients a Gaussian sample's best split explains about 64%, a sample with an outlying group
 far more). In each separated feature the smaller cluster is marked when it is a minority, at
-most ``minority`` of the uploads: benign updates split near evenly in many high-variance
+most ``minority`` of the uploads (at least one): benign updates split near evenly in many high-variance
 coordinates, and marking such halves excludes benign clients in rounds without attackers
 (docs/defenses.md, "AUROR's minority"). A client's score is the fraction of separated features
 that mark it; clients marked in at least ``tau`` of them are excluded (AUROR's tau). Assumes
@@ -70,7 +70,9 @@ class Auror(DetectingFedAvg):
         separated = explained >= self.separation
         minority_is_upper = upper.sum(axis=0) * 2 < len(uploads)
         smaller = np.where(minority_is_upper, upper, ~upper)
-        marking = separated & (smaller.sum(axis=0) <= self.minority * len(uploads))
+        # a minority of at least one upload (with 3, a quarter would be none)
+        largest = max(1, int(self.minority * len(uploads)))
+        marking = separated & (smaller.sum(axis=0) <= largest)
         # over every separated feature: a few near-even ones marking no one leave no score
         scores = (smaller[:, marking].sum(axis=1) / separated.sum() if separated.any()
                   else np.zeros(len(uploads)))

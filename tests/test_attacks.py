@@ -61,18 +61,20 @@ def _batchnorm_states(seed=0):
 
 
 @pytest.mark.parametrize("attack", [GaussianNoise(sigma=0.5), UniformNoise(scale=0.5),
-                                    ModelReplacement(boost=24.0)], ids=lambda a: a.name)
+                                    ModelReplacement(boost=24.0), SignFlip(scale=5.0)],
+                         ids=lambda a: a.name)
 def test_weight_attacks_leave_batchnorm_statistics_and_counters_their_own(attack):
-    """Noise and a boost are meant for the weights: on BatchNorm's running statistics they would
-    make a variance negative, which the screening rejects before any defense looks."""
+    """Noise, a boost and a flip are meant for the weights: on BatchNorm's running statistics
+    they would make a variance negative, which the screening rejects before any defense looks."""
     g, own, rng = _batchnorm_states()
     out = attack.craft(AttackInput(g, own, rng, server_round=1))
     assert not np.allclose(out["conv.weight"], own["conv.weight"], atol=1e-3)
     for name in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
         assert np.array_equal(out[name], own[name]) and out[name].dtype == own[name].dtype, name
-    if attack.name == "model-replacement":
+    if attack.name in ("model-replacement", "sign-flip"):
+        factor = 24.0 if attack.name == "model-replacement" else 5.0
         np.testing.assert_allclose(out["conv.weight"] - g["conv.weight"],
-                                   -24.0 * (own["conv.weight"] - g["conv.weight"]), rtol=1e-4)
+                                   -factor * (own["conv.weight"] - g["conv.weight"]), rtol=1e-4)
 
 
 def test_same_seed_same_output():

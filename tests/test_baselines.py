@@ -158,6 +158,15 @@ def test_auror_marks_no_one_where_benign_clients_split_near_evenly():
     assert sorted(set(range(10, 34)) - set(detection.kept)) == [31, 32, 33]
 
 
+def test_auror_marks_a_lone_outlier_among_three():
+    """With three uploads a quarter is no one: the minority is at least one upload."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(0.0, 0.01, size=(3, 40))
+    vectors[2] += 5.0
+    detection, _ = _run(Auror(num_features=40), vectors)
+    assert detection.details["marking_features"] == 40 and sorted(detection.kept) == [10, 11]
+
+
 def test_cosdefense_scores_the_cosine_with_the_global_last_layer():
     global_weight = np.array([[1.0, 0.0], [0.0, 1.0]])
     weights = [global_weight + [[1.0, 0.0], [0.0, 1.0]], global_weight + [[0.0, 1.0], [1.0, 0.0]]]

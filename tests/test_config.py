@@ -112,6 +112,8 @@ def test_a_model_replacement_round_past_the_last_round_is_refused():
     with pytest.raises(ConfigError, match=r"model-replacement-round=13 is past .*=12\)"):
         RunConfig.from_run_config({"attack": "model-replacement", "model-replacement-round": 13})
     RunConfig.from_run_config({"attack": "model-replacement", "model-replacement-round": 12})
+    # the key is model replacement's alone: a grid's base may keep it for its other attacks
+    RunConfig.from_run_config({"attack": "sign-flip", "model-replacement-round": 13})
 
 
 def test_alies_z_max_is_refused_where_the_attackers_need_no_supporters():
