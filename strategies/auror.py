@@ -6,11 +6,11 @@ the indicative features. Each is split into two clusters by exact one-dimensiona
 feature is *separated* when the split explains at least ``separation`` of its variance (over
 many clients a Gaussian sample's best split explains about 64%, a sample with an outlying group
 far more). In each separated feature the smaller cluster is marked when it is a minority, at
-most ``minority`` of the uploads (at least one): benign updates split near evenly in many high-variance
-coordinates, and marking such halves excludes benign clients in rounds without attackers
-(docs/defenses.md, "AUROR's minority"). A client's score is the fraction of separated features
-that mark it; clients marked in at least ``tau`` of them are excluded (AUROR's tau). Assumes
-attackers are a minority that moves the same features the same way.
+most ``minority`` of the uploads (at least one): benign updates split near evenly in many
+high-variance coordinates, and marking such halves excludes benign clients in rounds without
+attackers (docs/defenses.md, "AUROR's minority"). A client's score is the fraction of separated
+features that mark it; clients marked in at least ``tau`` of them are excluded (AUROR's tau).
+Assumes attackers are a minority that moves the same features the same way.
 """
 
 from __future__ import annotations

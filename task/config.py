@@ -483,7 +483,8 @@ class RunConfig:
                               f"(s = {supporters} supporters needed, Phi^-1((n - s) / n) = "
                               f"Phi^-1(0.5)): every upload would be the benign mean; set "
                               f"alie-z > 0")
-        if self.attack == "model-replacement" and self.model_replacement_round > self.num_server_rounds:
+        if (self.attack == "model-replacement"
+                and self.model_replacement_round > self.num_server_rounds):
             raise ConfigError(f"model-replacement-round={self.model_replacement_round} is past "
                               f"the run's last round (num-server-rounds={self.num_server_rounds})"
                               f": the attacker would never attack")
