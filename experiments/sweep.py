@@ -286,7 +286,7 @@ def finished_run(folder: Path) -> Path | None:
     attempt's (by number: ``attempt-10`` comes after ``attempt-9``) where several hold one."""
     def attempt(summary: Path) -> tuple[int, str]:
         number = summary.parent.parent.name.removeprefix("attempt-")
-        return (int(number) if number.isdigit() else sys.maxsize, str(summary))
+        return (int(number) if number.isdecimal() else sys.maxsize, str(summary))
 
     summaries = sorted(folder.glob("attempt-*/*/summary.json"), key=attempt)
     return summaries[0].parent if summaries else None
@@ -332,7 +332,7 @@ def next_attempt(folder: Path) -> int:
     """The number of a cell's next attempt: one past the highest there (a folder removed by
     hand leaves a gap, never a clash)."""
     numbers = [int(p.name.removeprefix("attempt-")) for p in folder.glob("attempt-*")
-               if p.name.removeprefix("attempt-").isdigit()]
+               if p.name.removeprefix("attempt-").isdecimal()]
     return max(numbers, default=0) + 1
 
 

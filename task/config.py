@@ -230,8 +230,8 @@ class RunConfig:
                                bounds=Range(0, 1, open_low=True))
     auror_minority: float = setting(
         0.25, "AUROR: a separated feature marks its smaller cluster when that holds at most this "
-        "share of the uploads (benign updates split near evenly in many high-variance "
-        "coordinates)", bounds=Range(0, 0.5, open_low=True))
+        "share of the uploads, and at least one upload (benign updates split near evenly in many "
+        "high-variance coordinates)", bounds=Range(0, 0.5, open_low=True))
     cosdefense_margin: float = setting(
         1.0, "CosDefense: exclude normalised scores above mean + margin · std",
         bounds=Range(0, 1e3))

@@ -72,11 +72,12 @@ def test_a_cell_whose_flwr_run_fails_records_its_exit_code(tmp_path, monkeypatch
 
 
 def test_a_cells_finished_run_is_its_earliest_attempts_by_number(tmp_path):
-    from experiments.sweep import finished_run
+    from experiments.sweep import finished_run, next_attempt
 
-    for attempt in (9, 10):
+    for attempt in (9, 10, "\u00b2"):  # a superscript two: a digit to isdigit, not to int
         run = tmp_path / f"attempt-{attempt}" / "run"
         run.mkdir(parents=True)
         (run / "summary.json").write_text("{}")
     assert finished_run(tmp_path) == tmp_path / "attempt-9" / "run"  # not attempt-10 by name
+    assert next_attempt(tmp_path) == 11
     assert finished_run(tmp_path / "attempt-1") is None
