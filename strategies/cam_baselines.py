@@ -57,11 +57,9 @@ class LayerCamKrum(LayerCamAe):
             maps, uploads, rejected = self.finite_heatmaps(uploads)
         vectors = maps.flatten(1).double().cpu().numpy()
         timings["heatmaps"] = time.perf_counter() - start
-        if len(uploads) < self.min_uploads:  # Krum's n >= 2f + 3, checked again: the uploads
-            # left after those whose maps are not finite
-            return Detection(kept=[], rejected=rejected, timings=timings, details={
-                "skipped": f"{len(uploads)} upload(s) with finite heat maps, fewer than the "
-                           f"{self.min_uploads} needed"})
+        too_few = self.too_few_finite(uploads, rejected, timings)  # Krum's n >= 2f + 3
+        if too_few is not None:
+            return too_few
         start = time.perf_counter()
         scores = krum_scores(vectors, self.num_malicious)
         chosen = krum_select(vectors, self.num_malicious, max(1, len(uploads) - self.num_malicious),

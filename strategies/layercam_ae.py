@@ -324,6 +324,19 @@ class LayerCamAe(DetectingFedAvg):
         return (maps[torch.tensor(finite, device=maps.device)],
                 [u for u, ok in zip(uploads, finite) if ok], rejected)
 
+    def too_few_finite(self, uploads: list[ClientUpload], rejected: dict[int, str],
+                       timings: dict[str, float]) -> Detection | None:
+        """No decision (the round keeps the previous model) when the uploads whose heat maps
+        are finite are fewer than the round needs: ``min-replies`` and the rule's own minimum,
+        which the base checks on the screened uploads, before ``finite_heatmaps`` rejects
+        more; else None."""
+        needed = max(self.min_replies, self.min_uploads)
+        if len(uploads) >= needed:
+            return None
+        return Detection(kept=[], rejected=rejected, timings=timings, details={
+            "skipped": f"{len(uploads)} upload(s) with finite heat maps, fewer than the "
+                       f"{needed} needed"})
+
     def heatmaps_to_keep(self, maps: torch.Tensor) -> dict[str, np.ndarray]:
         """With ``keep_heatmaps``, the ``Detection`` fields that hand the harness the maps
         (K, P, h, w) and the probes they were computed on, the first ``KEPT_PROBES`` of them
@@ -342,9 +355,9 @@ class LayerCamAe(DetectingFedAvg):
             if maps.is_cuda:  # GPU work is asynchronous: time it, not its launch
                 torch.cuda.synchronize(maps.device)
             timings["heatmaps"] = time.perf_counter() - start
-        if not uploads:
-            return Detection(kept=[], rejected=rejected, timings=timings,
-                             details={"skipped": "no finite heat map"})
+        too_few = self.too_few_finite(uploads, rejected, timings)
+        if too_few is not None:
+            return too_few
 
         start = time.perf_counter()
         errors, epochs, timings["autoencoder"], sums = self.autoencoder_and_sums(

@@ -122,6 +122,25 @@ def test_layercam_krum_keeps_the_previous_model_below_krums_n(reference):
     assert not record.scores
 
 
+def test_layercam_ae_keeps_the_previous_model_below_min_replies_after_the_heat_maps(reference):
+    """min-replies counts the uploads the heat maps can judge too: two screened uploads, one
+    whose map is not finite, leave one, fewer than the 2 a round needs."""
+    config = RunConfig(num_attackers=0, num_clients=8, layercam_ae_epochs=5)
+    strategy = build_defense(config, server_assets(config, reference))
+    torch.manual_seed(0)
+    strategy.global_state = state_to_numpy(build_model("cnn", 1, 10, 28))
+    rng = np.random.default_rng(0)
+    replies = [reply(10 + i, {k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
+                              for k, v in strategy.global_state.items()}, {"num-examples": 10})
+               for i in range(2)]
+    maps_of = strategy.heatmaps
+    strategy.heatmaps = lambda uploads: maps_of(uploads).index_fill(0, torch.tensor([0]), float("nan"))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    record = strategy.last_record
+    assert arrays is None and len(record.rejected) == 1 and not record.kept
+    assert "1 upload(s) with finite heat maps, fewer than the 2 needed" in record.note
+
+
 def test_an_aont_lambda_singular_for_the_image_height_is_refused(reference):
     config = RunConfig(defense="faa-dl", faa_dl_aont_lambda=27)
     with pytest.raises(ConfigError, match="faa-dl-aont-lambda"):
