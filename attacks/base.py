@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from task.params import State
+from task.params import State, is_batchnorm_statistic
 from task.registry import Registry
 
 if TYPE_CHECKING:
@@ -48,6 +48,13 @@ class AttackInput:
     """A batch of the attacker's own images (N, C, H, W), for attacks that need them."""
     server_round: int = 0
     """The round the upload is for (0: unknown)."""
+
+
+def with_own_statistics(crafted: State, own: State) -> dict[str, np.ndarray]:
+    """``crafted`` with BatchNorm's running statistics taken from the attacker's ``own``
+    model: an attack meant for the weights (a flip, a boost) would turn a variance negative,
+    which the screening rejects before any defense looks."""
+    return {k: own[k] if is_batchnorm_statistic(k) else v for k, v in crafted.items()}
 
 
 @ATTACKS.register

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from attacks.base import ATTACKS, Attack, AttackInput, relabelled
+from attacks.base import ATTACKS, Attack, AttackInput, relabelled, with_own_statistics
 from task.data import ImageData
 from task.params import State, flatten_updates, is_batchnorm_statistic, unflatten
 
@@ -37,8 +37,8 @@ class SignFlip(Attack):
     def craft(self, attack_input: AttackInput) -> State:
         own, global_state = attack_input.own_state, attack_input.global_state
         updates, names = flatten_updates([own], global_state)
-        flipped = unflatten(-self.scale * updates[0], names, global_state, buffers=own)
-        return {k: own[k] if is_batchnorm_statistic(k) else v for k, v in flipped.items()}
+        return with_own_statistics(
+            unflatten(-self.scale * updates[0], names, global_state, buffers=own), own)
 
 
 @ATTACKS.register

@@ -14,8 +14,8 @@ screening lets through.
 
 from __future__ import annotations
 
-from attacks.base import ATTACKS, Attack, AttackInput
-from task.params import State, flatten_updates, is_batchnorm_statistic, unflatten
+from attacks.base import ATTACKS, Attack, AttackInput, with_own_statistics
+from task.params import State, flatten_updates, unflatten
 
 
 @ATTACKS.register
@@ -43,5 +43,5 @@ class ModelReplacement(Attack):
         if not self.attacks_in(attack_input.server_round):
             return own
         updates, names = flatten_updates([own], global_state)
-        boosted = unflatten(-self.boost * updates[0], names, global_state, buffers=own)
-        return {k: own[k] if is_batchnorm_statistic(k) else v for k, v in boosted.items()}
+        return with_own_statistics(
+            unflatten(-self.boost * updates[0], names, global_state, buffers=own), own)

@@ -281,14 +281,20 @@ def run_config_arg(values: dict[str, Any]) -> str:
     return " ".join(f"{key}={literal(key, value)}" for key, value in values.items())
 
 
+def attempt_number(attempt: Path) -> int | None:
+    """N of a cell's ``attempt-N`` folder; None for a folder named otherwise."""
+    number = attempt.name.removeprefix("attempt-")
+    return int(number) if number.isdecimal() else None
+
+
 def finished_run(folder: Path) -> Path | None:
     """The run folder with a ``summary.json`` under a cell's folder, if any: the earliest
     attempt's (by number: ``attempt-10`` comes after ``attempt-9``) where several hold one."""
-    def attempt(summary: Path) -> tuple[int, str]:
-        number = summary.parent.parent.name.removeprefix("attempt-")
-        return (int(number) if number.isdecimal() else sys.maxsize, str(summary))
+    def earliest(summary: Path) -> tuple[int, str]:
+        number = attempt_number(summary.parent.parent)
+        return (sys.maxsize if number is None else number, str(summary))
 
-    summaries = sorted(folder.glob("attempt-*/*/summary.json"), key=attempt)
+    summaries = sorted(folder.glob("attempt-*/*/summary.json"), key=earliest)
     return summaries[0].parent if summaries else None
 
 
@@ -331,8 +337,7 @@ def warn(message: str) -> None:
 def next_attempt(folder: Path) -> int:
     """The number of a cell's next attempt: one past the highest there (a folder removed by
     hand leaves a gap, never a clash)."""
-    numbers = [int(p.name.removeprefix("attempt-")) for p in folder.glob("attempt-*")
-               if p.name.removeprefix("attempt-").isdecimal()]
+    numbers = [n for p in folder.glob("attempt-*") if (n := attempt_number(p)) is not None]
     return max(numbers, default=0) + 1
 
 
