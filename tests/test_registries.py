@@ -98,23 +98,32 @@ def test_multi_krum_m_above_n_minus_f_is_refused(reference):
     assert build_defense(config, server_assets(config, reference)).selection_size(20) == 17
 
 
+def _replies_around_a_cnn(strategy, count):
+    """``count`` replies, each the strategy's new global CNN plus small noise."""
+    torch.manual_seed(0)
+    strategy.global_state = state_to_numpy(build_model("cnn", 1, 10, 28))
+    rng = np.random.default_rng(0)
+    return [reply(10 + i, {k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
+                           for k, v in strategy.global_state.items()}, {"num-examples": 10})
+            for i in range(count)]
+
+
+def _first_heat_map_not_finite(strategy):
+    maps_of = strategy.heatmaps
+    strategy.heatmaps = lambda uploads: maps_of(uploads).index_fill(0, torch.tensor([0]), float("nan"))
+
+
 def test_layercam_krum_keeps_the_previous_model_below_krums_n(reference):
     config = RunConfig(defense="layercam-krum", krum_f=1, num_attackers=0, num_clients=8,
                        layercam_ae_epochs=5)
     strategy = build_defense(config, server_assets(config, reference))
-    torch.manual_seed(0)
-    strategy.global_state = state_to_numpy(build_model("cnn", 1, 10, 28))
-    rng = np.random.default_rng(0)
-    replies = [reply(10 + i, {k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
-                              for k, v in strategy.global_state.items()}, {"num-examples": 10})
-               for i in range(5)]
+    replies = _replies_around_a_cnn(strategy, 5)
     arrays, _ = strategy.aggregate_train(1, replies[:4])
     assert arrays is None and "4 valid upload(s), fewer than the 5 needed" in strategy.last_record.note
     arrays, _ = strategy.aggregate_train(2, replies)
     assert arrays is not None and strategy.last_record.kept
     # enough uploads, but one's heat map is not finite: Krum's n is checked on those left
-    maps_of = strategy.heatmaps
-    strategy.heatmaps = lambda uploads: maps_of(uploads).index_fill(0, torch.tensor([0]), float("nan"))
+    _first_heat_map_not_finite(strategy)
     arrays, _ = strategy.aggregate_train(3, replies)
     record = strategy.last_record
     assert arrays is None and len(record.rejected) == 1 and not record.kept
@@ -127,14 +136,8 @@ def test_layercam_ae_keeps_the_previous_model_below_min_replies_after_the_heat_m
     whose map is not finite, leave one, fewer than the 2 a round needs."""
     config = RunConfig(num_attackers=0, num_clients=8, layercam_ae_epochs=5)
     strategy = build_defense(config, server_assets(config, reference))
-    torch.manual_seed(0)
-    strategy.global_state = state_to_numpy(build_model("cnn", 1, 10, 28))
-    rng = np.random.default_rng(0)
-    replies = [reply(10 + i, {k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
-                              for k, v in strategy.global_state.items()}, {"num-examples": 10})
-               for i in range(2)]
-    maps_of = strategy.heatmaps
-    strategy.heatmaps = lambda uploads: maps_of(uploads).index_fill(0, torch.tensor([0]), float("nan"))
+    replies = _replies_around_a_cnn(strategy, 2)
+    _first_heat_map_not_finite(strategy)
     arrays, _ = strategy.aggregate_train(1, replies)
     record = strategy.last_record
     assert arrays is None and len(record.rejected) == 1 and not record.kept
